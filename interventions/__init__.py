@@ -1,0 +1,1 @@
+"""seeright's intervention library: torch + transformers only (no web, no evaluation code)."""

@@ -1,0 +1,23 @@
+"""Architecture adapters, one file per family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from interventions.adapters.base import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, Segment
+from interventions.adapters.llava import LlavaAdapter
+from interventions.adapters.qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+
+
+def adapter_class_for(config: Any) -> type[ModelAdapter]:
+    """The adapter class for a model config, or a ValueError naming the unsupported model type."""
+    for cls in ADAPTERS:
+        if cls.matches(config):
+            return cls
+    supported = ", ".join(a.family for a in ADAPTERS)
+    raise ValueError(f"unsupported model_type {getattr(config, 'model_type', None)!r}; supported: {supported}")
+
+
+__all__ = ["ADAPTERS", "ChatTurn", "EncodedPrompt", "ModelAdapter", "ModelInfo", "Segment", "adapter_class_for"]

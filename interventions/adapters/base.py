@@ -1,0 +1,182 @@
+"""What the runtime and the methods need to know about an architecture family.
+
+An adapter says where the decoder layers and their attention modules are, how many heads there are
+(GQA included), which token id marks image tokens and how image tokens form a grid, and how a chat is
+written as a prompt. It also encodes a prompt into model inputs plus a :class:`TokenLayout`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from interventions.content_words import content_word_spans
+from interventions.layout import TokenLayout
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation; ``num_images`` images come before its text."""
+
+    role: str
+    text: str
+    num_images: int = 0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of the prompt string; ``kind`` is "text", "image" (one image) or "query"."""
+
+    text: str
+    kind: str = "text"
+
+
+@dataclass
+class EncodedPrompt:
+    """One prompt ready for the model: unpadded ids, per-prompt image tensors and its layout."""
+
+    input_ids: torch.Tensor
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: TokenLayout | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shapes of the language model that method parameters are checked against."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+
+class ModelAdapter(ABC):
+    """Architecture-specific facts and prompt encoding for one loaded model."""
+
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, config: Any) -> bool:
+        """Whether this adapter handles a model with this config."""
+
+    # ---- model structure -------------------------------------------------------------------------
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def info(self) -> ModelInfo:
+        cfg = self.text_config
+        heads = cfg.num_attention_heads
+        return ModelInfo(
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            hidden_size=cfg.hidden_size,
+        )
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    # ---- prompt building -------------------------------------------------------------------------
+    @abstractmethod
+    def segments(self, turns: list[ChatTurn]) -> list[Segment]:
+        """The chat as prompt segments, the last user turn's text marked "query", generation tag last."""
+
+    @abstractmethod
+    def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        """Pixel tensors for ``images`` and each image's token grid ``(rows, cols)``."""
+
+    @abstractmethod
+    def image_token_text(self) -> str:
+        """The string of one image token (repeated once per image token in the prompt)."""
+
+    def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token tensors besides ``input_ids`` the model needs (padded with 0 in a batch)."""
+        return {}
+
+    @staticmethod
+    def concat_images(per_prompt: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Image tensors of a batch, prompts in order (what HF processors return for a batch)."""
+        keys = {k for d in per_prompt for k in d}
+        return {k: torch.cat([d[k] for d in per_prompt if k in d]) for k in sorted(keys)}
+
+    def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
+        """Tokenise a chat with its images and locate image, query and content-word tokens."""
+        expected = sum(t.num_images for t in turns)
+        if expected != len(images):
+            raise ValueError(f"the messages reference {expected} images but {len(images)} were given")
+        pixel_inputs, grids = self.image_inputs(images) if images else ({}, [])
+        token_text = self.image_token_text()
+        text, query_chars, grid_iter = "", (0, 0), iter(grids)
+        for seg in self.segments(turns):
+            if seg.kind == "image":
+                rows, cols = next(grid_iter)
+                text += seg.text.replace(token_text, token_text * (rows * cols))
+                continue
+            if seg.kind == "query":
+                query_chars = (len(text), len(text) + len(seg.text))
+            text += seg.text
+        enc = self.tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
+        ids = enc["input_ids"][0]
+        offsets = enc["offset_mapping"][0].tolist()
+        spans, positions = [], (ids == self.image_token_id).nonzero().flatten().tolist()
+        start = 0
+        for rows, cols in grids:
+            block = positions[start : start + rows * cols]
+            if len(block) != rows * cols or block[-1] - block[0] + 1 != rows * cols:
+                raise ValueError("image tokens in the prompt do not match the image grid")
+            spans.append((block[0], block[-1] + 1))
+            start += rows * cols
+        query_tokens = _tokens_in(offsets, [query_chars])
+        content = _tokens_in(
+            offsets, [(query_chars[0] + s, query_chars[0] + e) for s, e in content_word_spans(text[slice(*query_chars)])]
+        )
+        layout = TokenLayout(
+            length=len(ids),
+            pad=0,
+            image_spans=tuple(spans),
+            image_grids=tuple(grids),
+            query_span=(query_tokens[0], query_tokens[-1] + 1) if query_tokens else (len(ids), len(ids)),
+            content_positions=tuple(content),
+        )
+        return EncodedPrompt(input_ids=ids, images=pixel_inputs, layout=layout, extra=self.extra_inputs(ids))
+
+
+def _tokens_in(offsets: list[list[int]], char_spans: list[tuple[int, int]]) -> list[int]:
+    """Indices of tokens whose character offsets overlap any of ``char_spans``."""
+    hits = []
+    for i, (s, e) in enumerate(offsets):
+        if e > s and any(s < ce and e > cs for cs, ce in char_spans):
+            hits.append(i)
+    return hits

@@ -1,0 +1,49 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution ViT with 2x2 patch merging, Qwen2 decoder with GQA and M-RoPE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from interventions.adapters.base import ChatTurn, ModelAdapter, Segment
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    """Qwen chat template; image tokens ``<|image_pad|>`` between ``<|vision_start|>`` and ``<|vision_end|>``."""
+
+    family = "qwen2_vl"
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) in {"qwen2_vl", "qwen2_5_vl"}
+
+    def image_token_text(self) -> str:
+        return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    def segments(self, turns: list[ChatTurn]) -> list[Segment]:
+        last_user = max(i for i, t in enumerate(turns) if t.role == "user")
+        out: list[Segment] = []
+        if turns[0].role != "system":
+            out.append(Segment(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"))
+        for i, turn in enumerate(turns):
+            out.append(Segment(f"<|im_start|>{turn.role}\n"))
+            pad = self.image_token_text()
+            out.extend(Segment(f"<|vision_start|>{pad}<|vision_end|>", "image") for _ in range(turn.num_images))
+            out.append(Segment(turn.text, "query" if i == last_user else "text"))
+            out.append(Segment("<|im_end|>\n"))
+        out.append(Segment("<|im_start|>assistant\n"))
+        return out
+
+    def image_inputs(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        out = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
+        merge = self.model.config.vision_config.spatial_merge_size
+        grids = [(int(h) // merge, int(w) // merge) for _, h, w in out["image_grid_thw"].tolist()]
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, grids
+
+    def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        # M-RoPE needs the modality of each token: 0 text, 1 image.
+        return {"mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32)}

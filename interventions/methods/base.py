@@ -1,0 +1,135 @@
+"""The contract every intervention follows.
+
+A method is a stateless object with up to three parts (architecture.md, "How an intervention plugs in"):
+
+1. ``prepare(states, runner)``: per-request analysis before decoding (extra passes), batched over the
+   requests of a batch that use the method. CARVE instead ``rewrite``s the request's images.
+2. ``edit_probs(layer, probs, states, step, q0)``: post-softmax edits of attention rows.
+3. ``edit_heads(layer, heads, states, step)``: scaling of per-head outputs before ``o_proj``.
+
+Everything a request needs lives in its :class:`RowState`; the hooks receive the states of exactly the
+batch rows that asked for the method, stacked along the first dimension of the tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from PIL import Image
+from pydantic import BaseModel
+
+from interventions.adapters.base import ChatTurn, EncodedPrompt, ModelInfo
+from interventions.layout import TokenLayout
+
+
+@dataclass
+class RequestInputs:
+    """What one request asks about: the conversation, its images and (once encoded) the prompt."""
+
+    turns: list[ChatTurn]
+    images: list[Image.Image]
+    prompt: EncodedPrompt | None = None
+
+
+@dataclass
+class RowState:
+    """Per-request state of one hooks object. ``layout`` is set for the batch the row runs in."""
+
+    hooks: Hooks
+    params: Any = None
+    request: RequestInputs | None = None
+    layout: TokenLayout | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class PassRunner(Protocol):
+    """What the engine offers to ``prepare``/``rewrite``: encoding and batched extra passes."""
+
+    info: ModelInfo
+
+    def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt: ...
+
+    def prefill(
+        self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], stop_after_layer: int | None
+    ) -> None: ...
+
+    def greedy(
+        self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], max_new_tokens: int
+    ) -> list[list[int]]: ...
+
+    def eos_token_ids(self) -> list[int]: ...
+
+
+class Hooks:
+    """Batched hook callbacks; the defaults do nothing. Subclasses override what they need."""
+
+    def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
+        """First query row (index within this forward's query block) whose probabilities are needed."""
+        return None
+
+    def edit_probs(
+        self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
+    ) -> torch.Tensor:
+        """Edit ``probs`` ``[n, H, q - q0, T]`` (float32, post-softmax) for query rows ``q0:``."""
+        return probs
+
+    def wants_heads(self, state: RowState, layer: int, step: int) -> bool:
+        return False
+
+    def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
+        """Edit per-head outputs ``[n, q, H, head_dim]`` before ``o_proj``."""
+        return heads
+
+    def wants_hidden(self, state: RowState, layer: int, step: int) -> bool:
+        return False
+
+    def observe_hidden(self, layer: int, hidden: torch.Tensor, states: list[RowState], step: int) -> None:
+        """See the residual stream ``[n, q, D]`` entering decoder layer ``layer``."""
+
+    def wants(self, what: str, state: RowState, layer: int, step: int) -> bool:
+        if what == "heads":
+            return self.wants_heads(state, layer, step)
+        return self.wants_hidden(state, layer, step)
+
+
+class Method(Hooks):
+    """An intervention: a name, a parameter model, and the hooks it uses."""
+
+    name: ClassVar[str]
+    params_model: ClassVar[type[BaseModel]]
+
+    def resolve(self, params: BaseModel, info: ModelInfo) -> BaseModel:
+        """Fill model-dependent defaults (``None`` fields) and check layer indices against the model."""
+        return params
+
+    def new_state(self, params: BaseModel, info: ModelInfo, request: RequestInputs) -> RowState:
+        return RowState(hooks=self, params=self.resolve(params, info), request=request)
+
+    def rewrite(self, states: list[RowState], runner: PassRunner) -> None:
+        """Replace the requests' images before encoding (CARVE). Default: nothing."""
+
+    def prepare(self, states: list[RowState], runner: PassRunner) -> None:
+        """Per-request analysis passes before decoding. Default: nothing."""
+
+
+def check_layers(field_name: str, layers: Sequence[int], num_layers: int) -> list[int]:
+    """Sorted unique layer indices, or a ValueError naming the field when one is out of range."""
+    bad = [x for x in layers if not 0 <= x < num_layers]
+    if bad:
+        raise ValueError(f"{field_name}: layer indices {bad} out of range for a model with {num_layers} layers")
+    return sorted(set(layers))
+
+
+def row_masks(states: list[RowState], total: int, device: torch.device, which: str) -> torch.Tensor:
+    """Stack per-row boolean masks (``which``: "image" or "query") of length ``total``: ``[n, total]``."""
+    build = {"image": lambda lay: lay.image_mask(total), "query": lambda lay: lay.query_mask(total)}[which]
+    return torch.stack([build(s.layout) for s in states]).to(device)
+
+
+def per_row(states: list[RowState], attr: str, device: torch.device) -> torch.Tensor:
+    """A float32 tensor ``[n]`` of one parameter across rows."""
+    return torch.tensor([float(getattr(s.params, attr)) for s in states], device=device)

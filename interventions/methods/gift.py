@@ -1,0 +1,128 @@
+"""GIFT: gaze-shift-guided cross-modal fusion (arXiv 2510.22067; release ``amazon-science/GIFT``).
+
+Saliency (one extra prefill of the same prompt, stopped after the last saliency layer): for query rows
+i, the gaze shift is ``G_i = max(A_i - A_{i-1}, 0)`` over image columns (post-softmax A; the first query
+row is compared with the token before the query). Rows are restricted to content words; per layer the
+top ``head_fraction`` heads by ``sum G`` are kept; ``s`` is the mean over (layers, heads, rows), clipped
+to ``mean +- clip_sigma * std``, min-max scaled to ``[0, alpha]`` and ``Sal = exp(s)``.
+
+Enhancement (each ``enhance_layers`` layer, every forward, last query row only): with ``A_v`` / ``A_q``
+the row's attention on image / query tokens, ``H_v`` and ``H_q`` the top heads by ``sum A_v`` and
+``sum A_q``, ``r = sum_{H_v} A_v * Sal / sum_{H_v} A_v``; then ``A_v[H_v] *= Sal``, ``A_q[H_q] *= r`` and
+the row is renormalised to sum 1.
+
+Content words: a closed-class rule instead of spaCy (``interventions/content_words.py``); when a query
+has none, every query row is used (the release would take a mean over nothing and produce NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from interventions.adapters.base import ModelInfo
+from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, per_row, row_masks
+from interventions.spec import GIFTParams
+
+
+def top_heads(mass: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[n, H]`` mask of each row's top ``max(1, int(H * fraction))`` heads by ``mass`` ``[n, H]``."""
+    heads = mass.shape[-1]
+    k = (fraction * heads).floor().clamp_min(1)
+    rank = mass.argsort(-1, descending=True).argsort(-1)
+    return rank < k[:, None]
+
+
+def saliency_map(gaze: list[torch.Tensor], content_rows: list[int], params: GIFTParams) -> torch.Tensor:
+    """``Sal`` over image tokens from per-layer attention ``[H, Nq + 1, Nv]`` (rows q_start - 1 .. q_end - 1)."""
+    per_layer = []
+    for attn in gaze:
+        shift = (attn[:, 1:] - attn[:, :-1]).clamp_min(0)
+        if content_rows:
+            shift = shift[:, content_rows]
+        heads = top_heads(shift.sum((1, 2))[None], torch.tensor([params.head_fraction], device=shift.device))[0]
+        per_layer.append(shift[heads])
+    s = torch.stack(per_layer).mean((0, 1, 2))
+    mean, std = s.mean(), s.std()
+    s = s.clamp(mean - params.clip_sigma * std, mean + params.clip_sigma * std)
+    span = s.max() - s.min()
+    s = (s - s.min()) / span * params.alpha if span > 0 else torch.zeros_like(s)
+    return s.exp()
+
+
+class GIFT(Method):
+    name = "gift"
+    params_model = GIFTParams
+
+    def resolve(self, params: GIFTParams, info: ModelInfo) -> GIFTParams:
+        depth = info.num_layers
+        sal = params.saliency_layers if params.saliency_layers is not None else [round(11 * depth / 32)]
+        enh = params.enhance_layers
+        if enh is None:
+            enh = list(range(round(12 * depth / 32), round(22 * depth / 32) + 1))
+        return params.model_copy(
+            update={
+                "saliency_layers": check_layers("gift.saliency_layers", sal, depth),
+                "enhance_layers": check_layers("gift.enhance_layers", enh, depth),
+            }
+        )
+
+    def prepare(self, states: list[RowState], runner: PassRunner) -> None:
+        capture = _GazeCapture()
+        rows = [[RowState(hooks=capture, params=s.params, data=s.data)] for s in states]
+        stop = max(s.params.saliency_layers[-1] for s in states)
+        runner.prefill([s.request.prompt for s in states], rows, stop_after_layer=stop)
+        for state in states:
+            layout = state.request.prompt.layout
+            content = [p - layout.query_span[0] for p in layout.content_positions]
+            if state.params.content_words == "all":
+                content = []
+            gaze = [state.data["gaze"].pop(layer) for layer in state.params.saliency_layers]
+            state.data["saliency"] = saliency_map(gaze, content, state.params)
+            state.diagnostics["saliency"] = state.data["saliency"]
+
+    def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
+        if layer not in state.params.enhance_layers:
+            return None
+        return state.layout.length - 1 if step == 0 else 0
+
+    def edit_probs(
+        self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
+    ) -> torch.Tensor:
+        device, total = probs.device, probs.shape[-1]
+        row = probs[:, :, -1]  # [n, H, T]
+        vis = row_masks(states, total, device, "image")[:, None]
+        query = row_masks(states, total, device, "query")[:, None]
+        sal = torch.stack([self._full_saliency(s, total, device) for s in states])[:, None]
+        fraction = per_row(states, "head_fraction", device)
+
+        hv = top_heads((row * vis).sum(-1), fraction)[..., None] & vis
+        ratio = (row * sal * hv).sum((1, 2)) / (row * hv).sum((1, 2))
+        out = torch.where(hv, row * sal, row)
+        hq = top_heads((row * query).sum(-1), fraction)[..., None] & query
+        out = torch.where(hq, out * ratio[:, None, None], out)
+        out = out / out.sum(-1, keepdim=True)
+        return torch.cat([probs[:, :, :-1], out[:, :, None]], dim=2)
+
+    @staticmethod
+    def _full_saliency(state: RowState, total: int, device: torch.device) -> torch.Tensor:
+        full = torch.ones(total, device=device)
+        full[state.layout.image_positions.to(device)] = state.data["saliency"].to(device)
+        return full
+
+
+class _GazeCapture(Hooks):
+    """Records attention of rows ``q_start - 1 .. q_end - 1`` to image tokens in the saliency layers."""
+
+    def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
+        if step != 0 or layer not in state.params.saliency_layers:
+            return None
+        return state.layout.query_span[0] - 1
+
+    def edit_probs(
+        self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
+    ) -> torch.Tensor:
+        for row, state in enumerate(states):
+            start, end = state.layout.query_span
+            attn = probs[row, :, start - 1 - q0 : end - q0]
+            state.data.setdefault("gaze", {})[layer] = attn[:, :, state.layout.image_positions.to(probs.device)]
+        return probs

@@ -1,0 +1,91 @@
+"""VAR: visual attention sink redistribution (Kang et al., ICLR 2025, "See What You Are Told").
+
+Step A (prefill, each edited layer l): with ``x`` the residual stream entering layer l and
+``x̂ = x / sqrt(mean(x²) + 1e-6)``, token j is a sink when ``max_{d in D_sink} |x̂_j[d]| > tau``
+(strict, as the release). Visual sinks are sinks among image tokens; text sinks are the others.
+
+Step B (every forward, per head h and query row i, post-softmax A): the head is image-centric when
+``sum_{vis} A >= min_image_attention`` and its visual sink fraction
+``sum_{vis sinks} A / sum_{vis} (A + 1e-6) <= 1 - rho`` (paper: non-sink ratio >= rho). No visual sink in
+the layer: nothing is selected.
+
+Step C: for selected (h, i), sinks (visual and text) keep ``1 - p`` of their attention and the budget
+``p * sum_{sinks} A`` is spread over visual non-sink tokens in proportion to their attention. Rows still
+sum to 1. Prefill edits only the text rows after the image; decode edits the new row. Sink sets come
+from the prefill and are reused at decode. The last layer is not edited (paper; the release's exclusion
+never fires).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from interventions.adapters.base import ModelInfo
+from interventions.methods.base import Method, RowState, check_layers, per_row, row_masks
+from interventions.spec import VARParams
+
+
+class VAR(Method):
+    name = "var"
+    params_model = VARParams
+
+    def resolve(self, params: VARParams, info: ModelInfo) -> VARParams:
+        if params.sink_dims is None:
+            raise ValueError("sink_dims: this model has no known sink dimensions; pass var.sink_dims")
+        bad = [d for d in params.sink_dims if not 0 <= d < info.hidden_size]
+        if bad or not params.sink_dims:
+            raise ValueError(f"sink_dims: {bad or 'empty'} not valid for hidden size {info.hidden_size}")
+        layers = params.layers if params.layers is not None else range(2, info.num_layers - 1)
+        return params.model_copy(update={"layers": check_layers("var.layers", layers, info.num_layers)})
+
+    # Step A -------------------------------------------------------------------------------------------
+    def wants_hidden(self, state: RowState, layer: int, step: int) -> bool:
+        return step == 0 and layer in state.params.layers
+
+    def observe_hidden(self, layer: int, hidden: torch.Tensor, states: list[RowState], step: int) -> None:
+        x = hidden.float()
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        for row, state in enumerate(states):
+            phi = normed[row, :, state.params.sink_dims].abs().amax(-1)
+            sinks = phi > state.params.tau
+            sinks[: state.layout.pad] = False
+            state.data.setdefault("sinks", {})[layer] = sinks
+            vis = state.layout.image_mask(len(sinks)).to(sinks.device)
+            state.diagnostics.setdefault("visual_sinks", {})[layer] = (sinks & vis).sum()
+            state.diagnostics.setdefault("text_sinks", {})[layer] = (sinks & ~vis).sum()
+
+    # Steps B and C ------------------------------------------------------------------------------------
+    def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
+        if layer not in state.params.layers:
+            return None
+        return state.layout.image_end if step == 0 else 0
+
+    def edit_probs(
+        self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
+    ) -> torch.Tensor:
+        n, _, q, total = probs.shape
+        device = probs.device
+        sink = torch.stack([F.pad(s.data["sinks"][layer], (0, total - len(s.data["sinks"][layer]))) for s in states])
+        vis = row_masks(states, total, device, "image")
+        vis_sink, vis_free = vis & sink, vis & ~sink
+        rho, p, summ = (per_row(states, k, device)[:, None, None] for k in ("rho", "p", "min_image_attention"))
+
+        vis_att = (probs * vis[:, None, None]).sum(-1)
+        sink_frac = (probs * vis_sink[:, None, None]).sum(-1) / ((probs + 1e-6) * vis[:, None, None]).sum(-1)
+        free = probs * vis_free[:, None, None]
+        free_sum = free.sum(-1)
+        selected = (sink_frac <= 1 - rho) & (vis_att >= summ) & (free_sum > 0)
+        selected &= vis_sink.any(-1)[:, None, None]
+        if step == 0:  # prefill: only the text rows after the image
+            rows = torch.arange(q0, q0 + q, device=device)
+            ends = torch.tensor([s.layout.image_end for s in states], device=device)
+            selected &= (rows[None, :] >= ends[:, None])[:, None, :]
+
+        budget = p * (probs * sink[:, None, None]).sum(-1)
+        moved = torch.where(sink[:, None, None], probs * (1 - p[..., None]), probs)
+        moved = moved + budget[..., None] * free / free_sum.clamp_min(1e-30)[..., None]
+        for row, state in enumerate(states):
+            count = state.diagnostics.setdefault("selected", {})
+            count[layer] = count.get(layer, 0) + selected[row].sum()  # tensor: no device sync
+        return torch.where(selected[..., None], moved, probs)

@@ -1,0 +1,87 @@
+"""VHR: vision-aware head reinforcement (He et al., ACL 2025, §3, Alg. 1).
+
+VHD (Eq. 4): ``VHD_{l,i} = || A_{l,i}(y | x_V, x_T) - A_{l,i}(y | x_T) ||_2``, head i's output before
+``o_proj`` at the position that predicts the first token, with and without the image. The text-only
+term comes from one extra prefill of the prompt with the image removed (§4.7), run before generation.
+
+Outliers (Eq. 6): ``VHD_{l,i} := 0`` when both ``VHD_{l,i} > mu + sigma`` and ``TA_{l,i} > mu + sigma``
+over the heads of layer l, with ``TA_{l,i} = ||A_{l,i}(y | x_T)||²``. Selection (Eq. 7): heads with
+``VHD_{l,i} > median_i VHD_{l,i}``. Reinforcement: ``A_{l,i} := alpha * A_{l,i}`` for selected heads.
+
+Selection happens once, in the prefill forward of the generation, layer by layer: layer l's VHD is
+measured after earlier layers were already reinforced. Heads stay fixed for the decode steps. The
+text-only branch runs without reinforcement (the paper does not say otherwise). ``sigma`` is the sample
+standard deviation and the median the lower median (``torch.median``), so exactly H/2 heads are kept
+when VHDs are distinct. Cost: one text-only prefill; each step then only scales head outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from interventions.adapters.base import ModelInfo
+from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, per_row
+from interventions.spec import VHRParams
+
+
+class VHR(Method):
+    name = "vhr"
+    params_model = VHRParams
+
+    def resolve(self, params: VHRParams, info: ModelInfo) -> VHRParams:
+        last = list(range(max(info.num_layers - 14, 0), info.num_layers))
+        layers = params.layers if params.layers is not None else [1, *last]
+        return params.model_copy(update={"layers": check_layers("vhr.layers", layers, info.num_layers)})
+
+    def prepare(self, states: list[RowState], runner: PassRunner) -> None:
+        capture = _TextHeadCapture()
+        prompts, rows = [], []
+        for state in states:
+            turns = [type(t)(t.role, t.text, 0) for t in state.request.turns]
+            prompts.append(runner.encode(turns, []))
+            rows.append([RowState(hooks=capture, params=state.params, data=state.data)])
+        runner.prefill(prompts, rows, stop_after_layer=max(s.params.layers[-1] for s in states))
+
+    def wants_heads(self, state: RowState, layer: int, step: int) -> bool:
+        return layer in state.params.layers
+
+    def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
+        if step == 0:
+            self._select(layer, heads[:, -1].float(), states)
+        chosen = torch.stack([s.data["heads"][layer] for s in states])  # [n, H]
+        alpha = per_row(states, "alpha", heads.device)[:, None]
+        factor = torch.where(chosen, alpha, torch.ones_like(alpha)).to(heads.dtype)[:, None, :, None]
+        if step == 0:
+            last_only = torch.tensor([s.params.prefill_positions == "last" for s in states], device=heads.device)
+            positions = torch.arange(heads.shape[1], device=heads.device)
+            keep = last_only[:, None] & (positions[None, :] < heads.shape[1] - 1)
+            factor = torch.where(keep[:, :, None, None], torch.ones_like(factor), factor)
+        return heads * factor
+
+    def _select(self, layer: int, full: torch.Tensor, states: list[RowState]) -> None:
+        text = torch.stack([s.data["text_heads"][layer] for s in states]).to(full.device)  # [n, H, d]
+        vhd = (full - text).norm(dim=-1)
+        ta = text.pow(2).sum(-1)
+        outlier = (vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True)) & (
+            ta > ta.mean(-1, keepdim=True) + ta.std(-1, keepdim=True)
+        )
+        outlier &= torch.tensor([s.params.outlier_filter for s in states], device=full.device)[:, None]
+        vhd = vhd.masked_fill(outlier, 0.0)
+        chosen = vhd > vhd.median(-1, keepdim=True).values
+        for row, state in enumerate(states):
+            state.data.setdefault("heads", {})[layer] = chosen[row]
+            state.diagnostics.setdefault("heads", {})[layer] = chosen[row]
+            state.diagnostics.setdefault("filtered", {})[layer] = outlier[row]
+
+
+class _TextHeadCapture(Hooks):
+    """Records head outputs at the last prompt position of the text-only prefill."""
+
+    def wants_heads(self, state: RowState, layer: int, step: int) -> bool:
+        return step == 0 and layer in state.params.layers
+
+    def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
+        last = heads[:, -1].float()
+        for row, state in enumerate(states):
+            state.data.setdefault("text_heads", {})[layer] = last[row]
+        return heads

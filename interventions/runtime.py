@@ -1,0 +1,239 @@
+"""The runtime: one attention function, ``o_proj`` pre-hooks and a per-forward context.
+
+``install(model, adapter)`` registers the attention function ``"seeright"`` with transformers'
+``AttentionInterface`` (and SDPA's mask builder under the same name in ``AttentionMaskInterface``, without
+which the causal mask silently disappears), switches the language model to it and adds three cheap hooks:
+
+* a pre-hook on each decoder layer, which hands the residual stream entering the layer to methods that
+  observe it (VAR's sink detection);
+* a pre-hook on each ``o_proj``, which lets methods scale per-head outputs before the output projection
+  (VHR);
+* a pre-hook on the language model that counts forwards (step 0 is the prefill).
+
+The attention function always runs SDPA first. Rows of the batch whose request needs attention
+probabilities in this layer are then recomputed eagerly, for their needed query rows only (at decode one
+row per sequence, at prefill e.g. the text rows after the image), edited by the methods, multiplied by V
+and written over the SDPA output. Rows without an intervention are never touched, so with no
+intervention the output is stock SDPA generation, token for token.
+
+Per-request state lives in :class:`ForwardContext`, which the engine activates around one forward or one
+``generate`` call; nothing is stored on the model between requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+if TYPE_CHECKING:
+    from interventions.adapters.base import ModelAdapter
+    from interventions.methods.base import Hooks, RowState
+
+ATTENTION_NAME = "seeright"
+RUNTIME_ATTR = "_seeright_runtime"
+
+
+class StopForward(Exception):
+    """Raised after the last layer a prefill pass needs (early exit of analysis passes)."""
+
+
+@dataclass
+class Group:
+    """The rows of a batch that share one hooks object, and their states."""
+
+    hooks: Hooks
+    rows: torch.Tensor
+    states: list[RowState]
+
+
+@dataclass
+class ForwardContext:
+    """Per-row states for one batched forward or generation; ``rows[b]`` holds row b's states."""
+
+    rows: Sequence[Sequence[RowState]]
+    stop_after_layer: int | None = None
+    step: int = -1
+    _groups: dict[int, tuple[Hooks, list[int], list[RowState]]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        for b, states in enumerate(self.rows):
+            for state in states:
+                hooks, rows, members = self._groups.setdefault(id(state.hooks), (state.hooks, [], []))
+                rows.append(b)
+                members.append(state)
+
+    def groups(self, wanted: str, layer: int, device: torch.device) -> list[Group]:
+        """Groups whose hooks want ``wanted`` ("heads" or "hidden") in this layer at this step."""
+        out = []
+        for hooks, rows, states in self._groups.values():
+            keep = [i for i, s in enumerate(states) if hooks.wants(wanted, s, layer, self.step)]
+            if keep:
+                idx = torch.tensor([rows[i] for i in keep], device=device)
+                out.append(Group(hooks, idx, [states[i] for i in keep]))
+        return out
+
+    def probs_plan(self, layer: int) -> dict[int, int]:
+        """For each row that needs probabilities in this layer: the first query row it needs."""
+        plan: dict[int, int] = {}
+        for hooks, rows, states in self._groups.values():
+            for b, state in zip(rows, states):
+                start = hooks.probs_from(state, layer, self.step)
+                if start is not None:
+                    plan[b] = min(start, plan.get(b, start))
+        return plan
+
+
+class Runtime:
+    """Hooks installed once on a model; ``activate`` binds a :class:`ForwardContext` for a call."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self.context: ForwardContext | None = None
+        info = adapter.info
+        self.num_heads, self.head_dim = info.num_heads, info.head_dim
+        register_attention()
+        model.set_attn_implementation({"text_config": ATTENTION_NAME})
+        adapter.language_model.register_forward_pre_hook(self._count_step)
+        for idx, layer in enumerate(adapter.decoder_layers):
+            setattr(layer.self_attn, RUNTIME_ATTR, self)
+            layer.self_attn.o_proj.register_forward_pre_hook(self._make_o_proj_hook(idx))
+            layer.register_forward_pre_hook(self._make_hidden_hook(idx), with_kwargs=True)
+            layer.register_forward_hook(self._make_stop_hook(idx))
+
+    @contextmanager
+    def activate(self, context: ForwardContext) -> Iterator[ForwardContext]:
+        if self.context is not None:
+            raise RuntimeError("the runtime is already serving another forward; calls must be serialised")
+        self.context = context
+        try:
+            yield context
+        finally:
+            self.context = None
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def _count_step(self, module: nn.Module, args: Any) -> None:
+        if self.context is not None:
+            self.context.step += 1
+
+    def _make_hidden_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.context is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for g in self.context.groups("hidden", layer, hidden.device):
+                g.hooks.observe_hidden(layer, hidden.index_select(0, g.rows), g.states, self.context.step)
+            return None
+
+        return hook
+
+    def _make_stop_hook(self, layer: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.context is not None and self.context.stop_after_layer == layer:
+                raise StopForward
+            return None
+
+        return hook
+
+    def _make_o_proj_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if self.context is None:
+                return None
+            x = args[0]
+            groups = self.context.groups("heads", layer, x.device)
+            if not groups:
+                return None
+            heads = x.view(*x.shape[:-1], self.num_heads, self.head_dim)
+            for g in groups:
+                edited = g.hooks.edit_heads(layer, heads.index_select(0, g.rows), g.states, self.context.step)
+                heads = heads.index_copy(0, g.rows, edited)
+            return (heads.reshape(x.shape), *args[1:])
+
+        return hook
+
+
+def register_attention() -> None:
+    """Register the attention function and its mask builder under ``ATTENTION_NAME`` (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, seeright_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def additive_mask(
+    attention_mask: torch.Tensor | None, rows: torch.Tensor, q0: int, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean keep-mask ``[n, 1, q_len - q0, kv_len]`` for the selected rows and query rows ``q0:``."""
+    if attention_mask is None:  # SDPA skipped the mask: plain causal, queries are the last q_len positions
+        q_pos = torch.arange(kv_len - q_len + q0, kv_len, device=device)
+        keep = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
+        return keep[None, None].expand(len(rows), 1, -1, -1)
+    mask = attention_mask
+    if mask.shape[0] == 1:
+        mask = mask.expand(int(rows.max()) + 1, *mask.shape[1:])
+    mask = mask.index_select(0, rows)[:, :, q0:, :kv_len]
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def eager_probs(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    keep: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Post-softmax attention in float32, ``softmax(QK^T * scaling + mask)`` (eager attention's math)."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
+    return torch.softmax(scores, dim=-1)
+
+
+def seeright_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for every row, then eager + method edits for the rows and query rows that need probabilities."""
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    runtime: Runtime | None = getattr(module, RUNTIME_ATTR, None)
+    ctx = runtime.context if runtime is not None else None
+    if ctx is None:
+        return out, None
+    layer = module.layer_idx
+    plan = ctx.probs_plan(layer)
+    if not plan:
+        return out, None
+    device, q_len, kv_len = query.device, query.shape[2], key.shape[2]
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    batch_rows = sorted(plan)
+    rows = torch.tensor(batch_rows, device=device)
+    q0 = min(plan.values())
+    keep = additive_mask(attention_mask, rows, q0, q_len, kv_len, device)
+    probs = eager_probs(module, query.index_select(0, rows)[:, :, q0:], key.index_select(0, rows), keep, scaling)
+    position = {b: i for i, b in enumerate(batch_rows)}
+    for hooks, members, states in ctx._groups.values():
+        chosen = [(position[b], s) for b, s in zip(members, states) if b in plan and hooks.probs_from(s, layer, ctx.step) is not None]
+        if not chosen:
+            continue
+        idx = torch.tensor([i for i, _ in chosen], device=device)
+        edited = hooks.edit_probs(layer, probs.index_select(0, idx), [s for _, s in chosen], ctx.step, q0)
+        probs = probs.index_copy(0, idx, edited)
+    values = repeat_kv(value.index_select(0, rows), module.num_key_value_groups)
+    new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]
+    starts = torch.tensor([plan[b] for b in batch_rows], device=device)
+    write = (torch.arange(q0, q_len, device=device)[None, :] >= starts[:, None])[:, :, None, None]
+    out[rows, q0:] = torch.where(write, new.to(out.dtype), out[rows, q0:])
+    return out, None

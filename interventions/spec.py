@@ -1,0 +1,93 @@
+"""Parameter models of the methods: the wire format of ``interventions: {name: {params}}``.
+
+Public parameters use each paper's convention. Where the released code uses another, the docstring of
+the field gives the conversion. ``None`` means "the model's default" (``configs/models/*.yaml``, else
+a value derived from the model's depth).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MethodParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VARParams(MethodParams):
+    """Visual attention sink redistribution (Kang et al., ICLR 2025, "See What You Are Told")."""
+
+    tau: float = Field(20.0, gt=0, description="Sink threshold on RMS-normalised activations of the sink dims.")
+    rho: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description=(
+            "Paper convention: a head is image-centric when its visual NON-sink attention ratio is >= rho "
+            "(0.5 for hallucination, 0.8 general, 0.9 vision-centric). Release: sink fraction <= 1 - rho."
+        ),
+    )
+    p: float = Field(
+        0.4,
+        ge=0,
+        le=1,
+        description=(
+            "Paper convention: fraction of sink attention REMOVED and moved to visual non-sink tokens. "
+            "Release config p=0.6 is the fraction kept, i.e. paper p = 1 - 0.6 = 0.4 (author, issue #5)."
+        ),
+    )
+    min_image_attention: float = Field(0.2, ge=0, le=1, description="Minimum image attention of a head/row.")
+    sink_dims: list[int] | None = Field(None, description="Hidden dims probed for sinks; default per model.")
+    layers: list[int] | None = Field(
+        None, description="Layers edited; default 2..L-2 (paper: layers >= 2, last layer excluded)."
+    )
+
+
+class VHRParams(MethodParams):
+    """Vision-aware head reinforcement (He et al., ACL 2025, "Cracking the Code of Hallucination")."""
+
+    alpha: float = Field(2.0, gt=0, le=10, description="Scale of the selected heads' outputs (paper: 2).")
+    layers: list[int] | None = Field(None, description="Reinforced layers; default {1} and the last 14.")
+    outlier_filter: bool = Field(True, description="Eq. 6: drop heads with surging VHD and text-only norm.")
+    prefill_positions: Literal["all", "last"] = Field(
+        "all", description="Prefill positions scaled: all prompt positions (third-party port) or the last."
+    )
+
+
+class GIFTParams(MethodParams):
+    """Gaze-shift-guided cross-modal fusion (GIFT, arXiv 2510.22067)."""
+
+    alpha: float = Field(5.0, ge=0, le=20, description="Saliency scale: map in [1, e^alpha].")
+    saliency_layers: list[int] | None = Field(None, description="Layers whose gaze shifts form the map.")
+    enhance_layers: list[int] | None = Field(None, description="Layers whose last attention row is boosted.")
+    head_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of heads selected (top by mass).")
+    clip_sigma: float = Field(3.0, gt=0, description="Saliency clipped to mean +- clip_sigma * std.")
+    content_words: Literal["rule", "all"] = Field(
+        "rule", description="Query rows used: content words (closed-class rule) or every query token."
+    )
+
+
+class CARVEParams(MethodParams):
+    """Contrastive attention refinement (Ge et al., arXiv 2509.06461, "Focusing by Contrastive Attention")."""
+
+    layers: list[int] | None = Field(None, description="Layers fused; default [20, 25] scaled to the depth.")
+    lam: float = Field(1e-8, ge=0, description="Regulariser in A_Q / (A_G + lam) (Eq. 4.4).")
+    top_p: float = Field(0.2, gt=0, le=1, description="Fraction of pixels kept before region selection.")
+    min_regions: int = Field(3, ge=1, le=64, description="Minimum connected regions kept.")
+    region_fraction: float = Field(0.2, ge=0, le=1, description="Regions kept: max(min_regions, n * this).")
+    steps: Literal["all", "first"] = Field(
+        "all", description="Time steps fused: all, weighted t+1 (release v4), or the first only (t_start)."
+    )
+    collect_tokens: int = Field(32, ge=1, le=256, description="Greedy tokens generated per collection pass.")
+    general_instruction: str = Field("Write a general description of the image.", max_length=500)
+    collect_suffix: str = Field(
+        " Answer the question using a single word or phrase.",
+        max_length=500,
+        description="Appended to both collection prompts (as the release does).",
+    )
+    requery: Literal["original_and_refined", "refined"] = Field(
+        "original_and_refined",
+        description="Final answer from [original, refined] images (release) or the refined image (paper Alg. 1).",
+    )

@@ -1,0 +1,129 @@
+"""Per-row decoding controls for one batched ``generate`` call.
+
+Stock ``generate`` applies one sampling configuration to the whole batch. To batch requests that differ,
+rows are decoded greedily and :class:`RowSampler` replaces a sampled row's scores with a one-hot of a
+token drawn with that row's own temperature, top-p and seeded generator. :class:`RowStops` ends rows
+at their own ``max_new_tokens``, stop strings or cancellation; EOS is left to ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+
+@dataclass
+class RowDecoding:
+    """Decoding settings of one batch row."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask logits outside the smallest set of tokens whose probability mass reaches ``top_p``."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+class RowSampler(LogitsProcessor):
+    """Turns sampled rows into one-hot scores of a token drawn with the row's own generator."""
+
+    def __init__(self, rows: Sequence[RowDecoding], device: torch.device) -> None:
+        self.rows = rows
+        self.generators: dict[int, torch.Generator] = {}
+        for b, row in enumerate(rows):
+            if row.sampled:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+                self.generators[b] = gen
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.generators:
+            return scores
+        scores = scores.clone()
+        for b, gen in self.generators.items():
+            logits = top_p_filter(scores[b].float() / self.rows[b].temperature, self.rows[b].top_p)
+            token = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+            scores[b] = float("-inf")
+            scores[b, token] = 0.0
+        return scores
+
+
+class RowStops(StoppingCriteria):
+    """Per-row stop: the row's token budget, one of its stop strings, or cancellation."""
+
+    def __init__(
+        self,
+        rows: Sequence[RowDecoding],
+        prompt_length: int,
+        decode: Callable[[list[int]], str],
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> None:
+        self.rows = rows
+        self.prompt_length = prompt_length
+        self.decode = decode
+        self.cancelled = cancelled or (lambda b: False)
+        self.done = [False] * len(rows)
+        self.reason: list[str | None] = [None] * len(rows)
+        self.length: list[int | None] = [None] * len(rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        produced = input_ids.shape[1] - self.prompt_length
+        for b, row in enumerate(self.rows):
+            if self.done[b]:
+                continue
+            if self.cancelled(b):
+                self.done[b], self.reason[b] = True, "cancelled"
+            elif row.stop and any(s in self.decode(input_ids[b, self.prompt_length :].tolist()) for s in row.stop):
+                self.done[b], self.reason[b] = True, "stop"
+            elif produced >= row.max_new_tokens:
+                self.done[b], self.reason[b] = True, "length"
+            if self.done[b]:
+                self.length[b] = produced
+        return torch.tensor(self.done, device=input_ids.device)
+
+
+class RowStreamer(BaseStreamer):
+    """Calls ``on_token(row, token_id)`` for each new token of each still-running row.
+
+    ``generate`` may hand tokens over after the stopping criteria of the same step ran (or one step
+    late on GPU), so a token is attributed by its step number: the k-th call after the prompt carries
+    the k-th new token of every row, and a row stopped after n tokens gets no token past n.
+    """
+
+    def __init__(self, on_token: Callable[[int, int], None], stops: RowStops, eos: set[int]) -> None:
+        self.on_token = on_token
+        self.stops = stops
+        self.eos = eos
+        self.step = -1  # the first call carries the prompt
+        self.ended = [False] * len(stops.rows)
+
+    def put(self, value: torch.Tensor) -> None:
+        self.step += 1
+        if self.step == 0:
+            return
+        for b, token in enumerate(value.reshape(-1).tolist()):
+            limit = self.stops.length[b]
+            if self.ended[b] or (limit is not None and self.step > limit):
+                continue
+            self.on_token(b, token)
+            self.ended[b] = token in self.eos
+
+    def end(self) -> None:
+        pass

@@ -1,0 +1,340 @@
+"""Engine: load a VLM, encode requests, run each method's prepare step, generate a batch with per-row
+interventions.
+
+One ``generate_batch`` call goes through five stages: bind (validate parameters against the model),
+rewrite (methods that change the input, e.g. CARVE), encode, prepare (extra analysis passes, batched per
+method), and one batched ``generate`` in which each row carries its own methods and decoding settings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+from interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, adapter_class_for
+from interventions.methods import METHODS
+from interventions.methods.base import RequestInputs, RowState
+from interventions.runtime import ForwardContext, Runtime, StopForward
+from service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
+from service.model_configs import ModelConfig, find_model_config
+from service.tiny_models import TINY_MODELS
+
+SEERIGHT_FILE = "seeright.json"
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve; ``field`` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class GenerationRequest:
+    """One request: a prompt (or chat turns) with images, interventions and decoding settings."""
+
+    prompt: str | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    turns: list[ChatTurn] | None = None
+    system: str | None = None
+    interventions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def chat(self) -> list[ChatTurn]:
+        if self.turns is not None:
+            return list(self.turns)
+        if self.prompt is None:
+            raise RequestError("prompt", "a prompt or chat turns are required")
+        turns = [ChatTurn("system", self.system)] if self.system else []
+        return [*turns, ChatTurn("user", self.prompt, len(self.images))]
+
+
+@dataclass
+class GenerationOutput:
+    """What one request produced."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    timings: dict[str, float]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[float] | None = None
+
+
+class Engine:
+    """A loaded VLM with the intervention runtime installed."""
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, image_processor: Any, model_id: str, model_config: ModelConfig
+    ) -> None:
+        adapter_cls = adapter_class_for(model.config)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.model_config = model_config
+        self.adapter: ModelAdapter = adapter_cls(model, tokenizer, image_processor)
+        self.info = self.adapter.info
+        self.runtime = Runtime(model, self.adapter)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    # ---- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str,
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        model_config: str | None = None,
+    ) -> Engine:
+        """Load a built-in tiny model, a local folder or a hub id (llava-hf LLaVA, Qwen2-VL, Qwen2.5-VL)."""
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        path = Path(model_id_or_path)
+        saved = json.loads((path / SEERIGHT_FILE).read_text()) if (path / SEERIGHT_FILE).is_file() else {}
+        if model_id_or_path in TINY_MODELS:
+            model, tokenizer, processor = TINY_MODELS[model_id_or_path]()
+        else:
+            config = AutoConfig.from_pretrained(model_id_or_path)
+            adapter_class_for(config)  # fail early on an unsupported architecture
+            model = AutoModelForImageTextToText.from_pretrained(
+                model_id_or_path, dtype=torch_dtype, attn_implementation="sdpa"
+            ).eval()
+            tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, padding_side="left")
+            processor = AutoImageProcessor.from_pretrained(model_id_or_path, backend="pil")
+        if torch_dtype != "auto":
+            model = model.to(dtype=torch_dtype)
+        model = model.to(device)
+        family = adapter_class_for(model.config).family
+        chosen = model_config or saved.get("model_config")
+        return cls(model, tokenizer, processor, model_id_or_path, find_model_config(model_id_or_path, family, chosen))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save model, tokenizer and image processor so that ``from_pretrained(path)`` reloads them."""
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.adapter.image_processor.save_pretrained(path)
+        (path / SEERIGHT_FILE).write_text(json.dumps({"model_config": self.model_config.name}))
+
+    # ---- public generation API -------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str,
+        image: Image.Image | None = None,
+        images: Sequence[Image.Image] | None = None,
+        interventions: dict[str, dict[str, Any]] | None = None,
+        **decoding: Any,
+    ) -> GenerationOutput:
+        """Generate for one request (see :class:`GenerationRequest` for the decoding keywords)."""
+        imgs = list(images or ([] if image is None else [image]))
+        request = GenerationRequest(prompt=prompt, images=imgs, interventions=interventions or {}, **decoding)
+        return self.generate_batch([request])[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_token: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[GenerationOutput]:
+        """Generate for several requests in one batch; each row keeps its own methods and settings."""
+        start = time.perf_counter()
+        inputs = [RequestInputs(turns=r.chat(), images=list(r.images)) for r in requests]
+        states = [self.bind(r.interventions, inp, i) for i, (r, inp) in enumerate(zip(requests, inputs))]
+        self._decoding_checks(requests)
+        with torch.inference_mode():
+            for name, method in METHODS.items():
+                users = [s for row in states for s in row if s.hooks is method]
+                if users:
+                    method.rewrite(users, self)
+            for i, inp in enumerate(inputs):
+                try:
+                    inp.prompt = self.encode(inp.turns, inp.images)
+                except ValueError as exc:
+                    raise RequestError(f"requests[{i}].messages", str(exc)) from exc
+            for name, method in METHODS.items():
+                users = [s for row in states for s in row if s.hooks is method]
+                if users:
+                    method.prepare(users, self)
+            prepared = time.perf_counter()
+            rows = [RowDecoding(r.max_new_tokens, r.temperature, r.top_p, r.seed, tuple(r.stop)) for r in requests]
+            want_logprobs = any(r.logprobs for r in requests)
+            sequences, stops, prompt_len, logits = self._generate(
+                [inp.prompt for inp in inputs], states, rows, on_token, cancelled, want_logprobs
+            )
+        done = time.perf_counter()
+        timings = {"prepare_s": prepared - start, "generate_s": done - prepared, "total_s": done - start}
+        outputs = [
+            self._output(sequences[b], prompt_len, inputs[b].prompt, rows[b], stops, b, states[b], timings)
+            for b in range(len(requests))
+        ]
+        for b, (request, out) in enumerate(zip(requests, outputs)):
+            if request.logprobs:
+                out.logprobs = [float(logits[t][b].float().log_softmax(-1)[tok]) for t, tok in enumerate(out.token_ids)]
+        return outputs
+
+    # ---- stages ----------------------------------------------------------------------------------
+    def bind(self, interventions: dict[str, dict[str, Any]], request: RequestInputs, index: int = 0) -> list[RowState]:
+        """Validate a request's interventions against the model; one state per method, in method order."""
+        unknown = sorted(set(interventions) - set(METHODS))
+        if unknown:
+            raise RequestError("interventions", f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
+        states = []
+        for name, method in METHODS.items():
+            if name not in interventions:
+                continue
+            given = interventions[name] or {}
+            if not isinstance(given, dict):
+                raise RequestError(f"interventions.{name}", "parameters must be an object")
+            try:
+                params = method.params_model(**{**self.model_config.methods.get(name, {}), **given})
+                states.append(method.new_state(params, self.info, request))
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise RequestError(f"interventions.{name}.{where}", err["msg"]) from exc
+            except ValueError as exc:
+                raise RequestError(f"interventions.{name}", str(exc)) from exc
+        return states
+
+    def _decoding_checks(self, requests: Sequence[GenerationRequest]) -> None:
+        for i, r in enumerate(requests):
+            if r.max_new_tokens < 1:
+                raise RequestError("max_new_tokens", "must be at least 1")
+            if r.temperature < 0:
+                raise RequestError("temperature", "must be >= 0")
+            if not 0 < r.top_p <= 1:
+                raise RequestError("top_p", "must be in (0, 1]")
+
+    def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
+        return self.adapter.encode(turns, images)
+
+    def eos_token_ids(self) -> list[int]:
+        return self.adapter.eos_token_ids
+
+    def collate(self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]]) -> dict[str, torch.Tensor]:
+        """Left-pad prompts into one batch and point each row's states at its shifted layout."""
+        length = max(len(p.input_ids) for p in prompts)
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        extra = {k: torch.zeros((len(prompts), length), dtype=v.dtype) for k, v in prompts[0].extra.items()}
+        for b, (prompt, states) in enumerate(zip(prompts, rows)):
+            pad = length - len(prompt.input_ids)
+            ids[b, pad:] = prompt.input_ids
+            mask[b, pad:] = 1
+            for k, v in prompt.extra.items():
+                extra[k][b, pad:] = v
+            for state in states:
+                state.layout = prompt.layout.shifted(pad)
+        batch = {"input_ids": ids, "attention_mask": mask, **extra}
+        images = ModelAdapter.concat_images([p.images for p in prompts if p.images])
+        if "pixel_values" in images:
+            images["pixel_values"] = images["pixel_values"].to(self.dtype)
+        batch.update(images)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def prefill(
+        self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], stop_after_layer: int | None
+    ) -> None:
+        """One batched forward with ``rows``' hooks, stopped after ``stop_after_layer`` (analysis passes)."""
+        batch = self.collate(prompts, rows)
+        with self.runtime.activate(ForwardContext(rows, stop_after_layer=stop_after_layer)):
+            try:
+                self.model(**batch, use_cache=False)
+            except StopForward:
+                pass
+
+    def greedy(
+        self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], max_new_tokens: int
+    ) -> list[list[int]]:
+        """Batched greedy generation with ``rows``' hooks; the new token ids of each row."""
+        decoding = [RowDecoding(max_new_tokens)] * len(prompts)
+        sequences, _, prompt_len, _ = self._generate(prompts, rows, decoding, None, None)
+        return [seq[prompt_len:].tolist() for seq in sequences]
+
+    def _generate(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        rows: Sequence[Sequence[RowState]],
+        decoding: Sequence[RowDecoding],
+        on_token: Callable[[int, int], None] | None,
+        cancelled: Callable[[int], bool] | None,
+        output_logits: bool = False,
+    ) -> tuple[torch.Tensor, RowStops, int, tuple[torch.Tensor, ...] | None]:
+        batch = self.collate(prompts, rows)
+        prompt_len = batch["input_ids"].shape[1]
+        stops = RowStops(decoding, prompt_len, self._decode_text, cancelled)
+        streamer = RowStreamer(on_token, stops, set(self.eos_token_ids())) if on_token else None
+        with self.runtime.activate(ForwardContext(rows)):
+            out = self.model.generate(
+                **batch,
+                return_dict_in_generate=True,
+                output_logits=output_logits,
+                max_new_tokens=max(r.max_new_tokens for r in decoding),
+                do_sample=False,
+                logits_processor=[RowSampler(decoding, self.device)],
+                stopping_criteria=[stops],
+                streamer=streamer,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.eos_token_ids(),
+            )
+        return out.sequences.cpu(), stops, prompt_len, out.logits
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _output(
+        self,
+        sequence: torch.Tensor,
+        prompt_len: int,
+        prompt: EncodedPrompt,
+        row: RowDecoding,
+        stops: RowStops,
+        b: int,
+        states: list[RowState],
+        timings: dict[str, float],
+    ) -> GenerationOutput:
+        eos = set(self.eos_token_ids())
+        tokens: list[int] = []
+        reason = stops.reason[b]
+        for tok in sequence[prompt_len:].tolist()[: stops.length[b] or row.max_new_tokens]:
+            tokens.append(tok)
+            if tok in eos:
+                reason = "stop"
+                break
+        text = self._decode_text(tokens)
+        for s in row.stop:
+            if s in text:
+                text, reason = text[: text.index(s)], "stop"
+        if reason is None:
+            reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
+        diagnostics = {s.hooks.name: to_python(s.diagnostics) for s in states}
+        return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+
+
+def to_python(value: Any) -> Any:
+    """Diagnostics with tensors turned into numbers and lists (one device sync, at the end)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.ndim == 0 else value.tolist()
+    if isinstance(value, dict):
+        return {k: to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    return value

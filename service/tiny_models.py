@@ -1,0 +1,134 @@
+"""Built-in tiny random models, tokenizers and image processors, made entirely in code (no download).
+
+``tiny-random/llava`` and ``tiny-random/qwen2-vl`` are what tests, demos and benchmarks use offline.
+Random weights have no attention sinks of their own, so the builders plant them the way they arise in
+real LVLMs: one hidden unit of the projector writes a massive value on the configured sink dims
+(``configs/models/tiny-random-*.yaml``) for the image tokens where that unit is active, and the BOS
+embedding carries one too (a text sink). Weights are drawn with a larger spread than HF's init so that
+attention is far from uniform and greedy outputs depend on the image.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from torch import nn
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+
+SINK_DIMS = (7, 21)
+SINK_SCALE = 40.0
+BOS_SINK_SCALE = 150.0
+HIDDEN = 64
+LAYERS = 6
+HEADS = 8
+IMAGE_SIDE = 32
+
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+def byte_level_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: special tokens first, then the 256 byte symbols."""
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=specials[0], padding_side="left"
+    )
+
+
+def _spread_weights(model: nn.Module, std: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+
+def _plant_sinks(projector_out: nn.Linear, embed: nn.Embedding, bos_id: int | None) -> None:
+    """Unit 0 entering ``projector_out`` drives the sink dims; BOS gets a massive sink-dim value too."""
+    with torch.no_grad():
+        for dim in SINK_DIMS:
+            projector_out.weight[dim].zero_()
+            projector_out.weight[dim, 0] = SINK_SCALE
+            if projector_out.bias is not None:
+                projector_out.bias[dim] = 0.0
+            if bos_id is not None:
+                embed.weight[bos_id, dim] = BOS_SINK_SCALE
+
+
+def tiny_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
+    tokenizer = byte_level_tokenizer(LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=IMAGE_SIDE, patch_size=8, projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, vocab_size=len(tokenizer), max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    config.pad_token_id = 3
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    _spread_weights(model, std=0.25, seed=seed)
+    _plant_sinks(model.model.multi_modal_projector.linear_2, model.model.language_model.embed_tokens, 1)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 3, 2
+    processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE})
+    return model.eval(), tokenizer, processor
+
+
+def tiny_qwen2_vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
+    tokenizer = byte_level_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=dict(
+            hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            num_key_value_heads=HEADS // 2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+            bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=HIDDEN, num_heads=4, mlp_ratio=2, patch_size=4,
+            spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    _spread_weights(model, std=0.25, seed=seed)
+    _plant_sinks(model.model.visual.merger.mlp[2], model.model.language_model.embed_tokens, None)
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    pixels = IMAGE_SIDE * IMAGE_SIDE
+    processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels)
+    return model.eval(), tokenizer, processor
+
+
+TINY_MODELS = {"tiny-random/llava": tiny_llava, "tiny-random/qwen2-vl": tiny_qwen2_vl}

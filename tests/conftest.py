@@ -1,0 +1,44 @@
+"""Shared fixtures: engines on the built-in tiny models, stock copies of them, and test images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.engine import Engine
+from service.tiny_models import TINY_MODELS
+
+FAMILIES = ["tiny-random/llava", "tiny-random/qwen2-vl"]
+QUESTIONS = [
+    "Is there a red dog in the image?",
+    "What color is the car next to the tree?",
+    "Describe the picture.",
+    "How many cats are sitting on the sofa?",
+]
+
+
+def make_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    return [make_image(i) for i in range(4)]
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def engine(request) -> Engine:
+    return Engine.from_pretrained(request.param)
+
+
+@pytest.fixture(scope="session")
+def llava() -> Engine:
+    return Engine.from_pretrained("tiny-random/llava")
+
+
+@pytest.fixture(scope="session")
+def stock_models() -> dict:
+    """Untouched copies of the tiny models (stock SDPA), built from the same seed."""
+    return {name: build()[0] for name, build in TINY_MODELS.items()}

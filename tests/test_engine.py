@@ -1,0 +1,112 @@
+"""Per-row batching, no state between requests, validation errors, loading from a folder, sampling."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import QUESTIONS
+
+from service.engine import Engine, GenerationRequest, RequestError
+
+MIXED = [{}, {"var": {}}, {"vhr": {}}, {"gift": {}}, {"gift": {"alpha": 3.0}, "vhr": {"alpha": 1.5}}]
+
+
+def _requests(images, interventions, max_new_tokens=8):
+    return [
+        GenerationRequest(prompt=QUESTIONS[i % 4], images=[images[i % 4]], interventions=iv, max_new_tokens=max_new_tokens)
+        for i, iv in enumerate(interventions)
+    ]
+
+
+def test_mixed_batch_rows_equal_rows_alone(engine, images):
+    reqs = _requests(images, MIXED)
+    batched = engine.generate_batch(reqs)
+    for req, out in zip(reqs, batched):
+        alone = engine.generate_batch([req])[0]
+        assert out.token_ids == alone.token_ids, req.interventions
+    assert len({tuple(o.token_ids) for o in batched}) > 1
+
+
+def test_carve_row_in_a_mixed_batch(llava, images):
+    reqs = _requests(images, [{}, {"carve": {}}, {"gift": {}}])
+    batched = llava.generate_batch(reqs)
+    assert [o.token_ids for o in batched] == [llava.generate_batch([r])[0].token_ids for r in reqs]
+
+
+def test_no_state_leaks_between_requests(images):
+    used, fresh = Engine.from_pretrained("tiny-random/llava"), Engine.from_pretrained("tiny-random/llava")
+    used.generate_batch(_requests(images, [{"var": {}}, {"gift": {}}, {"vhr": {}}]))
+    second = _requests(images[1:], [{"var": {"p": 0.9}}, {"vhr": {}}])
+    assert [o.token_ids for o in used.generate_batch(second)] == [o.token_ids for o in fresh.generate_batch(second)]
+    assert used.runtime.context is None
+
+
+@pytest.mark.parametrize(
+    "interventions,field",
+    [
+        ({"var": {"rho": 1.5}}, "interventions.var.rho"),
+        ({"var": {"p": -0.1}}, "interventions.var.p"),
+        ({"var": {"tau": 0}}, "interventions.var.tau"),
+        ({"var": {"sink_dims": [10_000]}}, "interventions.var"),
+        ({"var": {"layers": [99]}}, "interventions.var"),
+        ({"vhr": {"alpha": -1}}, "interventions.vhr.alpha"),
+        ({"vhr": {"prefill_positions": "some"}}, "interventions.vhr.prefill_positions"),
+        ({"vhr": {"bogus": 1}}, "interventions.vhr.bogus"),
+        ({"gift": {"head_fraction": 0}}, "interventions.gift.head_fraction"),
+        ({"gift": {"enhance_layers": [-1]}}, "interventions.gift"),
+        ({"carve": {"top_p": 2}}, "interventions.carve.top_p"),
+        ({"carve": {"steps": "middle"}}, "interventions.carve.steps"),
+        ({"nope": {}}, "interventions"),
+        ({"gift": 3}, "interventions.gift"),
+    ],
+)
+def test_out_of_range_parameters_are_rejected(llava, images, interventions, field):
+    with pytest.raises(RequestError) as info:
+        llava.generate_batch(_requests(images, [interventions]))
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_decoding_errors_name_the_field(llava, images):
+    for kwargs, field in (({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p")):
+        req = GenerationRequest(prompt="hi", images=[images[0]], **kwargs)
+        with pytest.raises(RequestError, match=field):
+            llava.generate_batch([req])
+
+
+def test_carve_needs_one_image(llava):
+    with pytest.raises(RequestError, match="carve"):
+        llava.generate("hello", interventions={"carve": {}}, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["tiny-random/llava", "tiny-random/qwen2-vl"])
+def test_saved_folder_reloads_through_the_same_path(tmp_path, images, name):
+    engine = Engine.from_pretrained(name)
+    engine.save_pretrained(tmp_path)
+    reloaded = Engine.from_pretrained(str(tmp_path))
+    assert type(reloaded.model) is type(engine.model)
+    assert reloaded.model_config.name == engine.model_config.name
+    reqs = _requests(images, [{}, {"var": {}}, {"gift": {}}])
+    assert [o.token_ids for o in reloaded.generate_batch(reqs)] == [o.token_ids for o in engine.generate_batch(reqs)]
+
+
+def test_sampling_is_seeded_per_row(llava, images):
+    req = GenerationRequest(prompt="hi", images=[images[0]], temperature=1.0, top_p=0.9, seed=7, max_new_tokens=10)
+    other = GenerationRequest(prompt="hi", images=[images[0]], temperature=1.0, seed=8, max_new_tokens=10)
+    a = llava.generate_batch([req])[0].token_ids
+    assert llava.generate_batch([other, req])[1].token_ids == a
+    assert llava.generate_batch([other])[0].token_ids != a
+
+
+def test_stop_strings_and_token_budget(llava, images):
+    base = llava.generate("hi", image=images[0], max_new_tokens=12)
+    assert base.finish_reason == "length" and len(base.token_ids) == 12
+    stop = base.text[3:5]
+    out = llava.generate("hi", image=images[0], max_new_tokens=12, stop=(stop,))
+    assert out.finish_reason == "stop" and stop not in out.text and base.text.startswith(out.text)
+
+
+def test_streaming_callback_sees_every_token(llava, images):
+    seen: dict[int, list[int]] = {}
+    reqs = _requests(images, [{}, {"gift": {}}], max_new_tokens=5)
+    outs = llava.generate_batch(reqs, on_token=lambda row, tok: seen.setdefault(row, []).append(tok))
+    assert [seen[0], seen[1]] == [o.token_ids for o in outs]

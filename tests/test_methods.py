@@ -1,0 +1,244 @@
+"""Each method against a slow literal implementation of its formulas, on the same tensors, at prefill and
+decode; each branch fires; each method changes the output distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import QUESTIONS
+
+import reference as ref
+from interventions.methods import METHODS
+from interventions.methods.base import RequestInputs
+from service.engine import GenerationRequest
+
+
+def spy(monkeypatch, method, attr):
+    """Record (args, result) of every call of ``method.attr``."""
+    calls = []
+    original = getattr(method, attr)
+
+    def wrapper(*args):
+        result = original(*args)
+        calls.append((args, result))
+        return result
+
+    monkeypatch.setattr(method, attr, wrapper)
+    return calls
+
+
+def run(engine, images, interventions, n=2, max_new_tokens=6, **kw):
+    reqs = [
+        GenerationRequest(prompt=q, images=[im], interventions=interventions, max_new_tokens=max_new_tokens, **kw)
+        for q, im in zip(QUESTIONS[:n], images[:n])
+    ]
+    return engine.generate_batch(reqs)
+
+
+# ---- VAR ---------------------------------------------------------------------------------------------
+def test_var_matches_literal(engine, images, monkeypatch):
+    var = METHODS["var"]
+    hidden_calls = spy(monkeypatch, var, "observe_hidden")
+    prob_calls = spy(monkeypatch, var, "edit_probs")
+    outs = run(engine, images, {"var": {}})
+    assert hidden_calls and prob_calls
+    visual_sinks = 0
+    for (layer, hidden, states, step), _ in hidden_calls:
+        for row, state in enumerate(states):
+            p = state.params
+            expected = ref.var_sinks(hidden[row], p.sink_dims, p.tau, state.layout.pad)
+            assert state.data["sinks"][layer].nonzero().flatten().tolist() == expected
+            visual_sinks += len(set(expected) & set(state.layout.image_positions.tolist()))
+    assert visual_sinks > 0  # sinks were planted and found
+    steps, changed_rows, kept_rows = set(), 0, 0
+    for (layer, probs, states, step, q0), result in prob_calls:
+        steps.add(step)
+        for row, state in enumerate(states):
+            p = state.params
+            sinks = state.data["sinks"][layer].nonzero().flatten().tolist()
+            vis = state.layout.image_positions.tolist()
+            first = state.layout.image_end - q0 if step == 0 else 0
+            expected = ref.var_edit(probs[row], sinks, vis, p.rho, p.p, p.min_image_attention, max(first, 0))
+            torch.testing.assert_close(result[row].double(), expected, atol=1e-6, rtol=1e-5)
+            moved = (result[row] - probs[row]).abs().amax(-1) > 1e-7  # [H, q]
+            changed_rows += int(moved.sum())
+            kept_rows += int((~moved).sum())
+    assert steps >= {0, 1}  # prefill and decode were both checked
+    assert changed_rows > 0 and kept_rows > 0  # both branches of the head selection fired
+    assert all(sum(o.diagnostics["var"]["selected"].values()) > 0 for o in outs)
+
+
+def test_var_edits_only_text_rows_after_image_at_prefill(llava, images, monkeypatch):
+    calls = spy(monkeypatch, METHODS["var"], "edit_probs")
+    run(llava, images, {"var": {}}, n=1, max_new_tokens=1)
+    (layer, probs, states, step, q0), result = calls[0]
+    assert step == 0 and q0 == states[0].layout.image_end
+    torch.testing.assert_close(result.sum(-1), torch.ones_like(result.sum(-1)))  # rows still sum to 1
+
+
+def test_var_text_sink_found(llava, images):
+    out = run(llava, images, {"var": {}}, n=1)[0]
+    assert sum(out.diagnostics["var"]["text_sinks"].values()) > 0  # BOS carries a planted text sink
+
+
+# ---- VHR ---------------------------------------------------------------------------------------------
+def test_vhr_matches_literal(engine, images, monkeypatch):
+    vhr = METHODS["vhr"]
+    calls = spy(monkeypatch, vhr, "edit_heads")
+    run(engine, images, {"vhr": {}}, n=3)
+    steps = set()
+    for (layer, heads, states, step), result in calls:
+        steps.add(step)
+        for row, state in enumerate(states):
+            p = state.params
+            if step == 0:
+                chosen, filtered = ref.vhr_select(heads[row, -1], state.data["text_heads"][layer], p.outlier_filter)
+                assert state.data["heads"][layer].tolist() == chosen
+                assert state.diagnostics["filtered"][layer].tolist() == filtered
+                assert 1 <= sum(chosen) < len(chosen)
+            chosen = state.data["heads"][layer].tolist()
+            expected = ref.vhr_scale(heads[row], chosen, p.alpha, p.prefill_positions == "last" and step == 0)
+            torch.testing.assert_close(result[row].double(), expected, atol=1e-6, rtol=1e-5)
+    assert steps >= {0, 1}
+
+
+def test_vhr_text_branch_is_the_image_free_prompt(llava, stock_models, images):
+    """The text-only head outputs equal a stock forward of the prompt with the image removed."""
+    state = llava.bind({"vhr": {}}, RequestInputs(turns=GenerationRequest(prompt=QUESTIONS[0], images=[images[0]]).chat(), images=[images[0]]))[0]
+    METHODS["vhr"].prepare([state], llava)
+    stock = stock_models["tiny-random/llava"]
+    captured = {}
+    hooks = [
+        stock.model.language_model.layers[l].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, l=l: captured.__setitem__(l, a[0][0, -1].clone())
+        )
+        for l in state.params.layers
+    ]
+    text_only = llava.encode([type(t)(t.role, t.text, 0) for t in state.request.turns], [])
+    assert (text_only.input_ids == llava.adapter.image_token_id).sum() == 0
+    with torch.no_grad():
+        stock(input_ids=text_only.input_ids[None])
+    for h in hooks:
+        h.remove()
+    for l in state.params.layers:
+        torch.testing.assert_close(state.data["text_heads"][l], captured[l].view(llava.info.num_heads, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_vhr_outlier_filter_and_selection_fire(llava, images):
+    outs = run(llava, images, {"vhr": {}}, n=4)
+    filtered = sum(sum(v) for o in outs for v in o.diagnostics["vhr"]["filtered"].values())
+    selected = [sum(v) for o in outs for v in o.diagnostics["vhr"]["heads"].values()]
+    assert filtered > 0
+    assert all(0 < s < llava.info.num_heads for s in selected)
+
+
+# ---- GIFT --------------------------------------------------------------------------------------------
+def test_gift_saliency_matches_literal(engine, stock_models, images):
+    stock = stock_models[engine.model_id]
+    req = GenerationRequest(prompt=QUESTIONS[0], images=[images[0]])
+    inputs = RequestInputs(turns=req.chat(), images=req.images)
+    inputs.prompt = engine.encode(inputs.turns, inputs.images)
+    state = engine.bind({"gift": {}}, inputs)[0]
+    METHODS["gift"].prepare([state], engine)
+    layout = inputs.prompt.layout
+    assert layout.content_positions  # the rule found content words
+    stock.set_attn_implementation("eager")
+    try:
+        batch = engine.collate([inputs.prompt], [[]])
+        with torch.no_grad():
+            out = stock(**batch, output_attentions=True)
+    finally:
+        stock.set_attn_implementation("sdpa")
+    p = state.params
+    expected = ref.gift_saliency(
+        [out.attentions[l][0] for l in p.saliency_layers], layout.query_span, list(layout.content_positions),
+        layout.image_positions.tolist(), p.alpha, p.head_fraction, p.clip_sigma,
+    )
+    torch.testing.assert_close(state.data["saliency"].double(), torch.tensor(expected, dtype=torch.double), rtol=1e-4, atol=1e-4)
+    assert state.data["saliency"].max() > 1.5  # the map is not flat
+
+
+def test_gift_enhancement_matches_literal(engine, images, monkeypatch):
+    calls = spy(monkeypatch, METHODS["gift"], "edit_probs")
+    run(engine, images, {"gift": {}}, n=2)
+    steps = set()
+    for (layer, probs, states, step, q0), result in calls:
+        steps.add(step)
+        for row, state in enumerate(states):
+            p = state.params
+            sal = state.data["saliency"].tolist()
+            expected = ref.gift_edit_row(
+                probs[row, :, -1], state.layout.image_positions.tolist(), list(range(*state.layout.query_span)),
+                sal, p.head_fraction,
+            )
+            torch.testing.assert_close(result[row, :, -1].double(), expected, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(result[row, :, :-1], probs[row, :, :-1])  # only the last row changes
+    assert steps >= {0, 1}
+
+
+def test_gift_without_content_words_uses_all_query_rows(llava, images):
+    out = llava.generate("is it the one?", image=images[0], interventions={"gift": {}}, max_new_tokens=2)
+    assert all(np.isfinite(out.diagnostics["gift"]["saliency"]))
+
+
+# ---- CARVE -------------------------------------------------------------------------------------------
+def test_carve_cached_collection_equals_uncached_release_loop(llava, stock_models, images):
+    req = GenerationRequest(prompt=QUESTIONS[0], images=[images[1]])
+    state = llava.bind({"carve": {}}, RequestInputs(turns=req.chat(), images=list(req.images)))[0]
+    original_image = images[1]
+    METHODS["carve"].rewrite([state], llava)
+    p = state.params
+    stock = stock_models["tiny-random/llava"]
+    stock.set_attn_implementation("eager")
+    try:
+        maps = {}
+        for key, text in (("task", QUESTIONS[0]), ("general", p.general_instruction)):
+            prompt = llava.encode([type(state.request.turns[-1])("user", text + p.collect_suffix, 1)], [original_image])
+            batch = llava.collate([prompt], [[]])
+            with torch.no_grad():
+                maps[key] = ref.carve_collect_uncached(
+                    stock, batch, prompt.layout.image_positions.tolist(), p.layers, p.collect_tokens,
+                    set(llava.eos_token_ids()),
+                )
+    finally:
+        stock.set_attn_implementation("sdpa")
+    for key in ("task", "general"):
+        ours = state.data["maps"][key]
+        assert len(ours) == len(maps[key])
+        for a, b in zip(ours, maps[key]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    grid = llava.adapter.grid
+    ours = state.data["maps"]
+    fused = ref.carve_fuse(ours["task"], ours["general"], grid, original_image.size, p.lam, p.steps == "all")
+    np.testing.assert_allclose(state.data["fused"], fused, rtol=1e-6)
+    from_uncached = ref.carve_fuse(maps["task"], maps["general"], grid, original_image.size, p.lam, p.steps == "all")
+    np.testing.assert_allclose(state.data["fused"], from_uncached, rtol=1e-4)
+    mask = ref.carve_mask(fused, p.top_p, p.min_regions, p.region_fraction)
+    np.testing.assert_array_equal(state.data["mask"], mask)
+    assert 0 < mask.mean() < 1
+    refined = state.request.images[1]
+    assert refined.size[0] >= original_image.size[0] or refined.size[1] >= original_image.size[1]
+    assert state.request.images[0] is original_image and state.request.turns[-1].num_images == 2
+
+
+@pytest.mark.parametrize("requery,count", [("original_and_refined", 2), ("refined", 1)])
+def test_carve_requery_choice(llava, images, requery, count):
+    req = GenerationRequest(prompt=QUESTIONS[0], images=[images[0]])
+    state = llava.bind({"carve": {"requery": requery}}, RequestInputs(turns=req.chat(), images=list(req.images)))[0]
+    METHODS["carve"].rewrite([state], llava)
+    assert len(state.request.images) == count
+
+
+# ---- every method changes the output distribution ------------------------------------------------
+@pytest.mark.parametrize("name", ["var", "vhr", "gift", "carve"])
+def test_method_changes_output(engine, images, name):
+    base = run(engine, images, {}, n=4, logprobs=True)
+    with_method = run(engine, images, {name: {}}, n=4, logprobs=True)
+    moved = 0.0
+    for a, b in zip(base, with_method):
+        if a.token_ids != b.token_ids:
+            moved = max(moved, 1.0)
+        else:
+            moved = max(moved, max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)))
+    assert moved > 1e-3
