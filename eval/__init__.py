@@ -1,0 +1,1 @@
+"""Evaluation: POPE and CHAIR data loading and exact scorers."""

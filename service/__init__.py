@@ -1,0 +1,1 @@
+"""seeright's service layer: engine, scheduler, HTTP API and CLI."""

@@ -1,0 +1,98 @@
+"""``seeright`` command line: generate, score (POPE / CHAIR prediction files)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from eval import chair, pope
+
+
+def _parse_intervention(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:k=v,k=v`` (values parsed as JSON when possible) -> (name, params)."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return name, params
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from service.engine import Engine
+
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    images = [Image.open(p) for p in args.image]
+    interventions = dict(_parse_intervention(s) for s in args.intervention)
+    out = engine.generate(args.prompt, images=images, interventions=interventions, max_new_tokens=args.max_new_tokens)
+    print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason, "timings": out.timings}))
+    return 0
+
+
+def cmd_score_pope(args: argparse.Namespace) -> int:
+    answers = pope.normalize_answers(pope.read_jsonl(args.answers))
+    if args.questions:
+        result = pope.score_llava_style(answers, args.labels, args.questions, args.parser)
+    else:
+        result = pope.score_by_id(answers, args.labels, args.parser)
+    print(json.dumps({"parser": args.parser, **result}, indent=2))
+    return 0
+
+
+def cmd_score_chair(args: argparse.Namespace) -> int:
+    scorer = chair.ChairScorer(lemmatizer=args.lemmatizer)
+    gt = chair.load_ground_truth(args.gt, variant=args.gt_variant)
+    result = scorer.score(chair.read_captions(args.captions), gt, per_caption=args.per_caption)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seeright", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer one prompt about images")
+    gen.add_argument("--model", default="tiny-random/llava")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", action="append", default=[])
+    gen.add_argument("--intervention", action="append", default=[], metavar="NAME[:k=v,...]")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32")
+    gen.set_defaults(func=cmd_generate)
+
+    score = sub.add_parser("score", help="score existing prediction files").add_subparsers(dest="benchmark", required=True)
+    sp = score.add_parser("pope", help="POPE answers JSONL (question_id, text)")
+    sp.add_argument("--answers", required=True)
+    sp.add_argument("--labels", nargs="+", required=True, help="label files, one per split (coco_pope_<split>.json)")
+    sp.add_argument("--questions", help="LLaVA-style question file with 'category': group and zip in order")
+    sp.add_argument("--parser", choices=sorted(pope.PARSERS), default="official")
+    sp.set_defaults(func=cmd_score_pope)
+    sc = score.add_parser("chair", help="CHAIR captions JSONL (image_id, caption|text)")
+    sc.add_argument("--captions", required=True)
+    sc.add_argument("--gt", help="image id -> objects JSON(.gz); default: the shipped COCO-2014 file")
+    sc.add_argument("--gt-variant", choices=["nltk", "pattern"], default="nltk")
+    sc.add_argument("--lemmatizer", choices=["builtin", "nltk"], default="builtin")
+    sc.add_argument("--per-caption", action="store_true")
+    sc.set_defaults(func=cmd_score_chair)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
