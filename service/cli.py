@@ -1,4 +1,4 @@
-"""``seeright`` command line: generate, score (POPE / CHAIR prediction files)."""
+"""``seeright`` command line: generate, eval (run POPE / CHAIR), score (existing prediction files)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class EngineGenerator:
+    """The evaluation runner's generator interface over an in-process Engine (greedy decoding)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def generate(self, prompts, images, interventions, max_new_tokens):
+        from service.engine import GenerationRequest
+
+        requests = [
+            GenerationRequest(prompt=p, images=[im], interventions=interventions, max_new_tokens=max_new_tokens)
+            for p, im in zip(prompts, images)
+        ]
+        return [out.text for out in self.engine.generate_batch(requests)]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eval import report, runner
+    from service.engine import Engine
+
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    generator = EngineGenerator(engine)
+    images, out_dir = Path(args.images), Path(args.out)
+    methods = {"baseline": {}} | {spec: dict([_parse_intervention(spec)]) for spec in args.intervention}
+    results = {}
+    for label, interventions in methods.items():
+        safe = label.replace(":", "_").replace(",", "_").replace("=", "-")
+        if args.benchmark == "pope":
+            questions = [q for split in args.split for q in (
+                pope.load_questions(Path(args.questions) / f"coco_pope_{split}.json", split) if args.questions
+                else pope.builtin_questions(split))[: args.limit]]
+            items = runner.pope_items(questions, images, args.prompt)
+            records = runner.run_items(items, generator, out_dir / safe / "pope.jsonl", interventions, args.max_new_tokens, args.batch_size)
+            results[label] = runner.score_pope_records(records)
+        else:
+            items = runner.chair_items(images, args.limit)
+            records = runner.run_items(items, generator, out_dir / safe / "chair.jsonl", interventions, args.max_new_tokens, args.batch_size)
+            results[label] = runner.score_chair_records(records, chair.load_ground_truth(args.gt), args.lemmatizer)
+    report.write_report(out_dir, args.benchmark, results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def cmd_score_pope(args: argparse.Namespace) -> int:
     answers = pope.normalize_answers(pope.read_jsonl(args.answers))
     if args.questions:
@@ -67,6 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32")
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="run POPE or CHAIR in-process, resumable").add_subparsers(dest="benchmark", required=True)
+    for name in ("pope", "chair"):
+        e = ev.add_parser(name)
+        e.add_argument("--model", default="tiny-random/llava")
+        e.add_argument("--images", required=True, help="image folder (COCO val2014 file names)")
+        e.add_argument("--out", required=True)
+        e.add_argument("--limit", type=int, help="first N questions per split / images")
+        e.add_argument("--intervention", action="append", default=[], metavar="NAME[:k=v,...]")
+        e.add_argument("--batch-size", type=int, default=8)
+        e.add_argument("--device", default="cpu")
+        e.add_argument("--dtype", default="float32")
+        if name == "pope":
+            e.add_argument("--split", nargs="+", default=list(pope.SPLITS), choices=pope.SPLITS)
+            e.add_argument("--questions", help="folder with coco_pope_<split>.json (default: the shipped files)")
+            e.add_argument("--prompt", choices=sorted(pope.PROMPTS), default="plain")
+            e.add_argument("--max-new-tokens", type=int, default=10)
+        else:
+            e.add_argument("--gt", help="image id -> objects JSON(.gz); default: the shipped COCO-2014 file")
+            e.add_argument("--lemmatizer", choices=["builtin", "nltk"], default="builtin")
+            e.add_argument("--max-new-tokens", type=int, default=512)
+        e.set_defaults(func=cmd_eval)
 
     score = sub.add_parser("score", help="score existing prediction files").add_subparsers(dest="benchmark", required=True)
     sp = score.add_parser("pope", help="POPE answers JSONL (question_id, text)")

@@ -73,9 +73,15 @@ def test_decoding_errors_name_the_field(llava, images):
             llava.generate_batch([req])
 
 
-def test_carve_needs_one_image(llava):
-    with pytest.raises(RequestError, match="carve"):
-        llava.generate("hello", interventions={"carve": {}}, max_new_tokens=2)
+@pytest.mark.parametrize("name", ["var", "vhr", "gift", "carve"])
+def test_methods_need_an_image(llava, name):
+    with pytest.raises(RequestError, match=f"interventions.{name}: needs .*image"):
+        llava.generate("hello", interventions={name: {}}, max_new_tokens=2)
+
+
+def test_carve_needs_exactly_one_image(llava, images):
+    with pytest.raises(RequestError, match="exactly one image"):
+        llava.generate("hello", images=images[:2], interventions={"carve": {}}, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("name", ["tiny-random/llava", "tiny-random/qwen2-vl"])

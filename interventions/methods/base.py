@@ -107,6 +107,8 @@ class Method(Hooks):
         return params
 
     def new_state(self, params: BaseModel, info: ModelInfo, request: RequestInputs) -> RowState:
+        if not request.images:
+            raise ValueError("needs an image in the request")
         return RowState(hooks=self, params=self.resolve(params, info), request=request)
 
     def rewrite(self, states: list[RowState], runner: PassRunner) -> None:
