@@ -80,6 +80,15 @@ class ForwardContext:
                 out.append(Group(hooks, idx, [states[i] for i in keep]))
         return out
 
+    def probs_groups(self, layer: int, plan: dict[int, int]) -> list[tuple[Hooks, list[int], list[RowState]]]:
+        """Per hooks object: the batch rows (of ``plan``) whose states want probabilities here, and the states."""
+        out = []
+        for hooks, rows, states in self._groups.values():
+            chosen = [(b, s) for b, s in zip(rows, states) if b in plan and hooks.probs_from(s, layer, self.step) is not None]
+            if chosen:
+                out.append((hooks, [b for b, _ in chosen], [s for _, s in chosen]))
+        return out
+
     def probs_plan(self, layer: int) -> dict[int, int]:
         """For each row that needs probabilities in this layer: the first query row it needs."""
         plan: dict[int, int] = {}
@@ -224,12 +233,9 @@ def seeright_attention(
     keep = additive_mask(attention_mask, rows, q0, q_len, kv_len, device)
     probs = eager_probs(module, query.index_select(0, rows)[:, :, q0:], key.index_select(0, rows), keep, scaling)
     position = {b: i for i, b in enumerate(batch_rows)}
-    for hooks, members, states in ctx._groups.values():
-        chosen = [(position[b], s) for b, s in zip(members, states) if b in plan and hooks.probs_from(s, layer, ctx.step) is not None]
-        if not chosen:
-            continue
-        idx = torch.tensor([i for i, _ in chosen], device=device)
-        edited = hooks.edit_probs(layer, probs.index_select(0, idx), [s for _, s in chosen], ctx.step, q0)
+    for hooks, members, states in ctx.probs_groups(layer, plan):
+        idx = torch.tensor([position[b] for b in members], device=device)
+        edited = hooks.edit_probs(layer, probs.index_select(0, idx), states, ctx.step, q0)
         probs = probs.index_copy(0, idx, edited)
     values = repeat_kv(value.index_select(0, rows), module.num_key_value_groups)
     new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]

@@ -118,6 +118,11 @@ class Method(Hooks):
         """Per-request analysis passes before decoding. Default: nothing."""
 
 
+def last_query_row(state: RowState, step: int) -> int:
+    """Index of the last query row in this forward: the last prompt token at prefill, the new token after."""
+    return state.layout.length - 1 if step == 0 else 0
+
+
 def check_layers(field_name: str, layers: Sequence[int], num_layers: int) -> list[int]:
     """Sorted unique layer indices, or a ValueError naming the field when one is out of range."""
     bad = [x for x in layers if not 0 <= x < num_layers]

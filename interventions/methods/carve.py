@@ -23,7 +23,7 @@ from PIL import Image
 from scipy import ndimage
 
 from interventions.adapters.base import ChatTurn, ModelInfo
-from interventions.methods.base import Hooks, Method, PassRunner, RequestInputs, RowState, check_layers
+from interventions.methods.base import Hooks, Method, PassRunner, RequestInputs, RowState, check_layers, last_query_row
 from interventions.spec import CARVEParams
 
 
@@ -129,7 +129,7 @@ class _AttentionCollector(Hooks):
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
         if layer not in state.params.layers:
             return None
-        return state.layout.length - 1 if step == 0 else 0
+        return last_query_row(state, step)
 
     def edit_probs(
         self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int

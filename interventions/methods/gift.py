@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from interventions.adapters.base import ModelInfo
-from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, per_row, row_masks
+from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, last_query_row, per_row, row_masks
 from interventions.spec import GIFTParams
 
 
@@ -83,7 +83,7 @@ class GIFT(Method):
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
         if layer not in state.params.enhance_layers:
             return None
-        return state.layout.length - 1 if step == 0 else 0
+        return last_query_row(state, step)
 
     def edit_probs(
         self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
