@@ -91,3 +91,17 @@ def test_chair_synonym_quirks_and_lemmas():
 def test_chair_rejects_unknown_image():
     with pytest.raises(ValueError, match="image_id"):
         chair.ChairScorer().score([{"image_id": -5, "caption": "a dog"}], {1: {"dog"}})
+
+
+def test_pope_loads_lmms_lab_columns_from_a_saved_dataset(tmp_path):
+    from datasets import Dataset
+
+    rows = [
+        {"question_id": str(i), "question": f"Is there a {o} in the image?", "answer": a, "image_source": f"img{i}",
+         "category": c}
+        for i, (o, a, c) in enumerate([("dog", "yes", "random"), ("cat", "no", "random"), ("car", "yes", "popular")])
+    ]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "pope"))
+    loaded = pope.load_hf_dataset(tmp_path / "pope", split="random")
+    assert [(q.question_id, q.label, q.split) for q in loaded] == [("0", "yes", "random"), ("1", "no", "random")]
+    assert loaded[0].question == "Is there a dog in the image?"
