@@ -174,7 +174,7 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def additive_mask(
+def keep_mask(
     attention_mask: torch.Tensor | None, rows: torch.Tensor, q0: int, q_len: int, kv_len: int, device: torch.device
 ) -> torch.Tensor:
     """Boolean keep-mask ``[n, 1, q_len - q0, kv_len]`` for the selected rows and query rows ``q0:``."""
@@ -230,7 +230,7 @@ def seeright_attention(
     batch_rows = sorted(plan)
     rows = torch.tensor(batch_rows, device=device)
     q0 = min(plan.values())
-    keep = additive_mask(attention_mask, rows, q0, q_len, kv_len, device)
+    keep = keep_mask(attention_mask, rows, q0, q_len, kv_len, device)
     probs = eager_probs(module, query.index_select(0, rows)[:, :, q0:], key.index_select(0, rows), keep, scaling)
     position = {b: i for i, b in enumerate(batch_rows)}
     for hooks, members, states in ctx.probs_groups(layer, plan):

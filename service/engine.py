@@ -214,7 +214,7 @@ class Engine:
         return states
 
     def _decoding_checks(self, requests: Sequence[GenerationRequest]) -> None:
-        for i, r in enumerate(requests):
+        for r in requests:
             if r.max_new_tokens < 1:
                 raise RequestError("max_new_tokens", "must be at least 1")
             if r.temperature < 0:
