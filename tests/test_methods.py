@@ -115,7 +115,7 @@ def test_vhr_text_branch_is_the_image_free_prompt(llava, stock_models, images):
         )
         for l in state.params.layers
     ]
-    text_only = llava.encode([type(t)(t.role, t.text, 0) for t in state.request.turns], [])
+    text_only = llava.encode([t.without_images() for t in state.request.turns], [])
     assert (text_only.input_ids == llava.adapter.image_token_id).sum() == 0
     with torch.no_grad():
         stock(input_ids=text_only.input_ids[None])

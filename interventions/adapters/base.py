@@ -27,6 +27,9 @@ class ChatTurn:
     text: str
     num_images: int = 0
 
+    def without_images(self) -> ChatTurn:
+        return ChatTurn(self.role, self.text, 0)
+
 
 @dataclass(frozen=True)
 class Segment:

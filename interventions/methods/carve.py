@@ -93,7 +93,7 @@ class CARVE(Method):
         for state in states:
             question = state.request.turns[-1].text
             for key, text in (("task", question), ("general", state.params.general_instruction)):
-                turns = [*_without_images(state.request.turns[:-1]), ChatTurn("user", text + state.params.collect_suffix, 1)]
+                turns = [*(t.without_images() for t in state.request.turns[:-1]), ChatTurn("user", text + state.params.collect_suffix, 1)]
                 prompts.append(runner.encode(turns, state.request.images))
                 rows.append([RowState(hooks=collector, params=state.params, data={"maps": [], "key": key})])
         generated = runner.greedy(prompts, rows, max(s.params.collect_tokens for s in states))
@@ -115,12 +115,8 @@ class CARVE(Method):
         state.data.update(maps=maps, fused=fused, mask=mask, refined=refined)
         images = [image, refined] if state.params.requery == "original_and_refined" else [refined]
         last = state.request.turns[-1]
-        state.request.turns = [*_without_images(state.request.turns[:-1]), ChatTurn(last.role, last.text, len(images))]
+        state.request.turns = [*(t.without_images() for t in state.request.turns[:-1]), ChatTurn(last.role, last.text, len(images))]
         state.request.images = images
-
-
-def _without_images(turns: list[ChatTurn]) -> list[ChatTurn]:
-    return [ChatTurn(t.role, t.text, 0) for t in turns]
 
 
 class _AttentionCollector(Hooks):

@@ -37,7 +37,7 @@ class VHR(Method):
         capture = _TextHeadCapture()
         prompts, rows = [], []
         for state in states:
-            turns = [type(t)(t.role, t.text, 0) for t in state.request.turns]
+            turns = [t.without_images() for t in state.request.turns]
             prompts.append(runner.encode(turns, []))
             rows.append([RowState(hooks=capture, params=state.params, data=state.data)])
         runner.prefill(prompts, rows, stop_after_layer=max(s.params.layers[-1] for s in states))
