@@ -80,24 +80,22 @@ class ForwardContext:
                 out.append(Group(hooks, idx, [states[i] for i in keep]))
         return out
 
-    def probs_groups(self, layer: int, plan: dict[int, int]) -> list[tuple[Hooks, list[int], list[RowState]]]:
-        """Per hooks object: the batch rows (of ``plan``) whose states want probabilities here, and the states."""
-        out = []
-        for hooks, rows, states in self._groups.values():
-            chosen = [(b, s) for b, s in zip(rows, states) if b in plan and hooks.probs_from(s, layer, self.step) is not None]
-            if chosen:
-                out.append((hooks, [b for b, _ in chosen], [s for _, s in chosen]))
-        return out
-
-    def probs_plan(self, layer: int) -> dict[int, int]:
-        """For each row that needs probabilities in this layer: the first query row it needs."""
+    def probs_plan(self, layer: int) -> tuple[dict[int, int], list[tuple[Hooks, list[int], list[RowState]]]]:
+        """Rows needing probabilities in this layer, each with the first query row it needs, and, per hooks
+        object, the rows and states that asked (one ``probs_from`` call per state)."""
         plan: dict[int, int] = {}
+        groups = []
         for hooks, rows, states in self._groups.values():
+            chosen_rows, chosen_states = [], []
             for b, state in zip(rows, states):
                 start = hooks.probs_from(state, layer, self.step)
                 if start is not None:
                     plan[b] = min(start, plan.get(b, start))
-        return plan
+                    chosen_rows.append(b)
+                    chosen_states.append(state)
+            if chosen_rows:
+                groups.append((hooks, chosen_rows, chosen_states))
+        return plan, groups
 
 
 class Runtime:
@@ -222,7 +220,7 @@ def seeright_attention(
     if ctx is None:
         return out, None
     layer = module.layer_idx
-    plan = ctx.probs_plan(layer)
+    plan, groups = ctx.probs_plan(layer)
     if not plan:
         return out, None
     device, q_len, kv_len = query.device, query.shape[2], key.shape[2]
@@ -233,7 +231,7 @@ def seeright_attention(
     keep = keep_mask(attention_mask, rows, q0, q_len, kv_len, device)
     probs = eager_probs(module, query.index_select(0, rows)[:, :, q0:], key.index_select(0, rows), keep, scaling)
     position = {b: i for i, b in enumerate(batch_rows)}
-    for hooks, members, states in ctx.probs_groups(layer, plan):
+    for hooks, members, states in groups:
         idx = torch.tensor([position[b] for b in members], device=device)
         edited = hooks.edit_probs(layer, probs.index_select(0, idx), states, ctx.step, q0)
         probs = probs.index_copy(0, idx, edited)
