@@ -1,4 +1,4 @@
-"""``seeright`` command line: generate, eval (run POPE / CHAIR), score (existing prediction files)."""
+"""``seeright`` command line: serve, generate, eval (run POPE / CHAIR), score (existing prediction files)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ def _parse_intervention(spec: str) -> tuple[str, dict]:
         except json.JSONDecodeError:
             params[key] = value
     return name, params
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    settings = Settings.load(
+        args.config, model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+        api_keys=args.api_key or None, allowed_image_dir=args.allowed_image_dir,
+        allow_remote_urls=True if args.allow_remote_urls else None,
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=60)
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -102,6 +117,18 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seeright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    srv.add_argument("--model", help="model id or folder (default tiny-random/llava)")
+    srv.add_argument("--config", help="YAML settings file (see configs/server.example.yaml)")
+    srv.add_argument("--host")
+    srv.add_argument("--port", type=int)
+    srv.add_argument("--device")
+    srv.add_argument("--dtype")
+    srv.add_argument("--api-key", action="append", help="require this Bearer key (repeatable)")
+    srv.add_argument("--allowed-image-dir", help="serve local image paths from this folder only")
+    srv.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
+    srv.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="answer one prompt about images")
     gen.add_argument("--model", default="tiny-random/llava")

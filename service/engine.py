@@ -189,6 +189,11 @@ class Engine:
                 out.logprobs = [float(logits[t][b].float().log_softmax(-1)[tok]) for t, tok in enumerate(out.token_ids)]
         return outputs
 
+    def validate(self, request: GenerationRequest) -> None:
+        """Check a request's interventions and decoding settings without running the model."""
+        self.bind(request.interventions, RequestInputs(turns=request.chat(), images=list(request.images)))
+        self._decoding_checks([request])
+
     # ---- stages ----------------------------------------------------------------------------------
     def bind(self, interventions: dict[str, dict[str, Any]], request: RequestInputs, index: int = 0) -> list[RowState]:
         """Validate a request's interventions against the model; one state per method, in method order."""

@@ -1,0 +1,51 @@
+"""Server settings: defaults < YAML file (``--config`` or ``SEERIGHT_CONFIG``) < ``SEERIGHT_*`` env vars < CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEERIGHT_", extra="forbid")
+
+    model: str = "tiny-random/llava"
+    served_model_name: str | None = Field(None, description="Name clients use; default: the model id.")
+    model_config_name: str | None = Field(None, description="configs/models/<name>.yaml to use for defaults.")
+    device: str = "cpu"
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no authentication.")
+    allowed_image_dir: Path | None = Field(None, description="Local image paths are served only under this folder.")
+    allow_remote_urls: bool = Field(False, description="Fetch http(s) image URLs (never loopback/private hosts).")
+    remote_timeout_s: float = Field(10.0, gt=0)
+
+    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(4, ge=1)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64)
+    max_tokens_limit: int = Field(1024, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0)
+    queue_size: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, **overrides: Any) -> Settings:
+        """Settings from an optional YAML file, env vars, then explicit overrides (None values ignored)."""
+        file_values = yaml.safe_load(Path(config).read_text()) or {} if config else {}
+        env = cls()  # env vars and defaults
+        merged = {**file_values, **env.model_dump(exclude_unset=True), **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**merged)
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model

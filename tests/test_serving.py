@@ -1,0 +1,92 @@
+"""A real server on loopback: a client that leaves mid-stream frees its slot; the scheduler isolates faults."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from conftest import make_image
+from test_api import MODEL, data_url, user
+
+from service.api.app import create_app
+from service.engine import Engine, GenerationRequest
+from service.scheduler import Job, Scheduler
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.from_pretrained(MODEL)
+
+
+@pytest.fixture()
+def server(engine):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Settings(model=MODEL, max_tokens_limit=4000), engine)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_disconnect_mid_stream_cancels_the_work(server):
+    url, app = server
+    body = {"model": MODEL, "messages": user("Describe it.", data_url(make_image(0))), "max_tokens": 4000, "stream": True}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert all(line.startswith("data:") or line == "" for line in got)
+        # the connection is closed: the row must stop long before 4000 tokens
+        deadline = time.time() + 20
+        while app.state.scheduler.cancelled == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.scheduler.cancelled == 1
+        assert app.state.scheduler.depth == 0
+        ok = client.post(f"{url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
+        assert ok.status_code == 200
+
+
+class FailingEngine:
+    """Raises (like an out-of-memory error) for batches containing a poisoned prompt."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.tokenizer = engine, engine.tokenizer
+
+    def generate_batch(self, requests, on_token=None, cancelled=None):
+        if any(r.prompt == "poison" for r in requests):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return self.engine.generate_batch(requests, on_token=on_token, cancelled=cancelled)
+
+
+def test_a_failing_request_fails_alone(engine):
+    scheduler = Scheduler(FailingEngine(engine), max_batch_size=4, batch_wait_s=0.2)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        prompts = ["Is there a dog?", "poison", "Describe it."]
+        jobs = [Job(GenerationRequest(prompt=p, images=[make_image(0)], max_new_tokens=4), loop, loop.create_future()) for p in prompts]
+        for job in jobs:
+            scheduler.submit(job)
+        return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+
+    scheduler.start()
+    try:
+        results = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    assert isinstance(results[1], RuntimeError) and "out of memory" in str(results[1])
+    assert [len(r.token_ids) for r in (results[0], results[2])] == [4, 4]
