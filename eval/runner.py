@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from PIL import Image
 from tqdm import tqdm
@@ -40,13 +41,14 @@ class EvalItem:
     record: dict[str, Any]
 
 
-def read_done(path: Path) -> list[dict[str, Any]]:
-    """Complete records of a results file; a torn last line (a killed write) is cut off the file."""
+def read_done(path: Path, repair: bool = True) -> list[dict[str, Any]]:
+    """Complete records of a results file. With ``repair``, a torn last line (a killed write) is cut off
+    the file; without, it is only skipped (for readers while a writer may be appending)."""
     if not path.exists():
         return []
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1
-    if end < len(raw):
+    if repair and end < len(raw):
         with path.open("r+b") as f:
             f.truncate(end)
     return [json.loads(line) for line in raw[:end].decode().splitlines() if line.strip()]
@@ -65,8 +67,11 @@ def run_items(
     max_new_tokens: int,
     batch_size: int = 8,
     progress: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Predict every item not yet in ``out``; return all records in item order."""
+    """Predict every item not yet in ``out``; return all records in item order.
+
+    ``on_batch(done, total)`` is called after each batch is on disk."""
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {r["key"]: r for r in read_done(out)}
     todo = [it for it in items if it.key not in done]
@@ -82,6 +87,8 @@ def run_items(
             f.flush()
             os.fsync(f.fileno())
         bar.update(len(batch))
+        if on_batch is not None:
+            on_batch(len(done), len(items))
     bar.close()
     return [done[it.key] for it in items]
 
@@ -119,3 +126,62 @@ def score_chair_records(
 ) -> dict[str, Any]:
     captions = [{"image_id": r["image_id"], "caption": r["text"]} for r in records]
     return chair.ChairScorer(lemmatizer=lemmatizer).score(captions, gt)["metrics"]
+
+
+DEFAULT_MAX_NEW_TOKENS = {"pope": 10, "chair": 512}
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """What to run: a benchmark over an image folder, its splits, prompt and limits."""
+
+    benchmark: Literal["pope", "chair"]
+    images: Path
+    splits: tuple[str, ...] = pope.SPLITS
+    limit: int | None = None
+    prompt: str = "plain"
+    questions: Path | None = None
+    gt: Path | None = None
+    lemmatizer: str = "builtin"
+    max_new_tokens: int | None = None
+    batch_size: int = 8
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[self.benchmark]
+
+
+def benchmark_items(spec: BenchmarkSpec) -> list[EvalItem]:
+    if spec.benchmark == "chair":
+        return chair_items(spec.images, spec.limit)
+    questions = []
+    for split in spec.splits:
+        loaded = (
+            pope.load_questions(spec.questions / f"coco_pope_{split}.json", split)
+            if spec.questions else pope.builtin_questions(split)
+        )
+        questions += loaded[: spec.limit]
+    return pope_items(questions, spec.images, spec.prompt)
+
+
+def score_records(spec: BenchmarkSpec, records: list[dict[str, Any]], gt: chair.GroundTruth | None = None) -> dict[str, Any]:
+    if not records:
+        return {}
+    if spec.benchmark == "pope":
+        return score_pope_records(records)
+    return score_chair_records(records, gt if gt is not None else chair.load_ground_truth(spec.gt), spec.lemmatizer)
+
+
+def run_benchmark(
+    spec: BenchmarkSpec,
+    generator: Generator,
+    out: Path,
+    interventions: dict[str, dict],
+    progress: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) one method on one benchmark; its metrics."""
+    records = run_items(
+        benchmark_items(spec), generator, out, interventions, spec.new_tokens, spec.batch_size, progress, on_batch
+    )
+    return score_records(spec, records)

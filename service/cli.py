@@ -71,26 +71,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from eval import report, runner
-    from service.engine import Engine
 
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    generator = EngineGenerator(engine)
-    images, out_dir = Path(args.images), Path(args.out)
-    methods = {"baseline": {}} | {spec: dict([_parse_intervention(spec)]) for spec in args.intervention}
+    if args.endpoint:
+        from eval.http_client import HttpGenerator
+
+        generator = HttpGenerator(args.endpoint, args.model, api_key=args.api_key)
+    else:
+        from service.engine import Engine
+
+        generator = EngineGenerator(Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype))
+    spec = runner.BenchmarkSpec(
+        benchmark=args.benchmark, images=Path(args.images), limit=args.limit, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        **(
+            {"splits": tuple(args.split), "prompt": args.prompt, "questions": Path(args.questions) if args.questions else None}
+            if args.benchmark == "pope" else {"gt": Path(args.gt) if args.gt else None, "lemmatizer": args.lemmatizer}
+        ),
+    )
+    out_dir = Path(args.out)
+    methods = {"baseline": {}} | {spec_: dict([_parse_intervention(spec_)]) for spec_ in args.intervention}
     results = {}
     for label, interventions in methods.items():
         safe = label.replace(":", "_").replace(",", "_").replace("=", "-")
-        if args.benchmark == "pope":
-            questions = [q for split in args.split for q in (
-                pope.load_questions(Path(args.questions) / f"coco_pope_{split}.json", split) if args.questions
-                else pope.builtin_questions(split))[: args.limit]]
-            items = runner.pope_items(questions, images, args.prompt)
-            records = runner.run_items(items, generator, out_dir / safe / "pope.jsonl", interventions, args.max_new_tokens, args.batch_size)
-            results[label] = runner.score_pope_records(records)
-        else:
-            items = runner.chair_items(images, args.limit)
-            records = runner.run_items(items, generator, out_dir / safe / "chair.jsonl", interventions, args.max_new_tokens, args.batch_size)
-            results[label] = runner.score_chair_records(records, chair.load_ground_truth(args.gt), args.lemmatizer)
+        results[label] = runner.run_benchmark(spec, generator, out_dir / safe / f"{args.benchmark}.jsonl", interventions)
     report.write_report(out_dir, args.benchmark, results)
     print(json.dumps(results, indent=2))
     return 0
@@ -143,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="run POPE or CHAIR in-process, resumable").add_subparsers(dest="benchmark", required=True)
     for name in ("pope", "chair"):
         e = ev.add_parser(name)
-        e.add_argument("--model", default="tiny-random/llava")
+        e.add_argument("--model", default="tiny-random/llava", help="model id (in-process) or served model name")
+        e.add_argument("--endpoint", help="base URL of a running seeright server, e.g. http://127.0.0.1:8000")
+        e.add_argument("--api-key", help="Bearer key for --endpoint")
         e.add_argument("--images", required=True, help="image folder (COCO val2014 file names)")
         e.add_argument("--out", required=True)
         e.add_argument("--limit", type=int, help="first N questions per split / images")
@@ -155,11 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--split", nargs="+", default=list(pope.SPLITS), choices=pope.SPLITS)
             e.add_argument("--questions", help="folder with coco_pope_<split>.json (default: the shipped files)")
             e.add_argument("--prompt", choices=sorted(pope.PROMPTS), default="plain")
-            e.add_argument("--max-new-tokens", type=int, default=10)
         else:
             e.add_argument("--gt", help="image id -> objects JSON(.gz); default: the shipped COCO-2014 file")
             e.add_argument("--lemmatizer", choices=["builtin", "nltk"], default="builtin")
-            e.add_argument("--max-new-tokens", type=int, default=512)
+        e.add_argument("--max-new-tokens", type=int, help="default: 10 for POPE, 512 for CHAIR")
         e.set_defaults(func=cmd_eval)
 
     score = sub.add_parser("score", help="score existing prediction files").add_subparsers(dest="benchmark", required=True)

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(1024, ge=1)
     default_max_tokens: int = Field(256, ge=1)
 
+    eval_dir: Path = Field(Path("runs/evaluations"), description="Where POST /v1/evaluations writes results.")
+
     max_batch_size: int = Field(8, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(64, ge=1)

@@ -90,3 +90,24 @@ def test_a_failing_request_fails_alone(engine):
         scheduler.stop()
     assert isinstance(results[1], RuntimeError) and "out of memory" in str(results[1])
     assert [len(r.token_ids) for r in (results[0], results[2])] == [4, 4]
+
+
+def test_eval_against_a_running_server_equals_in_process(server, tmp_path, capsys):
+    import json
+
+    from eval import pope
+    from service.cli import main
+
+    url, _ = server
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, name in enumerate(sorted({q.image for q in pope.builtin_questions("random")[:6]})):
+        make_image(i).save(images / name)
+    common = ["eval", "pope", "--images", str(images), "--split", "random", "--limit", "6", "--max-new-tokens", "4",
+              "--intervention", "vhr"]
+    assert main([*common, "--out", str(tmp_path / "local")]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main([*common, "--out", str(tmp_path / "remote"), "--endpoint", url]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert remote == local
+    assert (tmp_path / "remote/vhr/pope.jsonl").read_text() == (tmp_path / "local/vhr/pope.jsonl").read_text()

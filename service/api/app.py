@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from interventions.methods import METHODS
 from service.api.chat import chat_completions
+from service.api.evaluations import router as evaluations_router
 from service.api.metrics import Metrics
 from service.api.protocol import now
 from service.engine import Engine, RequestError
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="seeright", version="0.1.0", lifespan=lifespan)
     app.state.settings, app.state.scheduler, app.state.metrics = settings, scheduler, Metrics()
+    app.state.evaluations = {}
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -114,6 +116,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     auth = [Depends(authorize)]
     app.post("/v1/chat/completions", dependencies=auth)(chat_completions)
+    app.include_router(evaluations_router, dependencies=auth)
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
