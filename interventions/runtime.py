@@ -45,57 +45,100 @@ class StopForward(Exception):
     """Raised after the last layer a prefill pass needs (early exit of analysis passes)."""
 
 
+class StateBatch(list):
+    """The states one hooks call covers, in row order. ``cache`` keeps what hooks derive from them (stacked
+    parameters, masks) for the rest of the call, so decode steps do not rebuild it."""
+
+    def __init__(self, states: Sequence[RowState] = ()) -> None:
+        super().__init__(states)
+        self.cache: dict[str, Any] = {}
+
+
 @dataclass
 class Group:
-    """The rows of a batch that share one hooks object, and their states."""
+    """Rows that share one hooks object: ``rows`` indexes the tensor the hook receives."""
 
     hooks: Hooks
     rows: torch.Tensor
-    states: list[RowState]
+    states: StateBatch
+
+
+@dataclass
+class ProbsPlan:
+    """Rows whose probabilities a layer needs: their batch indices, first needed query rows, and groups
+    (``Group.rows`` indexing into these rows)."""
+
+    rows: torch.Tensor
+    starts: torch.Tensor
+    q0: int
+    groups: list[Group]
 
 
 @dataclass
 class ForwardContext:
-    """Per-row states for one batched forward or generation; ``rows[b]`` holds row b's states."""
+    """Per-row states for one batched forward or generation; ``rows[b]`` holds row b's states.
+
+    What hooks want may depend on the layer and on whether the step is the prefill (step 0), nothing
+    else; plans are therefore computed once per layer for the prefill and once for all decode steps.
+    """
 
     rows: Sequence[Sequence[RowState]]
     stop_after_layer: int | None = None
     step: int = -1
-    _groups: dict[int, tuple[Hooks, list[int], list[RowState]]] = field(default_factory=dict, init=False)
+    _members: dict[int, tuple[Hooks, list[int], list[RowState]]] = field(default_factory=dict, init=False)
+    _plans: dict[tuple, Any] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         for b, states in enumerate(self.rows):
             for state in states:
-                hooks, rows, members = self._groups.setdefault(id(state.hooks), (state.hooks, [], []))
+                hooks, rows, members = self._members.setdefault(id(state.hooks), (state.hooks, [], []))
                 rows.append(b)
                 members.append(state)
 
     def groups(self, wanted: str, layer: int, device: torch.device) -> list[Group]:
         """Groups whose hooks want ``wanted`` ("heads" or "hidden") in this layer at this step."""
-        out = []
-        for hooks, rows, states in self._groups.values():
-            keep = [i for i, s in enumerate(states) if hooks.wants(wanted, s, layer, self.step)]
-            if keep:
-                idx = torch.tensor([rows[i] for i in keep], device=device)
-                out.append(Group(hooks, idx, [states[i] for i in keep]))
-        return out
+        key = (wanted, layer, self.step == 0)
+        if key not in self._plans:
+            out = []
+            for hooks, rows, states in self._members.values():
+                keep = [i for i, s in enumerate(states) if hooks.wants(wanted, s, layer, self.step)]
+                if keep:
+                    idx = torch.tensor([rows[i] for i in keep], device=device)
+                    out.append(Group(hooks, idx, StateBatch(states[i] for i in keep)))
+            self._plans[key] = out
+        return self._plans[key]
 
-    def probs_plan(self, layer: int) -> tuple[dict[int, int], list[tuple[Hooks, list[int], list[RowState]]]]:
-        """Rows needing probabilities in this layer, each with the first query row it needs, and, per hooks
-        object, the rows and states that asked (one ``probs_from`` call per state)."""
-        plan: dict[int, int] = {}
-        groups = []
-        for hooks, rows, states in self._groups.values():
-            chosen_rows, chosen_states = [], []
-            for b, state in zip(rows, states):
-                start = hooks.probs_from(state, layer, self.step)
-                if start is not None:
-                    plan[b] = min(start, plan.get(b, start))
-                    chosen_rows.append(b)
-                    chosen_states.append(state)
-            if chosen_rows:
-                groups.append((hooks, chosen_rows, chosen_states))
-        return plan, groups
+    def probs_plan(self, layer: int, device: torch.device) -> ProbsPlan | None:
+        """The rows needing probabilities in this layer (``None`` when no row does)."""
+        key = ("probs", layer, self.step == 0)
+        if key not in self._plans:
+            starts: dict[int, int] = {}
+            asked = []
+            for hooks, rows, states in self._members.values():
+                chosen = []
+                for b, state in zip(rows, states):
+                    start = hooks.probs_from(state, layer, self.step)
+                    if start is not None:
+                        starts[b] = min(start, starts.get(b, start))
+                        chosen.append((b, state))
+                if chosen:
+                    asked.append((hooks, chosen))
+            plan = None
+            if starts:
+                order = sorted(starts)
+                position = {b: i for i, b in enumerate(order)}
+                groups = [
+                    Group(hooks, torch.tensor([position[b] for b, _ in chosen], device=device), StateBatch(s for _, s in chosen))
+                    for hooks, chosen in asked
+                ]
+                plan = ProbsPlan(
+                    rows=torch.tensor(order, device=device),
+                    starts=torch.tensor([starts[b] for b in order], device=device),
+                    q0=min(starts.values()),
+                    groups=groups,
+                )
+            self._plans[key] = plan
+        return self._plans[key]
 
 
 class Runtime:
@@ -220,24 +263,21 @@ def seeright_attention(
     if ctx is None:
         return out, None
     layer = module.layer_idx
-    plan, groups = ctx.probs_plan(layer)
-    if not plan:
+    plan = ctx.probs_plan(layer, query.device)
+    if plan is None:
         return out, None
-    device, q_len, kv_len = query.device, query.shape[2], key.shape[2]
+    device, q_len, kv_len, q0 = query.device, query.shape[2], key.shape[2], plan.q0
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    batch_rows = sorted(plan)
-    rows = torch.tensor(batch_rows, device=device)
-    q0 = min(plan.values())
-    keep = keep_mask(attention_mask, rows, q0, q_len, kv_len, device)
-    probs = eager_probs(module, query.index_select(0, rows)[:, :, q0:], key.index_select(0, rows), keep, scaling)
-    position = {b: i for i, b in enumerate(batch_rows)}
-    for hooks, members, states in groups:
-        idx = torch.tensor([position[b] for b in members], device=device)
-        edited = hooks.edit_probs(layer, probs.index_select(0, idx), states, ctx.step, q0)
-        probs = probs.index_copy(0, idx, edited)
-    values = repeat_kv(value.index_select(0, rows), module.num_key_value_groups)
+    keep = keep_mask(attention_mask, plan.rows, q0, q_len, kv_len, device)
+    probs = eager_probs(module, query.index_select(0, plan.rows)[:, :, q0:], key.index_select(0, plan.rows), keep, scaling)
+    for g in plan.groups:
+        edited = g.hooks.edit_probs(layer, probs.index_select(0, g.rows), g.states, ctx.step, q0)
+        probs = probs.index_copy(0, g.rows, edited)
+    values = repeat_kv(value.index_select(0, plan.rows), module.num_key_value_groups)
     new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]
-    starts = torch.tensor([plan[b] for b in batch_rows], device=device)
-    write = (torch.arange(q0, q_len, device=device)[None, :] >= starts[:, None])[:, :, None, None]
-    out[rows, q0:] = torch.where(write, new.to(out.dtype), out[rows, q0:])
+    if q_len - q0 == 1:  # decode (or a last-row-only plan): every selected row is written
+        out[plan.rows, q0:] = new.to(out.dtype)
+    else:
+        write = (torch.arange(q0, q_len, device=device)[None, :] >= plan.starts[:, None])[:, :, None, None]
+        out[plan.rows, q0:] = torch.where(write, new.to(out.dtype), out[plan.rows, q0:])
     return out, None

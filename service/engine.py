@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,7 +288,9 @@ class Engine:
         prompt_len = batch["input_ids"].shape[1]
         stops = RowStops(decoding, prompt_len, self._decode_text, cancelled)
         streamer = RowStreamer(on_token, stops, set(self.eos_token_ids())) if on_token else None
-        with self.runtime.activate(ForwardContext(rows)):
+        # rows without interventions need no context: every hook then returns at its first check
+        active = self.runtime.activate(ForwardContext(rows)) if any(rows) else nullcontext()
+        with active:
             out = self.model.generate(
                 **batch,
                 return_dict_in_generate=True,

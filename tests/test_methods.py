@@ -66,7 +66,8 @@ def test_var_matches_literal(engine, images, monkeypatch):
             kept_rows += int((~moved).sum())
     assert steps >= {0, 1}  # prefill and decode were both checked
     assert changed_rows > 0 and kept_rows > 0  # both branches of the head selection fired
-    assert all(sum(o.diagnostics["var"]["selected"].values()) > 0 for o in outs)
+    assert all(sum(sum(v) for v in o.diagnostics["var"]["selected"].values()) > 0 for o in outs)
+    assert all(len(v) == 2 for o in outs for v in o.diagnostics["var"]["selected"].values())  # prefill, decode
 
 
 def test_var_edits_only_text_rows_after_image_at_prefill(llava, images, monkeypatch):

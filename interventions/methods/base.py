@@ -8,12 +8,14 @@ A method is a stateless object with up to three parts (architecture.md, "How an 
 3. ``edit_heads(layer, heads, states, step)``: scaling of per-head outputs before ``o_proj``.
 
 Everything a request needs lives in its :class:`RowState`; the hooks receive the states of exactly the
-batch rows that asked for the method, stacked along the first dimension of the tensors.
+batch rows that asked for the method (a ``StateBatch``: a list whose ``cache`` dict lasts for the call),
+stacked along the first dimension of the tensors. What a hook wants (``probs_from``, ``wants_*``) may
+depend on the layer and on ``step == 0`` (prefill) only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -131,12 +133,39 @@ def check_layers(field_name: str, layers: Sequence[int], num_layers: int) -> lis
     return sorted(set(layers))
 
 
+def cached(states: list[RowState], key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()`` once per call: kept in the ``StateBatch`` cache when the hook got one."""
+    cache = getattr(states, "cache", None)
+    if cache is None:
+        return build()
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def over_keys(states: list[RowState], key: Any, total: int, build: Callable[[], torch.Tensor], fill: Any) -> torch.Tensor:
+    """A per-row tensor over key positions ``[n, total]``, built once per call and extended with ``fill``
+    for generated tokens (a view of a buffer with spare room, so decode steps allocate nothing)."""
+    cache = getattr(states, "cache", None)
+    buf = None if cache is None else cache.get(key)
+    if buf is None or buf.shape[1] < total:
+        base = build() if buf is None else buf
+        buf = base.new_full((base.shape[0], max(total, base.shape[1]) + 256), fill)
+        buf[:, : base.shape[1]] = base
+        if cache is not None:
+            cache[key] = buf
+    return buf[:, :total]
+
+
 def row_masks(states: list[RowState], total: int, device: torch.device, which: str) -> torch.Tensor:
-    """Stack per-row boolean masks (``which``: "image" or "query") of length ``total``: ``[n, total]``."""
-    build = {"image": lambda lay: lay.image_mask(total), "query": lambda lay: lay.query_mask(total)}[which]
-    return torch.stack([build(s.layout) for s in states]).to(device)
+    """Per-row boolean masks (``which``: "image" or "query") over ``total`` key positions: ``[n, total]``."""
+    build = {"image": lambda lay, t: lay.image_mask(t), "query": lambda lay, t: lay.query_mask(t)}[which]
+    prompt = max(s.layout.length for s in states)
+    return over_keys(
+        states, ("mask", which), total, lambda: torch.stack([build(s.layout, prompt) for s in states]).to(device), False
+    )
 
 
 def per_row(states: list[RowState], attr: str, device: torch.device) -> torch.Tensor:
     """A float32 tensor ``[n]`` of one parameter across rows."""
-    return torch.tensor([float(getattr(s.params, attr)) for s in states], device=device)
+    return cached(states, ("param", attr), lambda: torch.tensor([float(getattr(s.params, attr)) for s in states], device=device))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from interventions.adapters.base import ModelInfo
-from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, last_query_row, per_row, row_masks
+from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, last_query_row, over_keys, per_row, row_masks
 from interventions.spec import GIFTParams
 
 
@@ -92,7 +92,8 @@ class GIFT(Method):
         row = probs[:, :, -1]  # [n, H, T]
         vis = row_masks(states, total, device, "image")[:, None]
         query = row_masks(states, total, device, "query")[:, None]
-        sal = torch.stack([self._full_saliency(s, total, device) for s in states])[:, None]
+        prompt = max(s.layout.length for s in states)
+        sal = over_keys(states, "saliency", total, lambda: torch.stack([self._full_saliency(s, prompt, device) for s in states]), 1.0)[:, None]
         fraction = per_row(states, "head_fraction", device)
 
         hv = top_heads((row * vis).sum(-1), fraction)[..., None] & vis

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from interventions.adapters.base import ModelInfo
-from interventions.methods.base import Method, RowState, check_layers, per_row, row_masks
+from interventions.methods.base import Method, RowState, cached, check_layers, over_keys, per_row, row_masks
 from interventions.spec import VARParams
 
 
@@ -66,9 +66,13 @@ class VAR(Method):
     ) -> torch.Tensor:
         n, _, q, total = probs.shape
         device = probs.device
-        sink = torch.stack([F.pad(s.data["sinks"][layer], (0, total - len(s.data["sinks"][layer]))) for s in states])
+        prompt = max(len(s.data["sinks"][layer]) for s in states)
+        sink = over_keys(
+            states, "sinks", total, lambda: torch.stack([F.pad(s.data["sinks"][layer], (0, prompt - len(s.data["sinks"][layer]))) for s in states]), False
+        )
         vis = row_masks(states, total, device, "image")
-        vis_sink, vis_free = vis & sink, vis & ~sink
+        vis_sink = over_keys(states, "vis_sink", total, lambda: vis & sink, False)
+        vis_free = over_keys(states, "vis_free", total, lambda: vis & ~sink, False)
         rho, p, summ = (per_row(states, k, device)[:, None, None] for k in ("rho", "p", "min_image_attention"))
 
         vis_att = (probs * vis[:, None, None]).sum(-1)
@@ -76,7 +80,7 @@ class VAR(Method):
         free = probs * vis_free[:, None, None]
         free_sum = free.sum(-1)
         selected = (sink_frac <= 1 - rho) & (vis_att >= summ) & (free_sum > 0)
-        selected &= vis_sink.any(-1)[:, None, None]
+        selected &= cached(states, "has_visual_sink", lambda: vis_sink.any(-1))[:, None, None]
         if step == 0:  # prefill: only the text rows after the image
             rows = torch.arange(q0, q0 + q, device=device)
             ends = torch.tensor([s.layout.image_end for s in states], device=device)
@@ -85,7 +89,15 @@ class VAR(Method):
         budget = p * (probs * sink[:, None, None]).sum(-1)
         moved = torch.where(sink[:, None, None], probs * (1 - p[..., None]), probs)
         moved = moved + budget[..., None] * free / free_sum.clamp_min(1e-30)[..., None]
-        for row, state in enumerate(states):
-            count = state.diagnostics.setdefault("selected", {})
-            count[layer] = count.get(layer, 0) + selected[row].sum()  # tensor: no device sync
+        counts = cached(states, "selected", lambda: self._counters(states, layer, device))
+        counts += selected.sum((1, 2))  # stays on the device: no sync per step
         return torch.where(selected[..., None], moved, probs)
+
+    @staticmethod
+    def _counters(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:
+        """One counter per row of selected (head, query row) pairs; each state's diagnostics hold a view,
+        so ``diagnostics["selected"][layer]`` reads ``[prefill count, decode count]``."""
+        counts = torch.zeros(len(states), dtype=torch.long, device=device)
+        for row, state in enumerate(states):
+            state.diagnostics.setdefault("selected", {}).setdefault(layer, []).append(counts[row])
+        return counts

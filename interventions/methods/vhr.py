@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from interventions.adapters.base import ModelInfo
-from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, per_row
+from interventions.methods.base import Hooks, Method, PassRunner, RowState, cached, check_layers, per_row
 from interventions.spec import VHRParams
 
 
@@ -48,15 +48,20 @@ class VHR(Method):
     def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
         if step == 0:
             self._select(layer, heads[:, -1].float(), states)
-        chosen = torch.stack([s.data["heads"][layer] for s in states])  # [n, H]
-        alpha = per_row(states, "alpha", heads.device)[:, None]
-        factor = torch.where(chosen, alpha, torch.ones_like(alpha)).to(heads.dtype)[:, None, :, None]
+        factor = cached(states, "factor", lambda: self._factor(layer, states, heads.dtype))
         if step == 0:
             last_only = torch.tensor([s.params.prefill_positions == "last" for s in states], device=heads.device)
             positions = torch.arange(heads.shape[1], device=heads.device)
             keep = last_only[:, None] & (positions[None, :] < heads.shape[1] - 1)
             factor = torch.where(keep[:, :, None, None], torch.ones_like(factor), factor)
         return heads * factor
+
+    @staticmethod
+    def _factor(layer: int, states: list[RowState], dtype: torch.dtype) -> torch.Tensor:
+        """``[n, 1, H, 1]``: alpha on the selected heads of each row, 1 elsewhere."""
+        chosen = torch.stack([s.data["heads"][layer] for s in states])
+        alpha = per_row(states, "alpha", chosen.device)[:, None]
+        return torch.where(chosen, alpha, torch.ones_like(alpha)).to(dtype)[:, None, :, None]
 
     def _select(self, layer: int, full: torch.Tensor, states: list[RowState]) -> None:
         text = torch.stack([s.data["text_heads"][layer] for s in states]).to(full.device)  # [n, H, d]
