@@ -72,6 +72,8 @@ class ProbsPlan:
     starts: torch.Tensor
     q0: int
     groups: list[Group]
+    write: torch.Tensor  # [n] bool: rows that some state edits (others are only read)
+    any_write: bool
 
 
 @dataclass
@@ -113,6 +115,7 @@ class ForwardContext:
         key = ("probs", layer, self.step == 0)
         if key not in self._plans:
             starts: dict[int, int] = {}
+            writes: set[int] = set()
             asked = []
             for hooks, rows, states in self._members.values():
                 chosen = []
@@ -121,6 +124,8 @@ class ForwardContext:
                     if start is not None:
                         starts[b] = min(start, starts.get(b, start))
                         chosen.append((b, state))
+                        if not hooks.reads_only(state, layer, self.step):
+                            writes.add(b)
                 if chosen:
                     asked.append((hooks, chosen))
             plan = None
@@ -136,6 +141,8 @@ class ForwardContext:
                     starts=torch.tensor([starts[b] for b in order], device=device),
                     q0=min(starts.values()),
                     groups=groups,
+                    write=torch.tensor([b in writes for b in order], device=device),
+                    any_write=bool(writes),
                 )
             self._plans[key] = plan
         return self._plans[key]
@@ -273,11 +280,10 @@ def seeright_attention(
     for g in plan.groups:
         edited = g.hooks.edit_probs(layer, probs.index_select(0, g.rows), g.states, ctx.step, q0)
         probs = probs.index_copy(0, g.rows, edited)
+    if not plan.any_write:  # probabilities were only recorded
+        return out, None
     values = repeat_kv(value.index_select(0, plan.rows), module.num_key_value_groups)
     new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]
-    if q_len - q0 == 1:  # decode (or a last-row-only plan): every selected row is written
-        out[plan.rows, q0:] = new.to(out.dtype)
-    else:
-        write = (torch.arange(q0, q_len, device=device)[None, :] >= plan.starts[:, None])[:, :, None, None]
-        out[plan.rows, q0:] = torch.where(write, new.to(out.dtype), out[plan.rows, q0:])
+    write = (torch.arange(q0, q_len, device=device)[None, :] >= plan.starts[:, None]) & plan.write[:, None]
+    out[plan.rows, q0:] = torch.where(write[:, :, None, None], new.to(out.dtype), out[plan.rows, q0:])
     return out, None

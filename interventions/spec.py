@@ -67,6 +67,14 @@ class GIFTParams(MethodParams):
     content_words: Literal["rule", "all"] = Field(
         "rule", description="Query rows used: content words (closed-class rule) or every query token."
     )
+    saliency_pass: Literal["auto", "separate"] = Field(
+        "auto",
+        description=(
+            "auto: when every saliency layer precedes every enhanced layer and no other method edits the "
+            "request's forward, read the gaze shifts inside the generation's own prefill (same values, no "
+            "extra pass); separate: always run the extra prefill, as the release does."
+        ),
+    )
 
 
 class CARVEParams(MethodParams):

@@ -201,6 +201,7 @@ class Engine:
         unknown = sorted(set(interventions) - set(METHODS))
         if unknown:
             raise RequestError("interventions", f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
+        request.editing = tuple(n for n, m in METHODS.items() if n in interventions and m.edits_generation)
         states = []
         for name, method in METHODS.items():
             if name not in interventions:

@@ -135,13 +135,22 @@ def test_vhr_outlier_filter_and_selection_fire(llava, images):
 
 
 # ---- GIFT --------------------------------------------------------------------------------------------
-def test_gift_saliency_matches_literal(engine, stock_models, images):
+@pytest.mark.parametrize("saliency_pass", ["separate", "auto"])
+def test_gift_saliency_matches_literal(engine, stock_models, images, saliency_pass):
     stock = stock_models[engine.model_id]
-    req = GenerationRequest(prompt=QUESTIONS[0], images=[images[0]])
+    req = GenerationRequest(prompt=QUESTIONS[0], images=[images[0]], interventions={"gift": {"saliency_pass": saliency_pass}},
+                            max_new_tokens=2)
     inputs = RequestInputs(turns=req.chat(), images=req.images)
     inputs.prompt = engine.encode(inputs.turns, inputs.images)
-    state = engine.bind({"gift": {}}, inputs)[0]
+    state = engine.bind(req.interventions, inputs)[0]
     METHODS["gift"].prepare([state], engine)
+    fusable = state.params.saliency_layers[-1] < state.params.enhance_layers[0]
+    assert state.data["fused"] == (saliency_pass == "auto" and fusable)
+    if state.data["fused"]:  # the map is made inside the generation's prefill
+        assert "saliency" not in state.data
+        saliency = torch.tensor(engine.generate_batch([req])[0].diagnostics["gift"]["saliency"], dtype=torch.double)
+    else:
+        saliency = state.data["saliency"].double()
     layout = inputs.prompt.layout
     assert layout.content_positions  # the rule found content words
     stock.set_attn_implementation("eager")
@@ -156,15 +165,39 @@ def test_gift_saliency_matches_literal(engine, stock_models, images):
         [out.attentions[l][0] for l in p.saliency_layers], layout.query_span, list(layout.content_positions),
         layout.image_positions.tolist(), p.alpha, p.head_fraction, p.clip_sigma,
     )
-    torch.testing.assert_close(state.data["saliency"].double(), torch.tensor(expected, dtype=torch.double), rtol=1e-4, atol=1e-4)
-    assert state.data["saliency"].max() > 1.5  # the map is not flat
+    torch.testing.assert_close(saliency, torch.tensor(expected, dtype=torch.double), rtol=1e-4, atol=1e-4)
+    assert saliency.max() > 1.5  # the map is not flat
+
+
+def test_gift_fused_and_separate_saliency_give_the_same_answer(llava, images):
+    outs = {
+        mode: run(llava, images, {"gift": {"saliency_pass": mode}}, n=3, max_new_tokens=8, logprobs=True)
+        for mode in ("auto", "separate")
+    }
+    for a, b in zip(outs["auto"], outs["separate"]):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_gift_is_not_fused_beside_another_editing_method(llava, images):
+    req = GenerationRequest(prompt=QUESTIONS[0], images=[images[0]], interventions={"gift": {}, "vhr": {}})
+    inputs = RequestInputs(turns=req.chat(), images=req.images)
+    inputs.prompt = llava.encode(inputs.turns, inputs.images)
+    gift_state = next(s for s in llava.bind(req.interventions, inputs) if s.hooks is METHODS["gift"])
+    METHODS["gift"].prepare([gift_state], llava)
+    assert gift_state.data["fused"] is False and "saliency" in gift_state.data
 
 
 def test_gift_enhancement_matches_literal(engine, images, monkeypatch):
     calls = spy(monkeypatch, METHODS["gift"], "edit_probs")
     run(engine, images, {"gift": {}}, n=2)
     steps = set()
+    captured = 0
     for (layer, probs, states, step, q0), result in calls:
+        if layer not in states[0].params.enhance_layers:  # the fused saliency pass only reads here
+            captured += 1
+            torch.testing.assert_close(result, probs)
+            continue
         steps.add(step)
         for row, state in enumerate(states):
             p = state.params
@@ -176,6 +209,7 @@ def test_gift_enhancement_matches_literal(engine, images, monkeypatch):
             torch.testing.assert_close(result[row, :, -1].double(), expected, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(result[row, :, :-1], probs[row, :, :-1])  # only the last row changes
     assert steps >= {0, 1}
+    assert captured == (1 if engine.model_id == "tiny-random/llava" else 0)  # fused on LLaVA's layer layout
 
 
 def test_gift_without_content_words_uses_all_query_rows(llava, images):

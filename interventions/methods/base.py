@@ -34,6 +34,7 @@ class RequestInputs:
     turns: list[ChatTurn]
     images: list[Image.Image]
     prompt: EncodedPrompt | None = None
+    editing: tuple[str, ...] = ()  # the request's methods that edit the forward passes of its generation
 
 
 @dataclass
@@ -73,6 +74,10 @@ class Hooks:
         """First query row (index within this forward's query block) whose probabilities are needed."""
         return None
 
+    def reads_only(self, state: RowState, layer: int, step: int) -> bool:
+        """True when this state only reads the probabilities it asked for here (the output is not rewritten)."""
+        return False
+
     def edit_probs(
         self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
     ) -> torch.Tensor:
@@ -103,6 +108,7 @@ class Method(Hooks):
 
     name: ClassVar[str]
     params_model: ClassVar[type[BaseModel]]
+    edits_generation: ClassVar[bool] = True  # False for methods that only rewrite the input (CARVE)
 
     def resolve(self, params: BaseModel, info: ModelInfo) -> BaseModel:
         """Fill model-dependent defaults (``None`` fields) and check layer indices against the model."""

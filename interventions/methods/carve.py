@@ -74,6 +74,7 @@ def refine_image(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, tup
 class CARVE(Method):
     name = "carve"
     params_model = CARVEParams
+    edits_generation = False
 
     def resolve(self, params: CARVEParams, info: ModelInfo) -> CARVEParams:
         depth = info.num_layers
@@ -121,6 +122,9 @@ class CARVE(Method):
 
 class _AttentionCollector(Hooks):
     """Records ``mean_h A[h, last, image]`` per step for the fused layers (one ``[L', N_vis]`` per step)."""
+
+    def reads_only(self, state: RowState, layer: int, step: int) -> bool:
+        return True
 
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
         if layer not in state.params.layers:

@@ -1,6 +1,6 @@
 """GIFT: gaze-shift-guided cross-modal fusion (arXiv 2510.22067; release ``amazon-science/GIFT``).
 
-Saliency (one extra prefill of the same prompt, stopped after the last saliency layer): for query rows
+Saliency (from the vanilla model's prefill of the same prompt): for query rows
 i, the gaze shift is ``G_i = max(A_i - A_{i-1}, 0)`` over image columns (post-softmax A; the first query
 row is compared with the token before the query). Rows are restricted to content words; per layer the
 top ``head_fraction`` heads by ``sum G`` are kept; ``s`` is the mean over (layers, heads, rows), clipped
@@ -11,6 +11,11 @@ the row's attention on image / query tokens, ``H_v`` and ``H_q`` the top heads b
 ``sum A_q``, ``r = sum_{H_v} A_v * Sal / sum_{H_v} A_v``; then ``A_v[H_v] *= Sal``, ``A_q[H_q] *= r`` and
 the row is renormalised to sum 1.
 
+The release runs an extra prefill for the saliency. When every saliency layer precedes every enhanced
+layer and nothing else edits the request's forward, the generation's own prefill is that vanilla pass
+up to those layers, so the gaze rows are read there (``saliency_pass="auto"``) and the map is finished
+before the first enhanced layer; otherwise one prefill stopped after the last saliency layer runs first.
+
 Content words: a closed-class rule instead of spaCy (``interventions/content_words.py``); when a query
 has none, every query row is used (the release would take a mean over nothing and produce NaN).
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from interventions.adapters.base import ModelInfo
+from interventions.layout import TokenLayout
 from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, last_query_row, over_keys, per_row, row_masks
 from interventions.spec import GIFTParams
 
@@ -67,28 +73,58 @@ class GIFT(Method):
         )
 
     def prepare(self, states: list[RowState], runner: PassRunner) -> None:
-        capture = _GazeCapture()
-        rows = [[RowState(hooks=capture, params=s.params, data=s.data)] for s in states]
-        stop = max(s.params.saliency_layers[-1] for s in states)
-        runner.prefill([s.request.prompt for s in states], rows, stop_after_layer=stop)
+        separate = []
         for state in states:
-            layout = state.request.prompt.layout
-            content = [p - layout.query_span[0] for p in layout.content_positions]
-            if state.params.content_words == "all":
-                content = []
-            gaze = [state.data["gaze"].pop(layer) for layer in state.params.saliency_layers]
-            state.data["saliency"] = saliency_map(gaze, content, state.params)
-            state.diagnostics["saliency"] = state.data["saliency"]
+            state.data["fused"] = self._can_fuse(state)
+            if not state.data["fused"]:
+                separate.append(state)
+        if not separate:
+            return
+        capture = _GazeCapture()
+        rows = [[RowState(hooks=capture, params=s.params, data=s.data)] for s in separate]
+        stop = max(s.params.saliency_layers[-1] for s in separate)
+        runner.prefill([s.request.prompt for s in separate], rows, stop_after_layer=stop)
+        for state, row in zip(separate, rows):
+            self._finish_saliency(state, row[0].layout)
+
+    @staticmethod
+    def _can_fuse(state: RowState) -> bool:
+        """The generation's own prefill equals the vanilla saliency pass up to the saliency layers."""
+        p = state.params
+        others = set(state.request.editing) - {"gift"}
+        return p.saliency_pass == "auto" and not others and p.saliency_layers[-1] < p.enhance_layers[0]
+
+    @staticmethod
+    def _finish_saliency(state: RowState, layout: TokenLayout) -> None:
+        content = [] if state.params.content_words == "all" else [p - layout.query_span[0] for p in layout.content_positions]
+        gaze = [state.data["gaze"].pop(layer) for layer in state.params.saliency_layers]
+        state.data["saliency"] = saliency_map(gaze, content, state.params)
+        state.diagnostics["saliency"] = state.data["saliency"]
+
+    def _capturing(self, state: RowState, layer: int, step: int) -> bool:
+        return step == 0 and state.data.get("fused", False) and layer in state.params.saliency_layers
 
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
+        if self._capturing(state, layer, step):
+            return state.layout.query_span[0] - 1
         if layer not in state.params.enhance_layers:
             return None
         return last_query_row(state, step)
 
+    def reads_only(self, state: RowState, layer: int, step: int) -> bool:
+        return self._capturing(state, layer, step)
+
     def edit_probs(
         self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
     ) -> torch.Tensor:
+        if any(self._capturing(s, layer, step) for s in states):  # fused saliency: only read here
+            capture_gaze(layer, probs, states, q0)
+            return probs
         device, total = probs.device, probs.shape[-1]
+        if step == 0:
+            for state in states:
+                if "saliency" not in state.data:
+                    self._finish_saliency(state, state.layout)
         row = probs[:, :, -1]  # [n, H, T]
         vis = row_masks(states, total, device, "image")[:, None]
         query = row_masks(states, total, device, "query")[:, None]
@@ -111,19 +147,27 @@ class GIFT(Method):
         return full
 
 
+def capture_gaze(layer: int, probs: torch.Tensor, states: list[RowState], q0: int) -> None:
+    """Keep each row's attention of query rows ``q_start - 1 .. q_end - 1`` to image tokens."""
+    for row, state in enumerate(states):
+        start, end = state.layout.query_span
+        attn = probs[row, :, start - 1 - q0 : end - q0]
+        state.data.setdefault("gaze", {})[layer] = attn[:, :, state.layout.image_positions.to(probs.device)]
+
+
 class _GazeCapture(Hooks):
-    """Records attention of rows ``q_start - 1 .. q_end - 1`` to image tokens in the saliency layers."""
+    """The separate saliency pass: records gaze rows in the saliency layers."""
 
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
         if step != 0 or layer not in state.params.saliency_layers:
             return None
         return state.layout.query_span[0] - 1
 
+    def reads_only(self, state: RowState, layer: int, step: int) -> bool:
+        return True
+
     def edit_probs(
         self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
     ) -> torch.Tensor:
-        for row, state in enumerate(states):
-            start, end = state.layout.query_span
-            attn = probs[row, :, start - 1 - q0 : end - q0]
-            state.data.setdefault("gaze", {})[layer] = attn[:, :, state.layout.image_positions.to(probs.device)]
+        capture_gaze(layer, probs, states, q0)
         return probs
