@@ -1,19 +1,22 @@
 """The runtime: one attention function, ``o_proj`` pre-hooks and a per-forward context.
 
-``install(model, adapter)`` registers the attention function ``"seeright"`` with transformers'
+``Runtime(model, adapter)`` registers the attention function ``"seeright"`` with transformers'
 ``AttentionInterface`` (and SDPA's mask builder under the same name in ``AttentionMaskInterface``, without
-which the causal mask silently disappears), switches the language model to it and adds three cheap hooks:
+which the causal mask silently disappears) and switches the language model to it. While a context is
+active it installs the hooks that context's methods need, and only those:
 
 * a pre-hook on each decoder layer, which hands the residual stream entering the layer to methods that
   observe it (VAR's sink detection);
 * a pre-hook on each ``o_proj``, which lets methods scale per-head outputs before the output projection
   (VHR);
-* a pre-hook on the language model that counts forwards (step 0 is the prefill).
+* a pre-hook on the language model that counts forwards (step 0 is the prefill);
+* for analysis passes, a hook that ends the forward after the last layer they read.
 
-The attention function always runs SDPA first. Rows of the batch whose request needs attention
-probabilities in this layer are then recomputed eagerly, for their needed query rows only (at decode one
-row per sequence, at prefill e.g. the text rows after the image), edited by the methods, multiplied by V
-and written over the SDPA output. Rows without an intervention are never touched, so with no
+The attention function runs SDPA, then recomputes eagerly the rows of the batch whose request needs
+attention probabilities in this layer, for their needed query rows only (at decode one row per sequence,
+at prefill e.g. the text rows after the image); the methods edit them, and the result replaces SDPA's
+output for those rows. When every row and query row is recomputed (a decode step of a batch where all
+rows use such a method), SDPA is skipped. Rows without an intervention are never touched, so with no
 intervention the output is stock SDPA generation, token for token.
 
 Per-request state lives in :class:`ForwardContext`, which the engine activates around one forward or one
@@ -33,9 +36,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from interventions.methods.base import Hooks
+
 if TYPE_CHECKING:
     from interventions.adapters.base import ModelAdapter
-    from interventions.methods.base import Hooks, RowState
+    from interventions.methods.base import RowState
 
 ATTENTION_NAME = "seeright"
 RUNTIME_ATTR = "_seeright_runtime"
@@ -61,6 +66,7 @@ class Group:
     hooks: Hooks
     rows: torch.Tensor
     states: StateBatch
+    whole: bool = False  # ``rows`` is every row of that tensor, in order
 
 
 @dataclass
@@ -74,6 +80,8 @@ class ProbsPlan:
     groups: list[Group]
     write: torch.Tensor  # [n] bool: rows that some state edits (others are only read)
     any_write: bool
+    full_write: bool  # every row of the plan is edited from q0 on
+    all_rows: bool  # the plan covers the whole batch in order (no row gathering needed)
 
 
 @dataclass
@@ -133,7 +141,10 @@ class ForwardContext:
                 order = sorted(starts)
                 position = {b: i for i, b in enumerate(order)}
                 groups = [
-                    Group(hooks, torch.tensor([position[b] for b, _ in chosen], device=device), StateBatch(s for _, s in chosen))
+                    Group(
+                        hooks, torch.tensor([position[b] for b, _ in chosen], device=device), StateBatch(s for _, s in chosen),
+                        whole=[position[b] for b, _ in chosen] == list(range(len(order))),
+                    )
                     for hooks, chosen in asked
                 ]
                 plan = ProbsPlan(
@@ -143,6 +154,8 @@ class ForwardContext:
                     groups=groups,
                     write=torch.tensor([b in writes for b in order], device=device),
                     any_write=bool(writes),
+                    full_write=len(writes) == len(order) and len(set(starts.values())) == 1,
+                    all_rows=order == list(range(len(self.rows))),
                 )
             self._plans[key] = plan
         return self._plans[key]
@@ -158,22 +171,30 @@ class Runtime:
         self.num_heads, self.head_dim = info.num_heads, info.head_dim
         register_attention()
         model.set_attn_implementation({"text_config": ATTENTION_NAME})
-        adapter.language_model.register_forward_pre_hook(self._count_step)
-        for idx, layer in enumerate(adapter.decoder_layers):
+        for layer in adapter.decoder_layers:
             setattr(layer.self_attn, RUNTIME_ATTR, self)
-            layer.self_attn.o_proj.register_forward_pre_hook(self._make_o_proj_hook(idx))
-            layer.register_forward_pre_hook(self._make_hidden_hook(idx), with_kwargs=True)
-            layer.register_forward_hook(self._make_stop_hook(idx))
 
     @contextmanager
     def activate(self, context: ForwardContext) -> Iterator[ForwardContext]:
+        """Bind ``context`` and install the hooks it needs (only those) until the call ends."""
         if self.context is not None:
             raise RuntimeError("the runtime is already serving another forward; calls must be serialised")
+        hooks = {type(h) for h, _, _ in context._members.values()}
+        handles = [self.adapter.language_model.register_forward_pre_hook(self._count_step)]
+        layers = self.adapter.decoder_layers
+        if any(h.wants_heads is not Hooks.wants_heads for h in hooks):
+            handles += [layer.self_attn.o_proj.register_forward_pre_hook(self._make_o_proj_hook(i)) for i, layer in enumerate(layers)]
+        if any(h.wants_hidden is not Hooks.wants_hidden for h in hooks):
+            handles += [layer.register_forward_pre_hook(self._make_hidden_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        if context.stop_after_layer is not None:
+            handles.append(layers[context.stop_after_layer].register_forward_hook(self._stop))
         self.context = context
         try:
             yield context
         finally:
             self.context = None
+            for handle in handles:
+                handle.remove()
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _count_step(self, module: nn.Module, args: Any) -> None:
@@ -191,13 +212,9 @@ class Runtime:
 
         return hook
 
-    def _make_stop_hook(self, layer: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.context is not None and self.context.stop_after_layer == layer:
-                raise StopForward
-            return None
-
-        return hook
+    @staticmethod
+    def _stop(module: nn.Module, args: Any, output: Any) -> None:
+        raise StopForward
 
     def _make_o_proj_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -224,9 +241,12 @@ def register_attention() -> None:
 
 def keep_mask(
     attention_mask: torch.Tensor | None, rows: torch.Tensor, q0: int, q_len: int, kv_len: int, device: torch.device
-) -> torch.Tensor:
-    """Boolean keep-mask ``[n, 1, q_len - q0, kv_len]`` for the selected rows and query rows ``q0:``."""
+) -> torch.Tensor | None:
+    """Boolean keep-mask ``[n, 1, q_len - q0, kv_len]`` for the selected rows and query rows ``q0:``;
+    ``None`` when every key is visible (a decode step without padding)."""
     if attention_mask is None:  # SDPA skipped the mask: plain causal, queries are the last q_len positions
+        if q0 == q_len - 1:
+            return None
         q_pos = torch.arange(kv_len - q_len + q0, kv_len, device=device)
         keep = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]
         return keep[None, None].expand(len(rows), 1, -1, -1)
@@ -241,13 +261,14 @@ def eager_probs(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
-    keep: torch.Tensor,
+    keep: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
     """Post-softmax attention in float32, ``softmax(QK^T * scaling + mask)`` (eager attention's math)."""
     key = repeat_kv(key, module.num_key_value_groups)
     scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
-    scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
     return torch.softmax(scores, dim=-1)
 
 
@@ -261,29 +282,36 @@ def seeright_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA for every row, then eager + method edits for the rows and query rows that need probabilities."""
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
+    """SDPA for the rows that need no probabilities; eager + method edits for the query rows that do."""
     runtime: Runtime | None = getattr(module, RUNTIME_ATTR, None)
     ctx = runtime.context if runtime is not None else None
-    if ctx is None:
-        return out, None
-    layer = module.layer_idx
-    plan = ctx.probs_plan(layer, query.device)
-    if plan is None:
-        return out, None
-    device, q_len, kv_len, q0 = query.device, query.shape[2], key.shape[2], plan.q0
+    plan = ctx.probs_plan(module.layer_idx, query.device) if ctx is not None else None
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if plan is None or not (plan.all_rows and plan.full_write and plan.q0 == 0):
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        if plan is None:
+            return out, None
+    else:  # every row and query row is recomputed and rewritten below: SDPA's output would be discarded
+        out = None
+    layer, device, q0 = module.layer_idx, query.device, plan.q0
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     keep = keep_mask(attention_mask, plan.rows, q0, q_len, kv_len, device)
-    probs = eager_probs(module, query.index_select(0, plan.rows)[:, :, q0:], key.index_select(0, plan.rows), keep, scaling)
+    gather = (lambda t: t) if plan.all_rows else (lambda t: t.index_select(0, plan.rows))
+    probs = eager_probs(module, gather(query)[:, :, q0:], gather(key), keep, scaling)
     for g in plan.groups:
-        edited = g.hooks.edit_probs(layer, probs.index_select(0, g.rows), g.states, ctx.step, q0)
-        probs = probs.index_copy(0, g.rows, edited)
+        if g.whole:
+            probs = g.hooks.edit_probs(layer, probs, g.states, ctx.step, q0)
+        else:
+            edited = g.hooks.edit_probs(layer, probs.index_select(0, g.rows), g.states, ctx.step, q0)
+            probs = probs.index_copy(0, g.rows, edited)
     if not plan.any_write:  # probabilities were only recorded
         return out, None
-    values = repeat_kv(value.index_select(0, plan.rows), module.num_key_value_groups)
+    values = repeat_kv(gather(value), module.num_key_value_groups)
     new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]
+    if out is None:
+        return new.contiguous(), None
     write = (torch.arange(q0, q_len, device=device)[None, :] >= plan.starts[:, None]) & plan.write[:, None]
     out[plan.rows, q0:] = torch.where(write[:, :, None, None], new.to(out.dtype), out[plan.rows, q0:])
     return out, None

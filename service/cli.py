@@ -1,4 +1,4 @@
-"""``seeright`` command line: serve, generate, eval (run POPE / CHAIR), score (existing prediction files)."""
+"""``seeright`` command line: serve, generate, eval (run POPE / CHAIR), score (existing prediction files), bench."""
 
 from __future__ import annotations
 
@@ -99,6 +99,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from service import bench
+
+    result = bench.run_bench(
+        args.model, args.new_tokens, args.reps, args.warmup, args.device, args.dtype,
+        memory=not args.no_memory, reference=not args.no_reference,
+    )
+    print(json.dumps(result, indent=2) if args.json else bench.table(result))
+    return 0
+
+
 def cmd_score_pope(args: argparse.Namespace) -> int:
     answers = pope.normalize_answers(pope.read_jsonl(args.answers))
     if args.questions:
@@ -165,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--lemmatizer", choices=["builtin", "nltk"], default="builtin")
         e.add_argument("--max-new-tokens", type=int, help="default: 10 for POPE, 512 for CHAIR")
         e.set_defaults(func=cmd_eval)
+
+    bn = sub.add_parser("bench", help="cost of each intervention relative to a same-process baseline")
+    bn.add_argument("--model", default="bench-random/llava")
+    bn.add_argument("--new-tokens", type=int, default=64)
+    bn.add_argument("--reps", type=int, default=3)
+    bn.add_argument("--warmup", type=int, default=1)
+    bn.add_argument("--device", default="cpu")
+    bn.add_argument("--dtype", default="float32")
+    bn.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bn.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    bn.add_argument("--no-reference", action="store_true", help="skip timing the literal reference loops")
+    bn.set_defaults(func=cmd_bench)
 
     score = sub.add_parser("score", help="score existing prediction files").add_subparsers(dest="benchmark", required=True)
     sp = score.add_parser("pope", help="POPE answers JSONL (question_id, text)")

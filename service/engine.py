@@ -93,6 +93,7 @@ class Engine:
         self.adapter: ModelAdapter = adapter_cls(model, tokenizer, image_processor)
         self.info = self.adapter.info
         self.runtime = Runtime(model, self.adapter)
+        self.methods = dict(METHODS)  # name -> method; the benchmark swaps in reference versions
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -160,7 +161,7 @@ class Engine:
         states = [self.bind(r.interventions, inp, i) for i, (r, inp) in enumerate(zip(requests, inputs))]
         self._decoding_checks(requests)
         with torch.inference_mode():
-            for name, method in METHODS.items():
+            for method in self.methods.values():
                 users = [s for row in states for s in row if s.hooks is method]
                 if users:
                     method.rewrite(users, self)
@@ -169,7 +170,7 @@ class Engine:
                     inp.prompt = self.encode(inp.turns, inp.images)
                 except ValueError as exc:
                     raise RequestError(f"requests[{i}].messages", str(exc)) from exc
-            for name, method in METHODS.items():
+            for method in self.methods.values():
                 users = [s for row in states for s in row if s.hooks is method]
                 if users:
                     method.prepare(users, self)
@@ -198,12 +199,12 @@ class Engine:
     # ---- stages ----------------------------------------------------------------------------------
     def bind(self, interventions: dict[str, dict[str, Any]], request: RequestInputs, index: int = 0) -> list[RowState]:
         """Validate a request's interventions against the model; one state per method, in method order."""
-        unknown = sorted(set(interventions) - set(METHODS))
+        unknown = sorted(set(interventions) - set(self.methods))
         if unknown:
-            raise RequestError("interventions", f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
-        request.editing = tuple(n for n, m in METHODS.items() if n in interventions and m.edits_generation)
+            raise RequestError("interventions", f"unknown method(s) {unknown}; available: {sorted(self.methods)}")
+        request.editing = tuple(n for n, m in self.methods.items() if n in interventions and m.edits_generation)
         states = []
-        for name, method in METHODS.items():
+        for name, method in self.methods.items():
             if name not in interventions:
                 continue
             given = interventions[name] or {}

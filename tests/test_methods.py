@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import QUESTIONS
 
-import reference as ref
+from interventions import reference as ref
 from interventions.methods import METHODS
 from interventions.methods.base import RequestInputs
 from service.engine import GenerationRequest

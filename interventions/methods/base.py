@@ -150,13 +150,13 @@ def cached(states: list[RowState], key: Any, build: Callable[[], torch.Tensor]) 
 
 
 def over_keys(states: list[RowState], key: Any, total: int, build: Callable[[], torch.Tensor], fill: Any) -> torch.Tensor:
-    """A per-row tensor over key positions ``[n, total]``, built once per call and extended with ``fill``
-    for generated tokens (a view of a buffer with spare room, so decode steps allocate nothing)."""
+    """A per-row tensor over key positions ``[n, total, ...]``, built once per call and extended with
+    ``fill`` for generated tokens (a view of a buffer with spare room, so decode steps allocate nothing)."""
     cache = getattr(states, "cache", None)
     buf = None if cache is None else cache.get(key)
     if buf is None or buf.shape[1] < total:
         base = build() if buf is None else buf
-        buf = base.new_full((base.shape[0], max(total, base.shape[1]) + 256), fill)
+        buf = base.new_full((base.shape[0], max(total, base.shape[1]) + 256, *base.shape[2:]), fill)
         buf[:, : base.shape[1]] = base
         if cache is not None:
             cache[key] = buf

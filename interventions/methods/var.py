@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from interventions.adapters.base import ModelInfo
-from interventions.methods.base import Method, RowState, cached, check_layers, over_keys, per_row, row_masks
+from interventions.methods.base import Method, RowState, cached, check_layers, over_keys, per_row
 from interventions.spec import VARParams
 
 
@@ -66,32 +66,35 @@ class VAR(Method):
     ) -> torch.Tensor:
         n, _, q, total = probs.shape
         device = probs.device
-        prompt = max(len(s.data["sinks"][layer]) for s in states)
-        sink = over_keys(
-            states, "sinks", total, lambda: torch.stack([F.pad(s.data["sinks"][layer], (0, prompt - len(s.data["sinks"][layer]))) for s in states]), False
-        )
-        vis = row_masks(states, total, device, "image")
-        vis_sink = over_keys(states, "vis_sink", total, lambda: vis & sink, False)
-        vis_free = over_keys(states, "vis_free", total, lambda: vis & ~sink, False)
+        # Columns over keys: image, visual sink, sink (visual or text), visual non-sink. One matmul gives
+        # every attention sum the selection and the budget need.
+        masks = over_keys(states, "masks", total, lambda: self._masks(states, layer, device), 0.0)
+        vis_att, vis_sink_att, sink_att, free_att = (probs @ masks[:, None]).unbind(-1)  # [n, H, q] each
         rho, p, summ = (per_row(states, k, device)[:, None, None] for k in ("rho", "p", "min_image_attention"))
-
-        vis_att = (probs * vis[:, None, None]).sum(-1)
-        sink_frac = (probs * vis_sink[:, None, None]).sum(-1) / ((probs + 1e-6) * vis[:, None, None]).sum(-1)
-        free = probs * vis_free[:, None, None]
-        free_sum = free.sum(-1)
-        selected = (sink_frac <= 1 - rho) & (vis_att >= summ) & (free_sum > 0)
-        selected &= cached(states, "has_visual_sink", lambda: vis_sink.any(-1))[:, None, None]
+        image_tokens = cached(states, "image_tokens", lambda: masks[:, :, 0].sum(-1))[:, None, None]
+        sink_frac = vis_sink_att / (vis_att + 1e-6 * image_tokens)  # sum_vis (A + 1e-6), as released
+        selected = (sink_frac <= 1 - rho) & (vis_att >= summ) & (free_att > 0)
+        selected &= cached(states, "has_visual_sink", lambda: masks[:, :, 1].any(-1))[:, None, None]
         if step == 0:  # prefill: only the text rows after the image
             rows = torch.arange(q0, q0 + q, device=device)
             ends = torch.tensor([s.layout.image_end for s in states], device=device)
             selected &= (rows[None, :] >= ends[:, None])[:, None, :]
 
-        budget = p * (probs * sink[:, None, None]).sum(-1)
-        moved = torch.where(sink[:, None, None], probs * (1 - p[..., None]), probs)
-        moved = moved + budget[..., None] * free / free_sum.clamp_min(1e-30)[..., None]
+        # Sinks keep (1 - p); visual non-sinks gain budget * A_j / free_sum, i.e. A_j * (1 + c).
+        keep = over_keys(states, "keep", total, lambda: 1 - p[:, 0] * masks[:, :, 2], 1.0)[:, None, None]
+        c = p * sink_att / free_att.clamp_min(1e-30)
+        factor = keep + c[..., None] * masks[:, None, None, :, 3]
         counts = cached(states, "selected", lambda: self._counters(states, layer, device))
         counts += selected.sum((1, 2))  # stays on the device: no sync per step
-        return torch.where(selected[..., None], moved, probs)
+        return probs * torch.where(selected[..., None], factor, 1.0)
+
+    @staticmethod
+    def _masks(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:
+        """``[n, prompt, 4]`` float: image, visual sink, sink, visual non-sink."""
+        prompt = max(len(s.data["sinks"][layer]) for s in states)
+        sink = torch.stack([F.pad(s.data["sinks"][layer], (0, prompt - len(s.data["sinks"][layer]))) for s in states]).to(device)
+        vis = torch.stack([s.layout.image_mask(prompt) for s in states]).to(device)
+        return torch.stack([vis, vis & sink, sink, vis & ~sink], dim=-1).float()
 
     @staticmethod
     def _counters(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Slow, literal implementations of each method's formulas (loops, no vectorisation, float64).
 
-The tests run the fast implementation and these on the same tensors and compare.
+The tests run the fast implementation and these on the same tensors and compare; ``seeright bench``
+times them to show what the fast path gains. Nothing else uses them.
 """
 
 from __future__ import annotations

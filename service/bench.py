@@ -1,0 +1,231 @@
+"""``seeright bench``: what each intervention costs, as ratios to a baseline measured in the same process.
+
+All timing runs happen in one process, interleaved (baseline, var, vhr, gift, carve, baseline, ...),
+after warm-up rounds; each figure is the median over repetitions. Per-token decode time is the time
+between the first and the last streamed token divided by the tokens in between; request time covers
+everything from the request to its last token (extra passes included). The baseline is the same
+engine with no intervention (its hooks return at their first check); its own cost over stock
+``transformers`` generation is reported as ``runtime_overhead`` for the built-in models.
+
+Peak memory: the most bytes a request holds allocated above what was allocated before it. On CUDA that
+is ``max_memory_allocated``; on CPU, where torch keeps no such counter, the allocation timeline of the
+profiler (each op's allocated-minus-freed bytes, in order). Both count tensors, not the model's weights.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.profiler import ProfilerActivity, profile
+
+from service.engine import Engine, GenerationRequest
+from service.tiny_models import TINY_MODELS
+
+METHODS = ("var", "vhr", "gift", "carve")
+PROMPT = "Describe the image in detail: which objects are there, what colors do they have and where are they?"
+MIXED_BATCH = ("none", "var", "vhr", "gift", "none", "var", "vhr", "gift")
+
+
+def bench_image(size: int = 336, seed: int = 0) -> Image.Image:
+    """A scene of coloured shapes on a textured background."""
+    rng = np.random.RandomState(seed)
+    image = Image.fromarray((rng.rand(size, size, 3) * 60 + 150).astype("uint8"))
+    draw = ImageDraw.Draw(image)
+    for _ in range(5):
+        x, y, r = rng.randint(0, size, 2).tolist() + [int(rng.randint(size // 12, size // 5))]
+        color = tuple(int(c) for c in rng.randint(0, 255, 3))
+        (draw.ellipse if rng.rand() < 0.5 else draw.rectangle)([x - r, y - r, x + r, y + r], fill=color)
+    return image
+
+
+@dataclass
+class Run:
+    request_s: float
+    decode_s_per_token: float
+    tokens: int
+
+
+def timed(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, list[list[float]], list]:
+    """Wall time of one batch and the arrival time of every streamed token per row."""
+    stamps: list[list[float]] = [[] for _ in requests]
+    start = time.perf_counter()
+    outs = engine.generate_batch(requests, on_token=lambda row, tok: stamps[row].append(time.perf_counter()))
+    return time.perf_counter() - start, stamps, outs
+
+
+def one(engine: Engine, name: str, image: Image.Image, new_tokens: int) -> Run:
+    interventions = {} if name == "none" else {name: {}}
+    req = GenerationRequest(prompt=PROMPT, images=[image], interventions=interventions, max_new_tokens=new_tokens)
+    wall, stamps, outs = timed(engine, [req])
+    s = stamps[0]
+    per_token = (s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else float("nan")
+    return Run(wall, per_token, len(outs[0].token_ids))
+
+
+def stock_run(model: torch.nn.Module, engine: Engine, image: Image.Image, new_tokens: int) -> Run:
+    """Stock ``generate`` on an untouched copy of the model (same inputs, same greedy decoding)."""
+    prompt = engine.encode(GenerationRequest(prompt=PROMPT, images=[image]).chat(), [image])
+    stamps: list[float] = []
+
+    class Stamps:
+        def put(self, value: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**engine.collate([prompt], [[]]), max_new_tokens=new_tokens, do_sample=False,
+                             streamer=Stamps(), pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.eos_token_ids())
+    wall = time.perf_counter() - start
+    s = stamps[1:]  # the first put is the prompt
+    return Run(wall, (s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else float("nan"), out.shape[1] - len(prompt.input_ids))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_bytes(engine: Engine, name: str, image: Image.Image, new_tokens: int) -> float:
+    """Peak bytes the request allocates above what was allocated before it."""
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        one(engine, name, image, new_tokens)
+        return float(torch.cuda.max_memory_allocated() - base)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        one(engine, name, image, new_tokens)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:  # the allocation timeline: bytes each op kept (allocated minus freed), in order
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return float(peak)
+
+
+def memory_ratios(engine: Engine, image: Image.Image, new_tokens: int) -> dict[str, Any]:
+    peaks = {n: peak_bytes(engine, n, image, new_tokens) for n in ("none", *METHODS)}
+    return {"peak_bytes": peaks, "memory_ratio": {m: peaks[m] / peaks["none"] for m in METHODS}}
+
+
+def reference_ratios(new_tokens: int = 6) -> dict[str, float]:
+    """Request time with each method's literal loops / with the fast method, on ``tiny-random/llava``."""
+    from interventions.reference_methods import REFERENCE_METHODS
+
+    engine = Engine.from_pretrained("tiny-random/llava")
+    fast = dict(engine.methods)
+    image = bench_image(48)
+    out = {}
+    for name in METHODS:
+        times = {"fast": [], "reference": []}
+        for _ in range(2):
+            for kind, methods in (("fast", fast), ("reference", {**fast, name: REFERENCE_METHODS[name]})):
+                engine.methods = methods
+                times[kind].append(one(engine, name, image, new_tokens).request_s)
+        out[name] = median(times["reference"][1:] or times["reference"]) / median(times["fast"][1:] or times["fast"])
+    engine.methods = fast
+    return out
+
+
+def run_bench(model_id: str, new_tokens: int, reps: int, warmup: int, device: str, dtype: str, memory: bool, reference: bool) -> dict[str, Any]:
+    engine = Engine.from_pretrained(model_id, device=device, dtype=dtype)
+    image = bench_image()
+    stock = TINY_MODELS[model_id]()[0].to(device) if model_id in TINY_MODELS else None
+    names = ("none", *METHODS)
+    runs: dict[str, list[Run]] = {n: [] for n in (*names, "stock")}
+    for rep in range(warmup + reps):
+        for name in names:
+            run = one(engine, name, image, new_tokens)
+            if rep >= warmup:
+                runs[name].append(run)
+        if stock is not None:
+            run = stock_run(stock, engine, image, new_tokens)
+            if rep >= warmup:
+                runs["stock"].append(run)
+
+    decode = {n: median([r.decode_s_per_token for r in runs[n]]) for n in names}
+    request = {n: median([r.request_s for r in runs[n]]) for n in names}
+    result: dict[str, Any] = {
+        "model": model_id,
+        "device": device,
+        "dtype": dtype,
+        "new_tokens": new_tokens,
+        "prompt_tokens": len(engine.encode(GenerationRequest(prompt=PROMPT, images=[image]).chat(), [image]).input_ids),
+        "reps": reps,
+        "decode_ratio": {m: decode[m] / decode["none"] for m in METHODS},
+        "request_ratio": {m: request[m] / request["none"] for m in METHODS},
+        "baseline": {"decode_ms_per_token": 1000 * decode["none"], "request_s": request["none"]},
+        "tokens": {n: [r.tokens for r in runs[n]] for n in names},
+    }
+    if stock is not None:
+        result["runtime_overhead"] = {
+            "decode_ratio": decode["none"] / median([r.decode_s_per_token for r in runs["stock"]]),
+            "request_ratio": request["none"] / median([r.request_s for r in runs["stock"]]),
+        }
+    result["batch"] = batch_throughput(engine, image, new_tokens, reps, warmup)
+    if memory:
+        result.update(memory_ratios(engine, image, new_tokens))
+    if reference:
+        result["reference_ratio"] = reference_ratios()
+    return result
+
+
+def batch_throughput(engine: Engine, image: Image.Image, new_tokens: int, reps: int, warmup: int) -> dict[str, float]:
+    """Tokens/s of 8 requests: mixed methods in one batch, no methods in one batch, mixed one by one."""
+
+    def requests(names: tuple[str, ...]) -> list[GenerationRequest]:
+        return [
+            GenerationRequest(prompt=PROMPT, images=[image], interventions={} if n == "none" else {n: {}}, max_new_tokens=new_tokens)
+            for n in names
+        ]
+
+    tps: dict[str, list[float]] = {"mixed": [], "uniform": [], "sequential": []}
+    for rep in range(warmup + reps):
+        wall, _, outs = timed(engine, requests(MIXED_BATCH))
+        mixed = sum(len(o.token_ids) for o in outs) / wall
+        wall, _, outs = timed(engine, requests(("none",) * len(MIXED_BATCH)))
+        uniform = sum(len(o.token_ids) for o in outs) / wall
+        start, count = time.perf_counter(), 0
+        for req in requests(MIXED_BATCH):
+            count += len(engine.generate_batch([req])[0].token_ids)
+        sequential = count / (time.perf_counter() - start)
+        if rep >= warmup:
+            tps["mixed"].append(mixed)
+            tps["uniform"].append(uniform)
+            tps["sequential"].append(sequential)
+    m = {k: median(v) for k, v in tps.items()}
+    return {
+        "mixed_tokens_per_s": m["mixed"],
+        "uniform_tokens_per_s": m["uniform"],
+        "sequential_tokens_per_s": m["sequential"],
+        "mixed_vs_uniform_ratio": m["mixed"] / m["uniform"],
+        "mixed_vs_sequential_ratio": m["mixed"] / m["sequential"],
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [f"model {result['model']} on {result['device']} ({result['dtype']}), {result['prompt_tokens']} prompt tokens, "
+            f"{result['new_tokens']} new tokens, median of {result['reps']}",
+            f"baseline: {result['baseline']['decode_ms_per_token']:.2f} ms/token, {result['baseline']['request_s']:.3f} s/request",
+            "", "| method | decode/token | request | peak memory | fast vs literal |", "|---|---|---|---|---|"]
+    for m in METHODS:
+        mem = result.get("memory_ratio", {}).get(m)
+        refr = result.get("reference_ratio", {}).get(m)
+        rows.append(f"| {m} | {result['decode_ratio'][m]:.3f}x | {result['request_ratio'][m]:.3f}x | "
+                    f"{'-' if mem is None else f'{mem:.3f}x'} | {'-' if refr is None else f'{refr:.1f}x faster'} |")
+    b = result["batch"]
+    rows += ["", f"batch of 8, mixed methods: {b['mixed_tokens_per_s']:.1f} tok/s = {b['mixed_vs_uniform_ratio']:.3f}x the same "
+             f"batch without methods, {b['mixed_vs_sequential_ratio']:.2f}x the 8 requests one by one"]
+    if "runtime_overhead" in result:
+        o = result["runtime_overhead"]
+        rows.append(f"seeright without interventions vs stock generate: {o['decode_ratio']:.3f}x per token, {o['request_ratio']:.3f}x per request")
+    return "\n".join(rows)
+
