@@ -12,11 +12,11 @@ active it installs the hooks that context's methods need, and only those:
 * a pre-hook on the language model that counts forwards (step 0 is the prefill);
 * for analysis passes, a hook that ends the forward after the last layer they read.
 
-The attention function runs SDPA, then recomputes eagerly the rows of the batch whose request needs
-attention probabilities in this layer, for their needed query rows only (at decode one row per sequence,
-at prefill e.g. the text rows after the image); the methods edit them, and the result replaces SDPA's
-output for those rows. When every row and query row is recomputed (a decode step of a batch where all
-rows use such a method), SDPA is skipped. Rows without an intervention are never touched, so with no
+The attention function runs SDPA for the rows of the batch that need no attention probabilities in this
+layer, and recomputes eagerly the rows that do, for their needed query rows only (at decode one row per
+sequence, at prefill e.g. the text rows after the image); the methods edit them, and the result becomes
+those rows' output. The engine orders a batch so that these rows are contiguous, so both paths read
+views of the same K/V. Rows without an intervention are never touched, so with no
 intervention the output is stock SDPA generation, token for token.
 
 Per-request state lives in :class:`ForwardContext`, which the engine activates around one forward or one
@@ -81,7 +81,7 @@ class ProbsPlan:
     write: torch.Tensor  # [n] bool: rows that some state edits (others are only read)
     any_write: bool
     full_write: bool  # every row of the plan is edited from q0 on
-    all_rows: bool  # the plan covers the whole batch in order (no row gathering needed)
+    span: tuple[int, int] | None  # the plan's rows as a contiguous batch range (views, no gathering)
 
 
 @dataclass
@@ -155,7 +155,7 @@ class ForwardContext:
                     write=torch.tensor([b in writes for b in order], device=device),
                     any_write=bool(writes),
                     full_write=len(writes) == len(order) and len(set(starts.values())) == 1,
-                    all_rows=order == list(range(len(self.rows))),
+                    span=(order[0], order[-1] + 1) if order == list(range(order[0], order[-1] + 1)) else None,
                 )
             self._plans[key] = plan
         return self._plans[key]
@@ -272,6 +272,14 @@ def eager_probs(
     return torch.softmax(scores, dim=-1)
 
 
+def _sdpa_rows(module, query, key, value, attention_mask, lo, hi, **kwargs):
+    """SDPA on batch rows ``lo:hi`` (views, no copies)."""
+    mask = attention_mask
+    if mask is not None and mask.shape[0] != 1:
+        mask = mask[lo:hi]
+    return sdpa_attention_forward(module, query[lo:hi], key[lo:hi], value[lo:hi], mask, **kwargs)[0]
+
+
 def seeright_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -282,36 +290,51 @@ def seeright_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA for the rows that need no probabilities; eager + method edits for the query rows that do."""
+    """SDPA for the rows that need no probabilities; eager + method edits for the query rows that do.
+
+    When the rows needing probabilities form a contiguous range of the batch (the engine orders rows so
+    that they do), both paths work on views of the same K/V: nothing is copied and nothing computed
+    twice. Otherwise SDPA runs for the whole batch and those rows are gathered and recomputed.
+    """
     runtime: Runtime | None = getattr(module, RUNTIME_ATTR, None)
     ctx = runtime.context if runtime is not None else None
     plan = ctx.probs_plan(module.layer_idx, query.device) if ctx is not None else None
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if plan is None or not (plan.all_rows and plan.full_write and plan.q0 == 0):
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-        if plan is None:
-            return out, None
-    else:  # every row and query row is recomputed and rewritten below: SDPA's output would be discarded
-        out = None
+    kw = dict(dropout=dropout, scaling=scaling, **kwargs)
+    if plan is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)[0], None
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     layer, device, q0 = module.layer_idx, query.device, plan.q0
+    if plan.span is not None:
+        lo, hi = plan.span
+        pick = lambda t: t[lo:hi]  # noqa: E731
+        # the plan's own rows need SDPA only for query rows before q0 or rows that are only read
+        own = None if plan.full_write and q0 == 0 else _sdpa_rows(module, query, key, value, attention_mask, lo, hi, **kw)
+        parts = [
+            _sdpa_rows(module, query, key, value, attention_mask, a, b, **kw) if a < b else None
+            for a, b in ((0, lo), (hi, batch))
+        ]
+    else:
+        pick = lambda t: t.index_select(0, plan.rows)  # noqa: E731
+        whole = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)[0]
+        own = whole.index_select(0, plan.rows)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     keep = keep_mask(attention_mask, plan.rows, q0, q_len, kv_len, device)
-    gather = (lambda t: t) if plan.all_rows else (lambda t: t.index_select(0, plan.rows))
-    probs = eager_probs(module, gather(query)[:, :, q0:], gather(key), keep, scaling)
+    probs = eager_probs(module, pick(query)[:, :, q0:], pick(key), keep, scaling)
     for g in plan.groups:
         if g.whole:
             probs = g.hooks.edit_probs(layer, probs, g.states, ctx.step, q0)
         else:
             edited = g.hooks.edit_probs(layer, probs.index_select(0, g.rows), g.states, ctx.step, q0)
             probs = probs.index_copy(0, g.rows, edited)
-    if not plan.any_write:  # probabilities were only recorded
-        return out, None
-    values = repeat_kv(gather(value), module.num_key_value_groups)
-    new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]
-    if out is None:
-        return new.contiguous(), None
-    write = (torch.arange(q0, q_len, device=device)[None, :] >= plan.starts[:, None]) & plan.write[:, None]
-    out[plan.rows, q0:] = torch.where(write[:, :, None, None], new.to(out.dtype), out[plan.rows, q0:])
-    return out, None
+    if plan.any_write:
+        values = repeat_kv(pick(value), module.num_key_value_groups)
+        new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]
+        if own is None:
+            own = new.contiguous()
+        else:
+            write = (torch.arange(q0, q_len, device=device)[None, :] >= plan.starts[:, None]) & plan.write[:, None]
+            own[:, q0:] = torch.where(write[:, :, None, None], new.to(own.dtype), own[:, q0:])
+    if plan.span is not None:
+        return torch.cat([p for p in (parts[0], own, parts[1]) if p is not None]), None
+    whole[plan.rows] = own
+    return whole, None

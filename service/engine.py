@@ -155,7 +155,28 @@ class Engine:
         on_token: Callable[[int, int], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
     ) -> list[GenerationOutput]:
-        """Generate for several requests in one batch; each row keeps its own methods and settings."""
+        """Generate for several requests in one batch; each row keeps its own methods and settings.
+
+        Rows are run grouped by their methods (requests without interventions first), so that the rows
+        a layer edits form one contiguous block of the batch; outputs and callbacks keep the caller's order.
+        """
+        order = sorted(range(len(requests)), key=lambda i: (bool(requests[i].interventions), sorted(requests[i].interventions)))
+        outputs = self._generate_rows(
+            [requests[i] for i in order],
+            None if on_token is None else (lambda row, token: on_token(order[row], token)),
+            None if cancelled is None else (lambda row: cancelled(order[row])),
+        )
+        result: list[GenerationOutput | None] = [None] * len(requests)
+        for row, i in enumerate(order):
+            result[i] = outputs[row]
+        return result  # type: ignore[return-value]
+
+    def _generate_rows(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_token: Callable[[int, int], None] | None,
+        cancelled: Callable[[int], bool] | None,
+    ) -> list[GenerationOutput]:
         start = time.perf_counter()
         inputs = [RequestInputs(turns=r.chat(), images=list(r.images)) for r in requests]
         states = [self.bind(r.interventions, inp, i) for i, (r, inp) in enumerate(zip(requests, inputs))]
