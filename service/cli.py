@@ -104,7 +104,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = bench.run_bench(
         args.model, args.new_tokens, args.reps, args.warmup, args.device, args.dtype,
-        memory=not args.no_memory, reference=not args.no_reference,
+        memory=not args.no_memory, reference=not args.no_reference, batch_reps=args.batch_reps,
     )
     print(json.dumps(result, indent=2) if args.json else bench.table(result))
     return 0
@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="cost of each intervention relative to a same-process baseline")
     bn.add_argument("--model", default="bench-random/llava")
     bn.add_argument("--new-tokens", type=int, default=64)
-    bn.add_argument("--reps", type=int, default=3)
+    bn.add_argument("--reps", type=int, default=4, help="timed rounds of single requests")
+    bn.add_argument("--batch-reps", type=int, default=2, help="timed rounds of the batch-of-8 runs")
     bn.add_argument("--warmup", type=int, default=1)
     bn.add_argument("--device", default="cpu")
     bn.add_argument("--dtype", default="float32")

@@ -1,0 +1,28 @@
+"""``seeright bench`` produces every ratio the performance issue asks for (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from service.cli import main
+
+
+def test_bench_json_has_every_ratio(capsys):
+    assert main(["bench", "--model", "tiny-random/llava", "--new-tokens", "4", "--reps", "1", "--warmup", "0",
+                 "--batch-reps", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    methods = {"var", "vhr", "gift", "carve"}
+    for key in ("decode_ratio", "request_ratio", "memory_ratio", "reference_ratio"):
+        assert set(result[key]) == methods and all(math.isfinite(v) and v > 0 for v in result[key].values()), key
+    for key in ("mixed_vs_uniform_ratio", "mixed_vs_sequential_ratio", "uniform_vs_sequential_ratio"):
+        assert result["batch"][key] > 0
+    assert result["runtime_overhead"]["decode_ratio"] > 0
+    assert all(n == [4] for n in result["tokens"].values())
+
+
+def test_bench_table(capsys):
+    assert main(["bench", "--model", "tiny-random/llava", "--new-tokens", "3", "--reps", "1", "--warmup", "0",
+                 "--batch-reps", "1", "--no-memory", "--no-reference"]) == 0
+    out = capsys.readouterr().out
+    assert "| var |" in out and "batch of 8" in out
