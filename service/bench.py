@@ -140,7 +140,7 @@ def reference_ratios(new_tokens: int = 6) -> dict[str, float]:
 
 def run_bench(
     model_id: str, new_tokens: int, reps: int, warmup: int, device: str, dtype: str, memory: bool, reference: bool,
-    batch_reps: int = 2,
+    batch_reps: int = 3,
 ) -> dict[str, Any]:
     engine = Engine.from_pretrained(model_id, device=device, dtype=dtype)
     image = bench_image()
@@ -176,7 +176,7 @@ def run_bench(
             "decode_ratio": decode["none"] / median([r.decode_s_per_token for r in runs["stock"]]),
             "request_ratio": request["none"] / median([r.request_s for r in runs["stock"]]),
         }
-    result["batch"] = batch_throughput(engine, image, new_tokens, batch_reps, warmup)
+    result["batch"] = batch_throughput(engine, image, new_tokens, batch_reps, warmup, runs)
     if memory:
         result.update(memory_ratios(engine, image, new_tokens))
     if reference:
@@ -184,8 +184,11 @@ def run_bench(
     return result
 
 
-def batch_throughput(engine: Engine, image: Image.Image, new_tokens: int, reps: int, warmup: int) -> dict[str, float]:
-    """Tokens/s of 8 requests: mixed methods in one batch, no methods in one batch, mixed one by one."""
+def batch_throughput(
+    engine: Engine, image: Image.Image, new_tokens: int, reps: int, warmup: int, single: dict[str, list[Run]]
+) -> dict[str, float]:
+    """Tokens/s of 8 requests: mixed methods in one batch, no methods in one batch, and the same 8 mixed
+    requests one by one (from the single-request medians of this run)."""
 
     def requests(names: tuple[str, ...]) -> list[GenerationRequest]:
         return [
@@ -193,21 +196,15 @@ def batch_throughput(engine: Engine, image: Image.Image, new_tokens: int, reps: 
             for n in names
         ]
 
-    tps: dict[str, list[float]] = {"mixed": [], "uniform": [], "sequential": []}
+    tps: dict[str, list[float]] = {"mixed": [], "uniform": []}
     for rep in range(warmup + reps):
-        wall, _, outs = timed(engine, requests(MIXED_BATCH))
-        mixed = sum(len(o.token_ids) for o in outs) / wall
-        wall, _, outs = timed(engine, requests(("none",) * len(MIXED_BATCH)))
-        uniform = sum(len(o.token_ids) for o in outs) / wall
-        start, count = time.perf_counter(), 0
-        for req in requests(MIXED_BATCH):
-            count += len(engine.generate_batch([req])[0].token_ids)
-        sequential = count / (time.perf_counter() - start)
-        if rep >= warmup:
-            tps["mixed"].append(mixed)
-            tps["uniform"].append(uniform)
-            tps["sequential"].append(sequential)
-    m = {k: median(v) for k, v in tps.items()}
+        for kind, names in (("mixed", MIXED_BATCH), ("uniform", ("none",) * len(MIXED_BATCH))):
+            wall, _, outs = timed(engine, requests(names))
+            if rep >= warmup:
+                tps[kind].append(sum(len(o.token_ids) for o in outs) / wall)
+    tokens = sum(median([r.tokens for r in single[n]]) for n in MIXED_BATCH)
+    seconds = sum(median([r.request_s for r in single[n]]) for n in MIXED_BATCH)
+    m = {k: median(v) for k, v in tps.items()} | {"sequential": tokens / seconds}
     return {
         "mixed_tokens_per_s": m["mixed"],
         "uniform_tokens_per_s": m["uniform"],
