@@ -110,6 +110,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+    from contextlib import nullcontext
+
+    from service.loadtest import LoadConfig, local_server, run_load
+    from service.settings import Settings
+
+    spawn = local_server(Settings(model=args.model, queue_size=args.queue_size, max_batch_size=args.max_batch_size)) if args.spawn else nullcontext(args.url)
+    with spawn as url:
+        if url is None:
+            raise ValueError("url: pass --url of a running server, or --spawn")
+        cfg = LoadConfig(url, args.model, args.requests, args.concurrency, args.duration, args.max_tokens, args.stream_every, args.api_key)
+        runs = [asyncio.run(run_load(cfg)) for _ in range(args.runs)]
+    print(json.dumps(runs if args.runs > 1 else runs[0], indent=2))
+    return 0
+
+
 def cmd_score_pope(args: argparse.Namespace) -> int:
     answers = pope.normalize_answers(pope.read_jsonl(args.answers))
     if args.questions:
@@ -189,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     bn.add_argument("--no-reference", action="store_true", help="skip timing the literal reference loops")
     bn.set_defaults(func=cmd_bench)
+
+    lt = sub.add_parser("loadtest", help="bounded load on a loopback server: throughput, latency, errors, memory")
+    lt.add_argument("--url", help="base URL of a running server on this machine (loopback only)")
+    lt.add_argument("--spawn", action="store_true", help="start a server for the test instead (--model, --queue-size)")
+    lt.add_argument("--model", default="tiny-random/llava")
+    lt.add_argument("--queue-size", type=int, default=16)
+    lt.add_argument("--max-batch-size", type=int, default=8)
+    lt.add_argument("--requests", type=int, default=64)
+    lt.add_argument("--concurrency", type=int, default=8)
+    lt.add_argument("--duration", type=float, default=60.0, help="stop sending after this many seconds")
+    lt.add_argument("--max-tokens", type=int, default=16)
+    lt.add_argument("--stream-every", type=int, default=2, help="every n-th request streams (0: none)")
+    lt.add_argument("--runs", type=int, default=1, help="repeat the load, to watch memory across runs")
+    lt.add_argument("--api-key")
+    lt.set_defaults(func=cmd_loadtest)
 
     score = sub.add_parser("score", help="score existing prediction files").add_subparsers(dest="benchmark", required=True)
     sp = score.add_parser("pope", help="POPE answers JSONL (question_id, text)")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from conftest import make_image
 from test_api import MODEL, data_url, user
 
 from service.api.app import create_app
+from service.loadtest import local_server_app
 from service.engine import Engine, GenerationRequest
 from service.scheduler import Job, Scheduler
 from service.settings import Settings
@@ -26,20 +24,9 @@ def engine() -> Engine:
 
 @pytest.fixture()
 def server(engine):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(Settings(model=MODEL, max_tokens_limit=4000), engine)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(10)
+    with local_server_app(app) as url:
+        yield url, app
 
 
 def test_disconnect_mid_stream_cancels_the_work(server):
