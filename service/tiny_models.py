@@ -78,56 +78,48 @@ def _plant_sinks(projector_out: nn.Linear, embed: nn.Embedding, bos_id: int | No
                 embed.weight[bos_id, dim] = BOS_SINK_SCALE
 
 
-def bench_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
-    """``bench-random/llava``: LLaVA-1.5's token layout (336 px, 14 px patches: 576 image tokens) with a
-    small random decoder (8 layers, hidden 512, 8 heads), sized for timing runs on a laptop CPU."""
+def random_llava(
+    vision: dict, text: dict, image_side: int, std: float, seed: int
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
+    """A random llava-hf model with planted sinks, its byte-level tokenizer and a PIL CLIP processor."""
     tokenizer = byte_level_tokenizer(LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>")
-    vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        image_size=336, patch_size=14, projection_dim=64,
-    )
-    text = LlamaConfig(
-        hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=len(tokenizer), max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3,
-    )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_config=CLIPVisionConfig(image_size=image_side, **vision),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=3, **text),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
     config.pad_token_id = 3
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    _spread_weights(model, std=0.05, seed=seed)
+    _spread_weights(model, std=std, seed=seed)
     _plant_sinks(model.model.multi_modal_projector.linear_2, model.model.language_model.embed_tokens, 1)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 3, 2
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_side}, crop_size={"height": image_side, "width": image_side}
+    )
     return model.eval(), tokenizer, processor
 
 
 def tiny_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
-    tokenizer = byte_level_tokenizer(LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>")
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIDE, patch_size=8, projection_dim=32,
+    """``tiny-random/llava``: 16 image tokens (4x4), 6 layers, hidden 64."""
+    return random_llava(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8, projection_dim=32),
+        text=dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  num_key_value_heads=HEADS, max_position_embeddings=2048),
+        image_side=IMAGE_SIDE, std=0.25, seed=seed,
     )
-    text = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, vocab_size=len(tokenizer), max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+
+
+def bench_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
+    """``bench-random/llava``: LLaVA-1.5's token layout (336 px, 14 px patches: 576 image tokens) with a
+    small random decoder (8 layers, hidden 512, 8 heads), sized for timing runs on a laptop CPU."""
+    return random_llava(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=14, projection_dim=64),
+        text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, max_position_embeddings=4096),
+        image_side=336, std=0.05, seed=seed,
     )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    config.pad_token_id = 3
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    _spread_weights(model, std=0.25, seed=seed)
-    _plant_sinks(model.model.multi_modal_projector.linear_2, model.model.language_model.embed_tokens, 1)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 3, 2
-    processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE})
-    return model.eval(), tokenizer, processor
 
 
 def tiny_qwen2_vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
