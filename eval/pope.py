@@ -86,16 +86,21 @@ def builtin_questions(split: str, version: str = "current") -> list[PopeQuestion
 
 def load_hf_dataset(source: Any, split: str | None = None) -> list[PopeQuestion]:
     """Rows with lmms-lab/POPE columns (``question_id, question, answer, image_source, image, category``):
-    a ``datasets.Dataset``, or a folder saved with ``save_to_disk``. Images stay in the dataset."""
+    a ``datasets.Dataset``, or a folder saved with ``save_to_disk``. The image is the file
+    ``image_source`` (``.jpg`` added when it has no suffix) in the image folder; the embedded images are
+    not decoded."""
     if isinstance(source, (str, Path)):
         from datasets import load_from_disk
 
         source = load_from_disk(str(source))
+    if "image" in source.column_names:
+        source = source.remove_columns("image")
     rows = []
     for row in source:
         if split is not None and row["category"] != split:
             continue
-        rows.append(PopeQuestion(row["question_id"], row["image_source"], row["question"], row["answer"].strip().lower(), row["category"]))
+        image = row["image_source"] if Path(row["image_source"]).suffix else f"{row['image_source']}.jpg"
+        rows.append(PopeQuestion(row["question_id"], image, row["question"], row["answer"].strip().lower(), row["category"]))
     return rows
 
 

@@ -141,6 +141,7 @@ class BenchmarkSpec:
     limit: int | None = None
     prompt: str = "plain"
     questions: Path | None = None
+    dataset: Path | None = None  # a datasets folder with lmms-lab/POPE columns
     gt: Path | None = None
     lemmatizer: str = "builtin"
     max_new_tokens: int | None = None
@@ -156,10 +157,12 @@ def benchmark_items(spec: BenchmarkSpec) -> list[EvalItem]:
         return chair_items(spec.images, spec.limit)
     questions = []
     for split in spec.splits:
-        loaded = (
-            pope.load_questions(spec.questions / f"coco_pope_{split}.json", split)
-            if spec.questions else pope.builtin_questions(split)
-        )
+        if spec.dataset is not None:
+            loaded = pope.load_hf_dataset(spec.dataset, split)
+        elif spec.questions is not None:
+            loaded = pope.load_questions(spec.questions / f"coco_pope_{split}.json", split)
+        else:
+            loaded = pope.builtin_questions(split)
         questions += loaded[: spec.limit]
     return pope_items(questions, spec.images, spec.prompt)
 

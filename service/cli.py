@@ -84,7 +84,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         benchmark=args.benchmark, images=Path(args.images), limit=args.limit, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         **(
-            {"splits": tuple(args.split), "prompt": args.prompt, "questions": Path(args.questions) if args.questions else None}
+            {"splits": tuple(args.split), "prompt": args.prompt, "questions": Path(args.questions) if args.questions else None,
+             "dataset": Path(args.dataset) if args.dataset else None}
             if args.benchmark == "pope" else {"gt": Path(args.gt) if args.gt else None, "lemmatizer": args.lemmatizer}
         ),
     )
@@ -139,7 +140,10 @@ def cmd_score_pope(args: argparse.Namespace) -> int:
 
 def cmd_score_chair(args: argparse.Namespace) -> int:
     scorer = chair.ChairScorer(lemmatizer=args.lemmatizer)
-    gt = chair.load_ground_truth(args.gt, variant=args.gt_variant)
+    if args.coco_instances:
+        gt = chair.ground_truth_from_coco(args.coco_instances, args.coco_captions or [], scorer)
+    else:
+        gt = chair.load_ground_truth(args.gt, variant=args.gt_variant)
     result = scorer.score(chair.read_captions(args.captions), gt, per_caption=args.per_caption)
     print(json.dumps(result, indent=2))
     return 0
@@ -187,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pope":
             e.add_argument("--split", nargs="+", default=list(pope.SPLITS), choices=pope.SPLITS)
             e.add_argument("--questions", help="folder with coco_pope_<split>.json (default: the shipped files)")
+            e.add_argument("--dataset", help="a datasets folder (save_to_disk) with lmms-lab/POPE columns")
             e.add_argument("--prompt", choices=sorted(pope.PROMPTS), default="plain")
         else:
             e.add_argument("--gt", help="image id -> objects JSON(.gz); default: the shipped COCO-2014 file")
@@ -233,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--captions", required=True)
     sc.add_argument("--gt", help="image id -> objects JSON(.gz); default: the shipped COCO-2014 file")
     sc.add_argument("--gt-variant", choices=["nltk", "pattern"], default="nltk")
+    sc.add_argument("--coco-instances", nargs="+", help="COCO instances_*.json: build ground truth from annotations")
+    sc.add_argument("--coco-captions", nargs="+", help="COCO captions_*.json whose objects join the ground truth")
     sc.add_argument("--lemmatizer", choices=["builtin", "nltk"], default="builtin")
     sc.add_argument("--per-caption", action="store_true")
     sc.set_defaults(func=cmd_score_chair)

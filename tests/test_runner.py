@@ -79,3 +79,17 @@ def test_chair_eval_cli(image_dir, tmp_path, capsys):
     assert metrics["n"] == 3 and 0 <= metrics["CHAIR_I"] <= 100
     assert "CHAIR_S" in (tmp_path / "c" / "report.md").read_text()
     assert report.markdown_table(["a"], [["1"]]).startswith("| a |")
+
+
+def test_pope_eval_from_a_saved_lmms_lab_dataset(llava, image_dir, tmp_path):
+    from datasets import Dataset
+
+    questions = pope.builtin_questions("random")[:6]
+    rows = [{"question_id": str(q.question_id), "question": q.question, "answer": q.label.capitalize(),
+             "image_source": q.image.removesuffix(".jpg"), "category": "random"} for q in questions]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    spec = runner.BenchmarkSpec("pope", image_dir, ("random",), dataset=tmp_path / "ds", max_new_tokens=3)
+    items = runner.benchmark_items(spec)
+    assert [it.image.name for it in items] == [q.image for q in questions]
+    metrics = runner.run_benchmark(spec, EngineGenerator(llava), tmp_path / "out.jsonl", {}, progress=False)
+    assert metrics["splits"]["random"]["n"] == 6

@@ -105,3 +105,21 @@ def test_pope_loads_lmms_lab_columns_from_a_saved_dataset(tmp_path):
     loaded = pope.load_hf_dataset(tmp_path / "pope", split="random")
     assert [(q.question_id, q.label, q.split) for q in loaded] == [("0", "yes", "random"), ("1", "no", "random")]
     assert loaded[0].question == "Is there a dog in the image?"
+
+
+def test_chair_ground_truth_from_coco_annotation_files(tmp_path, capsys):
+    instances = {"categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+                 "annotations": [{"image_id": 7, "category_id": 18}, {"image_id": 8, "category_id": 1}]}
+    captions = {"annotations": [{"image_id": 7, "caption": "A man walks his dog."}, {"image_id": 8, "caption": "A woman on a bench."}]}
+    (tmp_path / "inst.json").write_text(json.dumps(instances))
+    (tmp_path / "caps.json").write_text(json.dumps(captions))
+    (tmp_path / "pred.jsonl").write_text(
+        json.dumps({"image_id": 7, "caption": "A dog and a man with a frisbee."}) + "\n"
+        + json.dumps({"image_id": "COCO_val2014_000000000008.jpg", "text": "A person on a bench."}) + "\n"
+    )
+    out = run_cli(capsys, "score", "chair", "--captions", str(tmp_path / "pred.jsonl"), "--per-caption",
+                  "--coco-instances", str(tmp_path / "inst.json"), "--coco-captions", str(tmp_path / "caps.json"))
+    first, second = out["captions"]
+    assert first["mscoco_gt_words"] == ["dog", "person"] and first["mscoco_hallucinated_words"] == [["frisbee", "frisbee"]]
+    assert second["mscoco_gt_words"] == ["bench", "person"] and second["mscoco_hallucinated_words"] == []
+    assert out["metrics"]["CHAIR_S"] == 50.0 and out["metrics"]["CHAIR_I"] == 20.0
