@@ -1,0 +1,51 @@
+"""The procedural shapes world and its POPE / CHAIR benchmarks follow the real protocols."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from eval import chair, pope, shapes
+
+
+def test_benchmark_follows_the_pope_protocol(tmp_path):
+    counts = shapes.write_benchmark(tmp_path, n_images=120, seed=7)
+    gt = {int(k): set(v) for k, v in json.loads((tmp_path / "chair/gt.json").read_text()).items()}
+    by_image = {shapes.image_name(i): objs for i, objs in gt.items()}
+    for split in pope.SPLITS:
+        questions = pope.load_questions(tmp_path / "pope" / f"shapes_pope_{split}.json")
+        assert len(questions) == counts[split] and len(questions) % 2 == 0
+        labels = Counter(q.label for q in questions)
+        assert labels["yes"] == labels["no"]  # 50% yes
+        per_image = Counter(q.image for q in questions)
+        assert set(per_image.values()) <= {2, 4, 6} and max(per_image.values()) == 6
+        for q in questions:
+            name = q.question.split(" ")[3]
+            assert (name in by_image[q.image]) == (q.label == "yes")
+            assert (tmp_path / "images" / q.image).is_file()
+    # adversarial negatives are the positives' frequent partners far more often than random ones
+    def partner_rate(split):
+        qs = pope.load_questions(tmp_path / "pope" / f"shapes_pope_{split}.json")
+        pairs = [(qs[i].question.split(" ")[3], qs[i + 1].question.split(" ")[3]) for i in range(0, len(qs), 2)]
+        return sum(shapes.PARTNERS[p] == n for p, n in pairs) / len(pairs)
+    assert partner_rate("adversarial") > 2 * partner_rate("random")
+
+
+def test_world_statistics_and_determinism():
+    scenes = shapes.generate_scenes(400, seed=3)
+    assert all(1 <= len(s.names) <= 6 for s in scenes)
+    with_partner = sum(shapes.PARTNERS[s.names[0]] in s.names for s in scenes if len(s.names) > 1)
+    assert with_partner / sum(len(s.names) > 1 for s in scenes) > 0.6
+    assert [s.objects for s in shapes.generate_scenes(20, seed=3)] == [s.objects for s in scenes[:20]]
+    assert shapes.render(scenes[0], 3).tobytes() == shapes.render(scenes[0], 3).tobytes()
+
+
+def test_captions_score_with_the_world_synonyms():
+    scenes = shapes.generate_scenes(50, seed=5)
+    scorer = chair.ChairScorer(synonyms=shapes.synonyms_text())
+    gt = {s.image_id: set(s.names) for s in scenes}
+    perfect = scorer.score([{"image_id": s.image_id, "caption": shapes.caption(s)} for s in scenes], gt)["metrics"]
+    assert perfect["CHAIR_I"] == 0 and perfect["Recall"] == 100
+    wrong = [{"image_id": s.image_id, "caption": shapes.caption(s) + " There is a red crescent."} for s in scenes]
+    hallucinated = scorer.score(wrong, gt)["metrics"]
+    assert hallucinated["CHAIR_S"] == 100 * sum("moon" not in s.names for s in scenes) / len(scenes)
