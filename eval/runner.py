@@ -122,10 +122,10 @@ def chair_items(images_dir: Path, limit: int | None = None, prompt: str = CHAIR_
 
 
 def score_chair_records(
-    records: list[dict[str, Any]], gt: chair.GroundTruth, lemmatizer: str = "builtin"
+    records: list[dict[str, Any]], gt: chair.GroundTruth, lemmatizer: str = "builtin", synonyms: str | None = None
 ) -> dict[str, Any]:
     captions = [{"image_id": r["image_id"], "caption": r["text"]} for r in records]
-    return chair.ChairScorer(lemmatizer=lemmatizer).score(captions, gt)["metrics"]
+    return chair.ChairScorer(lemmatizer=lemmatizer, synonyms=synonyms).score(captions, gt)["metrics"]
 
 
 DEFAULT_MAX_NEW_TOKENS = {"pope": 10, "chair": 512}
@@ -143,6 +143,8 @@ class BenchmarkSpec:
     questions: Path | None = None
     dataset: Path | None = None  # a datasets folder with lmms-lab/POPE columns
     gt: Path | None = None
+    synonyms: Path | None = None  # CHAIR synonym table (default: COCO's)
+    chair_prompt: str = CHAIR_PROMPT
     lemmatizer: str = "builtin"
     max_new_tokens: int | None = None
     batch_size: int = 8
@@ -154,17 +156,25 @@ class BenchmarkSpec:
 
 def benchmark_items(spec: BenchmarkSpec) -> list[EvalItem]:
     if spec.benchmark == "chair":
-        return chair_items(spec.images, spec.limit)
+        return chair_items(spec.images, spec.limit, spec.chair_prompt)
     questions = []
     for split in spec.splits:
         if spec.dataset is not None:
             loaded = pope.load_hf_dataset(spec.dataset, split)
         elif spec.questions is not None:
-            loaded = pope.load_questions(spec.questions / f"coco_pope_{split}.json", split)
+            loaded = pope.load_questions(pope_file(spec.questions, split), split)
         else:
             loaded = pope.builtin_questions(split)
         questions += loaded[: spec.limit]
     return pope_items(questions, spec.images, spec.prompt)
+
+
+def pope_file(folder: Path, split: str) -> Path:
+    """The question file of ``split`` in ``folder``: ``<prefix>_pope_<split>.json`` (e.g. coco_pope_random.json)."""
+    found = sorted(folder.glob(f"*pope_{split}.json"))
+    if len(found) != 1:
+        raise ValueError(f"questions: expected one *pope_{split}.json in {folder}, found {len(found)}")
+    return found[0]
 
 
 def score_records(spec: BenchmarkSpec, records: list[dict[str, Any]], gt: chair.GroundTruth | None = None) -> dict[str, Any]:
@@ -172,7 +182,8 @@ def score_records(spec: BenchmarkSpec, records: list[dict[str, Any]], gt: chair.
         return {}
     if spec.benchmark == "pope":
         return score_pope_records(records)
-    return score_chair_records(records, gt if gt is not None else chair.load_ground_truth(spec.gt), spec.lemmatizer)
+    synonyms = spec.synonyms.read_text() if spec.synonyms else None
+    return score_chair_records(records, gt if gt is not None else chair.load_ground_truth(spec.gt), spec.lemmatizer, synonyms)
 
 
 def run_benchmark(

@@ -49,3 +49,23 @@ def test_captions_score_with_the_world_synonyms():
     wrong = [{"image_id": s.image_id, "caption": shapes.caption(s) + " There is a red crescent."} for s in scenes]
     hallucinated = scorer.score(wrong, gt)["metrics"]
     assert hallucinated["CHAIR_S"] == 100 * sum("moon" not in s.names for s in scenes) / len(scenes)
+
+
+def test_the_evaluation_runner_loads_and_scores_the_shapes_benchmarks(tmp_path):
+    from eval import runner
+    from service.cli import EngineGenerator
+    from service.engine import Engine
+
+    shapes.write_benchmark(tmp_path / "bench", n_images=12, seed=11)
+    generator = EngineGenerator(Engine.from_pretrained("tiny-random/llava"))
+    pope_spec = runner.BenchmarkSpec("pope", tmp_path / "bench/images", questions=tmp_path / "bench/pope", max_new_tokens=3)
+    metrics = runner.run_benchmark(pope_spec, generator, tmp_path / "pope.jsonl", {"vhr": {}}, progress=False)
+    assert set(metrics["splits"]) == set(pope.SPLITS)
+    assert all(m["n"] == len(pope.load_questions(runner.pope_file(tmp_path / "bench/pope", s))) for s, m in metrics["splits"].items())
+    chair_spec = runner.BenchmarkSpec(
+        "chair", tmp_path / "bench/images", gt=tmp_path / "bench/chair/gt.json", synonyms=tmp_path / "bench/chair/synonyms.txt",
+        chair_prompt="Describe the image.", max_new_tokens=8,
+    )
+    records = runner.run_items(runner.benchmark_items(chair_spec), generator, tmp_path / "chair.jsonl", {}, 8, progress=False)
+    assert len(records) == 12 and records[0]["prompt"] == "Describe the image."
+    assert runner.score_records(chair_spec, records)["n"] == 12

@@ -1,0 +1,1 @@
+"""Training scripts (one-time steps whose outputs ship with the package)."""
