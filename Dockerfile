@@ -12,4 +12,4 @@ COPY configs ./configs
 RUN pip install --no-cache-dir .
 EXPOSE 8000
 ENTRYPOINT ["seeright", "serve", "--host", "0.0.0.0", "--port", "8000"]
-CMD ["--model", "tiny-random/llava"]
+CMD ["--model", "seeright/shapes-llava"]

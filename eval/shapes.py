@@ -43,6 +43,8 @@ COLORS = {
     "purple": (150, 60, 190), "orange": (240, 130, 30),
 }
 SIZE = 64
+DEFAULT_SEED = 1234  # the benchmark whose scores the README reports
+CAPTION_PROMPT = "Describe the image."  # the training captions' prompt, also the CHAIR prompt
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ def generate_scenes(n: int, seed: int, first_id: int = 1) -> list[Scene]:
     return [sample_scene(rng, first_id + i) for i in range(n)]
 
 
-def write_benchmark(out: Path, n_images: int = 300, seed: int = 1234) -> dict[str, int]:
+def write_benchmark(out: Path, n_images: int = 300, seed: int = DEFAULT_SEED) -> dict[str, int]:
     """Images, POPE question files per split, CHAIR ground truth and synonyms under ``out``."""
     scenes = generate_scenes(n_images, seed)
     (out / "images").mkdir(parents=True, exist_ok=True)

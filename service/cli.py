@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from eval import chair, pope
+from eval import chair, pope, shapes
 
 
 def _parse_intervention(spec: str) -> tuple[str, dict]:
@@ -100,6 +100,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_shapes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eval import shapes_results
+    from service.engine import Engine
+
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    configs = shapes_results.CONFIGS
+    if args.only:
+        configs = tuple(c for c in configs if c[0] in args.only)
+    results = shapes_results.run(
+        EngineGenerator(engine), Path(args.out), args.seed, args.images, configs, args.batch_size,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+    print(shapes_results.markdown(results))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from service import bench
 
@@ -154,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
-    srv.add_argument("--model", help="model id or folder (default tiny-random/llava)")
+    srv.add_argument("--model", help="model id or folder (default seeright/shapes-llava)")
     srv.add_argument("--config", help="YAML settings file (see configs/server.example.yaml)")
     srv.add_argument("--host")
     srv.add_argument("--port", type=int)
@@ -166,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="answer one prompt about images")
-    gen.add_argument("--model", default="tiny-random/llava")
+    gen.add_argument("--model", default="seeright/shapes-llava")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[])
     gen.add_argument("--intervention", action="append", default=[], metavar="NAME[:k=v,...]")
@@ -178,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="run POPE or CHAIR in-process, resumable").add_subparsers(dest="benchmark", required=True)
     for name in ("pope", "chair"):
         e = ev.add_parser(name)
-        e.add_argument("--model", default="tiny-random/llava", help="model id (in-process) or served model name")
+        e.add_argument("--model", required=True, help="model id or folder (in-process), or the served model name")
         e.add_argument("--endpoint", help="base URL of a running seeright server, e.g. http://127.0.0.1:8000")
         e.add_argument("--api-key", help="Bearer key for --endpoint")
         e.add_argument("--images", required=True, help="image folder (COCO val2014 file names)")
@@ -198,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--lemmatizer", choices=["builtin", "nltk"], default="builtin")
         e.add_argument("--max-new-tokens", type=int, help="default: 10 for POPE, 512 for CHAIR")
         e.set_defaults(func=cmd_eval)
+    es = ev.add_parser("shapes", help="the shapes results table: every method on shapes-POPE and shapes-CHAIR")
+    es.add_argument("--model", default="seeright/shapes-llava")
+    es.add_argument("--out", required=True)
+    es.add_argument("--seed", type=int, default=shapes.DEFAULT_SEED, help="benchmark seed (a fresh seed = fresh scenes)")
+    es.add_argument("--images", type=int, default=500, help="scenes in the benchmark")
+    es.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows (e.g. baseline var)")
+    es.add_argument("--batch-size", type=int, default=32)
+    es.add_argument("--device", default="cpu")
+    es.add_argument("--dtype", default="float32")
+    es.set_defaults(func=cmd_eval_shapes)
 
     bn = sub.add_parser("bench", help="cost of each intervention relative to a same-process baseline")
     bn.add_argument("--model", default="bench-random/llava")
@@ -215,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt = sub.add_parser("loadtest", help="bounded load on a loopback server: throughput, latency, errors, memory")
     lt.add_argument("--url", help="base URL of a running server on this machine (loopback only)")
     lt.add_argument("--spawn", action="store_true", help="start a server for the test instead (--model, --queue-size)")
-    lt.add_argument("--model", default="tiny-random/llava")
+    lt.add_argument("--model", default="seeright/shapes-llava")
     lt.add_argument("--queue-size", type=int, default=16)
     lt.add_argument("--max-batch-size", type=int, default=8)
     lt.add_argument("--requests", type=int, default=64)

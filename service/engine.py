@@ -27,6 +27,7 @@ from interventions.methods.base import RequestInputs, RowState
 from interventions.runtime import ForwardContext, Runtime, StopForward
 from service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
 from service.model_configs import ModelConfig, find_model_config
+from service.packaged_models import resolve_model_path
 from service.tiny_models import TINY_MODELS
 
 SEERIGHT_FILE = "seeright.json"
@@ -106,20 +107,20 @@ class Engine:
         dtype: str | torch.dtype = "float32",
         model_config: str | None = None,
     ) -> Engine:
-        """Load a built-in tiny model, a local folder or a hub id (llava-hf LLaVA, Qwen2-VL, Qwen2.5-VL)."""
+        """Load a built-in tiny model, a packaged trained model (``seeright/shapes-llava``), a local folder or a
+        hub id (llava-hf LLaVA, Qwen2-VL, Qwen2.5-VL)."""
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-        path = Path(model_id_or_path)
+        source = resolve_model_path(model_id_or_path)
+        path = Path(source)
         saved = json.loads((path / SEERIGHT_FILE).read_text()) if (path / SEERIGHT_FILE).is_file() else {}
         if model_id_or_path in TINY_MODELS:
             model, tokenizer, processor = TINY_MODELS[model_id_or_path]()
         else:
-            config = AutoConfig.from_pretrained(model_id_or_path)
+            config = AutoConfig.from_pretrained(source)
             adapter_class_for(config)  # fail early on an unsupported architecture
-            model = AutoModelForImageTextToText.from_pretrained(
-                model_id_or_path, dtype=torch_dtype, attn_implementation="sdpa"
-            ).eval()
-            tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, padding_side="left")
-            processor = AutoImageProcessor.from_pretrained(model_id_or_path, backend="pil")
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa").eval()
+            tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+            processor = AutoImageProcessor.from_pretrained(source, backend="pil")
         if torch_dtype != "auto":
             model = model.to(dtype=torch_dtype)
         model = model.to(device)

@@ -57,7 +57,7 @@ def test_resumed_run_equals_uninterrupted(llava, image_dir, tmp_path, benchmark)
 
 def test_eval_cli_writes_metrics_report_and_plot(image_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["eval", "pope", "--images", str(image_dir), "--out", str(out), "--split", "random", "--limit", "6",
+    argv = ["eval", "pope", "--model", "tiny-random/llava", "--images", str(image_dir), "--out", str(out), "--split", "random", "--limit", "6",
             "--intervention", "vhr:alpha=2.5", "--max-new-tokens", "4"]
     assert main(argv) == 0
     results = json.loads(capsys.readouterr().out)
@@ -73,7 +73,7 @@ def test_chair_eval_cli(image_dir, tmp_path, capsys):
     gt = tmp_path / "gt.json"
     ids = [chair.image_id_of(p.name) for p in image_dir.iterdir()]
     gt.write_text(json.dumps({str(i): ["dog", "person"] for i in ids}))
-    assert main(["eval", "chair", "--images", str(image_dir), "--out", str(tmp_path / "c"), "--limit", "3",
+    assert main(["eval", "chair", "--model", "tiny-random/llava", "--images", str(image_dir), "--out", str(tmp_path / "c"), "--limit", "3",
                  "--gt", str(gt), "--max-new-tokens", "8"]) == 0
     metrics = json.loads(capsys.readouterr().out)["baseline"]
     assert metrics["n"] == 3 and 0 <= metrics["CHAIR_I"] <= 100

@@ -90,7 +90,7 @@ def test_eval_against_a_running_server_equals_in_process(server, tmp_path, capsy
     images.mkdir()
     for i, name in enumerate(sorted({q.image for q in pope.builtin_questions("random")[:6]})):
         make_image(i).save(images / name)
-    common = ["eval", "pope", "--images", str(images), "--split", "random", "--limit", "6", "--max-new-tokens", "4",
+    common = ["eval", "pope", "--model", "tiny-random/llava", "--images", str(images), "--split", "random", "--limit", "6", "--max-new-tokens", "4",
               "--intervention", "vhr"]
     assert main([*common, "--out", str(tmp_path / "local")]) == 0
     local = json.loads(capsys.readouterr().out)

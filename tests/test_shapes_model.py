@@ -1,0 +1,94 @@
+"""The packaged ``seeright/shapes-llava``: loads with no download, answers from the image, matches stock
+generation with interventions off, serves by default, and the results command runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eval import runner, shapes, shapes_results
+from service.cli import EngineGenerator, main
+from service.engine import Engine
+
+MODEL = "seeright/shapes-llava"
+
+
+@pytest.fixture(scope="module")
+def shapes_engine() -> Engine:
+    return Engine.from_pretrained(MODEL)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.write_benchmark(out, n_images=40, seed=2024)  # a seed of its own, not the README's
+    return out
+
+
+def test_packaged_model_loads_with_its_config(shapes_engine):
+    assert shapes_engine.model_config.name == "shapes-llava"
+    assert shapes_engine.adapter.image_tokens_per_image() == 16
+
+
+def test_answers_are_grounded_in_the_image(shapes_engine, bench):
+    spec = shapes_results.specs(bench, batch_size=32)["pope"]
+    spec = runner.BenchmarkSpec(**{**spec.__dict__, "splits": ("random",)})
+    metrics = runner.run_benchmark(spec, EngineGenerator(shapes_engine), bench / "run.jsonl", {}, progress=False)
+    random_split = metrics["splits"]["random"]
+    assert random_split["n"] >= 100
+    assert random_split["accuracy"] >= 80  # a model that ignores the image sits near 50
+    assert 30 <= random_split["yes_ratio"] <= 70
+
+
+def test_captions_name_objects_in_the_image(shapes_engine, bench):
+    spec = shapes_results.specs(bench, batch_size=32)["chair"]
+    spec = runner.BenchmarkSpec(**{**spec.__dict__, "limit": 20})
+    metrics = runner.run_benchmark(spec, EngineGenerator(shapes_engine), bench / "captions.jsonl", {}, progress=False)
+    assert metrics["Recall"] >= 60 and metrics["CHAIR_I"] < 50
+
+
+def test_interventions_off_is_stock_generation(shapes_engine):
+    scene = shapes.generate_scenes(1, seed=5)[0]
+    image = shapes.render(scene, 5)
+    out = shapes_engine.generate(shapes.CAPTION_PROMPT, image=image, max_new_tokens=24)
+    prompt = f"USER: {'<image>' * 16}\n{shapes.CAPTION_PROMPT} ASSISTANT:"
+    inputs = shapes_engine.tokenizer(prompt, return_tensors="pt")
+    pixels = shapes_engine.adapter.image_processor([image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        stock = shapes_engine.model.generate(**inputs, pixel_values=pixels, max_new_tokens=24, do_sample=False)
+    expected = stock[0, inputs["input_ids"].shape[1] :].tolist()
+    assert out.token_ids == expected[: len(out.token_ids)]
+    assert len(out.token_ids) == len(expected) or expected[len(out.token_ids)] == shapes_engine.tokenizer.eos_token_id
+
+
+def test_serve_defaults_to_the_shapes_model():
+    from service.settings import Settings
+
+    assert Settings().model == MODEL
+
+
+def test_results_command_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["eval", "shapes", "--out", str(out), "--images", "12", "--seed", "3", "--only", "baseline", "vhr"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n| baseline |") == 1 and table.count("\n| vhr |") == 1
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"baseline", "vhr"}
+    assert results["methods"]["vhr"]["pope"]["splits"]["adversarial"]["n"] == results["questions"]["adversarial"]
+    assert (out / "results.md").read_text() + "\n" == table
+
+
+def test_inspection_measures_sinks_and_vision_aware_heads(shapes_engine):
+    from training.inspect_shapes import inspect
+
+    attention = shapes_engine.model.config.text_config._attn_implementation
+    result = inspect(shapes_engine, n=4, seed=1, tau=4.0)
+    assert result["samples"] == 4 and len(result["layers"]) == 4
+    for layer in result["layers"]:
+        assert len(layer["vhd"]) == 4 and all(v > 0 for v in layer["vhd"])  # the image changes every head
+        assert all(0 < a < 1 for a in layer["image_attention"])
+        assert 0 < layer["top_dims"][0]["max_xhat"] <= result["max_possible_xhat"]
+    assert shapes_engine.model.config.text_config._attn_implementation == attention  # restored afterwards
