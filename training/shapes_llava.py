@@ -7,9 +7,10 @@
    objects are present. Image tokens then carry object identity before the language model sees them.
 2. Projector warm start: the MLP projector starts as that per-patch classifier followed by a lookup of
    the object names' word embeddings, so an image token looks like the words of what it shows, and a
-   background token like ``<pad>``. Without it the decoder learns grounding about twice as slowly.
+   background token like ``<pad>`` (``--no-warm-start`` keeps the random init, for the ablation).
 3. Language stage (tower frozen): the decoder (from scratch) and projector learn yes/no questions, then
-   captions join at ``--caption-share``. Answers are the only supervised tokens.
+   captions join at ``--caption-share``. Answers are the only supervised tokens. The learning rate
+   matters most: 1e-3 stalls near 0.8 held-out accuracy, 3e-4 passes 0.9.
 Captions list objects in drawing order, so a partner tends to follow its object in text: the language
 prior that makes the model hallucinate partners. Yes/no negatives are random absent objects.
 """
