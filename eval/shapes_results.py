@@ -10,11 +10,12 @@ questions are not independent), so runs on different seeds can be compared again
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from eval import pope, report, runner, shapes
 
@@ -47,20 +48,34 @@ def specs(bench: Path, batch_size: int) -> dict[str, runner.BenchmarkSpec]:
     }
 
 
-def bootstrap_halfwidth(records: list[dict[str, Any]], split: str, rounds: int = 1000, seed: int = 0) -> float:
-    """Half the width of the 95% bootstrap interval of a split's accuracy (in points), resampling images."""
-    by_image: dict[str, list[bool]] = {}
+def noise(records: list[dict[str, Any]], rounds: int = 1000) -> dict[str, Any]:
+    """95% half-widths of each split's accuracy, and the random - adversarial accuracy gap with its own
+    half-width. A bootstrap over images: a scene's questions move together, and the gap is paired (both
+    splits ask about the same images and positives)."""
+    splits = list(pope.SPLITS)
+    images = sorted({r["image"] for r in records})
+    row = {image: i for i, image in enumerate(images)}
+    hits, counts = np.zeros((len(images), len(splits))), np.zeros((len(images), len(splits)))
     for r in records:
-        if r["split"] == split:
-            by_image.setdefault(r["image"], []).append(pope.parse_official(r["text"]) == r["label"])
-    groups = [(sum(v), len(v)) for v in by_image.values()]
-    rng = random.Random(seed)
-    accs = []
-    for _ in range(rounds):
-        sample = rng.choices(groups, k=len(groups))
-        accs.append(100 * sum(c for c, _ in sample) / sum(n for _, n in sample))
-    accs.sort()
-    return (accs[int(0.975 * rounds) - 1] - accs[int(0.025 * rounds)]) / 2
+        cell = row[r["image"]], splits.index(r["split"])
+        hits[cell] += pope.parse_official(r["text"]) == r["label"]
+        counts[cell] += 1
+    draws = np.random.default_rng(0).integers(0, len(images), size=(rounds, len(images)))
+    acc = 100 * hits[draws].sum(1) / np.maximum(counts[draws].sum(1), 1)  # [rounds, splits]
+    gap = acc[:, splits.index("random")] - acc[:, splits.index("adversarial")]
+
+    def half_width(values: np.ndarray) -> float:
+        low, high = np.percentile(values, [2.5, 97.5])
+        return round(float(high - low) / 2, 2)
+
+    observed = 100 * hits.sum(0) / np.maximum(counts.sum(0), 1)
+    return {
+        "interval95": {s: half_width(acc[:, i]) for i, s in enumerate(splits)},
+        "adversarial_gap": {
+            "points": round(float(observed[splits.index("random")] - observed[splits.index("adversarial")]), 2),
+            "interval95": half_width(gap),
+        },
+    }
 
 
 def run(
@@ -85,8 +100,7 @@ def run(
             path = runs / label.replace(" ", "_").replace("=", "-") / f"{name}.jsonl"
             row[name] = runner.run_benchmark(spec, generator, path, interventions, progress=progress)
             if name == "pope":
-                records = runner.read_done(path)
-                row["pope"]["interval95"] = {s: round(bootstrap_halfwidth(records, s), 2) for s in pope.SPLITS}
+                row["pope"].update(noise(runner.read_done(path)))
         row["seconds"] = round(time.perf_counter() - start, 1)
         results["methods"][label] = row
         log(f"{label}: {row['seconds']} s")
@@ -112,12 +126,16 @@ def markdown(results: dict[str, Any]) -> str:
         rows.append(cells)
     n = results["questions"]
     base = results["methods"].get("baseline")
-    noise = ""
+    noise_line = ""
     if base is not None:
         widths = ", ".join(f"{s} ±{base['pope']['interval95'][s]:.1f}" for s in splits)
-        noise = f"95% interval of baseline accuracy (bootstrap over images): {widths} points.\n"
+        gap = base["pope"]["adversarial_gap"]
+        noise_line = (
+            f"95% intervals of baseline accuracy (bootstrap over images): {widths} points; "
+            f"random - adversarial accuracy: {gap['points']:.1f} ±{gap['interval95']:.1f} points.\n"
+        )
     head = (
         f"shapes benchmark, seed {results['seed']}, {results['images']} images, "
-        f"{n['random']} / {n['popular']} / {n['adversarial']} POPE questions.\n{noise}\n"
+        f"{n['random']} / {n['popular']} / {n['adversarial']} POPE questions.\n{noise_line}\n"
     )
     return head + report.markdown_table(header, rows)

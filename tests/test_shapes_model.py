@@ -78,6 +78,12 @@ def test_results_command_writes_the_table(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"baseline", "vhr"}
     assert results["methods"]["vhr"]["pope"]["splits"]["adversarial"]["n"] == results["questions"]["adversarial"]
+    gap = results["methods"]["baseline"]["pope"]["adversarial_gap"]
+    splits = results["methods"]["baseline"]["pope"]["splits"]
+    assert gap["points"] == pytest.approx(splits["random"]["accuracy"] - splits["adversarial"]["accuracy"], abs=0.05)
+    intervals = results["methods"]["baseline"]["pope"]["interval95"]
+    assert set(intervals) == {"random", "popular", "adversarial"}
+    assert min(intervals.values()) >= 0 and gap["interval95"] >= 0
     assert (out / "results.md").read_text() + "\n" == table
 
 
