@@ -98,9 +98,12 @@ def run(
         row: dict[str, Any] = {}
         for name, spec in specs(bench, batch_size).items():
             path = runs / label.replace(" ", "_").replace("=", "-") / f"{name}.jsonl"
-            row[name] = runner.run_benchmark(spec, generator, path, interventions, progress=progress)
+            records = runner.run_items(
+                runner.benchmark_items(spec), generator, path, interventions, spec.new_tokens, spec.batch_size, progress
+            )
+            row[name] = runner.score_records(spec, records)
             if name == "pope":
-                row["pope"].update(noise(runner.read_done(path)))
+                row["pope"].update(noise(records))
         row["seconds"] = round(time.perf_counter() - start, 1)
         results["methods"][label] = row
         log(f"{label}: {row['seconds']} s")
@@ -111,7 +114,7 @@ def run(
 
 def markdown(results: dict[str, Any]) -> str:
     """One row per configuration: POPE accuracy / F1 / yes-ratio per split, then CHAIR."""
-    splits = ("random", "popular", "adversarial")
+    splits = pope.SPLITS
     header = ["method"]
     for split in splits:
         header += [f"{split} acc", f"{split} F1", f"{split} yes%"]

@@ -109,6 +109,9 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     configs = shapes_results.CONFIGS
     if args.only:
+        unknown = sorted(set(args.only) - {label for label, _ in configs})
+        if unknown:
+            raise ValueError(f"only: unknown rows {unknown}; have {[label for label, _ in configs]}")
         configs = tuple(c for c in configs if c[0] in args.only)
     results = shapes_results.run(
         EngineGenerator(engine), Path(args.out), args.seed, args.images, configs, args.batch_size,

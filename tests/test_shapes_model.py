@@ -4,6 +4,7 @@ generation with interventions off, serves by default, and the results command ru
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_packaged_model_loads_with_its_config(shapes_engine):
 
 def test_answers_are_grounded_in_the_image(shapes_engine, bench):
     spec = shapes_results.specs(bench, batch_size=32)["pope"]
-    spec = runner.BenchmarkSpec(**{**spec.__dict__, "splits": ("random",)})
+    spec = replace(spec, splits=("random",))
     metrics = runner.run_benchmark(spec, EngineGenerator(shapes_engine), bench / "run.jsonl", {}, progress=False)
     random_split = metrics["splits"]["random"]
     assert random_split["n"] >= 100
@@ -44,7 +45,7 @@ def test_answers_are_grounded_in_the_image(shapes_engine, bench):
 
 def test_captions_name_objects_in_the_image(shapes_engine, bench):
     spec = shapes_results.specs(bench, batch_size=32)["chair"]
-    spec = runner.BenchmarkSpec(**{**spec.__dict__, "limit": 20})
+    spec = replace(spec, limit=20)
     metrics = runner.run_benchmark(spec, EngineGenerator(shapes_engine), bench / "captions.jsonl", {}, progress=False)
     assert metrics["Recall"] >= 60 and metrics["CHAIR_I"] < 50
 
@@ -85,6 +86,8 @@ def test_results_command_writes_the_table(tmp_path, capsys):
     assert set(intervals) == {"random", "popular", "adversarial"}
     assert min(intervals.values()) >= 0 and gap["interval95"] >= 0
     assert (out / "results.md").read_text() + "\n" == table
+    assert main([*argv[:-2], "no-such-row"]) == 2  # an unknown --only label is an error, not an empty table
+    assert "only: unknown rows ['no-such-row']" in capsys.readouterr().err
 
 
 def test_inspection_measures_sinks_and_vision_aware_heads(shapes_engine):

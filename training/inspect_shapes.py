@@ -25,10 +25,11 @@ import torch
 
 from eval import shapes
 from interventions.adapters.base import ChatTurn
+from interventions.layout import TokenLayout
 from service.engine import Engine
 
 
-def _encode(engine: Engine, question: str, image) -> dict[str, torch.Tensor]:
+def _encode(engine: Engine, question: str, image) -> tuple[dict[str, torch.Tensor], TokenLayout]:
     turns = [ChatTurn("user", question, 1 if image is not None else 0)]
     enc = engine.adapter.encode(turns, [image] if image is not None else [])
     return {"input_ids": enc.input_ids[None], **enc.images}, enc.layout
@@ -63,7 +64,7 @@ def inspect(engine: Engine, n: int, seed: int, tau: float) -> dict:
     layers = model.model.language_model.layers
     heads = text_cfg.num_attention_heads
     rng = random.Random(seed)
-    scenes = [s for s in shapes.generate_scenes(4 * n, seed) if len(s.names) >= 1][:n]
+    scenes = shapes.generate_scenes(n, seed)
     max_xhat = torch.zeros(len(layers), text_cfg.hidden_size)
     above = torch.zeros(len(layers), text_cfg.hidden_size)
     bos_max = torch.zeros(len(layers), text_cfg.hidden_size)
