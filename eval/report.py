@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 POPE_COLUMNS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 CHAIR_COLUMNS = ("CHAIR_S", "CHAIR_I", "Recall", "Len")
@@ -43,7 +46,11 @@ def write_report(out_dir: Path, benchmark: str, results: dict[str, dict[str, Any
 
 
 def _plot(path: Path, values: dict[str, float], title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # serving installs leave out the plots: pip install "seeright[eval]"
+        log.warning("no plot %s: matplotlib is not installed (pip install 'seeright[eval]')", path)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

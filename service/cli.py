@@ -7,7 +7,12 @@ import json
 import sys
 from collections.abc import Sequence
 
-from eval import chair, pope, shapes
+from eval import chair, pope
+from interventions.registry import MethodRegistry
+from testbed import world as shapes
+
+
+_METHODS_HELP = "a method and its parameters (repeatable); methods: " + ", ".join(MethodRegistry.builtin())
 
 
 def _parse_intervention(spec: str) -> tuple[str, dict]:
@@ -51,22 +56,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-class EngineGenerator:
-    """The evaluation runner's generator interface over an in-process Engine (greedy decoding)."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-
-    def generate(self, prompts, images, interventions, max_new_tokens):
-        from service.engine import GenerationRequest
-
-        requests = [
-            GenerationRequest(prompt=p, images=[im], interventions=interventions, max_new_tokens=max_new_tokens)
-            for p, im in zip(prompts, images)
-        ]
-        return [out.text for out in self.engine.generate_batch(requests)]
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -77,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         generator = HttpGenerator(args.endpoint, args.model, api_key=args.api_key)
     else:
-        from service.engine import Engine
+        from service.engine import Engine, EngineGenerator
 
         generator = EngineGenerator(Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype))
     spec = runner.BenchmarkSpec(
@@ -103,18 +92,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from eval import shapes_results
-    from service.engine import Engine
+    from testbed import results as shapes_results
+    from service.engine import Engine, EngineGenerator
 
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    configs = shapes_results.CONFIGS
+    rows = shapes_results.configs(engine.methods)
     if args.only:
-        unknown = sorted(set(args.only) - {label for label, _ in configs})
+        unknown = sorted(set(args.only) - {label for label, _ in rows})
         if unknown:
-            raise ValueError(f"only: unknown rows {unknown}; have {[label for label, _ in configs]}")
-        configs = tuple(c for c in configs if c[0] in args.only)
+            raise ValueError(f"only: unknown rows {unknown}; have {[label for label, _ in rows]}")
+        rows = tuple(c for c in rows if c[0] in args.only)
     results = shapes_results.run(
-        EngineGenerator(engine), Path(args.out), args.seed, args.images, configs, args.batch_size,
+        EngineGenerator(engine), Path(args.out), args.seed, args.images, rows, args.batch_size,
         log=lambda msg: print(msg, file=sys.stderr),
     )
     print(shapes_results.markdown(results))
@@ -122,7 +111,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from service import bench
+    from tools import bench
 
     result = bench.run_bench(
         args.model, args.new_tokens, args.reps, args.warmup, args.device, args.dtype,
@@ -136,7 +125,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     import asyncio
     from contextlib import nullcontext
 
-    from service.loadtest import LoadConfig, local_server, run_load
+    from tools.loadtest import LoadConfig, local_server, run_load
     from service.settings import Settings
 
     spawn = local_server(Settings(model=args.model, queue_size=args.queue_size, max_batch_size=args.max_batch_size)) if args.spawn else nullcontext(args.url)
@@ -173,7 +162,12 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seeright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_serve, _add_generate, _add_eval, _add_bench, _add_loadtest, _add_score):
+        add(sub)
+    return parser
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     srv.add_argument("--model", help="model id or folder (default seeright/shapes-llava)")
     srv.add_argument("--config", help="YAML settings file (see configs/server.example.yaml)")
@@ -186,16 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     srv.set_defaults(func=cmd_serve)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="answer one prompt about images")
     gen.add_argument("--model", default="seeright/shapes-llava")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[])
-    gen.add_argument("--intervention", action="append", default=[], metavar="NAME[:k=v,...]")
+    gen.add_argument("--intervention", action="append", default=[], metavar="NAME[:k=v,...]", help=_METHODS_HELP)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="run POPE or CHAIR in-process, resumable").add_subparsers(dest="benchmark", required=True)
     for name in ("pope", "chair"):
         e = ev.add_parser(name)
@@ -205,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--images", required=True, help="image folder (COCO val2014 file names)")
         e.add_argument("--out", required=True)
         e.add_argument("--limit", type=int, help="first N questions per split / images")
-        e.add_argument("--intervention", action="append", default=[], metavar="NAME[:k=v,...]")
+        e.add_argument("--intervention", action="append", default=[], metavar="NAME[:k=v,...]", help=_METHODS_HELP)
         e.add_argument("--batch-size", type=int, default=8)
         e.add_argument("--device", default="cpu")
         e.add_argument("--dtype", default="float32")
@@ -230,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--dtype", default="float32")
     es.set_defaults(func=cmd_eval_shapes)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     bn = sub.add_parser("bench", help="cost of each intervention relative to a same-process baseline")
     bn.add_argument("--model", default="bench-random/llava")
     bn.add_argument("--new-tokens", type=int, default=64)
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-reference", action="store_true", help="skip timing the literal reference loops")
     bn.set_defaults(func=cmd_bench)
 
+
+def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     lt = sub.add_parser("loadtest", help="bounded load on a loopback server: throughput, latency, errors, memory")
     lt.add_argument("--url", help="base URL of a running server on this machine (loopback only)")
     lt.add_argument("--spawn", action="store_true", help="start a server for the test instead (--model, --queue-size)")
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--api-key")
     lt.set_defaults(func=cmd_loadtest)
 
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
     score = sub.add_parser("score", help="score existing prediction files").add_subparsers(dest="benchmark", required=True)
     sp = score.add_parser("pope", help="POPE answers JSONL (question_id, text)")
     sp.add_argument("--answers", required=True)
@@ -274,7 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--lemmatizer", choices=["builtin", "nltk"], default="builtin")
     sc.add_argument("--per-caption", action="store_true")
     sc.set_defaults(func=cmd_score_chair)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

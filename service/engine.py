@@ -21,14 +21,13 @@ from PIL import Image
 from pydantic import ValidationError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, adapter_class_for
-from interventions.methods import METHODS
+from interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, adapter_class_for
 from interventions.methods.base import RequestInputs, RowState
+from interventions.registry import MethodRegistry
 from interventions.runtime import ForwardContext, Runtime, StopForward
+from model_zoo import builtin_model, resolve_model_path
 from service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
 from service.model_configs import ModelConfig, find_model_config
-from service.packaged_models import resolve_model_path
-from service.tiny_models import TINY_MODELS
 
 SEERIGHT_FILE = "seeright.json"
 
@@ -84,7 +83,13 @@ class Engine:
     """A loaded VLM with the intervention runtime installed."""
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, image_processor: Any, model_id: str, model_config: ModelConfig
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        image_processor: Any,
+        model_id: str,
+        model_config: ModelConfig,
+        methods: MethodRegistry | None = None,
     ) -> None:
         adapter_cls = adapter_class_for(model.config)
         self.model = model
@@ -94,7 +99,8 @@ class Engine:
         self.adapter: ModelAdapter = adapter_cls(model, tokenizer, image_processor)
         self.info = self.adapter.info
         self.runtime = Runtime(model, self.adapter)
-        self.methods = dict(METHODS)  # name -> method; the benchmark swaps in reference versions
+        self.methods = methods if methods is not None else MethodRegistry.builtin()
+        self.passes = EnginePasses(self)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -106,15 +112,18 @@ class Engine:
         device: str = "cpu",
         dtype: str | torch.dtype = "float32",
         model_config: str | None = None,
+        methods: MethodRegistry | None = None,
     ) -> Engine:
-        """Load a built-in tiny model, a packaged trained model (``seeright/shapes-llava``), a local folder or a
-        hub id (llava-hf LLaVA, Qwen2-VL, Qwen2.5-VL)."""
+        """Load a built-in model of ``model_zoo`` (tiny random models, ``seeright/shapes-llava``), a local
+        folder or a hub id (llava-hf LLaVA, Qwen2-VL, Qwen2.5-VL). ``methods`` defaults to the built-in
+        registry plus installed plug-ins."""
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
         source = resolve_model_path(model_id_or_path)
         path = Path(source)
         saved = json.loads((path / SEERIGHT_FILE).read_text()) if (path / SEERIGHT_FILE).is_file() else {}
-        if model_id_or_path in TINY_MODELS:
-            model, tokenizer, processor = TINY_MODELS[model_id_or_path]()
+        built = builtin_model(model_id_or_path)
+        if built is not None:
+            model, tokenizer, processor = built
         else:
             config = AutoConfig.from_pretrained(source)
             adapter_class_for(config)  # fail early on an unsupported architecture
@@ -126,7 +135,7 @@ class Engine:
         model = model.to(device)
         family = adapter_class_for(model.config).family
         chosen = model_config or saved.get("model_config")
-        return cls(model, tokenizer, processor, model_id_or_path, find_model_config(model_id_or_path, family, chosen))
+        return cls(model, tokenizer, processor, model_id_or_path, find_model_config(model_id_or_path, family, chosen), methods)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save model, tokenizer and image processor so that ``from_pretrained(path)`` reloads them."""
@@ -180,13 +189,13 @@ class Engine:
     ) -> list[GenerationOutput]:
         start = time.perf_counter()
         inputs = [RequestInputs(turns=r.chat(), images=list(r.images)) for r in requests]
-        states = [self.bind(r.interventions, inp, i) for i, (r, inp) in enumerate(zip(requests, inputs))]
+        states = [self.bind(r.interventions, inp) for r, inp in zip(requests, inputs)]
         self._decoding_checks(requests)
         with torch.inference_mode():
             for method in self.methods.values():
                 users = [s for row in states for s in row if s.hooks is method]
                 if users:
-                    method.rewrite(users, self)
+                    method.rewrite(users, self.passes)
             for i, inp in enumerate(inputs):
                 try:
                     inp.prompt = self.encode(inp.turns, inp.images)
@@ -195,7 +204,7 @@ class Engine:
             for method in self.methods.values():
                 users = [s for row in states for s in row if s.hooks is method]
                 if users:
-                    method.prepare(users, self)
+                    method.prepare(users, self.passes)
             prepared = time.perf_counter()
             rows = [RowDecoding(r.max_new_tokens, r.temperature, r.top_p, r.seed, tuple(r.stop)) for r in requests]
             want_logprobs = any(r.logprobs for r in requests)
@@ -219,26 +228,42 @@ class Engine:
         self._decoding_checks([request])
 
     # ---- stages ----------------------------------------------------------------------------------
-    def bind(self, interventions: dict[str, dict[str, Any]], request: RequestInputs, index: int = 0) -> list[RowState]:
-        """Validate a request's interventions against the model; one state per method, in method order."""
+    def method_defaults(self, name: str) -> dict[str, Any]:
+        """A method's defaults on this model, lowest first: the method's rules derived from the model,
+        then the model config's entry (see :class:`~interventions.methods.base.Method`)."""
+        method = self.methods[name]
+        return {**method.defaults(self.info), **_given(self.model_config.methods.get(name))}
+
+    def resolve_params(self, interventions: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Each requested method's parameters, validated and completed with this model's defaults, in method
+        order; a :class:`RequestError` names the offending field."""
         unknown = sorted(set(interventions) - set(self.methods))
         if unknown:
             raise RequestError("interventions", f"unknown method(s) {unknown}; available: {sorted(self.methods)}")
-        request.editing = tuple(n for n, m in self.methods.items() if n in interventions and m.edits_generation)
-        states = []
-        for name, method in self.methods.items():
-            if name not in interventions:
-                continue
-            given = interventions[name] or {}
+        resolved = {}
+        for name in (n for n in self.methods if n in interventions):
+            method, given = self.methods[name], interventions[name] or {}
             if not isinstance(given, dict):
                 raise RequestError(f"interventions.{name}", "parameters must be an object")
             try:
-                params = method.params_model(**{**self.model_config.methods.get(name, {}), **given})
-                states.append(method.new_state(params, self.info, request))
+                resolved[name] = method.check(method.params_model(**{**self.method_defaults(name), **_given(given)}), self.info)
             except ValidationError as exc:
                 err = exc.errors()[0]
                 where = ".".join(str(x) for x in err["loc"])
                 raise RequestError(f"interventions.{name}.{where}", err["msg"]) from exc
+            except ValueError as exc:
+                raise RequestError(f"interventions.{name}", str(exc)) from exc
+        return resolved
+
+    def bind(self, interventions: dict[str, dict[str, Any]], request: RequestInputs) -> list[RowState]:
+        """Validate a request's interventions against the model and its inputs; one state per method, in
+        method order."""
+        resolved = self.resolve_params(interventions)
+        editing = frozenset(n for n in resolved if self.methods[n].edits_generation)
+        states = []
+        for name, params in resolved.items():
+            try:
+                states.append(self.methods[name].new_state(params, self.info, request, editing - {name}))
             except ValueError as exc:
                 raise RequestError(f"interventions.{name}", str(exc)) from exc
         return states
@@ -258,21 +283,19 @@ class Engine:
     def eos_token_ids(self) -> list[int]:
         return self.adapter.eos_token_ids
 
-    def collate(self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]]) -> dict[str, torch.Tensor]:
-        """Left-pad prompts into one batch and point each row's states at its shifted layout."""
+    def collate(self, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
+        """Left-pad prompts into one batch (see :func:`place_rows` for the rows' layouts in it)."""
         length = max(len(p.input_ids) for p in prompts)
         pad_id = self.tokenizer.pad_token_id
         ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
         extra = {k: torch.zeros((len(prompts), length), dtype=v.dtype) for k, v in prompts[0].extra.items()}
-        for b, (prompt, states) in enumerate(zip(prompts, rows)):
+        for b, prompt in enumerate(prompts):
             pad = length - len(prompt.input_ids)
             ids[b, pad:] = prompt.input_ids
             mask[b, pad:] = 1
             for k, v in prompt.extra.items():
                 extra[k][b, pad:] = v
-            for state in states:
-                state.layout = prompt.layout.shifted(pad)
         batch = {"input_ids": ids, "attention_mask": mask, **extra}
         images = ModelAdapter.concat_images([p.images for p in prompts if p.images])
         if "pixel_values" in images:
@@ -284,7 +307,8 @@ class Engine:
         self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], stop_after_layer: int | None
     ) -> None:
         """One batched forward with ``rows``' hooks, stopped after ``stop_after_layer`` (analysis passes)."""
-        batch = self.collate(prompts, rows)
+        batch = self.collate(prompts)
+        place_rows(prompts, rows)
         with self.runtime.activate(ForwardContext(rows, stop_after_layer=stop_after_layer)):
             try:
                 self.model(**batch, use_cache=False)
@@ -308,7 +332,8 @@ class Engine:
         cancelled: Callable[[int], bool] | None,
         output_logits: bool = False,
     ) -> tuple[torch.Tensor, RowStops, int, tuple[torch.Tensor, ...] | None]:
-        batch = self.collate(prompts, rows)
+        batch = self.collate(prompts)
+        place_rows(prompts, rows)
         prompt_len = batch["input_ids"].shape[1]
         stops = RowStops(decoding, prompt_len, self._decode_text, cancelled)
         streamer = RowStreamer(on_token, stops, set(self.eos_token_ids())) if on_token else None
@@ -359,6 +384,65 @@ class Engine:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
         diagnostics = {s.hooks.name: to_python(s.diagnostics) for s in states}
         return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+
+
+class EngineGenerator:
+    """The evaluation runner's generator (``eval.runner.Generator``) over an in-process engine (greedy)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def generate(
+        self, prompts: Sequence[str], images: Sequence[Image.Image], interventions: dict, max_new_tokens: int
+    ) -> list[str]:
+        requests = [
+            GenerationRequest(prompt=p, images=[im], interventions=interventions, max_new_tokens=max_new_tokens)
+            for p, im in zip(prompts, images)
+        ]
+        return [out.text for out in self.engine.generate_batch(requests)]
+
+
+class EnginePasses:
+    """The extra passes methods may ask for (:class:`~interventions.methods.base.Passes`), on one engine.
+
+    ``prefill`` and ``greedy`` place the given states in the pass's batch (their ``layout``)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.info: ModelInfo = engine.info
+        self.model = engine.model  # the literal (test-only) CARVE runs the release's uncached loop on it
+
+    def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
+        return self._engine.encode(turns, images)
+
+    def eos_token_ids(self) -> list[int]:
+        return self._engine.eos_token_ids()
+
+    def batch(self, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
+        return self._engine.collate(prompts)
+
+    def prefill(
+        self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], stop_after_layer: int | None
+    ) -> None:
+        self._engine.prefill(prompts, rows, stop_after_layer)
+
+    def greedy(
+        self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], max_new_tokens: int
+    ) -> list[list[int]]:
+        return self._engine.greedy(prompts, rows, max_new_tokens)
+
+
+def place_rows(prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]]) -> None:
+    """Point each row's states at its prompt's layout inside the left-padded batch of ``prompts``."""
+    length = max(len(p.input_ids) for p in prompts)
+    for prompt, states in zip(prompts, rows):
+        for state in states:
+            state.layout = prompt.layout.shifted(length - len(prompt.input_ids))
+
+
+def _given(params: dict[str, Any] | None) -> dict[str, Any]:
+    """Parameters that are set (``None`` means "the default")."""
+    return {k: v for k, v in (params or {}).items() if v is not None}
 
 
 def to_python(value: Any) -> Any:

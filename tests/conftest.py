@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from service.engine import Engine
-from service.tiny_models import TINY_MODELS
+from model_zoo.tiny_random import TINY_MODELS
 
 FAMILIES = ["tiny-random/llava", "tiny-random/qwen2-vl"]
 QUESTIONS = [

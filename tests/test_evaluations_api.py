@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from eval import pope, runner
 from service.api.app import create_app
-from service.cli import EngineGenerator
+from service.engine import EngineGenerator
 from service.engine import Engine
 from service.settings import Settings
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import QUESTIONS
 
-from interventions import reference as ref
-from interventions.methods import METHODS
+from interventions.literal import loops as ref
 from interventions.methods.base import RequestInputs
 from service.engine import GenerationRequest
 
@@ -38,7 +37,7 @@ def run(engine, images, interventions, n=2, max_new_tokens=6, **kw):
 
 # ---- VAR ---------------------------------------------------------------------------------------------
 def test_var_matches_literal(engine, images, monkeypatch):
-    var = METHODS["var"]
+    var = engine.methods["var"]
     hidden_calls = spy(monkeypatch, var, "observe_hidden")
     prob_calls = spy(monkeypatch, var, "edit_probs")
     outs = run(engine, images, {"var": {}})
@@ -71,7 +70,7 @@ def test_var_matches_literal(engine, images, monkeypatch):
 
 
 def test_var_edits_only_text_rows_after_image_at_prefill(llava, images, monkeypatch):
-    calls = spy(monkeypatch, METHODS["var"], "edit_probs")
+    calls = spy(monkeypatch, llava.methods["var"], "edit_probs")
     run(llava, images, {"var": {}}, n=1, max_new_tokens=1)
     (layer, probs, states, step, q0), result = calls[0]
     assert step == 0 and q0 == states[0].layout.image_end
@@ -85,7 +84,7 @@ def test_var_text_sink_found(llava, images):
 
 # ---- VHR ---------------------------------------------------------------------------------------------
 def test_vhr_matches_literal(engine, images, monkeypatch):
-    vhr = METHODS["vhr"]
+    vhr = engine.methods["vhr"]
     calls = spy(monkeypatch, vhr, "edit_heads")
     run(engine, images, {"vhr": {}}, n=3)
     steps = set()
@@ -107,7 +106,7 @@ def test_vhr_matches_literal(engine, images, monkeypatch):
 def test_vhr_text_branch_is_the_image_free_prompt(llava, stock_models, images):
     """The text-only head outputs equal a stock forward of the prompt with the image removed."""
     state = llava.bind({"vhr": {}}, RequestInputs(turns=GenerationRequest(prompt=QUESTIONS[0], images=[images[0]]).chat(), images=[images[0]]))[0]
-    METHODS["vhr"].prepare([state], llava)
+    llava.methods["vhr"].prepare([state], llava.passes)
     stock = stock_models["tiny-random/llava"]
     captured = {}
     hooks = [
@@ -143,7 +142,7 @@ def test_gift_saliency_matches_literal(engine, stock_models, images, saliency_pa
     inputs = RequestInputs(turns=req.chat(), images=req.images)
     inputs.prompt = engine.encode(inputs.turns, inputs.images)
     state = engine.bind(req.interventions, inputs)[0]
-    METHODS["gift"].prepare([state], engine)
+    engine.methods["gift"].prepare([state], engine.passes)
     fusable = state.params.saliency_layers[-1] < state.params.enhance_layers[0]
     assert state.data["fused"] == (saliency_pass == "auto" and fusable)
     if state.data["fused"]:  # the map is made inside the generation's prefill
@@ -155,7 +154,7 @@ def test_gift_saliency_matches_literal(engine, stock_models, images, saliency_pa
     assert layout.content_positions  # the rule found content words
     stock.set_attn_implementation("eager")
     try:
-        batch = engine.collate([inputs.prompt], [[]])
+        batch = engine.collate([inputs.prompt])
         with torch.no_grad():
             out = stock(**batch, output_attentions=True)
     finally:
@@ -183,13 +182,13 @@ def test_gift_is_not_fused_beside_another_editing_method(llava, images):
     req = GenerationRequest(prompt=QUESTIONS[0], images=[images[0]], interventions={"gift": {}, "vhr": {}})
     inputs = RequestInputs(turns=req.chat(), images=req.images)
     inputs.prompt = llava.encode(inputs.turns, inputs.images)
-    gift_state = next(s for s in llava.bind(req.interventions, inputs) if s.hooks is METHODS["gift"])
-    METHODS["gift"].prepare([gift_state], llava)
+    gift_state = next(s for s in llava.bind(req.interventions, inputs) if s.hooks is llava.methods["gift"])
+    llava.methods["gift"].prepare([gift_state], llava.passes)
     assert gift_state.data["fused"] is False and "saliency" in gift_state.data
 
 
 def test_gift_enhancement_matches_literal(engine, images, monkeypatch):
-    calls = spy(monkeypatch, METHODS["gift"], "edit_probs")
+    calls = spy(monkeypatch, engine.methods["gift"], "edit_probs")
     run(engine, images, {"gift": {}}, n=2)
     steps = set()
     captured = 0
@@ -222,7 +221,7 @@ def test_carve_cached_collection_equals_uncached_release_loop(llava, stock_model
     req = GenerationRequest(prompt=QUESTIONS[0], images=[images[1]])
     state = llava.bind({"carve": {}}, RequestInputs(turns=req.chat(), images=list(req.images)))[0]
     original_image = images[1]
-    METHODS["carve"].rewrite([state], llava)
+    llava.methods["carve"].rewrite([state], llava.passes)
     p = state.params
     stock = stock_models["tiny-random/llava"]
     stock.set_attn_implementation("eager")
@@ -230,7 +229,7 @@ def test_carve_cached_collection_equals_uncached_release_loop(llava, stock_model
         maps = {}
         for key, text in (("task", QUESTIONS[0]), ("general", p.general_instruction)):
             prompt = llava.encode([type(state.request.turns[-1])("user", text + p.collect_suffix, 1)], [original_image])
-            batch = llava.collate([prompt], [[]])
+            batch = llava.collate([prompt])
             with torch.no_grad():
                 maps[key] = ref.carve_collect_uncached(
                     stock, batch, prompt.layout.image_positions.tolist(), p.layers, p.collect_tokens,
@@ -261,7 +260,7 @@ def test_carve_cached_collection_equals_uncached_release_loop(llava, stock_model
 def test_carve_requery_choice(llava, images, requery, count):
     req = GenerationRequest(prompt=QUESTIONS[0], images=[images[0]])
     state = llava.bind({"carve": {"requery": requery}}, RequestInputs(turns=req.chat(), images=list(req.images)))[0]
-    METHODS["carve"].rewrite([state], llava)
+    llava.methods["carve"].rewrite([state], llava.passes)
     assert len(state.request.images) == count
 
 

@@ -9,7 +9,7 @@ from service.engine import GenerationRequest
 
 def _stock_generate(engine, stock, requests, max_new_tokens):
     prompts = [engine.encode(r.chat(), r.images) for r in requests]
-    batch = engine.collate(prompts, [[] for _ in prompts])
+    batch = engine.collate(prompts)
     out = stock.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False,
         pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.eos_token_ids(),

@@ -21,7 +21,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from service.engine import Engine
-from service.loadtest import LoadConfig, local_server, require_loopback, run_load
+from tools.loadtest import LoadConfig, local_server, require_loopback, run_load
 from service.settings import Settings
 
 MODEL = "tiny-random/llava"

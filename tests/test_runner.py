@@ -9,7 +9,8 @@ import pytest
 from conftest import make_image
 
 from eval import chair, pope, report, runner
-from service.cli import EngineGenerator, main
+from service.cli import main
+from service.engine import EngineGenerator
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from conftest import make_image
 from test_api import MODEL, data_url, user
 
 from service.api.app import create_app
-from service.loadtest import local_server_app
+from tools.loadtest import local_server_app
 from service.engine import Engine, GenerationRequest
 from service.scheduler import Job, Scheduler
 from service.settings import Settings

@@ -9,8 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from eval import runner, shapes, shapes_results
-from service.cli import EngineGenerator, main
+from eval import runner
+from testbed import results as shapes_results, world as shapes
+from service.cli import main
+from service.engine import EngineGenerator
 from service.engine import Engine
 
 MODEL = "seeright/shapes-llava"
@@ -91,7 +93,7 @@ def test_results_command_writes_the_table(tmp_path, capsys):
 
 
 def test_inspection_measures_sinks_and_vision_aware_heads(shapes_engine):
-    from training.inspect_shapes import inspect
+    from testbed.inspection import inspect
 
     attention = shapes_engine.model.config.text_config._attn_implementation
     result = inspect(shapes_engine, n=4, seed=1, tau=4.0)

@@ -1,11 +1,20 @@
 """The contract every intervention follows.
 
-A method is a stateless object with up to three parts (architecture.md, "How an intervention plugs in"):
+A method is a stateless object that declares what it is (name, parameter model, defaults, the hook
+points it uses, its order among methods, its literal reference and its sweep settings) and implements
+the hooks it declared, nothing else:
 
-1. ``prepare(states, runner)``: per-request analysis before decoding (extra passes), batched over the
-   requests of a batch that use the method. CARVE instead ``rewrite``s the request's images.
-2. ``edit_probs(layer, probs, states, step, q0)``: post-softmax edits of attention rows.
-3. ``edit_heads(layer, heads, states, step)``: scaling of per-head outputs before ``o_proj``.
+* ``rewrite(states, passes)``   (:attr:`HookPoint.INPUT`): replace the request's images before encoding (CARVE).
+* ``prepare(states, passes)``   (:attr:`HookPoint.ANALYSIS`): per-request analysis passes before decoding,
+  batched over the requests of a batch that use the method. ``passes`` is a :class:`Passes`: encoding and
+  the extra forward passes a method may ask for, never the engine itself.
+* ``observe_hidden(layer, hidden, states, step)`` (:attr:`HookPoint.HIDDEN`): the residual stream entering a layer.
+* ``edit_probs(layer, probs, states, step, q0)`` (:attr:`HookPoint.PROBS`): post-softmax attention rows.
+* ``edit_heads(layer, heads, states, step)``   (:attr:`HookPoint.HEADS`): per-head outputs before ``o_proj``.
+
+A method's module is all there is to it: the registry (``interventions.registry``) finds it, and the
+engine, the HTTP API, presets, ``seeright bench``, the load test and the testbed sweeps take its name,
+schema and settings from there.
 
 Everything a request needs lives in its :class:`RowState`; the hooks receive the states of exactly the
 batch rows that asked for the method (a ``StateBatch``: a list whose ``cache`` dict lasts for the call),
@@ -15,6 +24,7 @@ depend on the layer and on ``step == 0`` (prefill) only.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -34,12 +44,14 @@ class RequestInputs:
     turns: list[ChatTurn]
     images: list[Image.Image]
     prompt: EncodedPrompt | None = None
-    editing: tuple[str, ...] = ()  # the request's methods that edit the forward passes of its generation
 
 
 @dataclass
 class RowState:
-    """Per-request state of one hooks object. ``layout`` is set for the batch the row runs in."""
+    """Per-request state of one hooks object. ``layout`` is set for the batch the row runs in.
+
+    ``companions`` names the request's other methods that edit its forward passes (GIFT reads its saliency
+    inside the generation's own prefill only when there are none)."""
 
     hooks: Hooks
     params: Any = None
@@ -47,10 +59,24 @@ class RowState:
     layout: TokenLayout | None = None
     data: dict[str, Any] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    companions: frozenset[str] = frozenset()
 
 
-class PassRunner(Protocol):
-    """What the engine offers to ``prepare``/``rewrite``: encoding and batched extra passes."""
+class HookPoint(enum.Enum):
+    """Where a method acts. The runtime installs a hook point's hooks only while a row needs them."""
+
+    INPUT = "input"  # rewrite(): the request's images, before encoding
+    ANALYSIS = "analysis"  # prepare(): extra passes before decoding
+    HIDDEN = "hidden"  # observe_hidden(): residual stream entering a decoder layer
+    PROBS = "probs"  # edit_probs(): post-softmax attention rows
+    HEADS = "heads"  # edit_heads(): per-head outputs before o_proj
+
+
+EDITING_POINTS = frozenset({HookPoint.PROBS, HookPoint.HEADS})
+
+
+class Passes(Protocol):
+    """What ``prepare``/``rewrite`` may ask of the engine: encoding and batched extra passes."""
 
     info: ModelInfo
 
@@ -104,25 +130,48 @@ class Hooks:
 
 
 class Method(Hooks):
-    """An intervention: a name, a parameter model, and the hooks it uses."""
+    """An intervention and everything the rest of seeright needs to know about it.
+
+    Defaults of a request's parameters, lowest first: the fields of ``params_model``, then
+    :meth:`defaults` (rules derived from the model, e.g. layers scaled to its depth, for fields the
+    model config leaves unset), then the model's config entry (``configs/models/*.yaml``), then the
+    request. ``GET /v1/interventions`` shows the result for the served model.
+    """
 
     name: ClassVar[str]
     params_model: ClassVar[type[BaseModel]]
-    edits_generation: ClassVar[bool] = True  # False for methods that only rewrite the input (CARVE)
+    hook_points: ClassVar[frozenset[HookPoint]]
+    order: ClassVar[int] = 100  # rank when one request asks for several methods (lower runs first)
+    literal: ClassVar[str | None] = None  # "module:Class" of a test-only literal version (``seeright bench``)
+    sweep: ClassVar[tuple[dict[str, Any], ...]] = ()  # settings the testbed tables run besides the defaults
+    mixed_traffic: ClassVar[bool] = True  # part of the mixed loads of ``seeright bench`` and ``loadtest``
 
-    def resolve(self, params: BaseModel, info: ModelInfo) -> BaseModel:
-        """Fill model-dependent defaults (``None`` fields) and check layer indices against the model."""
+    @property
+    def edits_generation(self) -> bool:
+        """Whether the method changes the forward passes of the request's generation."""
+        return bool(self.hook_points & EDITING_POINTS)
+
+    def defaults(self, info: ModelInfo) -> dict[str, Any]:
+        """Defaults derived from the model (its depth, its width) for fields left ``None``."""
+        return {}
+
+    def check(self, params: BaseModel, info: ModelInfo) -> BaseModel:
+        """Check parameters against the model (layer indices, dims); a ValueError names the field."""
         return params
 
-    def new_state(self, params: BaseModel, info: ModelInfo, request: RequestInputs) -> RowState:
+    def new_state(
+        self, params: BaseModel, info: ModelInfo, request: RequestInputs, companions: frozenset[str] = frozenset()
+    ) -> RowState:
+        """The row's state for checked ``params`` (see :meth:`check`); a ValueError when the request's
+        inputs do not suit the method."""
         if not request.images:
             raise ValueError("needs an image in the request")
-        return RowState(hooks=self, params=self.resolve(params, info), request=request)
+        return RowState(hooks=self, params=params, request=request, companions=companions)
 
-    def rewrite(self, states: list[RowState], runner: PassRunner) -> None:
+    def rewrite(self, states: list[RowState], passes: Passes) -> None:
         """Replace the requests' images before encoding (CARVE). Default: nothing."""
 
-    def prepare(self, states: list[RowState], runner: PassRunner) -> None:
+    def prepare(self, states: list[RowState], passes: Passes) -> None:
         """Per-request analysis passes before decoding. Default: nothing."""
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 
 from interventions.adapters.base import ChatTurn, ModelInfo
-from interventions.methods.base import Hooks, Method, PassRunner, RequestInputs, RowState, check_layers, last_query_row
+from interventions.methods.base import HookPoint, Hooks, Method, Passes, RequestInputs, RowState, check_layers, last_query_row
 from interventions.spec import CARVEParams
 
 
@@ -78,31 +78,37 @@ def refine_image(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, tup
 class CARVE(Method):
     name = "carve"
     params_model = CARVEParams
-    edits_generation = False
+    hook_points = frozenset({HookPoint.INPUT})
+    order = 0  # rewrites the input: before every method that edits the generation
+    literal = "interventions.literal.carve:LiteralCARVE"
+    sweep = ({"top_p": 0.4},)
+    mixed_traffic = False  # two collection generations per request: not part of the mixed loads
 
-    def resolve(self, params: CARVEParams, info: ModelInfo) -> CARVEParams:
-        depth = info.num_layers
-        layers = params.layers
-        if layers is None:
-            layers = range(round(20 * depth / 32), round(25 * depth / 32) + 1)
-        return params.model_copy(update={"layers": check_layers("carve.layers", layers, depth)})
+    def defaults(self, info: ModelInfo) -> dict:
+        depth = info.num_layers  # release: layers 20..25 of 32, scaled to the depth
+        return {"layers": list(range(round(20 * depth / 32), round(25 * depth / 32) + 1))}
 
-    def new_state(self, params: CARVEParams, info: ModelInfo, request: RequestInputs) -> RowState:
+    def check(self, params: CARVEParams, info: ModelInfo) -> CARVEParams:
+        return params.model_copy(update={"layers": check_layers("carve.layers", params.layers, info.num_layers)})
+
+    def new_state(
+        self, params: CARVEParams, info: ModelInfo, request: RequestInputs, companions: frozenset[str] = frozenset()
+    ) -> RowState:
         if len(request.images) != 1:
             raise ValueError(f"needs exactly one image in the request, got {len(request.images)}")
-        return super().new_state(params, info, request)
+        return super().new_state(params, info, request, companions)
 
-    def rewrite(self, states: list[RowState], runner: PassRunner) -> None:
+    def rewrite(self, states: list[RowState], passes: Passes) -> None:
         collector = _AttentionCollector()
         prompts, rows = [], []
         for state in states:
             question = state.request.turns[-1].text
             for key, text in (("task", question), ("general", state.params.general_instruction)):
                 turns = [*(t.without_images() for t in state.request.turns[:-1]), ChatTurn("user", text + state.params.collect_suffix, 1)]
-                prompts.append(runner.encode(turns, state.request.images))
+                prompts.append(passes.encode(turns, state.request.images))
                 rows.append([RowState(hooks=collector, params=state.params, data={"maps": [], "key": key})])
-        generated = runner.greedy(prompts, rows, max(s.params.collect_tokens for s in states))
-        eos = set(runner.eos_token_ids())
+        generated = passes.greedy(prompts, rows, max(s.params.collect_tokens for s in states))
+        eos = set(passes.eos_token_ids())
         for i, state in enumerate(states):
             maps = {}
             for j in (2 * i, 2 * i + 1):

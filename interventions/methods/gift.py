@@ -29,7 +29,9 @@ import torch
 
 from interventions.adapters.base import ModelInfo
 from interventions.layout import TokenLayout
-from interventions.methods.base import Hooks, Method, PassRunner, RowState, check_layers, last_query_row, over_keys, per_row, row_masks
+from interventions.methods.base import (
+    HookPoint, Hooks, Method, Passes, RowState, check_layers, last_query_row, over_keys, per_row, row_masks,
+)
 from interventions.spec import GIFTParams
 
 
@@ -61,21 +63,28 @@ def saliency_map(gaze: list[torch.Tensor], content_rows: list[int], params: GIFT
 class GIFT(Method):
     name = "gift"
     params_model = GIFTParams
+    hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.PROBS})
+    order = 20
+    literal = "interventions.literal.gift:LiteralGIFT"
+    sweep = ({"alpha": 1.0},)
 
-    def resolve(self, params: GIFTParams, info: ModelInfo) -> GIFTParams:
+    def defaults(self, info: ModelInfo) -> dict:
+        depth = info.num_layers  # the LLaVA-1.5-7B release config (11; 12..22 of 32) scaled to the depth
+        return {
+            "saliency_layers": [round(11 * depth / 32)],
+            "enhance_layers": list(range(round(12 * depth / 32), round(22 * depth / 32) + 1)),
+        }
+
+    def check(self, params: GIFTParams, info: ModelInfo) -> GIFTParams:
         depth = info.num_layers
-        sal = params.saliency_layers if params.saliency_layers is not None else [round(11 * depth / 32)]
-        enh = params.enhance_layers
-        if enh is None:
-            enh = list(range(round(12 * depth / 32), round(22 * depth / 32) + 1))
         return params.model_copy(
             update={
-                "saliency_layers": check_layers("gift.saliency_layers", sal, depth),
-                "enhance_layers": check_layers("gift.enhance_layers", enh, depth),
+                "saliency_layers": check_layers("gift.saliency_layers", params.saliency_layers, depth),
+                "enhance_layers": check_layers("gift.enhance_layers", params.enhance_layers, depth),
             }
         )
 
-    def prepare(self, states: list[RowState], runner: PassRunner) -> None:
+    def prepare(self, states: list[RowState], passes: Passes) -> None:
         separate = []
         for state in states:
             state.data["fused"] = self._can_fuse(state)
@@ -84,18 +93,18 @@ class GIFT(Method):
         if not separate:
             return
         capture = _GazeCapture()
-        rows = [[RowState(hooks=capture, params=s.params, data=s.data)] for s in separate]
+        rows = [[RowState(hooks=capture, params=s.params)] for s in separate]
         stop = max(s.params.saliency_layers[-1] for s in separate)
-        runner.prefill([s.request.prompt for s in separate], rows, stop_after_layer=stop)
+        passes.prefill([s.request.prompt for s in separate], rows, stop_after_layer=stop)
         for state, row in zip(separate, rows):
+            state.data["gaze"] = row[0].data["gaze"]
             self._finish_saliency(state, row[0].layout)
 
     @staticmethod
     def _can_fuse(state: RowState) -> bool:
         """The generation's own prefill equals the vanilla saliency pass up to the saliency layers."""
         p = state.params
-        others = set(state.request.editing) - {"gift"}
-        return p.saliency_pass == "auto" and not others and p.saliency_layers[-1] < p.enhance_layers[0]
+        return p.saliency_pass == "auto" and not state.companions and p.saliency_layers[-1] < p.enhance_layers[0]
 
     @staticmethod
     def _finish_saliency(state: RowState, layout: TokenLayout) -> None:

@@ -26,22 +26,28 @@ import torch
 import torch.nn.functional as F
 
 from interventions.adapters.base import ModelInfo
-from interventions.methods.base import Method, RowState, cached, check_layers, over_keys, per_row
+from interventions.methods.base import HookPoint, Method, RowState, cached, check_layers, over_keys, per_row
 from interventions.spec import VARParams
 
 
 class VAR(Method):
     name = "var"
     params_model = VARParams
+    hook_points = frozenset({HookPoint.HIDDEN, HookPoint.PROBS})
+    order = 10
+    literal = "interventions.literal.var:LiteralVAR"
+    sweep = ({"tau": 3.0},)
 
-    def resolve(self, params: VARParams, info: ModelInfo) -> VARParams:
+    def defaults(self, info: ModelInfo) -> dict:
+        return {"layers": list(range(2, info.num_layers - 1))}  # paper: layers >= 2, the last one excluded
+
+    def check(self, params: VARParams, info: ModelInfo) -> VARParams:
         if params.sink_dims is None:
             raise ValueError("sink_dims: this model has no known sink dimensions; pass var.sink_dims")
         bad = [d for d in params.sink_dims if not 0 <= d < info.hidden_size]
         if bad or not params.sink_dims:
             raise ValueError(f"sink_dims: {bad or 'empty'} not valid for hidden size {info.hidden_size}")
-        layers = params.layers if params.layers is not None else range(2, info.num_layers - 1)
-        return params.model_copy(update={"layers": check_layers("var.layers", layers, info.num_layers)})
+        return params.model_copy(update={"layers": check_layers("var.layers", params.layers, info.num_layers)})
 
     # Step A -------------------------------------------------------------------------------------------
     def wants_hidden(self, state: RowState, layer: int, step: int) -> bool:

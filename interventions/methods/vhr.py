@@ -20,27 +20,34 @@ from __future__ import annotations
 import torch
 
 from interventions.adapters.base import ModelInfo
-from interventions.methods.base import Hooks, Method, PassRunner, RowState, cached, check_layers, per_row
+from interventions.methods.base import HookPoint, Hooks, Method, Passes, RowState, cached, check_layers, per_row
 from interventions.spec import VHRParams
 
 
 class VHR(Method):
     name = "vhr"
     params_model = VHRParams
+    hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.HEADS})
+    order = 30
+    literal = "interventions.literal.vhr:LiteralVHR"
+    sweep = ({"alpha": 1.5}, {"alpha": 4.0})
 
-    def resolve(self, params: VHRParams, info: ModelInfo) -> VHRParams:
-        last = list(range(max(info.num_layers - 14, 0), info.num_layers))
-        layers = params.layers if params.layers is not None else [1, *last]
-        return params.model_copy(update={"layers": check_layers("vhr.layers", layers, info.num_layers)})
+    def defaults(self, info: ModelInfo) -> dict:
+        return {"layers": [1, *range(max(info.num_layers - 14, 0), info.num_layers)]}  # paper §4.4: 1 + last 14
 
-    def prepare(self, states: list[RowState], runner: PassRunner) -> None:
+    def check(self, params: VHRParams, info: ModelInfo) -> VHRParams:
+        return params.model_copy(update={"layers": check_layers("vhr.layers", params.layers, info.num_layers)})
+
+    def prepare(self, states: list[RowState], passes: Passes) -> None:
         capture = _TextHeadCapture()
         prompts, rows = [], []
         for state in states:
             turns = [t.without_images() for t in state.request.turns]
-            prompts.append(runner.encode(turns, []))
-            rows.append([RowState(hooks=capture, params=state.params, data=state.data)])
-        runner.prefill(prompts, rows, stop_after_layer=max(s.params.layers[-1] for s in states))
+            prompts.append(passes.encode(turns, []))
+            rows.append([RowState(hooks=capture, params=state.params)])
+        passes.prefill(prompts, rows, stop_after_layer=max(s.params.layers[-1] for s in states))
+        for state, row in zip(states, rows):
+            state.data["text_heads"] = row[0].data["text_heads"]
 
     def wants_heads(self, state: RowState, layer: int, step: int) -> bool:
         return layer in state.params.layers

@@ -1,6 +1,6 @@
 """``seeright bench``: what each intervention costs, as ratios to a baseline measured in the same process.
 
-All timing runs happen in one process, interleaved (baseline, var, vhr, gift, carve, baseline, ...),
+All timing runs happen in one process, interleaved (baseline, then each registered method, baseline, ...),
 after warm-up rounds; each figure is the median over repetitions. Per-token decode time is the time
 between the first and the last streamed token divided by the tokens in between; request time covers
 everything from the request to its last token (extra passes included). The baseline is the same
@@ -24,12 +24,18 @@ import torch
 from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile
 
-from service.engine import Engine, GenerationRequest
-from service.tiny_models import TINY_MODELS
+from interventions.registry import MethodRegistry
 
-METHODS = ("var", "vhr", "gift", "carve")
+from model_zoo import builtin_model
+from service.engine import Engine, GenerationRequest
+
 PROMPT = "Describe the image in detail: which objects are there, what colors do they have and where are they?"
-MIXED_BATCH = ("none", "var", "vhr", "gift", "none", "var", "vhr", "gift")
+
+
+def mixed_batch(engine: Engine) -> tuple[str, ...]:
+    """Eight rows: no method, then each method of the mixed loads, repeated (``none var gift vhr none ...``)."""
+    names = ("none", *engine.methods.mixed_traffic())
+    return tuple(names[i % len(names)] for i in range(8))
 
 
 def bench_image(size: int = 336, seed: int = 0) -> Image.Image:
@@ -86,7 +92,7 @@ def stock_run(model: torch.nn.Module, engine: Engine, image: Image.Image, new_to
 
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**engine.collate([prompt], [[]]), max_new_tokens=new_tokens, do_sample=False,
+        out = model.generate(**engine.collate([prompt]), max_new_tokens=new_tokens, do_sample=False,
                              streamer=Stamps(), pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=engine.eos_token_ids())
     wall = time.perf_counter() - start
     return Run(wall, token_gap(stamps[1:]), out.shape[1] - len(prompt.input_ids))  # the first put is the prompt
@@ -115,22 +121,24 @@ def peak_bytes(engine: Engine, name: str, image: Image.Image, new_tokens: int) -
 
 
 def memory_ratios(engine: Engine, image: Image.Image, new_tokens: int) -> dict[str, Any]:
-    peaks = {n: peak_bytes(engine, n, image, new_tokens) for n in ("none", *METHODS)}
-    return {"peak_bytes": peaks, "memory_ratio": {m: peaks[m] / peaks["none"] for m in METHODS}}
+    peaks = {n: peak_bytes(engine, n, image, new_tokens) for n in ("none", *engine.methods)}
+    return {"peak_bytes": peaks, "memory_ratio": {m: peaks[m] / peaks["none"] for m in engine.methods}}
 
 
-def reference_ratios(new_tokens: int = 6) -> dict[str, float]:
-    """Request time with each method's literal loops / with the fast method, on ``tiny-random/llava``."""
-    from interventions.reference_methods import REFERENCE_METHODS
-
-    engine = Engine.from_pretrained("tiny-random/llava")
-    fast = dict(engine.methods)
+def reference_ratios(methods: MethodRegistry, new_tokens: int = 6) -> dict[str, float]:
+    """Request time with each method's literal loops / with the fast method, on ``tiny-random/llava``
+    (methods that declare a literal version)."""
+    engine = Engine.from_pretrained("tiny-random/llava", methods=methods)
+    fast = engine.methods
     image = bench_image(48)
     out = {}
-    for name in METHODS:
+    for name in fast:
+        literal = fast.literal(name)
+        if literal is None:
+            continue
         times = {"fast": [], "reference": []}
         for _ in range(2):
-            for kind, methods in (("fast", fast), ("reference", {**fast, name: REFERENCE_METHODS[name]})):
+            for kind, methods in (("fast", fast), ("reference", fast.with_methods(literal))):
                 engine.methods = methods
                 times[kind].append(one(engine, name, image, new_tokens).request_s)
         out[name] = median(times["reference"][1:] or times["reference"]) / median(times["fast"][1:] or times["fast"])
@@ -140,12 +148,13 @@ def reference_ratios(new_tokens: int = 6) -> dict[str, float]:
 
 def run_bench(
     model_id: str, new_tokens: int, reps: int, warmup: int, device: str, dtype: str, memory: bool, reference: bool,
-    batch_reps: int = 3,
+    batch_reps: int = 3, methods: MethodRegistry | None = None,
 ) -> dict[str, Any]:
-    engine = Engine.from_pretrained(model_id, device=device, dtype=dtype)
+    engine = Engine.from_pretrained(model_id, device=device, dtype=dtype, methods=methods)
     image = bench_image()
-    stock = TINY_MODELS[model_id]()[0].to(device) if model_id in TINY_MODELS else None
-    names = ("none", *METHODS)
+    built = builtin_model(model_id)
+    stock = built[0].to(device) if built is not None else None
+    names = ("none", *engine.methods)
     runs: dict[str, list[Run]] = {n: [] for n in (*names, "stock")}
     for rep in range(warmup + reps):
         for name in names:
@@ -166,8 +175,8 @@ def run_bench(
         "new_tokens": new_tokens,
         "prompt_tokens": len(engine.encode(GenerationRequest(prompt=PROMPT, images=[image]).chat(), [image]).input_ids),
         "reps": reps,
-        "decode_ratio": {m: decode[m] / decode["none"] for m in METHODS},
-        "request_ratio": {m: request[m] / request["none"] for m in METHODS},
+        "decode_ratio": {m: decode[m] / decode["none"] for m in engine.methods},
+        "request_ratio": {m: request[m] / request["none"] for m in engine.methods},
         "baseline": {"decode_ms_per_token": 1000 * decode["none"], "request_s": request["none"]},
         "tokens": {n: [r.tokens for r in runs[n]] for n in names},
     }
@@ -180,7 +189,7 @@ def run_bench(
     if memory:
         result.update(memory_ratios(engine, image, new_tokens))
     if reference:
-        result["reference_ratio"] = reference_ratios()
+        result["reference_ratio"] = reference_ratios(engine.methods)
     return result
 
 
@@ -196,14 +205,15 @@ def batch_throughput(
             for n in names
         ]
 
+    mixed = mixed_batch(engine)
     tps: dict[str, list[float]] = {"mixed": [], "uniform": []}
     for rep in range(warmup + reps):
-        for kind, names in (("mixed", MIXED_BATCH), ("uniform", ("none",) * len(MIXED_BATCH))):
+        for kind, names in (("mixed", mixed), ("uniform", ("none",) * len(mixed))):
             wall, _, outs = timed(engine, requests(names))
             if rep >= warmup:
                 tps[kind].append(sum(len(o.token_ids) for o in outs) / wall)
-    tokens = sum(median([r.tokens for r in single[n]]) for n in MIXED_BATCH)
-    seconds = sum(median([r.request_s for r in single[n]]) for n in MIXED_BATCH)
+    tokens = sum(median([r.tokens for r in single[n]]) for n in mixed)
+    seconds = sum(median([r.request_s for r in single[n]]) for n in mixed)
     m = {k: median(v) for k, v in tps.items()} | {"sequential": tokens / seconds}
     return {
         "mixed_tokens_per_s": m["mixed"],
@@ -220,7 +230,7 @@ def table(result: dict[str, Any]) -> str:
             f"{result['new_tokens']} new tokens, median of {result['reps']}",
             f"baseline: {result['baseline']['decode_ms_per_token']:.2f} ms/token, {result['baseline']['request_s']:.3f} s/request",
             "", "| method | decode/token | request | peak memory | fast vs literal |", "|---|---|---|---|---|"]
-    for m in METHODS:
+    for m in result["decode_ratio"]:
         mem = result.get("memory_ratio", {}).get(m)
         refr = result.get("reference_ratio", {}).get(m)
         rows.append(f"| {m} | {result['decode_ratio'][m]:.3f}x | {result['request_ratio'][m]:.3f}x | "

@@ -1,6 +1,6 @@
-"""Train a small LLaVA on the shapes world (``eval/shapes.py``), on a CPU, from a fixed seed.
+"""Train a small LLaVA on the shapes world (``testbed/world.py``), on a CPU, from a fixed seed.
 
-``python -m training.shapes_llava`` writes ``service/models/shapes-llava`` (the packaged
+``python -m testbed.train`` writes ``model_zoo/shapes-llava`` (the packaged
 ``seeright/shapes-llava``) with its training log. The recipe, and what mattered (README, "Shapes testbed"):
 1. Vision pretraining: the ViT (64x64 images, 16x16 patches: 16 image tokens, an object covers 1-4) learns,
    per patch, which objects cover at least 15% of it (multi-label), and from the mean of its patches which
@@ -35,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from eval import shapes
+from testbed import world as shapes
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 PROMPT_WORDS = "USER ASSISTANT : Describe the image . Is there a an in ? Yes No There is , and What objects are".split()
@@ -218,7 +218,7 @@ def yes_no_accuracy(model, tokenizer, world: World, n: int = 256) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="service/models/shapes-llava")
+    parser.add_argument("--out", default="model_zoo/shapes-llava")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vision-steps", type=int, default=8000)
     parser.add_argument("--language-steps", type=int, default=3000)

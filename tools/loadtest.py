@@ -1,7 +1,7 @@
 """``seeright loadtest``: a bounded load on a loopback server with mixed interventions.
 
 The load is bounded by a request count and a duration, runs only against loopback addresses, mixes
-interventions (none, VAR, VHR, GIFT) and streaming with non-streaming requests, and reports throughput,
+interventions (none and each registered method that takes part in mixed loads) and streaming with non-streaming requests, and reports throughput,
 latency percentiles, responses by status (and whether each 429/503 carried ``Retry-After``), and the
 server's resident memory before and after (from its ``/metrics``).
 """
@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -27,10 +27,15 @@ import httpx
 import uvicorn
 from PIL import Image
 
+from interventions.registry import MethodRegistry
 from service.engine import Engine
 from service.settings import Settings
 
-INTERVENTIONS = ({}, {"var": {}}, {"vhr": {}}, {"gift": {}})
+
+
+def mixed_interventions() -> tuple[dict[str, dict], ...]:
+    """No method, then each built-in method of the mixed loads at its defaults."""
+    return ({}, *({name: {}} for name in MethodRegistry.builtin().mixed_traffic()))
 
 
 @dataclass
@@ -43,6 +48,7 @@ class LoadConfig:
     max_tokens: int = 16
     stream_every: int = 2  # every n-th request streams
     api_key: str | None = None
+    interventions: tuple[dict[str, dict], ...] = field(default_factory=mixed_interventions)  # request i gets [i % len]
 
 
 def require_loopback(url: str) -> None:
@@ -77,7 +83,7 @@ async def _one(client: httpx.AsyncClient, cfg: LoadConfig, i: int) -> tuple[int,
             {"type": "text", "text": f"Describe picture number {i}."},
         ]}],
         "max_tokens": cfg.max_tokens,
-        "interventions": INTERVENTIONS[i % len(INTERVENTIONS)],
+        "interventions": cfg.interventions[i % len(cfg.interventions)],
         "stream": stream,
     }
     if stream:

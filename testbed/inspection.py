@@ -1,6 +1,6 @@
 """Does a trained model develop visual attention sinks and vision-aware heads? Measure it.
 
-``python -m training.inspect_shapes --model seeright/shapes-llava --out DIR``
+``python -m testbed.inspection --model seeright/shapes-llava --out DIR``
 
 On shapes-POPE questions (one per scene, the serving prompt format), for every decoder layer:
 * massive activations (VAR §3): ``x̂ = x / rms(x)`` of the residual stream entering the layer; for each
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from eval import shapes
+from testbed import world as shapes
 from interventions.adapters.base import ChatTurn
 from interventions.layout import TokenLayout
 from service.engine import Engine

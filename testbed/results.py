@@ -1,7 +1,7 @@
 """The shapes results table: baseline and every method on shapes-POPE (3 splits) and shapes-CHAIR.
 
 ``seeright eval shapes --out DIR [--seed S] [--images N]`` writes the benchmark for seed ``S`` under
-``DIR/benchmark``, runs each configuration of :data:`CONFIGS` through the evaluation runner (resumable
+``DIR/benchmark``, runs each row of :func:`configs` through the evaluation runner (resumable
 JSONL per configuration, kept per seed and size), and writes ``DIR/results.json`` and ``DIR/results.md``.
 The baseline's POPE accuracy comes with a 95% interval from a bootstrap over images (a scene's six
 questions are not independent), so runs on different seeds can be compared against sampling noise.
@@ -11,27 +11,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eval import pope, report, runner, shapes
+from eval import pope, report, runner
+from testbed import world as shapes
 
-# (label, interventions): each method at the model's defaults, and a small sweep of its main parameter.
-CONFIGS: tuple[tuple[str, dict[str, dict[str, Any]]], ...] = (
-    ("baseline", {}),
-    ("var", {"var": {}}),
-    ("var tau=3", {"var": {"tau": 3.0}}),
-    ("vhr", {"vhr": {}}),
-    ("vhr alpha=1.5", {"vhr": {"alpha": 1.5}}),
-    ("vhr alpha=4", {"vhr": {"alpha": 4.0}}),
-    ("gift", {"gift": {}}),
-    ("gift alpha=1", {"gift": {"alpha": 1.0}}),
-    ("carve", {"carve": {}}),
-    ("carve top_p=0.4", {"carve": {"top_p": 0.4}}),
-)
+def configs(methods: Mapping[str, Any]) -> tuple[tuple[str, dict[str, dict[str, Any]]], ...]:
+    """``(label, interventions)`` rows: the baseline, then each registered method at the model's defaults and
+    at its declared sweep settings (a :class:`~interventions.registry.MethodRegistry`)."""
+    return (("baseline", {}), *methods.sweep())
 
 
 def specs(bench: Path, batch_size: int) -> dict[str, runner.BenchmarkSpec]:
@@ -83,17 +75,17 @@ def run(
     out: Path,
     seed: int = shapes.DEFAULT_SEED,
     n_images: int = 500,
-    configs: tuple[tuple[str, dict[str, dict[str, Any]]], ...] = CONFIGS,
+    rows: tuple[tuple[str, dict[str, dict[str, Any]]], ...] = (("baseline", {}),),
     batch_size: int = 32,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Every configuration on both benchmarks; the results, also written to ``out``."""
+    """Every row (see :func:`configs`) on both benchmarks; the results, also written to ``out``."""
     bench = out / "benchmark"
     counts = shapes.write_benchmark(bench, n_images, seed)
     results: dict[str, Any] = {"seed": seed, "images": n_images, "questions": counts, "methods": {}}
     runs = out / "runs" / f"seed{seed}-images{n_images}"  # resumed only by the same benchmark
-    for label, interventions in configs:
+    for label, interventions in rows:
         start = time.perf_counter()
         row: dict[str, Any] = {}
         for name, spec in specs(bench, batch_size).items():

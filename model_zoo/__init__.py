@@ -1,0 +1,31 @@
+"""Models that load by id with no download: random test models built in code and trained models that ship
+inside the package.
+
+* ``tiny-random/llava``, ``tiny-random/qwen2-vl``, ``bench-random/llava``: random weights with planted
+  sinks, built in code (:mod:`model_zoo.tiny_random`); what tests, demos and benchmarks use offline.
+* ``seeright/shapes-llava``: the small LLaVA trained on the shapes world (``testbed/train.py``); its
+  weights live in ``model_zoo/shapes-llava``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+PACKAGED_MODELS = {"seeright/shapes-llava": "shapes-llava"}
+
+
+def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
+    """``(model, tokenizer, image_processor)`` of a model built in code, or ``None`` for any other id."""
+    from model_zoo.tiny_random import TINY_MODELS
+
+    build = TINY_MODELS.get(model_id)
+    return None if build is None else build()
+
+
+def resolve_model_path(model_id_or_path: str) -> str:
+    """The shipped folder of a packaged model id; any other id or path unchanged."""
+    folder = PACKAGED_MODELS.get(model_id_or_path)
+    if folder is None:
+        return model_id_or_path
+    return str(resources.files("model_zoo") / folder)

@@ -1,0 +1,33 @@
+"""``POST /v1/evaluations``, ``GET /v1/evaluations[/{id}]``: background POPE / CHAIR jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+
+from service.api.deps import AUTHORIZED
+from service.api.serving_evaluations import EvaluationJobs, EvaluationRequest
+
+
+def get_jobs(request: Request) -> EvaluationJobs:
+    return request.app.state.evaluations
+
+
+JobsDep = Annotated[EvaluationJobs, Depends(get_jobs)]
+router = APIRouter(dependencies=AUTHORIZED)
+
+
+@router.post("/v1/evaluations", status_code=202)
+async def create_evaluation(body: EvaluationRequest, jobs: JobsDep) -> dict[str, Any]:
+    return jobs.create(body).view()
+
+
+@router.get("/v1/evaluations/{job_id}")
+async def get_evaluation(job_id: str, jobs: JobsDep) -> dict[str, Any]:
+    return jobs.get(job_id).view()
+
+
+@router.get("/v1/evaluations")
+async def list_evaluations(jobs: JobsDep) -> dict[str, Any]:
+    return {"object": "list", "data": [job.view() for job in jobs.jobs.values()]}

@@ -1,0 +1,28 @@
+"""``GET /v1/models`` (the model and its presets) and ``GET /v1/interventions`` (schemas and defaults)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import AUTHORIZED, ClientDep, SettingsDep
+from service.api.protocol import InterventionCard, InterventionList, ModelCard, ModelList, now
+
+router = APIRouter(dependencies=AUTHORIZED)
+
+
+@router.get("/v1/models")
+async def models(settings: SettingsDep, client: ClientDep) -> ModelList:
+    ids = [settings.name] + [f"{settings.name}+{name}" for name in client.methods]
+    return ModelList(data=[ModelCard(id=i, created=now()) for i in ids])
+
+
+@router.get("/v1/interventions", response_model_by_alias=True)
+async def interventions(client: ClientDep) -> InterventionList:
+    cards = [
+        InterventionCard(
+            name=name, description=(method.params_model.__doc__ or "").strip(),
+            parameters=method.params_model.model_json_schema(), defaults=client.method_defaults(name),
+        )
+        for name, method in client.methods.items()
+    ]
+    return InterventionList(model_config_name=client.model_config.name, data=cards)

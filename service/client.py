@@ -1,0 +1,101 @@
+"""``EngineClient``: the one async door to the engine, for HTTP routes and evaluation jobs alike.
+
+``await client.generate(request)`` returns the output; ``async for token in client.stream(request)``
+yields token ids as they are generated, and ``stream.output`` holds the output once the loop ends.
+Cancelling the awaiting task (or leaving the loop early) cancels the request in the scheduler. Behind the
+client is the scheduler's worker thread, the only thread that runs model code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from service.engine import GenerationOutput, GenerationRequest
+from service.scheduler import Job, QueueFull, Scheduler
+
+ROOM_POLL_S = 0.1
+
+
+class TokenStream:
+    """Token ids of one queued request as they come; ``output`` is set when iteration ends normally, and
+    iteration raises the request's error if it failed."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        loop = asyncio.get_running_loop()
+        self._tokens: asyncio.Queue[int] = asyncio.Queue()
+        self.job = Job(request, loop, loop.create_future(), self._tokens.put_nowait)
+        self.output: GenerationOutput | None = None
+
+    def cancel(self) -> None:
+        self.job.cancelled.set()
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        job, tokens = self.job, self._tokens
+        try:
+            while not job.future.done() or not tokens.empty():
+                getter = asyncio.ensure_future(tokens.get())
+                await asyncio.wait({getter, job.future}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            self.output = job.future.result()
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancel()
+            raise
+
+
+class EngineClient:
+    """Async generation on top of a :class:`Scheduler`, plus what callers may read of the engine."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        engine = scheduler.engine
+        self.tokenizer: Any = engine.tokenizer
+        self.methods = engine.methods
+        self.model_config = engine.model_config
+        self.method_defaults = engine.method_defaults
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting or running."""
+        return self._scheduler.depth
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise :class:`~service.engine.RequestError` for a request the engine would refuse."""
+        self._scheduler.engine.validate(request)
+
+    def validate_interventions(self, interventions: dict[str, dict[str, Any]]) -> None:
+        """Raise :class:`~service.engine.RequestError` for parameters the engine would refuse."""
+        self._scheduler.engine.resolve_params(interventions)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; :class:`QueueFull` when the queue is at capacity."""
+        self._scheduler.submit(job)
+
+    async def generate(self, request: GenerationRequest, wait_for_room: bool = False) -> GenerationOutput:
+        """The request's output. A full queue raises :class:`QueueFull`, or with ``wait_for_room`` (background
+        work such as evaluation jobs, which yields to live traffic) waits until there is room."""
+        loop = asyncio.get_running_loop()
+        job = Job(request, loop, loop.create_future())
+        while True:
+            try:
+                self.submit(job)
+                break
+            except QueueFull:
+                if not wait_for_room:
+                    raise
+                await asyncio.sleep(ROOM_POLL_S)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+
+    def stream(self, request: GenerationRequest) -> TokenStream:
+        """Queue the request now (:class:`QueueFull` at capacity) and return its token stream."""
+        stream = TokenStream(request)
+        self.submit(stream.job)
+        return stream

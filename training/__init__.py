@@ -1,1 +1,0 @@
-"""Training scripts (one-time steps whose outputs ship with the package)."""
