@@ -222,7 +222,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     es.add_argument("--out", required=True)
     es.add_argument("--seed", type=int, default=shapes.DEFAULT_SEED, help="benchmark seed (a fresh seed = fresh scenes)")
     es.add_argument("--images", type=int, default=500, help="scenes in the benchmark")
-    es.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows (e.g. baseline var)")
+    es.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows (labels as in the table, e.g. baseline)")
     es.add_argument("--batch-size", type=int, default=32)
     es.add_argument("--device", default="cpu")
     es.add_argument("--dtype", default="float32")

@@ -2,7 +2,7 @@
 interventions.
 
 One ``generate_batch`` call goes through five stages: bind (validate parameters against the model),
-rewrite (methods that change the input, e.g. CARVE), encode, prepare (extra analysis passes, batched per
+rewrite (methods that change the input), encode, prepare (extra analysis passes, batched per
 method), and one batched ``generate`` in which each row carries its own methods and decoding settings.
 """
 
@@ -410,7 +410,7 @@ class EnginePasses:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self.info: ModelInfo = engine.info
-        self.model = engine.model  # the literal (test-only) CARVE runs the release's uncached loop on it
+        self.model = engine.model  # for literal (test-only) versions that run a release's own uncached loop
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
         return self._engine.encode(turns, images)

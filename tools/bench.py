@@ -33,7 +33,7 @@ PROMPT = "Describe the image in detail: which objects are there, what colors do 
 
 
 def mixed_batch(engine: Engine) -> tuple[str, ...]:
-    """Eight rows: no method, then each method of the mixed loads, repeated (``none var gift vhr none ...``)."""
+    """Eight rows: no method, then each method of the mixed loads, repeated."""
     names = ("none", *engine.methods.mixed_traffic())
     return tuple(names[i % len(names)] for i in range(8))
 
