@@ -9,6 +9,9 @@ COPY interventions ./interventions
 COPY service ./service
 COPY eval ./eval
 COPY configs ./configs
+COPY model_zoo ./model_zoo
+COPY testbed ./testbed
+COPY tools ./tools
 RUN pip install --no-cache-dir .
 EXPOSE 8000
 ENTRYPOINT ["seeright", "serve", "--host", "0.0.0.0", "--port", "8000"]

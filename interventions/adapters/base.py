@@ -3,6 +3,20 @@
 An adapter says where the decoder layers and their attention modules are, how many heads there are
 (GQA included), which token id marks image tokens and how image tokens form a grid, and how a chat is
 written as a prompt. It also encodes a prompt into model inputs plus a :class:`TokenLayout`.
+
+The runtime's contract with a model family (what a new adapter must make true):
+
+* ``language_model``: the decoder stack module; its forward is called once per forward pass (the runtime
+  counts steps with a pre-hook on it). ``decoder_layers``: its ``nn.ModuleList`` of layers, in order;
+  each layer's forward takes the residual stream as its first argument or as ``hidden_states``.
+* Each layer has ``self_attn`` with ``layer_idx``, ``num_key_value_groups`` and an ``o_proj`` linear whose
+  input is the per-head outputs concatenated (``[batch, q, num_heads * head_dim]``), and computes
+  attention through transformers' ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`` with the
+  signature ``(module, query, key, value, attention_mask, scaling=..., dropout=..., **kwargs)`` and
+  ``query``/``key``/``value`` as ``[batch, heads, seq, head_dim]``.
+* The text config accepts ``set_attn_implementation({"text_config": name})`` (the vision tower keeps its own).
+* ``info`` (:class:`ModelInfo`), ``image_token_id``, ``eos_token_ids``, and ``encode`` returning image tokens
+  as one contiguous block per image that fills its ``(rows, cols)`` grid in row-major order.
 """
 
 from __future__ import annotations
