@@ -99,11 +99,14 @@ class ForwardContext:
     _plans: dict[tuple, Any] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        members: dict[int, tuple[Hooks, list[int], list[RowState]]] = {}
         for b, states in enumerate(self.rows):
             for state in states:
-                hooks, rows, members = self._members.setdefault(id(state.hooks), (state.hooks, [], []))
+                hooks, rows, row_states = members.setdefault(id(state.hooks), (state.hooks, [], []))
                 rows.append(b)
-                members.append(state)
+                row_states.append(state)
+        # hooks act in their declared order in every layer, not in the order the batch's rows bring them
+        self._members = dict(sorted(members.items(), key=lambda item: item[1][0].order))
 
     def groups(self, wanted: str, layer: int, device: torch.device) -> list[Group]:
         """Groups whose hooks want ``wanted`` ("heads" or "hidden") in this layer at this step."""

@@ -94,7 +94,12 @@ class Passes(Protocol):
 
 
 class Hooks:
-    """Batched hook callbacks; the defaults do nothing. Subclasses override what they need."""
+    """Batched hook callbacks; the defaults do nothing. Subclasses override what they need.
+
+    Where several hooks objects edit the same layer, they act in ``order`` (lower first), whatever the
+    rows of the batch: a row's result never depends on which methods its batch-mates use."""
+
+    order: ClassVar[int] = 100
 
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
         """First query row (index within this forward's query block) whose probabilities are needed."""
@@ -141,7 +146,7 @@ class Method(Hooks):
     name: ClassVar[str]
     params_model: ClassVar[type[BaseModel]]
     hook_points: ClassVar[frozenset[HookPoint]]
-    order: ClassVar[int] = 100  # rank when one request asks for several methods (lower runs first)
+    order: ClassVar[int] = 100  # rank when one request asks for several methods (lower acts first)
     literal: ClassVar[str | None] = None  # "module:Class" of a test-only literal version (``seeright bench``)
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ()  # settings the testbed tables run besides the defaults
     mixed_traffic: ClassVar[bool] = True  # part of the mixed loads of ``seeright bench`` and ``loadtest``

@@ -129,9 +129,21 @@ class GIFT(Method):
     def edit_probs(
         self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
     ) -> torch.Tensor:
-        if any(self._capturing(s, layer, step) for s in states):  # fused saliency: only read here
-            capture_gaze(layer, probs, states, q0)
+        """Rows reading their fused saliency here are only read; the other rows are enhanced. Each row's
+        own settings decide which (a batch may mix rows of different saliency and enhanced layers)."""
+        capturing = [i for i, s in enumerate(states) if self._capturing(s, layer, step)]
+        if not capturing:
+            return self._enhance(probs, states, step)
+        capture_gaze(layer, probs[capturing], [states[i] for i in capturing], q0)
+        enhanced = [i for i in range(len(states)) if i not in set(capturing)]
+        if not enhanced:
             return probs
+        out = probs.clone()
+        out[enhanced] = self._enhance(probs[enhanced], [states[i] for i in enhanced], step)
+        return out
+
+    def _enhance(self, probs: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
+        """The enhancement of the last query row of ``probs`` ``[n, H, q, T]`` for every row of ``states``."""
         device, total = probs.device, probs.shape[-1]
         if step == 0:
             for state in states:
