@@ -6,7 +6,7 @@ prompt, image and token budget. Every row's tokens and log-probs must equal the 
 1e-4). The test goes through ``serve``, which today is the engine's batch call; a scheduler that batches
 differently (continuous batching) plugs in there and must pass the same property.
 
-``SEERIGHT_BATCH_MATE_EXAMPLES`` sets the number of draws (default 200); ``SEERIGHT_BATCH_MATE_RANDOM=1``
+``SEERIGHT_BATCH_MATE_EXAMPLES`` sets the number of draws (default 300); ``SEERIGHT_BATCH_MATE_RANDOM=1``
 draws fresh examples instead of CI's fixed sequence.
 """
 
@@ -23,7 +23,7 @@ from param_strategies import method_params
 
 from service.engine import Engine, GenerationOutput, GenerationRequest
 
-EXAMPLES = int(os.environ.get("SEERIGHT_BATCH_MATE_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("SEERIGHT_BATCH_MATE_EXAMPLES", "300"))
 TOLERANCE = 1e-4
 IMAGE_SIZES = ((48, 40), (32, 32), (64, 48))
 ENGINES: dict[str, Engine] = {}

@@ -1,0 +1,348 @@
+"""Independent references: each method written again from its paper and release, on a stock model.
+
+Nothing here comes from ``interventions/``: no layouts, no masks, no hooks, no helpers. The model is an
+untouched copy of a tiny test model whose language model runs ``reference_eager``, an attention function
+written out below (scores, causal mask, float32 softmax, a per-layer edit callback, ``P @ V``); the rest
+uses plain forward hooks (residual stream entering a layer, ``o_proj`` inputs). Generation is greedy with no
+KV cache: every step recomputes the whole sequence, and each query row gets the edit rule of the step at
+which a cached decoder computed it (prompt rows: the prefill's; generated rows: the decode step's). So the
+comparison also covers the fast path's cache, its plans over prefill and decode, and its batching.
+
+What the references take from the caller is tokenisation only: the prompt's token ids and image tensors,
+and, for GIFT, where the question's (content-word) tokens are. Image positions, grids, sinks, heads,
+saliency maps and masks are all derived here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AttentionInterface
+
+NAME = "reference_eager"
+EditFn = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, probs [H, T, T]) -> probs
+
+
+@dataclass
+class Prompt:
+    """Tokenised inputs of one prompt (batch of one, no padding) and the question's token positions."""
+
+    inputs: dict[str, torch.Tensor]
+    image_token_id: int
+    query: tuple[int, int] = (0, 0)
+    content: tuple[int, ...] = ()
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"][0]
+
+    @property
+    def image_positions(self) -> list[int]:
+        return (self.ids == self.image_token_id).nonzero().flatten().tolist()
+
+
+@dataclass
+class Run:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class ReferenceModel:
+    """A stock model whose text attention is ``reference_eager``; ``edit`` is the active callback."""
+
+    def __init__(self, model: torch.nn.Module, eos: list[int]) -> None:
+        AttentionInterface.register(NAME, self._attention)
+        model.set_attn_implementation({"text_config": NAME})
+        self.model, self.eos = model.eval(), set(eos)
+        self.edit: EditFn | None = None
+        self.layers = model.model.language_model.layers
+        cfg = model.config.get_text_config()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = (query @ key.transpose(-1, -2)).float() * scale  # [1, H, q, T]
+        q, t = scores.shape[-2:]
+        causal = torch.arange(t)[None, :] <= torch.arange(t - q, t)[:, None]
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        if self.edit is not None:
+            probs = self.edit(module.layer_idx, probs[0])[None]
+        out = probs.to(value.dtype) @ value  # [1, H, q, d]
+        return out.transpose(1, 2).contiguous(), probs
+
+    @contextmanager
+    def hooks(self, pre_layer: Callable | None = None, o_proj: Callable | None = None, edit: EditFn | None = None):
+        """Plain forward pre-hooks for the duration of a run: ``pre_layer(layer, hidden [T, D])`` and
+        ``o_proj(layer, heads [T, H, d]) -> heads``."""
+        handles = []
+        for l, layer in enumerate(self.layers):
+            if pre_layer is not None:
+                handles.append(layer.register_forward_pre_hook(
+                    lambda m, a, k, l=l: pre_layer(l, (a[0] if a else k["hidden_states"])[0]), with_kwargs=True))
+            if o_proj is not None:
+                def hook(m, args, l=l):
+                    x = args[0]
+                    heads = o_proj(l, x[0].view(x.shape[1], self.num_heads, self.head_dim))
+                    return (heads.reshape(x.shape),)
+                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
+        self.edit = edit
+        try:
+            yield
+        finally:
+            self.edit = None
+            for h in handles:
+                h.remove()
+
+    def forward(self, prompt: Prompt, generated: list[int]) -> torch.Tensor:
+        """Last-position logits of the prompt followed by ``generated`` (recomputed from scratch)."""
+        ids = torch.cat([prompt.ids, torch.tensor(generated, dtype=torch.long)])[None]
+        inputs = {**prompt.inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if "mm_token_type_ids" in inputs:  # Qwen2-VL's M-RoPE: 1 on image tokens, 0 on text
+            inputs["mm_token_type_ids"] = (ids == prompt.image_token_id).to(torch.int32)
+        with torch.no_grad():
+            return self.model(**inputs, use_cache=False).logits[0, -1].float()
+
+    def greedy(self, prompt: Prompt, max_new_tokens: int, on_step: Callable[[int], None] | None = None) -> Run:
+        """Greedy decoding, stopping after an end-of-sequence token; ``on_step(t)`` before forward t."""
+        run = Run()
+        for t in range(max_new_tokens):
+            if on_step is not None:
+                on_step(t)
+            logprobs = self.forward(prompt, run.tokens).log_softmax(-1)
+            token = int(logprobs.argmax())
+            run.tokens.append(token)
+            run.logprobs.append(float(logprobs[token]))
+            if token in self.eos:
+                break
+        return run
+
+
+# ---- VAR (Kang et al., ICLR 2025, §3; release HeadFork / VARProcessor) ----------------------------------
+def var_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> Run:
+    vis = prompt.image_positions
+    image_end = vis[-1] + 1
+    prompt_len = len(prompt.ids)
+    sinks: dict[int, list[int]] = {}
+    step = [0]
+
+    def find_sinks(layer: int, hidden: torch.Tensor) -> None:
+        if step[0] != 0 or layer not in p.layers:
+            return
+        found = []
+        for j in range(prompt_len):
+            x = hidden[j].double()
+            rms = math.sqrt(float((x * x).mean()) + 1e-6)
+            if max(abs(float(x[d])) / rms for d in p.sink_dims) > p.tau:  # strict, as released
+                found.append(j)
+        sinks[layer] = found
+
+    def redistribute(layer: int, probs: torch.Tensor) -> torch.Tensor:
+        if layer not in p.layers:
+            return probs
+        sink = sinks[layer]
+        vis_sink = [j for j in vis if j in sink]
+        free = [j for j in vis if j not in sink]
+        if not vis_sink:
+            return probs
+        out = probs.clone()
+        for h in range(probs.shape[0]):
+            for i in range(image_end, probs.shape[1]):  # text rows after the image, and every generated row
+                a = probs[h, i].double()
+                vis_att = float(a[vis].sum())
+                portion = float(a[vis_sink].sum()) / float((a[vis] + 1e-6).sum())
+                free_sum = float(a[free].sum())
+                if not (portion <= 1 - p.rho and vis_att >= p.min_image_attention and free_sum > 0):
+                    continue
+                budget = p.p * float(a[sink].sum())
+                row = a.clone()
+                row[sink] = a[sink] * (1 - p.p)
+                row[free] = a[free] + budget * a[free] / free_sum
+                out[h, i] = row.float()
+        return out
+
+    def on_step(t: int) -> None:
+        step[0] = t
+
+    with ref.hooks(pre_layer=find_sinks, edit=redistribute):
+        return ref.greedy(prompt, max_new_tokens, on_step)
+
+
+# ---- VHR (He et al., ACL 2025, §3 Eq. 4-7, Alg. 1) ------------------------------------------------------
+def vhr_generate(ref: ReferenceModel, prompt: Prompt, text_only: Prompt, p: Any, max_new_tokens: int) -> Run:
+    text_heads: dict[int, torch.Tensor] = {}
+
+    def record(layer: int, heads: torch.Tensor) -> torch.Tensor:
+        text_heads[layer] = heads[-1].double().clone()
+        return heads
+
+    with ref.hooks(o_proj=record):
+        ref.forward(text_only, [])
+    prompt_len, chosen, step = len(prompt.ids), {}, [0]
+
+    def reinforce(layer: int, heads: torch.Tensor) -> torch.Tensor:
+        if layer not in p.layers:
+            return heads
+        if step[0] == 0:  # select once, layer by layer, at the position that predicts the first token
+            full, text = heads[prompt_len - 1].double(), text_heads[layer]
+            n = full.shape[0]
+            vhd = [float((full[i] - text[i]).norm()) for i in range(n)]
+            ta = [float((text[i] ** 2).sum()) for i in range(n)]
+            if p.outlier_filter:
+                mv, sv = _mean_std(vhd)
+                mt, st = _mean_std(ta)
+                vhd = [0.0 if vhd[i] > mv + sv and ta[i] > mt + st else vhd[i] for i in range(n)]
+            median = sorted(vhd)[(n - 1) // 2]  # the lower median
+            chosen[layer] = [i for i in range(n) if vhd[i] > median]
+        first = 0 if p.prefill_positions == "all" else prompt_len - 1
+        out = heads.clone()
+        for i in chosen[layer]:
+            out[first:, i] = heads[first:, i] * p.alpha
+        return out
+
+    def on_step(t: int) -> None:
+        step[0] = t
+
+    with ref.hooks(o_proj=reinforce):
+        return ref.greedy(prompt, max_new_tokens, on_step)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mu = sum(values) / len(values)
+    return mu, math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1))
+
+
+# ---- GIFT (arXiv 2510.22067; release compute_visual_saliency_map and the enhancement) ---------------------
+def gift_saliency(ref: ReferenceModel, prompt: Prompt, p: Any) -> torch.Tensor:
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, probs: torch.Tensor) -> torch.Tensor:
+        if layer in p.saliency_layers:
+            kept[layer] = probs.double().clone()
+        return probs
+
+    with ref.hooks(edit=keep):
+        ref.forward(prompt, [])
+    vis = prompt.image_positions
+    q0, q1 = prompt.query
+    rows = list(range(q1 - q0)) if p.content_words == "all" else [c - q0 for c in prompt.content]
+    rows = rows or list(range(q1 - q0))
+    per_layer = []
+    for layer in p.saliency_layers:
+        a = kept[layer]
+        shift = (a[:, q0:q1][:, :, vis] - a[:, q0 - 1 : q1 - 1][:, :, vis]).clamp_min(0)[:, rows]  # [H, rows, N_vis]
+        k = max(1, int(a.shape[0] * p.head_fraction))
+        heads = torch.topk(shift.sum((1, 2)), k).indices.tolist()
+        per_layer.append(shift[heads])
+    s = torch.cat([x.reshape(-1, len(vis)) for x in per_layer]).mean(0)
+    mean, std = s.mean(), s.std()
+    s = s.clamp(mean - p.clip_sigma * std, mean + p.clip_sigma * std)
+    span = s.max() - s.min()
+    s = (s - s.min()) / span * p.alpha if span > 0 else torch.zeros_like(s)  # constant saliency: a flat map
+    return s.exp()
+
+
+def gift_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> Run:
+    sal = gift_saliency(ref, prompt, p)
+    vis = prompt.image_positions
+    query = list(range(*prompt.query))
+    prompt_len = len(prompt.ids)
+
+    def enhance(layer: int, probs: torch.Tensor) -> torch.Tensor:
+        if layer not in p.enhance_layers:
+            return probs
+        out = probs.clone()
+        k = max(1, int(probs.shape[0] * p.head_fraction))
+        for i in range(prompt_len - 1, probs.shape[1]):  # the last row of every forward
+            row = probs[:, i].double()
+            av, aq = row[:, vis], row[:, query]
+            hv = torch.topk(av.sum(-1), k).indices.tolist()
+            hq = torch.topk(aq.sum(-1), k).indices.tolist()
+            r = float((av[hv] * sal).sum() / av[hv].sum())
+            new = row.clone()
+            for h in hv:
+                new[h, vis] = row[h, vis] * sal
+            for h in hq:
+                new[h, query] = new[h, query] * r
+            out[:, i] = (new / new.sum(-1, keepdim=True)).float()
+        return out
+
+    with ref.hooks(edit=enhance):
+        return ref.greedy(prompt, max_new_tokens)
+
+
+# ---- CARVE (arXiv 2509.06461, Alg. 1, Eq. 4.4-4.6; release v4) -------------------------------------------
+def carve_collect(ref: ReferenceModel, prompt: Prompt, layers: list[int], steps: int) -> list[np.ndarray]:
+    """Per step, ``[len(layers), N_vis]``: the last row's attention to image tokens, mean over heads."""
+    vis, maps, current = prompt.image_positions, [], {}
+
+    def record(layer: int, probs: torch.Tensor) -> torch.Tensor:
+        if layer in layers:
+            current[layer] = probs[:, -1, vis].double().mean(0).numpy()
+        return probs
+
+    def on_step(t: int) -> None:
+        if current:
+            maps.append(np.stack([current[l] for l in layers]))
+
+    with ref.hooks(edit=record):
+        ref.greedy(prompt, steps, on_step)
+    maps.append(np.stack([current[l] for l in layers]))
+    return maps
+
+
+def carve_mask(task: list[np.ndarray], general: list[np.ndarray], grid: tuple[int, int], size: tuple[int, int], p: Any) -> np.ndarray:
+    width, height = size
+    fused = np.zeros((height, width))
+    steps = [0] if p.steps == "first" else range(min(len(task), len(general)))
+    for t in steps:
+        weight = t + 1 if p.steps == "all" else 1.0
+        layer_sum = np.zeros((height, width))
+        for a_q, a_g in zip(task[t], general[t]):
+            ratio = (a_q / (a_g + p.lam)).reshape(grid).astype(np.float32)
+            layer_sum += np.asarray(Image.fromarray(ratio, mode="F").resize((width, height), Image.BILINEAR), dtype=np.float32)
+        fused += weight * layer_sum
+    keep = fused >= np.percentile(fused, (1 - p.top_p) * 100)
+    regions = _regions(keep)
+    regions.sort(key=lambda cells: -sum(fused[y, x] for y, x in cells))
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for cells in regions[: max(p.min_regions, int(len(regions) * p.region_fraction))]:
+        for y, x in cells:
+            mask[y, x] = 1
+    return mask
+
+
+def _regions(keep: np.ndarray) -> list[list[tuple[int, int]]]:
+    """4-connected regions of True pixels, by flood fill."""
+    seen, regions = np.zeros_like(keep, dtype=bool), []
+    for y0, x0 in zip(*np.nonzero(keep)):
+        if seen[y0, x0]:
+            continue
+        stack, cells = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            cells.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < keep.shape[0] and 0 <= nx < keep.shape[1] and keep[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        regions.append(cells)
+    return regions
+
+
+def carve_refine(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    pixels = np.asarray(image.convert("RGB")) * mask[..., None]
+    ys, xs = np.nonzero(mask)
+    box = (0, 0, mask.shape[1], mask.shape[0]) if len(ys) == 0 else (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    crop = Image.fromarray(pixels.astype(np.uint8)).crop(tuple(int(v) for v in box))
+    scale = max(image.width / crop.width, image.height / crop.height)
+    return crop.resize((int(crop.width * scale), int(crop.height * scale)), Image.LANCZOS)

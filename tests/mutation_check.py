@@ -1,0 +1,72 @@
+"""Mutation check of the independent references: swap a convention in the fast path, run the reference
+tests, restore the file. Every mutation must make some reference test fail.
+
+    python tests/mutation_check.py          # about 10 s per mutation on 2 cores
+
+Not collected by pytest (it edits source files while it runs; run it alone).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+M = "interventions/methods/"
+MUTATIONS = [
+    ("VAR rho convention swapped", M + "var.py", "selected = (sink_frac <= 1 - rho)", "selected = (sink_frac <= rho)"),
+    ("VAR p convention swapped (sinks keep p)", M + "var.py", "lambda: 1 - p[:, 0] * masks[:, :, 2], 1.0)",
+     "lambda: p[:, 0] * masks[:, :, 2] + (1 - masks[:, :, 2]), 1.0)"),
+    ("VHR head selection off by one (>= median)", M + "vhr.py", "chosen = vhd > vhd.median(", "chosen = vhd >= vhd.median("),
+    ("VHR prefill_positions=last ignored", M + "vhr.py",
+     "factor = torch.where(keep[:, :, None, None], torch.ones_like(factor), factor)", "pass"),
+    ("VHR outlier_filter=false ignored", M + "vhr.py",
+     "outlier &= torch.tensor([s.params.outlier_filter for s in states], device=full.device)[:, None]", "pass"),
+    ("GIFT gaze rows shifted by one", M + "gift.py", "attn = probs[row, :, start - 1 - q0 : end - q0]",
+     "attn = probs[row, :, start - q0 : end + 1 - q0]"),
+    ("GIFT top heads off by one", M + "gift.py", "k = (fraction * heads).floor().clamp_min(1)",
+     "k = (fraction * heads).floor().clamp_min(1) + 1"),
+    ("GIFT content_words ignored", M + "gift.py", 'content = [] if state.params.content_words == "all" else',
+     "content = [] if True else"),
+    ("CARVE step weight t instead of t + 1", M + "carve.py", 'weight = t + 1 if params.steps == "all"',
+     'weight = t if params.steps == "all"'),
+    ("CARVE steps=first ignored", M + "carve.py", 'steps = [0] if params.steps == "first" else range(',
+     "steps = range("),
+    ("CARVE requery=refined ignored", M + "carve.py",
+     'images = [image, refined] if state.params.requery == "original_and_refined" else [refined]',
+     "images = [image, refined]"),
+]
+
+
+def run_references() -> str:
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_independent_references.py"],
+                         cwd=ROOT, capture_output=True, text=True).stdout
+    found = re.findall(r"\d+ (?:failed|passed)[^\n]*", out)
+    return found[-1] if found else out[-300:]
+
+
+def main() -> int:
+    missed = []
+    for label, rel, old, new in MUTATIONS:
+        path = ROOT / rel
+        original = path.read_text()
+        if old not in original:
+            print(f"{label}: the code to mutate is gone; update this list")
+            missed.append(label)
+            continue
+        try:
+            path.write_text(original.replace(old, new, 1))
+            summary = run_references()
+        finally:
+            path.write_text(original)
+        print(f"{label}: {summary}")
+        if "failed" not in summary:
+            missed.append(label)
+    print("every mutation caught" if not missed else f"not caught: {missed}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
