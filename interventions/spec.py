@@ -67,6 +67,14 @@ class GIFTParams(MethodParams):
     content_words: Literal["rule", "all"] = Field(
         "rule", description="Query rows used: content words (closed-class rule) or every query token."
     )
+    max_pixels: int | None = Field(
+        None,
+        ge=64,
+        description=(
+            "Dynamic-resolution models (Qwen2-VL): fit images to at most this many pixels first, as the "
+            "release's processor does (Qwen2-VL-7B: 1280*28*28). Fixed-size models (LLaVA) ignore it."
+        ),
+    )
     saliency_pass: Literal["auto", "separate"] = Field(
         "auto",
         description=(
@@ -94,6 +102,14 @@ class CARVEParams(MethodParams):
         " Answer the question using a single word or phrase.",
         max_length=500,
         description="Appended to both collection prompts (as the release does).",
+    )
+    max_pixels: int | None = Field(
+        None,
+        ge=64,
+        description=(
+            "Dynamic-resolution models (Qwen2-VL, Qwen2.5-VL): fit the image to at most this many pixels "
+            "first, as the release's processor does (256*28*28). Fixed-size models (LLaVA) ignore it."
+        ),
     )
     requery: Literal["original_and_refined", "refined"] = Field(
         "original_and_refined",

@@ -57,6 +57,7 @@ class EngineClient:
         self.methods = engine.methods
         self.model_config = engine.model_config
         self.method_defaults = engine.method_defaults
+        self.derived_defaults = engine.derived_defaults
 
     @property
     def depth(self) -> int:

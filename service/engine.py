@@ -56,6 +56,10 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    image_fields: tuple[str, ...] = ()  # where each image came from (e.g. "messages[0].content[1]"), for errors
+
+    def image_field(self, i: int) -> str:
+        return self.image_fields[i] if i < len(self.image_fields) else f"images[{i}]"
 
     def chat(self) -> list[ChatTurn]:
         if self.turns is not None:
@@ -98,6 +102,7 @@ class Engine:
         self.model_config = model_config
         self.adapter: ModelAdapter = adapter_cls(model, tokenizer, image_processor)
         self.info = self.adapter.info
+        model_config.check_depth(self.info.num_layers)
         self.runtime = Runtime(model, self.adapter)
         self.methods = methods if methods is not None else MethodRegistry.builtin()
         self.passes = EnginePasses(self)
@@ -188,9 +193,13 @@ class Engine:
         cancelled: Callable[[int], bool] | None,
     ) -> list[GenerationOutput]:
         start = time.perf_counter()
+        for r in requests:
+            self._check_images(r)
         inputs = [RequestInputs(turns=r.chat(), images=list(r.images)) for r in requests]
         states = [self.bind(r.interventions, inp) for r, inp in zip(requests, inputs)]
         self._decoding_checks(requests)
+        for inp, row in zip(inputs, states):
+            fit_images(self.adapter, inp, row)
         with torch.inference_mode():
             for method in self.methods.values():
                 users = [s for row in states for s in row if s.hooks is method]
@@ -223,9 +232,17 @@ class Engine:
         return outputs
 
     def validate(self, request: GenerationRequest) -> None:
-        """Check a request's interventions and decoding settings without running the model."""
+        """Check a request's images, interventions and decoding settings without running the model."""
+        self._check_images(request)
         self.bind(request.interventions, RequestInputs(turns=request.chat(), images=list(request.images)))
         self._decoding_checks([request])
+
+    def _check_images(self, request: GenerationRequest) -> None:
+        for i, image in enumerate(request.images):
+            try:
+                self.adapter.check_image(image)
+            except ValueError as exc:
+                raise RequestError(request.image_field(i), f"this model cannot take this image: {exc}") from exc
 
     # ---- stages ----------------------------------------------------------------------------------
     def method_defaults(self, name: str) -> dict[str, Any]:
@@ -233,6 +250,11 @@ class Engine:
         then the model config's entry (see :class:`~interventions.methods.base.Method`)."""
         method = self.methods[name]
         return {**method.defaults(self.info), **_given(self.model_config.methods.get(name))}
+
+    def derived_defaults(self, name: str) -> list[str]:
+        """Parameters whose default on this model comes from the method's rule (the model config is silent)."""
+        given = _given(self.model_config.methods.get(name))
+        return sorted(k for k in self.methods[name].defaults(self.info) if k not in given)
 
     def resolve_params(self, interventions: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Each requested method's parameters, validated and completed with this model's defaults, in method
@@ -354,6 +376,11 @@ class Engine:
             )
         return out.sequences.cpu(), stops, prompt_len, out.logits
 
+    def _provenance(self, state: RowState) -> dict[str, Any]:
+        """The parameters a row ran with, the model config they came from and which were derived."""
+        name = state.hooks.name
+        return {"params": state.params.model_dump(), "model_config": self.model_config.name, "derived": self.derived_defaults(name)}
+
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -382,8 +409,15 @@ class Engine:
                 text, reason = text[: text.index(s)], "stop"
         if reason is None:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
-        diagnostics = {s.hooks.name: to_python(s.diagnostics) for s in states}
+        diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self._provenance(s)} for s in states}
         return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+
+
+def fit_images(adapter: ModelAdapter, request: RequestInputs, states: list[RowState]) -> None:
+    """Resize the request's images as its methods' releases do (``max_pixels``, the smallest asked for)."""
+    limits = [s.params.max_pixels for s in states if getattr(s.params, "max_pixels", None)]
+    if limits:
+        request.images = [adapter.fit_image(image, min(limits)) for image in request.images]
 
 
 class EngineGenerator:

@@ -1,7 +1,7 @@
 """Per-model method defaults from ``configs/models/*.yaml``.
 
-A file gives ``match`` (substrings of a model id or path, case-insensitive), the ``family`` it applies to
-and ``methods: {name: {param: value}}``. A request's parameters override the model's defaults.
+A file gives ``match`` (substrings of a model id or path, case-insensitive), the ``family`` it applies to,
+``num_layers`` (the depth its layer lists are for) and ``methods: {name: {param: value}}``. A request's parameters override the model's defaults.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class ModelConfig:
     family: str | None = None
     match: tuple[str, ...] = ()
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_layers: int | None = None  # the depth its layer lists are written for; checked when a model loads
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
@@ -31,7 +32,15 @@ class ModelConfig:
             family=data.get("family"),
             match=tuple(data.get("match", ())),
             methods={k: dict(v or {}) for k, v in (data.get("methods") or {}).items()},
+            num_layers=data.get("num_layers"),
         )
+
+    def check_depth(self, num_layers: int) -> None:
+        """A config written for another depth would edit the wrong layers: refuse it."""
+        if self.num_layers is not None and self.num_layers != num_layers:
+            raise ValueError(
+                f"model_config: {self.name!r} is written for a {self.num_layers}-layer model, this one has {num_layers}"
+            )
 
 
 def builtin_configs() -> list[ModelConfig]:

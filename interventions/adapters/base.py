@@ -138,6 +138,14 @@ class ModelAdapter(ABC):
     def image_token_text(self) -> str:
         """The string of one image token (repeated once per image token in the prompt)."""
 
+    def check_image(self, image: Image.Image) -> None:
+        """Raise ValueError for an image this model's processor would refuse (fixed-size families take any)."""
+
+    def fit_image(self, image: Image.Image, max_pixels: int) -> Image.Image:
+        """The image as the processor would size it with at most ``max_pixels`` pixels (dynamic-resolution
+        families); unchanged where the processor resizes to a fixed size anyway."""
+        return image
+
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-token tensors besides ``input_ids`` the model needs (padded with 0 in a batch)."""
         return {}

@@ -9,6 +9,11 @@ from PIL import Image
 
 from interventions.adapters.base import ChatTurn, ModelAdapter, Segment
 
+try:  # the PIL image processor's module (transformers >= 5), else the classic one
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+except ImportError:  # pragma: no cover
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
@@ -43,6 +48,28 @@ class Qwen2VLAdapter(ModelAdapter):
         merge = self.model.config.vision_config.spatial_merge_size
         grids = [(int(h) // merge, int(w) // merge) for _, h, w in out["image_grid_thw"].tolist()]
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, grids
+
+    def _target_size(self, image: Image.Image, max_pixels: int | None = None) -> tuple[int, int]:
+        """``(height, width)`` the processor resizes to: multiples of patch x merge within the pixel bounds."""
+        p = self.image_processor
+        bounds = p.size
+        return smart_resize(
+            image.height, image.width, factor=p.patch_size * p.merge_size, min_pixels=bounds["shortest_edge"],
+            max_pixels=bounds["longest_edge"] if max_pixels is None else min(max_pixels, bounds["longest_edge"]),
+        )
+
+    def check_image(self, image: Image.Image) -> None:
+        self._target_size(image)  # the processor's own rule: a ValueError for extreme aspect ratios
+
+    def fit_image(self, image: Image.Image, max_pixels: int) -> Image.Image:
+        """Resized to what the processor gives with its pixel bound lowered to ``max_pixels``; the processor
+        then keeps that size. A bound at or above the processor's own changes nothing."""
+        if max_pixels >= self.image_processor.size["longest_edge"]:
+            return image
+        height, width = self._target_size(image, max_pixels)
+        if (height, width) == self._target_size(image):
+            return image
+        return image.convert("RGB").resize((width, height), Image.BICUBIC)
 
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         # M-RoPE needs the modality of each token: 0 text, 1 image.

@@ -14,6 +14,11 @@ Mask: pixels with ``S >= percentile(S, 100 (1 - top_p))``; 4-connected regions r
 mask's bounding box and upscaled (Lanczos) by ``max(W / w, H / h)``. The answer is then generated from
 [original, refined] (release) or the refined image alone (paper, Alg. 1), with the user's prompt.
 
+Prompt template: the collection passes and the answer use the model's own chat template. The release's
+LLaVA path writes ``"<image>\nUSER: {q}\nASSISTANT:"``, not LLaVA-1.5's ``"USER: <image>\n{q} ASSISTANT:"``; on
+Qwen it uses the chat template, as here. Resolution: ``max_pixels`` fits Qwen images as the release's processor
+(256*28*28) before anything else; LLaVA's processor resizes to 336 either way.
+
 Cost: two collection passes of up to ``collect_tokens`` steps (batched together) before the answer, whose
 prompt carries a second image with the release's requery (about 2.6x a plain request on the benchmark
 model; the release reports 7.9x).

@@ -19,6 +19,10 @@ before the first enhanced layer; otherwise one prefill stopped after the last sa
 Cost: no extra pass in the fused case, else one partial prefill; then the last row in the enhanced
 layers (about 1.07x per decode token on the benchmark model).
 
+Flat map: when ``s`` is constant after clipping (no gaze shift anywhere, or all equal), the min-max scaling is
+undefined (the release divides by zero); the map is then flat, ``Sal = 1``, and the enhancement leaves the
+image columns as they are. ``diagnostics["flat_saliency"]`` says so.
+
 Content words: a closed-class rule instead of spaCy (``interventions/content_words.py``); when a query
 has none, every query row is used (the release would take a mean over nothing and produce NaN).
 """
@@ -112,6 +116,7 @@ class GIFT(Method):
         gaze = [state.data["gaze"].pop(layer) for layer in state.params.saliency_layers]
         state.data["saliency"] = saliency_map(gaze, content, state.params)
         state.diagnostics["saliency"] = state.data["saliency"]
+        state.diagnostics["flat_saliency"] = (state.data["saliency"] == 1).all()  # read at the end, no sync here
 
     def _capturing(self, state: RowState, layer: int, step: int) -> bool:
         return step == 0 and state.data.get("fused", False) and layer in state.params.saliency_layers

@@ -9,6 +9,10 @@ Step B (every forward, per head h and query row i, post-softmax A): the head is 
 ``sum_{vis sinks} A / sum_{vis} (A + 1e-6) <= 1 - rho`` (paper: non-sink ratio >= rho). No visual sink in
 the layer: nothing is selected.
 
+Guard (not in the paper or the release): a head whose row has no attention on visual non-sink tokens (every
+image token is a sink) is not selected, since the budget would have nowhere to go (the release divides by
+zero there). ``diagnostics["all_visual_sinks"][layer]`` says where that happened.
+
 Step C: for selected (h, i), sinks (visual and text) keep ``1 - p`` of their attention and the budget
 ``p * sum_{sinks} A`` is spread over visual non-sink tokens in proportion to their attention. Rows still
 sum to 1. Prefill edits only the text rows after the image; decode edits the new row. Sink sets come
@@ -64,6 +68,7 @@ class VAR(Method):
             vis = state.layout.image_mask(len(sinks)).to(sinks.device)
             state.diagnostics.setdefault("visual_sinks", {})[layer] = (sinks & vis).sum()
             state.diagnostics.setdefault("text_sinks", {})[layer] = (sinks & ~vis).sum()
+            state.diagnostics.setdefault("all_visual_sinks", {})[layer] = (vis & ~sinks).sum() == 0
 
     # Steps B and C ------------------------------------------------------------------------------------
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:

@@ -7,7 +7,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_STRINGS = 4
 
 
 class ImageURL(BaseModel):
@@ -46,13 +48,20 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings, as OpenAI allows.")
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     interventions: dict[str, dict[str, Any]] | None = None
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+        return value
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -166,6 +175,7 @@ class InterventionCard(BaseModel):
     description: str
     parameters: dict[str, Any]
     defaults: dict[str, Any] = Field(description="This model's defaults: rules derived from the model, then its config entry.")
+    derived: list[str] = Field(description="Parameters whose default is derived from the model's shape (no config value).")
 
 
 class InterventionList(BaseModel):

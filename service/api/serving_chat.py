@@ -36,8 +36,9 @@ def split_model(name: str, served: str) -> list[str]:
     return presets
 
 
-def message_turn(i: int, message: ChatMessage, images: list, settings: Settings) -> ChatTurn:
-    """One message as a chat turn; its images are decoded and appended to ``images``."""
+def message_turn(i: int, message: ChatMessage, images: list, fields: list[str], settings: Settings) -> ChatTurn:
+    """One message as a chat turn; its images are decoded and appended to ``images``, their part paths to
+    ``fields``."""
     parts = [message.content] if isinstance(message.content, str) else message.content
     texts, count = [], 0
     for j, part in enumerate(parts):
@@ -50,6 +51,7 @@ def message_turn(i: int, message: ChatMessage, images: list, settings: Settings)
             if len(images) + 1 > settings.max_images_per_request:
                 raise RequestError("messages", f"more than {settings.max_images_per_request} images")
             images.append(load_image(part.image_url.url, f"{where}.image_url", settings))
+            fields.append(where)
             count += 1
         else:
             texts.append(part.text)
@@ -60,7 +62,8 @@ def build_request(body: ChatCompletionRequest, settings: Settings) -> Generation
     """Turns, images and settings of a chat request (decodes images: call it off the event loop)."""
     presets = split_model(body.model, settings.name)
     images: list = []
-    turns = [message_turn(i, message, images, settings) for i, message in enumerate(body.messages)]
+    fields: list[str] = []
+    turns = [message_turn(i, message, images, fields, settings) for i, message in enumerate(body.messages)]
     if turns[-1].role != "user":
         raise RequestError("messages", "the last message must come from the user")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -72,6 +75,7 @@ def build_request(body: ChatCompletionRequest, settings: Settings) -> Generation
     return GenerationRequest(
         turns=turns, images=images, interventions=interventions, max_new_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(), logprobs=body.logprobs,
+        image_fields=tuple(fields),
     )
 
 

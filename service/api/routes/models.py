@@ -22,6 +22,7 @@ async def interventions(client: ClientDep) -> InterventionList:
         InterventionCard(
             name=name, description=(method.params_model.__doc__ or "").strip(),
             parameters=method.params_model.model_json_schema(), defaults=client.method_defaults(name),
+            derived=client.derived_defaults(name),
         )
         for name, method in client.methods.items()
     ]
