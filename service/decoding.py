@@ -25,10 +25,32 @@ class RowDecoding:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     @property
     def sampled(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def apply_penalties(scores: torch.Tensor, generated: torch.Tensor, seen: torch.Tensor, row: RowDecoding) -> torch.Tensor:
+    """One row's scores ``[V]`` after OpenAI's presence / frequency penalties (over the generated tokens:
+    ``- c_j * frequency - (c_j > 0) * presence``) and the HF / vLLM repetition penalty (over prompt and
+    generated tokens ``seen``: positive scores divided by it, negative ones multiplied)."""
+    scores = scores.clone()
+    if row.presence_penalty or row.frequency_penalty:
+        counts = torch.bincount(generated, minlength=scores.shape[-1]).to(scores.dtype)
+        scores -= counts * row.frequency_penalty + (counts > 0).to(scores.dtype) * row.presence_penalty
+    if row.repetition_penalty != 1:
+        tokens = seen.unique()
+        picked = scores[tokens]
+        scores[tokens] = torch.where(picked > 0, picked / row.repetition_penalty, picked * row.repetition_penalty)
+    return scores
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -42,10 +64,13 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class RowSampler(LogitsProcessor):
-    """Turns sampled rows into one-hot scores of a token drawn with the row's own generator."""
+    """Applies each row's penalties, then turns sampled rows into one-hot scores of a token drawn with the
+    row's own generator (greedy rows keep their scores: ``generate`` takes the argmax)."""
 
-    def __init__(self, rows: Sequence[RowDecoding], device: torch.device) -> None:
+    def __init__(self, rows: Sequence[RowDecoding], device: torch.device, prompt_length: int = 0) -> None:
         self.rows = rows
+        self.prompt_length = prompt_length
+        self.penalized = [b for b, row in enumerate(rows) if row.penalized]
         self.generators: dict[int, torch.Generator] = {}
         for b, row in enumerate(rows):
             if row.sampled:
@@ -54,9 +79,12 @@ class RowSampler(LogitsProcessor):
                 self.generators[b] = gen
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.generators:
+        if not self.generators and not self.penalized:
             return scores
         scores = scores.clone()
+        for b in self.penalized:
+            seen = input_ids[b]  # left padding repeats the pad id, which a repetition penalty may touch: harmless
+            scores[b] = apply_penalties(scores[b], input_ids[b, self.prompt_length :], seen, self.rows[b])
         for b, gen in self.generators.items():
             logits = top_p_filter(scores[b].float() / self.rows[b].temperature, self.rows[b].top_p)
             token = torch.multinomial(logits.softmax(-1), 1, generator=gen)

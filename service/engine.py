@@ -56,6 +56,10 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: the k most likely tokens at each step
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     image_fields: tuple[str, ...] = ()  # where each image came from (e.g. "messages[0].content[1]"), for errors
 
     def image_field(self, i: int) -> str:
@@ -81,6 +85,7 @@ class GenerationOutput:
     timings: dict[str, float]
     diagnostics: dict[str, Any] = field(default_factory=dict)
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Engine:
@@ -215,7 +220,11 @@ class Engine:
                 if users:
                     method.prepare(users, self.passes)
             prepared = time.perf_counter()
-            rows = [RowDecoding(r.max_new_tokens, r.temperature, r.top_p, r.seed, tuple(r.stop)) for r in requests]
+            rows = [
+                RowDecoding(r.max_new_tokens, r.temperature, r.top_p, r.seed, tuple(r.stop), r.presence_penalty,
+                            r.frequency_penalty, r.repetition_penalty)
+                for r in requests
+            ]
             want_logprobs = any(r.logprobs for r in requests)
             sequences, stops, prompt_len, logits = self._generate(
                 [inp.prompt for inp in inputs], states, rows, on_token, cancelled, want_logprobs
@@ -228,7 +237,7 @@ class Engine:
         ]
         for b, (request, out) in enumerate(zip(requests, outputs)):
             if request.logprobs:
-                out.logprobs = [float(logits[t][b].float().log_softmax(-1)[tok]) for t, tok in enumerate(out.token_ids)]
+                add_logprobs(out, [logits[t][b] for t in range(len(out.token_ids))], request.top_logprobs)
         return outputs
 
     def validate(self, request: GenerationRequest) -> None:
@@ -298,6 +307,10 @@ class Engine:
                 raise RequestError("temperature", "must be >= 0")
             if not 0 < r.top_p <= 1:
                 raise RequestError("top_p", "must be in (0, 1]")
+            if not 0 <= r.top_logprobs <= 20:
+                raise RequestError("top_logprobs", "must be in [0, 20]")
+            if r.repetition_penalty <= 0:
+                raise RequestError("repetition_penalty", "must be > 0")
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
         return self.adapter.encode(turns, images)
@@ -368,7 +381,7 @@ class Engine:
                 output_logits=output_logits,
                 max_new_tokens=max(r.max_new_tokens for r in decoding),
                 do_sample=False,
-                logits_processor=[RowSampler(decoding, self.device)],
+                logits_processor=[RowSampler(decoding, self.device, prompt_len)],
                 stopping_criteria=[stops],
                 streamer=streamer,
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -411,6 +424,19 @@ class Engine:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
         diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self._provenance(s)} for s in states}
         return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+
+
+def add_logprobs(out: GenerationOutput, logits: Sequence[torch.Tensor], top: int) -> None:
+    """The model's log-probability of each generated token (before sampling settings), and the ``top`` most
+    likely tokens of each step."""
+    out.logprobs, out.top_logprobs = [], [] if top else None
+    if not logits:
+        return
+    steps = torch.stack(list(logits)).float().log_softmax(-1)
+    out.logprobs = [float(steps[t, tok]) for t, tok in enumerate(out.token_ids)]
+    if top:
+        values, ids = steps.topk(top, dim=-1)
+        out.top_logprobs = [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
 
 
 def fit_images(adapter: ModelAdapter, request: RequestInputs, states: list[RowState]) -> None:

@@ -131,7 +131,7 @@ BAD = [
     ({"messages": "nope"}, "messages"),
     ({"max_tokens": "ten"}, "max_tokens"),
     ({"max_tokens": 10_000}, "max_tokens"),
-    ({"n": 2}, "n"),
+    ({"n": 99}, "n"),  # n > 1 is served (issue 12); over the limit is refused
     ({"temperature": -1}, "temperature"),
     ({"interventions": {"dola": {}}}, "interventions"),
     ({"interventions": {"var": {"rho": 3}}}, "interventions.var.rho"),

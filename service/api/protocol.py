@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP_STRINGS = 4
 
@@ -36,8 +36,29 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"only {{'type': 'text'}} is supported (no structured output), got {value!r}")
+        return value
+
+
+# OpenAI fields this server does not implement: sent with a value, each is a 400 naming it, never ignored.
+UNSUPPORTED_FIELDS = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio", "prediction", "logit_bias",
+    "web_search_options", "reasoning_effort",
+)
+MAX_CHOICES = 16
+
+
 class ChatCompletionRequest(BaseModel):
-    """``temperature`` defaults to 0 (greedy), the decoding hallucination benchmarks use."""
+    """``temperature`` defaults to 0 (greedy), the decoding hallucination benchmarks use. Unknown vendor fields
+    (``user``, ``metadata``, ``store``, ...) are accepted and ignored; the OpenAI features listed in
+    :data:`UNSUPPORTED_FIELDS` are refused by name."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -49,18 +70,48 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings, as OpenAI allows.")
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices, generated as rows of one batch (seed + i each).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=2, description="vLLM / HF style: >1 discourages repeats.")
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text"]] | None = None
     interventions: dict[str, dict[str, Any]] | None = None
     user: str | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    audio: Any = None
+    prediction: Any = None
+    logit_bias: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+
+    @field_validator(*UNSUPPORTED_FIELDS)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
+        if value is not None:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return None
 
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return value
 
     def stop_list(self) -> tuple[str, ...]:
@@ -80,10 +131,17 @@ class Usage(BaseModel):
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
 class TokenLogprob(BaseModel):
     token: str
     logprob: float
-    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChoiceLogprobs(BaseModel):

@@ -7,9 +7,11 @@ The router (``routes/chat.py``) only hands the body over; this module turns it i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import HTTPException
@@ -21,10 +23,11 @@ from service.api.images import load_image
 from service.api.metrics import Metrics
 from service.api.protocol import (
     AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
-    ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, ImagePart, TokenLogprob, Usage, completion_id, now,
+    ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, ImagePart, TokenLogprob, TopLogprob, Usage, completion_id, now,
 )
-from service.client import EngineClient
+from service.client import EngineClient, TokenStream
 from service.engine import GenerationOutput, GenerationRequest, RequestError
+from service.scheduler import QueueFull
 from service.settings import Settings
 
 
@@ -75,8 +78,16 @@ def build_request(body: ChatCompletionRequest, settings: Settings) -> Generation
     return GenerationRequest(
         turns=turns, images=images, interventions=interventions, max_new_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(), logprobs=body.logprobs,
-        image_fields=tuple(fields),
+        top_logprobs=body.top_logprobs or 0, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, image_fields=tuple(fields),
     )
+
+
+def choices_of(gen: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """``n`` rows for ``n`` choices: choice i samples with ``seed + i`` (a fresh seed each without a seed)."""
+    if n == 1:
+        return [gen]
+    return [replace(gen, seed=None if gen.seed is None else gen.seed + i) for i in range(n)]
 
 
 class DeltaText:
@@ -105,16 +116,57 @@ class DeltaText:
         return final[self.sent :] if len(final) > self.sent else ""
 
 
-def usage(out: GenerationOutput) -> Usage:
-    return Usage.of(out.prompt_tokens, len(out.token_ids))
+def usage(outs: list[GenerationOutput]) -> Usage:
+    """The prompt once, the completion tokens of every choice."""
+    return Usage.of(outs[0].prompt_tokens, sum(len(o.token_ids) for o in outs))
+
+
+def _token(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
+    text = tokenizer.decode([token_id])
+    return text, list(text.encode("utf-8"))
 
 
 def choice_logprobs(out: GenerationOutput, tokenizer: Any) -> ChoiceLogprobs | None:
     if out.logprobs is None:
         return None
-    return ChoiceLogprobs(
-        content=[TokenLogprob(token=tokenizer.decode([t]), logprob=lp) for t, lp in zip(out.token_ids, out.logprobs)]
-    )
+    content = []
+    for t, (token_id, logprob) in enumerate(zip(out.token_ids, out.logprobs)):
+        text, raw = _token(tokenizer, token_id)
+        top = [TopLogprob(token=tt, logprob=lp, bytes=tb) for tid, lp in (out.top_logprobs[t] if out.top_logprobs else [])
+               for tt, tb in [_token(tokenizer, tid)]]
+        content.append(TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=top))
+    return ChoiceLogprobs(content=content)
+
+
+async def _merged(streams: list[TokenStream]) -> AsyncIterator[tuple[int, int]]:
+    """``(choice, token)`` from several token streams as they come; a failing stream raises here."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: TokenStream) -> None:
+        try:
+            async for token in stream:
+                await queue.put((i, token, None))
+            await queue.put((i, None, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(streams)
+        while running:
+            i, token, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if token is None:
+                running -= 1
+            else:
+                yield i, token
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            if stream.output is None:
+                stream.cancel()
 
 
 class ChatServing:
@@ -131,56 +183,82 @@ class ChatServing:
         label = "+".join(sorted(gen.interventions)) or "none"
         for method in sorted(gen.interventions) or ["none"]:
             self.metrics.method_requests.labels(method).inc()
+        rows = choices_of(gen, body.n)
         if body.stream:
-            stream = self.client.stream(gen)
+            streams = self._open_streams(rows)
             self.metrics.queue_depth.set(self.client.depth)
             return StreamingResponse(
-                self._events(body, gen, stream, label, started), media_type="text/event-stream",
+                self._events(body, gen, streams, label, started), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        out = await self.client.generate(gen)
-        self._record(out, label, started)
+        outs = await self._generate_all(rows)
+        self._record(outs, label, started)
         return ChatCompletionResponse(
-            id=completion_id(), created=now(), model=body.model, usage=usage(out),
-            choices=[Choice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
-                            logprobs=choice_logprobs(out, self.client.tokenizer))],
+            id=completion_id(), created=now(), model=body.model, usage=usage(outs),
+            choices=[Choice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                            logprobs=choice_logprobs(out, self.client.tokenizer)) for i, out in enumerate(outs)],
         )
 
-    def _record(self, out: GenerationOutput, label: str, started: float) -> None:
+    def _open_streams(self, rows: list[GenerationRequest]) -> list[TokenStream]:
+        """Queue every choice, or none: a full queue cancels those already queued."""
+        streams: list[TokenStream] = []
+        try:
+            for row in rows:
+                streams.append(self.client.stream(row))
+        except QueueFull:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
+
+    async def _generate_all(self, rows: list[GenerationRequest]) -> list[GenerationOutput]:
+        tasks = [asyncio.ensure_future(self.client.generate(row)) for row in rows]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    def _record(self, outs: list[GenerationOutput], label: str, started: float) -> None:
         self.metrics.requests.labels("200").inc()
         self.metrics.latency.labels(label).observe(time.perf_counter() - started)
-        self.metrics.prompt_tokens.inc(out.prompt_tokens)
-        self.metrics.completion_tokens.inc(len(out.token_ids))
+        self.metrics.prompt_tokens.inc(outs[0].prompt_tokens)
+        self.metrics.completion_tokens.inc(sum(len(o.token_ids) for o in outs))
         self.metrics.queue_depth.set(self.client.depth)
 
-    async def _events(self, body: ChatCompletionRequest, gen: GenerationRequest, stream, label: str, started: float) -> AsyncIterator[str]:
-        """SSE chunks: the role, text deltas, the finish reason, usage if asked, ``[DONE]``; an error mid-way
-        becomes an error event (the status line is already sent)."""
+    async def _events(
+        self, body: ChatCompletionRequest, gen: GenerationRequest, streams: list[TokenStream], label: str, started: float
+    ) -> AsyncIterator[str]:
+        """SSE chunks: each choice's role, its text deltas, its finish reason (with its log-probs when asked),
+        usage if asked, ``[DONE]``; an error mid-way becomes an error event (the status line is already sent)."""
         cid, created = completion_id(), now()
 
-        def chunk(delta: Delta, finish: str | None = None) -> str:
-            return ChatCompletionChunk(id=cid, created=created, model=body.model,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)]).sse()
+        def chunk(i: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
+            choice = ChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)
+            return ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[choice]).sse()
 
-        yield chunk(Delta(role="assistant", content=""))
-        delta_text = DeltaText(self.client.tokenizer, gen.stop)
+        for i in range(len(streams)):
+            yield chunk(i, Delta(role="assistant", content=""))
+        deltas = [DeltaText(self.client.tokenizer, gen.stop) for _ in streams]
         try:
-            async for token in stream:
-                text = delta_text.push(token)
+            async for i, token in _merged(streams):
+                text = deltas[i].push(token)
                 if text:
-                    yield chunk(Delta(content=text))
+                    yield chunk(i, Delta(content=text))
         except Exception as exc:  # noqa: BLE001 - reported in the stream, the server keeps serving
             yield self._error_event(exc)
             yield "data: [DONE]\n\n"
             return
-        out = stream.output
-        self._record(out, label, started)
-        rest = delta_text.rest(out.text)
-        if rest:
-            yield chunk(Delta(content=rest))
-        yield chunk(Delta(), out.finish_reason)
+        outs = [stream.output for stream in streams]
+        self._record(outs, label, started)
+        for i, out in enumerate(outs):
+            rest = deltas[i].rest(out.text)
+            if rest:
+                yield chunk(i, Delta(content=rest))
+            yield chunk(i, Delta(), out.finish_reason, choice_logprobs(out, self.client.tokenizer))
         if body.stream_options and body.stream_options.include_usage:
-            yield ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[], usage=usage(out)).sse()
+            yield ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[], usage=usage(outs)).sse()
         yield "data: [DONE]\n\n"
 
     def _error_event(self, exc: Exception) -> str:
