@@ -3,8 +3,8 @@
 Hypothesis draws batches of 2-6 rows on both tiny families; each row gets random methods (none, one or two,
 from a pool of up to three per batch) with random valid parameters read from each method's parameter schema (``param_strategies``), a random
 prompt, image and token budget. Every row's tokens and log-probs must equal the row served alone (within
-1e-4). The test goes through ``serve``, which today is the engine's batch call; a scheduler that batches
-differently (continuous batching) plugs in there and must pass the same property.
+1e-4), both in one engine call and sent at once through the serving path (scheduler and async client), so
+a scheduler that batches differently (continuous batching) is held to the same property.
 
 ``SEERIGHT_BATCH_MATE_EXAMPLES`` sets the number of draws (default 300); ``SEERIGHT_BATCH_MATE_RANDOM=1``
 draws fresh examples instead of CI's fixed sequence.
@@ -12,6 +12,7 @@ draws fresh examples instead of CI's fixed sequence.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Sequence
@@ -21,7 +22,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from param_strategies import method_params
 
+from service.client import EngineClient
 from service.engine import Engine, GenerationOutput, GenerationRequest
+from service.scheduler import Scheduler
 
 EXAMPLES = int(os.environ.get("SEERIGHT_BATCH_MATE_EXAMPLES", "300"))
 TOLERANCE = 1e-4
@@ -36,8 +39,22 @@ def engine_for(family: str) -> Engine:
 
 
 def serve(engine: Engine, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-    """How requests are served together; the property must hold for whatever batching this does."""
+    """Requests served together in one engine call."""
     return engine.generate_batch(requests)
+
+
+def serve_scheduled(engine: Engine, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+    """Requests sent at once through the serving path (scheduler and async client), as HTTP routes send them."""
+    scheduler = Scheduler(engine, max_batch_size=8, batch_wait_s=0.05)
+    client = EngineClient(scheduler)
+    scheduler.start()
+    try:
+        async def send() -> list[GenerationOutput]:
+            return list(await asyncio.gather(*(client.generate(r) for r in requests)))
+
+        return asyncio.run(send())
+    finally:
+        scheduler.stop()
 
 
 @st.composite
@@ -97,17 +114,30 @@ GIFT_MATES = ("tiny-random/llava", [
 ORDER_MATES = ("tiny-random/llava", [_row({"gift": {}}), _row({"var": {}, "gift": {}}, image=1)])
 
 
-@example(GIFT_MATES)
-@example(ORDER_MATES)
-@settings(
-    max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("SEERIGHT_BATCH_MATE_RANDOM") != "1",
+SETTINGS = dict(
+    deadline=None, derandomize=os.environ.get("SEERIGHT_BATCH_MATE_RANDOM") != "1",
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], database=None,
 )
+
+
+@example(GIFT_MATES)
+@example(ORDER_MATES)
+@settings(max_examples=EXAMPLES, **SETTINGS)
 @given(batches())
 def test_every_row_equals_the_row_alone(batch: tuple[str, list[dict]]) -> None:
+    check_rows(batch, serve)
+
+
+@settings(max_examples=max(EXAMPLES // 6, 10), **SETTINGS)
+@given(batches())
+def test_every_row_equals_the_row_alone_through_the_scheduler(batch: tuple[str, list[dict]]) -> None:
+    check_rows(batch, serve_scheduled)
+
+
+def check_rows(batch: tuple[str, list[dict]], served) -> None:
     family, drawn = batch
     engine = engine_for(family)
-    together = serve(engine, [request(r) for r in drawn])
+    together = served(engine, [request(r) for r in drawn])
     for i, (row, out) in enumerate(zip(drawn, together)):
         ref = alone(family, engine, row)
         where = f"row {i} on {family}, batch {[r['interventions'] for r in drawn]}"
