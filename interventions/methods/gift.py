@@ -140,7 +140,8 @@ class GIFT(Method):
         if not capturing:
             return self._enhance(probs, states, step)
         capture_gaze(layer, probs[capturing], [states[i] for i in capturing], q0)
-        enhanced = [i for i in range(len(states)) if i not in set(capturing)]
+        taken = set(capturing)
+        enhanced = [i for i in range(len(states)) if i not in taken]
         if not enhanced:
             return probs
         out = probs.clone()
