@@ -214,6 +214,13 @@ def test_gift_enhancement_matches_literal(engine, images, monkeypatch):
 def test_gift_without_content_words_uses_all_query_rows(llava, images):
     out = llava.generate("is it the one?", image=images[0], interventions={"gift": {}}, max_new_tokens=2)
     assert all(np.isfinite(out.diagnostics["gift"]["saliency"]))
+    every_row = llava.generate("is it the one?", image=images[0], interventions={"gift": {"content_words": "all"}},
+                               max_new_tokens=2)
+    assert out.diagnostics["gift"]["saliency"] == every_row.diagnostics["gift"]["saliency"]  # the same rows, the same map
+    with_content = llava.generate("is the red dog on it?", image=images[0], interventions={"gift": {}}, max_new_tokens=2)
+    with_content_all = llava.generate("is the red dog on it?", image=images[0],
+                                      interventions={"gift": {"content_words": "all"}}, max_new_tokens=2)
+    assert with_content.diagnostics["gift"]["saliency"] != with_content_all.diagnostics["gift"]["saliency"]
 
 
 # ---- CARVE -------------------------------------------------------------------------------------------
