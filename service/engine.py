@@ -198,6 +198,28 @@ class Engine:
         cancelled: Callable[[int], bool] | None,
     ) -> list[GenerationOutput]:
         start = time.perf_counter()
+        with torch.inference_mode():
+            inputs, states = self.admit(requests)
+            prepared = time.perf_counter()
+            rows = [decoding_of(r) for r in requests]
+            want_logprobs = any(r.logprobs for r in requests)
+            sequences, stops, prompt_len, logits = self._generate(
+                [inp.prompt for inp in inputs], states, rows, on_token, cancelled, want_logprobs
+            )
+        done = time.perf_counter()
+        timings = {"prepare_s": prepared - start, "generate_s": done - prepared, "total_s": done - start}
+        outputs = []
+        for b, request in enumerate(requests):
+            tokens = sequences[b, prompt_len:].tolist()[: stops.length[b] or rows[b].max_new_tokens]
+            out = self.finish(tokens, stops.reason[b], rows[b], inputs[b].prompt, states[b], timings)
+            if request.logprobs:
+                add_logprobs(out, [logits[t][b] for t in range(len(out.token_ids))], request.top_logprobs)
+            outputs.append(out)
+        return outputs
+
+    def admit(self, requests: Sequence[GenerationRequest]) -> tuple[list[RequestInputs], list[list[RowState]]]:
+        """Everything before decoding: check, bind, fit images, rewrite, encode, analysis passes (batched per
+        method). Each request's inputs (with its encoded prompt) and its rows' method states."""
         for r in requests:
             self._check_images(r)
         inputs = [RequestInputs(turns=r.chat(), images=list(r.images)) for r in requests]
@@ -205,40 +227,20 @@ class Engine:
         self._decoding_checks(requests)
         for inp, row in zip(inputs, states):
             fit_images(self.adapter, inp, row)
-        with torch.inference_mode():
-            for method in self.methods.values():
-                users = [s for row in states for s in row if s.hooks is method]
-                if users:
-                    method.rewrite(users, self.passes)
-            for i, inp in enumerate(inputs):
-                try:
-                    inp.prompt = self.encode(inp.turns, inp.images)
-                except ValueError as exc:
-                    raise RequestError(f"requests[{i}].messages", str(exc)) from exc
-            for method in self.methods.values():
-                users = [s for row in states for s in row if s.hooks is method]
-                if users:
-                    method.prepare(users, self.passes)
-            prepared = time.perf_counter()
-            rows = [
-                RowDecoding(r.max_new_tokens, r.temperature, r.top_p, r.seed, tuple(r.stop), r.presence_penalty,
-                            r.frequency_penalty, r.repetition_penalty)
-                for r in requests
-            ]
-            want_logprobs = any(r.logprobs for r in requests)
-            sequences, stops, prompt_len, logits = self._generate(
-                [inp.prompt for inp in inputs], states, rows, on_token, cancelled, want_logprobs
-            )
-        done = time.perf_counter()
-        timings = {"prepare_s": prepared - start, "generate_s": done - prepared, "total_s": done - start}
-        outputs = [
-            self._output(sequences[b], prompt_len, inputs[b].prompt, rows[b], stops, b, states[b], timings)
-            for b in range(len(requests))
-        ]
-        for b, (request, out) in enumerate(zip(requests, outputs)):
-            if request.logprobs:
-                add_logprobs(out, [logits[t][b] for t in range(len(out.token_ids))], request.top_logprobs)
-        return outputs
+        for method in self.methods.values():
+            users = [s for row in states for s in row if s.hooks is method]
+            if users:
+                method.rewrite(users, self.passes)
+        for i, inp in enumerate(inputs):
+            try:
+                inp.prompt = self.encode(inp.turns, inp.images)
+            except ValueError as exc:
+                raise RequestError(f"requests[{i}].messages", str(exc)) from exc
+        for method in self.methods.values():
+            users = [s for row in states for s in row if s.hooks is method]
+            if users:
+                method.prepare(users, self.passes)
+        return inputs, states
 
     def validate(self, request: GenerationRequest) -> None:
         """Check a request's images, interventions and decoding settings without running the model."""
@@ -397,21 +399,14 @@ class Engine:
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _output(
-        self,
-        sequence: torch.Tensor,
-        prompt_len: int,
-        prompt: EncodedPrompt,
-        row: RowDecoding,
-        stops: RowStops,
-        b: int,
-        states: list[RowState],
+    def finish(
+        self, generated: list[int], reason: str | None, row: RowDecoding, prompt: EncodedPrompt, states: list[RowState],
         timings: dict[str, float],
     ) -> GenerationOutput:
+        """A row's output from its generated tokens: cut after the first EOS and at the first stop string."""
         eos = set(self.eos_token_ids())
         tokens: list[int] = []
-        reason = stops.reason[b]
-        for tok in sequence[prompt_len:].tolist()[: stops.length[b] or row.max_new_tokens]:
+        for tok in generated:
             tokens.append(tok)
             if tok in eos:
                 reason = "stop"
@@ -424,6 +419,13 @@ class Engine:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
         diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self._provenance(s)} for s in states}
         return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+
+
+def decoding_of(request: GenerationRequest) -> RowDecoding:
+    return RowDecoding(
+        request.max_new_tokens, request.temperature, request.top_p, request.seed, tuple(request.stop),
+        request.presence_penalty, request.frequency_penalty, request.repetition_penalty,
+    )
 
 
 def add_logprobs(out: GenerationOutput, logits: Sequence[torch.Tensor], top: int) -> None:

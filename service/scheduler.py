@@ -1,10 +1,13 @@
-"""Request queue and micro-batching.
+"""Request queue and iteration-level (continuous) batching.
 
-Requests wait in a bounded queue; one worker thread takes the first, gathers more for up to
-``batch_wait_s`` (at most ``max_batch_size``) and runs them as one batch, even when their interventions
-differ (the engine applies methods per row). A full queue refuses new work at once (``QueueFull``)
-instead of growing. A cancelled job (client gone) stops at its next token; a batch that fails is rerun
-request by request (those that streamed nothing yet), so one bad request fails alone.
+Requests wait in a bounded queue. One worker thread owns the engine: between decoding steps it admits
+waiting requests into the running batch (up to ``max_batch_size`` rows; their prefill runs as one forward
+of the newcomers), then runs one decode step for every running row; a row leaves as soon as it finishes
+or its client goes, and its cache rows are freed at once (``service.batching.RunningBatch``). So a short
+request never waits for a long one to finish. When nothing runs, the worker waits for a request and
+gathers more for up to ``batch_wait_s`` so that a burst is prefilled together. A full queue refuses new
+work at once (``QueueFull``). A request that fails at admission fails alone (the others of its admission
+batch are admitted one by one); a decode step that fails fails the rows running in it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from service.batching import Row, RunningBatch
 from service.engine import Engine, GenerationOutput, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,7 @@ class Scheduler:
         self.batch_wait_s = batch_wait_s
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.running = 0
-        self.batches = 0
+        self.batches = 0  # admission batches: newcomers prefilled together
         self.cancelled = 0
         self._thread: threading.Thread | None = None
 
@@ -98,60 +102,84 @@ class Scheduler:
 
     # ---- worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
+        batch, jobs, stopping = RunningBatch(self.engine), {}, False
         while True:
-            first = self.queue.get()
-            if first is _STOP:
+            newcomers, stop_seen = self._waiting(self.max_batch_size - len(batch), idle=not len(batch) and not stopping)
+            stopping |= stop_seen
+            live = [job for job in newcomers if not self._dropped(job)]
+            if live:
+                self._admit(batch, live, jobs)
+            if len(batch):
+                self._step(batch, jobs)
+            elif stopping and self.queue.empty():
+                self.running = 0
                 return
-            batch, stop_after = [first], False
-            deadline = time.perf_counter() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
-                try:
-                    item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop_after = True
-                    break
-                batch.append(item)
-            self._run([job for job in batch if not job.cancelled.is_set()])
-            for job in batch:
-                if job.cancelled.is_set():
-                    self.cancelled += 1
-                    job.resolve(asyncio.CancelledError())
-            if stop_after:
-                self._drain()
-                return
+            self.running = len(batch)
 
-    def _drain(self) -> None:
-        while True:
+    def _waiting(self, room: int, idle: bool) -> tuple[list[Job], bool]:
+        """Jobs to admit now: when idle, wait for one and gather a burst for ``batch_wait_s``; otherwise
+        take only what is already queued (decoding does not wait)."""
+        taken: list[Job] = []
+        deadline = time.perf_counter() + self.batch_wait_s
+        while len(taken) < room:
             try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _STOP:
-                self._run([item])
-
-    def _run(self, batch: list[Job]) -> None:
-        if not batch:
-            return
-        self.running = len(batch)
-        try:
-            outputs = self.engine.generate_batch(
-                [job.request for job in batch],
-                on_token=lambda row, token: batch[row].emit(token),
-                cancelled=lambda row: batch[row].cancelled.is_set(),
-            )
-            for job, out in zip(batch, outputs):
-                job.resolve(out)
-            self.batches += 1
-        except Exception as exc:  # isolate the failing request: rerun the others one by one
-            log.warning("batch of %d failed: %r", len(batch), exc)
-            for job in batch:
-                # a job that streamed tokens already cannot be replayed without repeating them
-                if len(batch) == 1 or job.emitted:
-                    job.resolve(exc)
+                if idle and not taken:
+                    item = self.queue.get()
+                elif idle:
+                    item = self.queue.get(timeout=max(deadline - time.perf_counter(), 0) or 1e-9)
                 else:
-                    self._run([job])
-        finally:
-            self.running = 0
+                    item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return taken, True
+            taken.append(item)
+        return taken, False
+
+    def _dropped(self, job: Job) -> bool:
+        if job.cancelled.is_set():
+            self.cancelled += 1
+            job.resolve(asyncio.CancelledError())
+            return True
+        return False
+
+    def _admit(self, batch: RunningBatch, newcomers: list[Job], jobs: dict[int, Job]) -> None:
+        """Prefill ``newcomers`` into the batch; a failing admission is retried job by job."""
+        try:
+            rows = batch.admit(
+                [job.request for job in newcomers], on_token=[job.emit for job in newcomers],
+                cancelled=[job.cancelled.is_set for job in newcomers],
+            )
+        except Exception as exc:  # isolate the failing request
+            log.warning("admission of %d failed: %r", len(newcomers), exc)
+            if len(newcomers) == 1:
+                newcomers[0].resolve(exc)
+            else:
+                for job in newcomers:
+                    self._admit(batch, [job], jobs)
+            return
+        self.batches += 1
+        for job, row in zip(newcomers, rows):
+            jobs[id(row)] = job
+            if row.reason is not None:  # finished with its first token
+                self._finish(batch, row, jobs)
+
+    def _step(self, batch: RunningBatch, jobs: dict[int, Job]) -> None:
+        try:
+            finished = batch.step()
+        except Exception as exc:  # the rows of a failed step cannot be replayed: they fail together
+            log.warning("decode step of %d rows failed: %r", len(batch), exc)
+            for row in batch.rows:
+                jobs.pop(id(row)).resolve(exc)
+            batch.clear()
+            return
+        for row in finished:
+            self._finish(batch, row, jobs)
+
+    def _finish(self, batch: RunningBatch, row: Row, jobs: dict[int, Job]) -> None:
+        job = jobs.pop(id(row))
+        if row.reason == "cancelled":
+            self.cancelled += 1
+            job.resolve(asyncio.CancelledError())
+        else:
+            job.resolve(batch.output(row))

@@ -47,7 +47,7 @@ def test_var_matches_literal(engine, images, monkeypatch):
         for row, state in enumerate(states):
             p = state.params
             expected = ref.var_sinks(hidden[row], p.sink_dims, p.tau, state.layout.pad)
-            assert state.data["sinks"][layer].nonzero().flatten().tolist() == expected
+            assert (state.data["sinks"][layer].nonzero().flatten() + state.layout.pad).tolist() == expected
             visual_sinks += len(set(expected) & set(state.layout.image_positions.tolist()))
     assert visual_sinks > 0  # sinks were planted and found
     steps, changed_rows, kept_rows = set(), 0, 0
@@ -55,7 +55,7 @@ def test_var_matches_literal(engine, images, monkeypatch):
         steps.add(step)
         for row, state in enumerate(states):
             p = state.params
-            sinks = state.data["sinks"][layer].nonzero().flatten().tolist()
+            sinks = (state.data["sinks"][layer].nonzero().flatten() + state.layout.pad).tolist()
             vis = state.layout.image_positions.tolist()
             first = state.layout.image_end - q0 if step == 0 else 0
             expected = ref.var_edit(probs[row], sinks, vis, p.rho, p.p, p.min_image_attention, max(first, 0))

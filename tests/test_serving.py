@@ -48,15 +48,18 @@ def test_disconnect_mid_stream_cancels_the_work(server):
 
 
 class FailingEngine:
-    """Raises (like an out-of-memory error) for batches containing a poisoned prompt."""
+    """Raises (like an out-of-memory error) when a poisoned prompt is admitted; otherwise the engine."""
 
     def __init__(self, engine: Engine) -> None:
-        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.engine = engine
 
-    def generate_batch(self, requests, on_token=None, cancelled=None):
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def admit(self, requests):
         if any(r.prompt == "poison" for r in requests):
             raise RuntimeError("CUDA out of memory (injected)")
-        return self.engine.generate_batch(requests, on_token=on_token, cancelled=cancelled)
+        return self.engine.admit(requests)
 
 
 def test_a_failing_request_fails_alone(engine):

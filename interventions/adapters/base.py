@@ -150,6 +150,17 @@ class ModelAdapter(ABC):
         """Per-token tensors besides ``input_ids`` the model needs (padded with 0 in a batch)."""
         return {}
 
+    def prefill_positions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of a left-padded prefill batch (as ``generate`` builds them: real tokens count from 0,
+        padding gets 1) and each row's next position ``[B]``."""
+        mask = batch["attention_mask"]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return positions, mask.long().sum(-1)
+
+    def decode_positions(self, next_positions: torch.Tensor) -> torch.Tensor:
+        """Position ids of one new token per row, ``[B, 1]``."""
+        return next_positions[:, None]
+
     @staticmethod
     def concat_images(per_prompt: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Image tensors of a batch, prompts in order (what HF processors return for a batch)."""

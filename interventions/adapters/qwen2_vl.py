@@ -71,6 +71,20 @@ class Qwen2VLAdapter(ModelAdapter):
             return image
         return image.convert("RGB").resize((width, height), Image.BICUBIC)
 
+    def prefill_positions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE position ids ``[3, B, L]`` from the model's own ``get_rope_index``; the next text position of
+        a row is one past its largest position."""
+        positions, _ = self.model.model.get_rope_index(
+            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=batch["attention_mask"],
+        )
+        masked = positions.masked_fill(batch["attention_mask"][None] == 0, -1)
+        return positions, masked.amax(dim=(0, 2)) + 1
+
+    def decode_positions(self, next_positions: torch.Tensor) -> torch.Tensor:
+        """A text token has the same position on the three M-RoPE axes: ``[3, B, 1]``."""
+        return next_positions[None, :, None].expand(3, -1, 1)
+
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         # M-RoPE needs the modality of each token: 0 text, 1 image.
         return {"mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32)}

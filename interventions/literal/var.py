@@ -17,13 +17,13 @@ class LiteralVAR(VAR):
             sinks = ref.var_sinks(hidden[row], state.params.sink_dims, state.params.tau, state.layout.pad)
             mask = torch.zeros(hidden.shape[1], dtype=torch.bool, device=hidden.device)
             mask[sinks] = True
-            state.data.setdefault("sinks", {})[layer] = mask
+            state.data.setdefault("sinks", {})[layer] = mask[state.layout.pad :]
 
     def edit_probs(self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
         out = probs.clone()
         for row, state in enumerate(states):
             p = state.params
-            sinks = state.data["sinks"][layer].nonzero().flatten().tolist()
+            sinks = (state.data["sinks"][layer].nonzero().flatten() + state.layout.pad).tolist()
             first = max(state.layout.image_end - q0, 0) if step == 0 else 0
             vis = state.layout.image_positions.tolist()
             out[row] = ref.var_edit(probs[row], sinks, vis, p.rho, p.p, p.min_image_attention, first).to(probs.dtype)

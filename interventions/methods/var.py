@@ -1,6 +1,7 @@
 """VAR: visual attention sink redistribution (Kang et al., ICLR 2025, "See What You Are Told").
 
-Step A (prefill, each edited layer l): with ``x`` the residual stream entering layer l and
+Step A (prefill, each edited layer l; sink masks are kept over the row's own tokens, without padding, so a
+row keeps them when a batch re-pads it): with ``x`` the residual stream entering layer l and
 ``x̂ = x / sqrt(mean(x²) + 1e-6)``, token j is a sink when ``max_{d in D_sink} |x̂_j[d]| > tau``
 (strict, as the release). Visual sinks are sinks among image tokens; text sinks are the others.
 
@@ -62,10 +63,9 @@ class VAR(Method):
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         for row, state in enumerate(states):
             phi = normed[row, :, state.params.sink_dims].abs().amax(-1)
-            sinks = phi > state.params.tau
-            sinks[: state.layout.pad] = False
+            sinks = (phi > state.params.tau)[state.layout.pad :]  # kept without padding: batches re-pad rows
             state.data.setdefault("sinks", {})[layer] = sinks
-            vis = state.layout.image_mask(len(sinks)).to(sinks.device)
+            vis = state.layout.image_mask(state.layout.length)[state.layout.pad :].to(sinks.device)
             state.diagnostics.setdefault("visual_sinks", {})[layer] = (sinks & vis).sum()
             state.diagnostics.setdefault("text_sinks", {})[layer] = (sinks & ~vis).sum()
             state.diagnostics.setdefault("all_visual_sinks", {})[layer] = (vis & ~sinks).sum() == 0
@@ -106,8 +106,8 @@ class VAR(Method):
     @staticmethod
     def _masks(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:
         """``[n, prompt, 4]`` float: image, visual sink, sink, visual non-sink."""
-        prompt = max(len(s.data["sinks"][layer]) for s in states)
-        sink = torch.stack([F.pad(s.data["sinks"][layer], (0, prompt - len(s.data["sinks"][layer]))) for s in states]).to(device)
+        prompt = max(s.layout.length for s in states)
+        sink = torch.stack([F.pad(s.data["sinks"][layer], (s.layout.pad, prompt - s.layout.length)) for s in states]).to(device)
         vis = torch.stack([s.layout.image_mask(prompt) for s in states]).to(device)
         return torch.stack([vis, vis & sink, sink, vis & ~sink], dim=-1).float()
 

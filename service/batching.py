@@ -1,0 +1,234 @@
+"""Iteration-level (continuous) batching: rows join and leave the running batch between decoding steps.
+
+:class:`RunningBatch` holds the rows being decoded: one left-padded KV cache for all of them, their
+attention mask, each row's next position, method states and decoding settings. ``admit(requests)`` runs
+the newcomers' admission (check, bind, rewrite, encode, analysis passes; ``Engine.admit``), then one prefill
+forward of the newcomers alone, and merges their caches into the running batch (left-padding the shorter
+side). ``step()`` runs one decode forward for every running row and returns the rows that finished; their
+cache rows are dropped at once. Every forward is either a prefill of newcomers (the hooks' step 0) or a
+decode step of the running rows, so each hook's per-row contract (prefill or decode, never the decode
+step's number) holds whatever joined when.
+
+Layouts are absolute positions in the padded batch: when the batch is re-padded, each row's method states
+are moved to its new layout (``TokenLayout.shifted``) and the forward context is rebuilt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from interventions.adapters import EncodedPrompt
+from interventions.methods.base import RowState
+from interventions.runtime import ForwardContext
+from service.decoding import RowDecoding, apply_penalties, top_p_filter
+from service.engine import Engine, GenerationOutput, GenerationRequest, add_logprobs, decoding_of, place_rows
+
+
+@dataclass
+class Row:
+    """One running request."""
+
+    request: GenerationRequest
+    prompt: EncodedPrompt
+    states: list[RowState]
+    decoding: RowDecoding
+    on_token: Callable[[int], None] | None = None
+    cancelled: Callable[[], bool] = lambda: False
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    reason: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    prepared: float = 0.0
+
+    @property
+    def cached(self) -> int:
+        """Tokens of this row in the cache: the prompt and every generated token but the newest, which the
+        next decode step feeds."""
+        return len(self.prompt.input_ids) + max(len(self.tokens) - 1, 0)
+
+
+class RunningBatch:
+    """The rows of one engine being decoded together; call from one thread (the scheduler's)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.eos = set(engine.eos_token_ids())
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every row and the cache (after a failed step)."""
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [B, T] 1 on real tokens
+        self.positions: torch.Tensor | None = None  # [B] next position of each row
+        self.context: ForwardContext | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Cache slots held (rows x padded length): what a KV budget counts."""
+        return 0 if self.mask is None else self.mask.numel()
+
+    # ---- joining -------------------------------------------------------------------------------------
+    def admit(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_token: Sequence[Callable[[int], None] | None] | None = None,
+        cancelled: Sequence[Callable[[], bool]] | None = None,
+    ) -> list[Row]:
+        """Prefill ``requests`` together and add them to the running batch (their first token included)."""
+        engine = self.engine
+        started = time.perf_counter()
+        with torch.inference_mode():
+            inputs, states = engine.admit(requests)
+            prompts = [inp.prompt for inp in inputs]
+            batch = engine.collate(prompts)
+            place_rows(prompts, states)
+            position_ids, positions = engine.adapter.prefill_positions(batch)
+            cache = DynamicCache()
+            active = engine.runtime.activate(ForwardContext(states)) if any(states) else nullcontext()
+            with active:
+                out = engine.model(**batch, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        rows = [
+            Row(r, p, s, decoding_of(r), None if on_token is None else on_token[i],
+                (lambda: False) if cancelled is None else cancelled[i], started=started, prepared=time.perf_counter())
+            for i, (r, p, s) in enumerate(zip(requests, prompts, states))
+        ]
+        for row in rows:
+            row.generator = _generator(row.decoding, engine.device)
+        self._merge(rows, cache, batch["attention_mask"], positions)
+        self._take(rows, out.logits[:, -1])
+        return rows
+
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Left-pad the running batch's cache or the newcomers' to one length and stack them."""
+        if self.cache is None:
+            self.rows, self.cache, self.mask, self.positions = list(rows), cache, mask, positions
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            merged = DynamicCache()
+            for i, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
+                merged.update(
+                    torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)]),
+                    torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)]), i,
+                )
+            self.cache = merged
+            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+            self.positions = torch.cat([self.positions, positions])
+            self.rows = [*self.rows, *rows]
+        self._relayout()
+
+    def _relayout(self) -> None:
+        """Point every row's states at its prompt's place in the padded batch; a new forward context."""
+        width = self.mask.shape[1]
+        for row in self.rows:
+            pad = width - row.cached
+            for state in row.states:
+                state.layout = row.prompt.layout.shifted(pad)
+        states = [row.states for row in self.rows]
+        self.context = ForwardContext(states, step=0) if any(states) else None
+
+    # ---- decoding ------------------------------------------------------------------------------------
+    def step(self) -> list[Row]:
+        """One decode forward for every running row; the rows that finished (and left the batch)."""
+        engine = self.engine
+        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=engine.device)
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        position_ids = engine.adapter.decode_positions(self.positions)
+        with torch.inference_mode():
+            active = engine.runtime.activate(self.context) if self.context is not None else nullcontext()
+            with active:
+                out = engine.model(input_ids=ids, attention_mask=self.mask, position_ids=position_ids, cache=self.cache,
+                                   use_cache=True)
+        self.positions = self.positions + 1
+        return self._take(self.rows, out.logits[:, -1])
+
+    def _take(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
+        """Choose each row's next token, stream it, and drop the rows that are done."""
+        for row, scores in zip(rows, logits):
+            if row.cancelled():
+                row.reason = "cancelled"
+                continue
+            token = self._choose(row, scores)
+            row.tokens.append(token)
+            if row.request.logprobs:
+                row.logits.append(scores.float())
+            if row.on_token is not None:
+                row.on_token(token)
+            row.reason = self._stop_reason(row, token)
+        finished = [row for row in self.rows if row.reason is not None]
+        if finished:
+            self._drop(finished)
+        return finished
+
+    def _choose(self, row: Row, scores: torch.Tensor) -> int:
+        decoding = row.decoding
+        if decoding.penalized:
+            generated = torch.tensor(row.tokens, dtype=torch.long, device=scores.device)
+            seen = torch.cat([row.prompt.input_ids.to(scores.device), generated])
+            scores = apply_penalties(scores, generated, seen, decoding)
+        if not decoding.sampled:
+            return int(scores.argmax())
+        logits = top_p_filter(scores.float() / decoding.temperature, decoding.top_p)
+        return int(torch.multinomial(logits.softmax(-1), 1, generator=row.generator))
+
+    def _stop_reason(self, row: Row, token: int) -> str | None:
+        if token in self.eos:
+            return "stop"
+        if row.decoding.stop and any(s in self.engine._decode_text(row.tokens) for s in row.decoding.stop):
+            return "stop"
+        if len(row.tokens) >= row.decoding.max_new_tokens:
+            return "length"
+        return None
+
+    def _drop(self, finished: list[Row]) -> None:
+        """Remove finished rows and their cache rows; trim padding that no row needs any more."""
+        keep = [i for i, row in enumerate(self.rows) if row.reason is None]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.positions = self.context = None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.positions = self.mask.index_select(0, index), self.positions.index_select(0, index)
+        start = int(self.mask.shape[1] - max(row.cached for row in self.rows))
+        trimmed = DynamicCache()
+        for i, layer in enumerate(self.cache.layers):
+            trimmed.update(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:], i)
+        self.cache, self.mask = trimmed, self.mask[:, start:]
+        self._relayout()
+
+    def output(self, row: Row) -> GenerationOutput:
+        """A finished row's output, as the static path builds it."""
+        done = time.perf_counter()
+        timings = {"prepare_s": row.prepared - row.started, "generate_s": done - row.prepared, "total_s": done - row.started}
+        reason = None if row.reason == "length" else row.reason
+        out = self.engine.finish(row.tokens, reason, row.decoding, row.prompt, row.states, timings)
+        if row.request.logprobs:
+            add_logprobs(out, row.logits[: len(out.token_ids)], row.request.top_logprobs)
+        return out
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.ndim - 1 - dim) + [missing, 0]
+    return F.pad(tensor, pad)
+
+
+def _generator(decoding: RowDecoding, device: torch.device) -> torch.Generator | None:
+    if not decoding.sampled:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(decoding.seed if decoding.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+    return generator
