@@ -45,7 +45,14 @@ class Job:
     def emit(self, token: int) -> None:
         self.emitted += 1
         if self.on_token is not None:
-            self.loop.call_soon_threadsafe(self.on_token, token)
+            self._deliver(self.on_token, token)
+
+    def _deliver(self, callback: Callable, *args: object) -> None:
+        """Run ``callback`` on the job's loop; a loop that has gone (its client left) takes nothing."""
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed
+            self.cancelled.set()
 
     def resolve(self, result: GenerationOutput | BaseException) -> None:
         def settle() -> None:
@@ -58,7 +65,7 @@ class Job:
             else:
                 self.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(settle)
+        self._deliver(settle)
 
 
 _STOP = object()

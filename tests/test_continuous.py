@@ -1,0 +1,110 @@
+"""Continuous batching (``service.batching.RunningBatch``): rows that join and leave mid-generation get the
+tokens and log-probs they get alone, for every method and mixes, on both families; a row that leaves frees
+its cache rows; a short request does not wait for a long one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import FAMILIES, QUESTIONS, make_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_batch_mates import SETTINGS, alone, batches, engine_for, request
+
+from service.batching import RunningBatch
+from service.client import EngineClient
+from service.engine import Engine, GenerationOutput, GenerationRequest
+from service.scheduler import Scheduler
+
+PLANS = [{}, {"var": {}}, {"gift": {}}, {"vhr": {}}, {"carve": {}}, {"gift": {}, "vhr": {}}, {"var": {"rho": 0.8}, "gift": {}}]
+
+
+def staggered(engine: Engine, requests: list[GenerationRequest], joins: list[int]) -> list[GenerationOutput]:
+    """Row i joins before decode step ``joins[i]`` of the running batch (0: with the first admission)."""
+    batch, outputs, index = RunningBatch(engine), {}, {}
+    waiting = sorted(range(len(requests)), key=lambda i: joins[i])
+    step = 0
+    while waiting or len(batch):
+        now = [i for i in waiting if joins[i] <= step]
+        if now or not len(batch):
+            now = now or [waiting[0]]
+            waiting = [i for i in waiting if i not in now]
+            for i, row in zip(now, batch.admit([requests[i] for i in now])):
+                index[id(row)] = i
+                if row.reason is not None:
+                    outputs[i] = batch.output(row)
+        if len(batch):
+            for row in batch.step():
+                outputs[index[id(row)]] = batch.output(row)
+        step += 1
+    return [outputs[i] for i in range(len(requests))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_joining_and_leaving_equal_each_alone(family):
+    engine = engine_for(family)
+    reqs = [GenerationRequest(prompt=QUESTIONS[i % 4], images=[make_image(i, (40 + 8 * i, 40))], interventions=plan,
+                              max_new_tokens=3 + (5 * i) % 7, logprobs=True) for i, plan in enumerate(PLANS)]
+    outs = staggered(engine, reqs, joins=[0, 1, 1, 3, 4, 6, 7])
+    for req, out in zip(reqs, outs):
+        ref = engine.generate_batch([req])[0]
+        assert out.token_ids == ref.token_ids, req.interventions
+        assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs)) < 1e-4, req.interventions
+        assert out.finish_reason == ref.finish_reason
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(batches(), st.lists(st.integers(0, 4), min_size=6, max_size=6))
+def test_random_rows_joining_at_random_steps_equal_each_alone(batch, joins):
+    family, drawn = batch
+    engine = engine_for(family)
+    outs = staggered(engine, [request(r) for r in drawn], joins[: len(drawn)])
+    for row, out in zip(drawn, outs):
+        ref = alone(family, engine, row)
+        assert out.token_ids == ref.token_ids, (row, joins)
+        assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs)) < 1e-4, (row, joins)
+
+
+def test_leaving_rows_free_their_cache():
+    engine = engine_for(FAMILIES[0])
+    batch = RunningBatch(engine)
+    stop = {"now": False}
+    long_req = GenerationRequest(prompt=QUESTIONS[0], images=[make_image(0)], max_new_tokens=30)
+    short_req = GenerationRequest(prompt=QUESTIONS[2] + " Please answer in great detail now.", images=[make_image(1)],
+                                  max_new_tokens=30)
+    batch.admit([long_req])
+    alone_slots = batch.cached_tokens
+    batch.admit([short_req], cancelled=[lambda: stop["now"]])
+    assert len(batch) == 2 and batch.cached_tokens > 2 * alone_slots - 2
+    stop["now"] = True
+    finished = batch.step()
+    assert [row.reason for row in finished] == ["cancelled"] and len(batch) == 1
+    assert batch.cached_tokens == alone_slots + 1  # one row, its own length: the cancelled row's slots are gone
+    while len(batch):
+        batch.step()
+    assert batch.cache is None and batch.cached_tokens == 0
+
+
+def test_a_short_request_does_not_wait_for_a_long_one():
+    """Through the scheduler: a 2-token request sent while a 400-token request decodes finishes first."""
+    engine = engine_for(FAMILIES[0])
+    scheduler = Scheduler(engine, max_batch_size=4, batch_wait_s=0.0)
+    client = EngineClient(scheduler)
+    scheduler.start()
+
+    async def main() -> tuple[float, bool]:
+        long_req = GenerationRequest(prompt=QUESTIONS[2], images=[make_image(0)], max_new_tokens=400)
+        short_req = GenerationRequest(prompt=QUESTIONS[0], images=[make_image(1)], max_new_tokens=2)
+        long_task = asyncio.ensure_future(client.generate(long_req))
+        await asyncio.sleep(0.3)
+        started = time.perf_counter()
+        await client.generate(short_req)
+        return time.perf_counter() - started, long_task.done()
+
+    try:
+        _, long_done = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    assert not long_done  # the short one finished while the long one was still decoding
