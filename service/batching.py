@@ -31,7 +31,7 @@ from service.decoding import RowDecoding, apply_penalties, top_p_filter
 from service.engine import Engine, GenerationOutput, GenerationRequest, add_logprobs, decoding_of, place_rows
 
 
-@dataclass
+@dataclass(eq=False)  # rows are compared by identity: two rows of equal requests are still two rows
 class Row:
     """One running request."""
 
@@ -47,6 +47,11 @@ class Row:
     reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
     prepared: float = 0.0
+
+    @property
+    def slots(self) -> int:
+        """Cache slots this row can grow to: its prompt and its whole token budget."""
+        return len(self.prompt.input_ids) + self.decoding.max_new_tokens
 
     @property
     def cached(self) -> int:
@@ -86,12 +91,35 @@ class RunningBatch:
         on_token: Sequence[Callable[[int], None] | None] | None = None,
         cancelled: Sequence[Callable[[], bool]] | None = None,
     ) -> list[Row]:
-        """Prefill ``requests`` together and add them to the running batch (their first token included)."""
-        engine = self.engine
+        """Prepare ``requests`` and join them to the running batch at once (their first token included)."""
+        rows = self.prepare(requests, on_token, cancelled)
+        self.join(rows)
+        return rows
+
+    def prepare(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_token: Sequence[Callable[[int], None] | None] | None = None,
+        cancelled: Sequence[Callable[[], bool]] | None = None,
+    ) -> list[Row]:
+        """What a row needs before it can join: checks, method passes and encoding (``Engine.admit``)."""
         started = time.perf_counter()
         with torch.inference_mode():
-            inputs, states = engine.admit(requests)
-            prompts = [inp.prompt for inp in inputs]
+            inputs, states = self.engine.admit(requests)
+        rows = [
+            Row(r, inp.prompt, s, decoding_of(r), None if on_token is None else on_token[i],
+                (lambda: False) if cancelled is None else cancelled[i], started=started, prepared=time.perf_counter())
+            for i, (r, inp, s) in enumerate(zip(requests, inputs, states))
+        ]
+        for row in rows:
+            row.generator = _generator(row.decoding, self.engine.device)
+        return rows
+
+    def join(self, rows: list[Row]) -> None:
+        """Prefill prepared rows together (one forward of these rows alone) and add them to the batch."""
+        engine = self.engine
+        prompts, states = [row.prompt for row in rows], [row.states for row in rows]
+        with torch.inference_mode():
             batch = engine.collate(prompts)
             place_rows(prompts, states)
             position_ids, positions = engine.adapter.prefill_positions(batch)
@@ -99,16 +127,13 @@ class RunningBatch:
             active = engine.runtime.activate(ForwardContext(states)) if any(states) else nullcontext()
             with active:
                 out = engine.model(**batch, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        rows = [
-            Row(r, p, s, decoding_of(r), None if on_token is None else on_token[i],
-                (lambda: False) if cancelled is None else cancelled[i], started=started, prepared=time.perf_counter())
-            for i, (r, p, s) in enumerate(zip(requests, prompts, states))
-        ]
-        for row in rows:
-            row.generator = _generator(row.decoding, engine.device)
         self._merge(rows, cache, batch["attention_mask"], positions)
         self._take(rows, out.logits[:, -1])
-        return rows
+
+    @property
+    def reserved(self) -> int:
+        """Cache slots the running rows may still grow to (prompt plus their whole token budget)."""
+        return sum(row.slots for row in self.rows)
 
     def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Left-pad the running batch's cache or the newcomers' to one length and stack them."""

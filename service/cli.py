@@ -111,7 +111,11 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tools import bench
+    from tools import bench, serving_bench
+
+    if args.serving:
+        print(json.dumps(serving_bench.run(args), indent=2))
+        return 0
 
     result = bench.run_bench(
         args.model, args.new_tokens, args.reps, args.warmup, args.device, args.dtype,
@@ -230,6 +234,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from tools import serving_bench
+
     bn = sub.add_parser("bench", help="cost of each intervention relative to a same-process baseline")
     bn.add_argument("--model", default="bench-random/llava")
     bn.add_argument("--new-tokens", type=int, default=64)
@@ -241,6 +247,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bn.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bn.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     bn.add_argument("--no-reference", action="store_true", help="skip timing the literal reference loops")
+    bn.add_argument("--serving", action="store_true", help="the scheduler under load: short-behind-long, open-loop rates")
+    serving_bench.add_arguments(bn)
     bn.set_defaults(func=cmd_bench)
 
 

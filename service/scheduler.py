@@ -6,8 +6,11 @@ of the newcomers), then runs one decode step for every running row; a row leaves
 or its client goes, and its cache rows are freed at once (``service.batching.RunningBatch``). So a short
 request never waits for a long one to finish. When nothing runs, the worker waits for a request and
 gathers more for up to ``batch_wait_s`` so that a burst is prefilled together. A full queue refuses new
-work at once (``QueueFull``). A request that fails at admission fails alone (the others of its admission
-batch are admitted one by one); a decode step that fails fails the rows running in it.
+work at once (``QueueFull``). With ``max_kv_tokens``, a prepared request joins only when the cache slots
+the running rows may still grow to (prompt plus whole token budget each) leave room for its own; it waits
+until then, and one that could never fit gets a ``RequestError`` naming ``max_tokens`` (a 400). A request
+that fails at admission fails alone (the others of its admission batch are admitted one by one); a decode
+step that fails fails the rows running in it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.batching import Row, RunningBatch
-from service.engine import Engine, GenerationOutput, GenerationRequest
+from service.engine import Engine, GenerationOutput, GenerationRequest, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +77,13 @@ _STOP = object()
 class Scheduler:
     """Owns the engine: only its worker thread runs model code."""
 
-    def __init__(self, engine: Engine, max_batch_size: int = 8, batch_wait_s: float = 0.005, queue_size: int = 64) -> None:
+    def __init__(
+        self, engine: Engine, max_batch_size: int = 8, batch_wait_s: float = 0.005, queue_size: int = 64,
+        max_kv_tokens: int | None = None,
+    ) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
+        self.max_kv_tokens = max_kv_tokens
         self.batch_wait_s = batch_wait_s
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.running = 0
@@ -109,19 +116,39 @@ class Scheduler:
 
     # ---- worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        batch, jobs, stopping = RunningBatch(self.engine), {}, False
+        batch, jobs, prepared, stopping = RunningBatch(self.engine), {}, [], False
         while True:
-            newcomers, stop_seen = self._waiting(self.max_batch_size - len(batch), idle=not len(batch) and not stopping)
-            stopping |= stop_seen
-            live = [job for job in newcomers if not self._dropped(job)]
-            if live:
-                self._admit(batch, live, jobs)
-            if len(batch):
-                self._step(batch, jobs)
-            elif stopping and self.queue.empty():
+            try:
+                busy = len(batch) + len(prepared)
+                newcomers, stop_seen = self._waiting(self.max_batch_size - busy, idle=not busy and not stopping)
+                stopping |= stop_seen
+                prepared = self._advance(batch, prepared, [job for job in newcomers if not self._dropped(job)], jobs)
+            except Exception as exc:  # a bug must not kill the worker: fail what it held, keep serving
+                log.exception("scheduler loop failed")
+                for job in jobs.values():
+                    job.resolve(exc)
+                jobs.clear()
+                batch.clear()
+                prepared = []
+            if not len(batch) and stopping and not prepared and self.queue.empty():
                 self.running = 0
                 return
-            self.running = len(batch)
+            self.running = len(batch) + len(prepared)
+
+    def _advance(self, batch: RunningBatch, prepared: list[Row], newcomers: list[Job], jobs: dict[int, Job]) -> list[Row]:
+        """One iteration: prepare newcomers, drop cancelled waiters, join what fits, one decode step.
+        Returns the rows still waiting to join."""
+        if newcomers:
+            prepared = prepared + self._prepare(batch, newcomers, jobs)
+        for row in [row for row in prepared if row.cancelled()]:
+            self._cancel_waiting(row, jobs)
+        prepared = [row for row in prepared if not row.cancelled()]
+        fitting = self._fitting(batch, prepared)
+        if fitting:
+            self._join(batch, fitting, jobs)
+        if len(batch):
+            self._step(batch, jobs)
+        return prepared[len(fitting):]
 
     def _waiting(self, room: int, idle: bool) -> tuple[list[Job], bool]:
         """Jobs to admit now: when idle, wait for one and gather a burst for ``batch_wait_s``; otherwise
@@ -150,10 +177,10 @@ class Scheduler:
             return True
         return False
 
-    def _admit(self, batch: RunningBatch, newcomers: list[Job], jobs: dict[int, Job]) -> None:
-        """Prefill ``newcomers`` into the batch; a failing admission is retried job by job."""
+    def _prepare(self, batch: RunningBatch, newcomers: list[Job], jobs: dict[int, Job]) -> list[Row]:
+        """Admission work for ``newcomers``; a failing admission is retried job by job, so it fails alone."""
         try:
-            rows = batch.admit(
+            rows = batch.prepare(
                 [job.request for job in newcomers], on_token=[job.emit for job in newcomers],
                 cancelled=[job.cancelled.is_set for job in newcomers],
             )
@@ -161,15 +188,50 @@ class Scheduler:
             log.warning("admission of %d failed: %r", len(newcomers), exc)
             if len(newcomers) == 1:
                 newcomers[0].resolve(exc)
+                return []
+            return [row for job in newcomers for row in self._prepare(batch, [job], jobs)]
+        fits: list[Row] = []
+        for job, row in zip(newcomers, rows):
+            if self.max_kv_tokens is not None and row.slots > self.max_kv_tokens:
+                job.resolve(RequestError("max_tokens", f"the prompt ({len(row.prompt.input_ids)} tokens) and max_tokens "
+                                         f"({row.decoding.max_new_tokens}) need {row.slots} cache slots; this server holds "
+                                         f"at most {self.max_kv_tokens} (max_kv_tokens)"))
+                continue
+            jobs[id(row)] = job
+            fits.append(row)
+        return fits
+
+    def _fitting(self, batch: RunningBatch, prepared: list[Row]) -> list[Row]:
+        """Prepared rows that join now, first come first served: the batch's rows and the KV budget allow them."""
+        fitting, reserved = [], batch.reserved
+        for row in prepared:
+            full = len(batch) + len(fitting) >= self.max_batch_size
+            if full or (self.max_kv_tokens is not None and reserved + row.slots > self.max_kv_tokens):
+                break
+            fitting.append(row)
+            reserved += row.slots
+        return fitting
+
+    def _join(self, batch: RunningBatch, rows: list[Row], jobs: dict[int, Job]) -> None:
+        """Prefill ``rows`` into the batch; a failing prefill is retried row by row."""
+        try:
+            batch.join(rows)
+        except Exception as exc:  # isolate the failing request
+            log.warning("prefill of %d failed: %r", len(rows), exc)
+            if len(rows) == 1:
+                jobs.pop(id(rows[0])).resolve(exc)
             else:
-                for job in newcomers:
-                    self._admit(batch, [job], jobs)
+                for row in rows:
+                    self._join(batch, [row], jobs)
             return
         self.batches += 1
-        for job, row in zip(newcomers, rows):
-            jobs[id(row)] = job
+        for row in rows:
             if row.reason is not None:  # finished with its first token
                 self._finish(batch, row, jobs)
+
+    def _cancel_waiting(self, row: Row, jobs: dict[int, Job]) -> None:
+        self.cancelled += 1
+        jobs.pop(id(row)).resolve(asyncio.CancelledError())
 
     def _step(self, batch: RunningBatch, jobs: dict[int, Job]) -> None:
         try:

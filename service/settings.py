@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(64, ge=1)
+    max_kv_tokens: int | None = Field(
+        None, ge=1, description="KV-cache budget in token slots (prompt + max_tokens of each running row); none: rows only."
+    )
     retry_after_s: int = Field(1, ge=1)
 
     @classmethod

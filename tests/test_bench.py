@@ -26,3 +26,13 @@ def test_bench_table(capsys):
                  "--batch-reps", "1", "--no-memory", "--no-reference"]) == 0
     out = capsys.readouterr().out
     assert "| var |" in out and "batch of 8" in out
+
+
+def test_serving_bench_reports_short_behind_long_and_open_loop(capsys):
+    assert main(["bench", "--serving", "--model", "tiny-random/llava", "--reps", "1", "--long-tokens", "12", "--delay", "0.05",
+                 "--rate", "50", "--requests", "6"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["short_behind_long"]["ratio"] > 0
+    load = result["open_loop"][0]
+    assert load["requests"] == 6 and load["refused"] == 0 and load["failed"] == 0
+    assert 0 < load["ttft_s"]["p50"] <= load["ttft_s"]["p99"] and load["tokens_per_s"] > 0

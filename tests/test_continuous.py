@@ -15,7 +15,7 @@ from test_batch_mates import SETTINGS, alone, batches, engine_for, request
 
 from service.batching import RunningBatch
 from service.client import EngineClient
-from service.engine import Engine, GenerationOutput, GenerationRequest
+from service.engine import Engine, GenerationOutput, GenerationRequest, RequestError
 from service.scheduler import Scheduler
 
 PLANS = [{}, {"var": {}}, {"gift": {}}, {"vhr": {}}, {"carve": {}}, {"gift": {}, "vhr": {}}, {"var": {"rho": 0.8}, "gift": {}}]
@@ -108,3 +108,51 @@ def test_a_short_request_does_not_wait_for_a_long_one():
     finally:
         scheduler.stop()
     assert not long_done  # the short one finished while the long one was still decoding
+
+
+def test_kv_budget_makes_rows_wait_and_refuses_what_never_fits():
+    engine = engine_for(FAMILIES[0])
+    reqs = [GenerationRequest(prompt=QUESTIONS[i], images=[make_image(i)], max_new_tokens=6) for i in range(2)]
+    slots = max(len(engine.encode(r.chat(), r.images).input_ids) for r in reqs) + 6
+    scheduler = Scheduler(engine, max_batch_size=8, batch_wait_s=0.05, max_kv_tokens=slots + 3)
+    client = EngineClient(scheduler)
+    scheduler.start()
+
+    async def main():
+        together = await asyncio.gather(*(client.generate(r) for r in reqs))
+        too_big = GenerationRequest(prompt=QUESTIONS[0], images=[make_image(0)], max_new_tokens=slots + 10)
+        with pytest.raises(RequestError, match="max_tokens"):
+            await client.generate(too_big)
+        return together
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    assert scheduler.batches == 2  # one budget's worth at a time: the second joined after the first left
+    assert [o.token_ids for o in outs] == [engine.generate_batch([r])[0].token_ids for r in reqs]
+
+
+def test_identical_requests_and_a_failing_loop_keep_the_worker_serving(monkeypatch):
+    engine = engine_for(FAMILIES[0])
+    scheduler = Scheduler(engine, max_batch_size=8, batch_wait_s=0.05)
+    client = EngineClient(scheduler)
+    req = GenerationRequest(prompt=QUESTIONS[0], images=[make_image(0)], max_new_tokens=3)
+    scheduler.start()
+    try:
+        async def twice():
+            return await asyncio.wait_for(asyncio.gather(client.generate(req), client.generate(req)), 60)
+
+        twins = asyncio.run(twice())
+        assert twins[0].token_ids == twins[1].token_ids == engine.generate_batch([req])[0].token_ids
+
+        def broken(*args):
+            monkeypatch.undo()
+            raise RuntimeError("scheduler bug (injected)")
+
+        monkeypatch.setattr(scheduler, "_fitting", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            asyncio.run(asyncio.wait_for(client.generate(req), 60))
+        assert asyncio.run(asyncio.wait_for(client.generate(req), 60)).token_ids == twins[0].token_ids  # still serving
+    finally:
+        scheduler.stop()

@@ -61,7 +61,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     engine = engine or Engine.from_pretrained(
         settings.model, device=settings.device, dtype=settings.dtype, model_config=settings.model_config_name
     )
-    scheduler = Scheduler(engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size)
+    scheduler = Scheduler(
+        engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size, settings.max_kv_tokens
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

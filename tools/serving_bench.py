@@ -1,0 +1,150 @@
+"""``seeright bench --serving``: the scheduler under load, in-process (the serving path without HTTP).
+
+* **Short behind long**: a ``--short-tokens`` request sent ``--delay`` seconds after a ``--long-tokens``
+  request starts, against the same short request alone (medians of ``--reps``). Continuous batching keeps
+  the ratio near 1; a scheduler that runs batches to completion makes the short one wait for the long one.
+* **Open loop**: requests arrive at a fixed rate whatever the server does (``--rate`` per second, for
+  ``--requests``), a mix of short answers and long captions, with and without interventions (the methods of
+  the mixed loads). Reported: time to first token and per-token latency percentiles, tokens/s, and how many
+  were refused (a full queue, a 503 over HTTP) or failed.
+
+Only ``service.engine`` and ``service.scheduler`` (``Job``, ``Scheduler``) are used, so the same file measures
+an older checkout of the scheduler (``PYTHONPATH=OLD_CHECKOUT python -m tools.serving_bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from service.engine import Engine, GenerationRequest
+from service.scheduler import Job, QueueFull, Scheduler
+
+PROMPTS = {"short": "Is there a circle in the image? Answer yes or no.", "long": "Describe the image in detail."}
+
+
+@dataclass
+class Timeline:
+    """When a request was sent, got its tokens and finished."""
+
+    sent: float
+    tokens: list[float] = field(default_factory=list)
+    done: float | None = None
+    status: str = "ok"
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.new("RGB", (64, 48), ((seed * 53) % 255, 120, 200))
+
+
+async def _send(scheduler: Scheduler, request: GenerationRequest) -> Timeline:
+    loop = asyncio.get_running_loop()
+    timeline = Timeline(time.perf_counter())
+    job = Job(request, loop, loop.create_future(), lambda token: timeline.tokens.append(time.perf_counter()))
+    try:
+        scheduler.submit(job)
+        await job.future
+    except QueueFull:
+        timeline.status = "refused"
+    except Exception:  # noqa: BLE001 - counted, the load goes on
+        timeline.status = "failed"
+    timeline.done = time.perf_counter()
+    return timeline
+
+
+def _request(kind: str, tokens: int, seed: int, interventions: dict | None = None) -> GenerationRequest:
+    return GenerationRequest(prompt=PROMPTS[kind], images=[_image(seed)], interventions=interventions or {}, max_new_tokens=tokens)
+
+
+async def short_behind_long(scheduler: Scheduler, short_tokens: int, long_tokens: int, delay: float, reps: int) -> dict[str, Any]:
+    alone, behind = [], []
+    for rep in range(reps):
+        t = await _send(scheduler, _request("short", short_tokens, rep))
+        alone.append(t.done - t.sent)
+        long_task = asyncio.ensure_future(_send(scheduler, _request("long", long_tokens, 100 + rep)))
+        await asyncio.sleep(delay)
+        t = await _send(scheduler, _request("short", short_tokens, rep))
+        behind.append(t.done - t.sent)
+        await long_task
+    a, b = statistics.median(alone), statistics.median(behind)
+    return {"short_alone_s": a, "short_behind_long_s": b, "ratio": b / a}
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+async def open_loop(scheduler: Scheduler, rate: float, requests: int, methods: list[str], long_tokens: int) -> dict[str, Any]:
+    """``requests`` arrivals ``1 / rate`` s apart: every third a long caption, every other one with a method."""
+    plans = [{}, *({m: {}} for m in methods)]
+    tasks = []
+    start = time.perf_counter()
+    for i in range(requests):
+        kind, tokens = ("long", long_tokens) if i % 3 == 2 else ("short", 4)
+        plan = plans[(i // 2) % len(plans)] if i % 2 else {}
+        tasks.append(asyncio.ensure_future(_send(scheduler, _request(kind, tokens, i, plan))))
+        await asyncio.sleep(max(start + (i + 1) / rate - time.perf_counter(), 0))
+    timelines = await asyncio.gather(*tasks)
+    served = [t for t in timelines if t.status == "ok" and t.tokens]
+    gaps = [b - a for t in served for a, b in zip(t.tokens, t.tokens[1:])]
+    wall = max(t.done for t in timelines) - start
+    return {
+        "rate_per_s": rate, "requests": requests, "refused": sum(t.status == "refused" for t in timelines),
+        "failed": sum(t.status == "failed" for t in timelines),
+        "ttft_s": _percentiles([t.tokens[0] - t.sent for t in served]), "per_token_s": _percentiles(gaps),
+        "tokens_per_s": sum(len(t.tokens) for t in served) / wall,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    scheduler = Scheduler(engine, max_batch_size=args.max_batch_size, batch_wait_s=0.005, queue_size=args.queue_size)
+    methods = args.methods if args.methods is not None else engine.methods.mixed_traffic()
+    scheduler.start()
+    try:
+        async def main() -> dict[str, Any]:
+            await _send(scheduler, _request("short", 2, 0))  # warm-up
+            result = {"short_behind_long": await short_behind_long(scheduler, args.short_tokens, args.long_tokens, args.delay, args.reps)}
+            for rate in args.rate:
+                result.setdefault("open_loop", []).append(await open_loop(scheduler, rate, args.requests, methods, args.long_tokens))
+            return result
+
+        return {"model": args.model, "max_batch_size": args.max_batch_size, **asyncio.run(main())}
+    finally:
+        scheduler.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--short-tokens", type=int, default=4)
+    parser.add_argument("--long-tokens", type=int, default=200)
+    parser.add_argument("--delay", type=float, default=1.0, help="seconds between the long and the short request")
+    parser.add_argument("--rate", type=float, nargs="*", default=[], help="open-loop arrival rates (requests/s)")
+    parser.add_argument("--requests", type=int, default=24, help="arrivals per open-loop rate")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--queue-size", type=int, default=64)
+    parser.add_argument("--methods", nargs="*", help="methods of the open-loop mix (default: the registry's mixed loads)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bench-random/llava")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--reps", type=int, default=3)
+    add_arguments(parser)
+    print(json.dumps(run(parser.parse_args()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
