@@ -42,11 +42,8 @@ class Job:
     future: asyncio.Future
     on_token: Callable[[int], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued: float = field(default_factory=time.perf_counter)
-    emitted: int = 0
 
     def emit(self, token: int) -> None:
-        self.emitted += 1
         if self.on_token is not None:
             self._deliver(self.on_token, token)
 
