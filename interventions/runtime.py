@@ -14,7 +14,8 @@ active it installs the hooks that context's methods need, and only those:
 
 The attention function runs SDPA for the rows of the batch that need no attention probabilities in this
 layer, and recomputes eagerly the rows that do, for their needed query rows only (at decode one row per
-sequence, at prefill e.g. the text rows after the image); the methods edit them, and the result becomes
+sequence, at prefill e.g. the text rows after the image); the methods edit them (pre-softmax scores, then
+probabilities), and the result becomes
 those rows' output. The engine orders a batch so that these rows are contiguous, so both paths read
 views of the same K/V. Rows without an intervention are never touched, so with no
 intervention the output is stock SDPA generation, token for token.
@@ -260,19 +261,34 @@ def keep_mask(
     return mask if mask.dtype == torch.bool else mask == 0
 
 
-def eager_probs(
+def eager_scores(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     keep: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Post-softmax attention in float32, ``softmax(QK^T * scaling + mask)`` (eager attention's math)."""
+    """Pre-softmax attention in float32, ``QK^T * scaling + mask`` (eager attention's math; masked keys at
+    the float32 minimum)."""
     key = repeat_kv(key, module.num_key_value_groups)
     scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
-    return torch.softmax(scores, dim=-1)
+    return scores
+
+
+def _edit(groups: list[Group], what: str, tensor: torch.Tensor, layer: int, step: int, q0: int) -> torch.Tensor:
+    """Each group's ``edit_scores`` or ``edit_probs`` on its rows of ``tensor``, in the groups' order (groups
+    whose hooks do not override it are skipped)."""
+    for g in groups:
+        if getattr(type(g.hooks), what) is getattr(Hooks, what):
+            continue
+        edit = getattr(g.hooks, what)
+        if g.whole:
+            tensor = edit(layer, tensor, g.states, step, q0)
+        else:
+            tensor = tensor.index_copy(0, g.rows, edit(layer, tensor.index_select(0, g.rows), g.states, step, q0))
+    return tensor
 
 
 def _sdpa_rows(module, query, key, value, attention_mask, lo, hi, **kwargs):
@@ -322,13 +338,9 @@ def seeright_attention(
         own = whole.index_select(0, plan.rows)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     keep = keep_mask(attention_mask, plan.rows, q0, q_len, kv_len, device)
-    probs = eager_probs(module, pick(query)[:, :, q0:], pick(key), keep, scaling)
-    for g in plan.groups:
-        if g.whole:
-            probs = g.hooks.edit_probs(layer, probs, g.states, ctx.step, q0)
-        else:
-            edited = g.hooks.edit_probs(layer, probs.index_select(0, g.rows), g.states, ctx.step, q0)
-            probs = probs.index_copy(0, g.rows, edited)
+    scores = _edit(plan.groups, "edit_scores", eager_scores(module, pick(query)[:, :, q0:], pick(key), keep, scaling),
+                   layer, ctx.step, q0)
+    probs = _edit(plan.groups, "edit_probs", torch.softmax(scores, dim=-1), layer, ctx.step, q0)
     if plan.any_write:
         values = repeat_kv(pick(value), module.num_key_value_groups)
         new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]

@@ -85,6 +85,17 @@ class GIFTParams(MethodParams):
     )
 
 
+class PAIParams(MethodParams):
+    """Paying more attention to image (Liu et al., ECCV 2024, "Paying More Attention to Image")."""
+
+    alpha: float = Field(
+        0.2, ge=0, le=10, description="Pre-softmax boost of image columns, z <- z + alpha*|z| (release scripts: 0.2)."
+    )
+    layers: list[int] | None = Field(
+        None, description="Layers edited; default 2..L-1 (release: [2, 32) on LLaVA-1.5-7B's 32 layers)."
+    )
+
+
 class CARVEParams(MethodParams):
     """Contrastive attention refinement (Ge et al., arXiv 2509.06461, "Focusing by Contrastive Attention")."""
 

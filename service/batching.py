@@ -28,7 +28,9 @@ from interventions.adapters import EncodedPrompt
 from interventions.methods.base import RowState
 from interventions.runtime import ForwardContext
 from service.decoding import RowDecoding, apply_penalties, top_p_filter
-from service.engine import Engine, GenerationOutput, GenerationRequest, add_logprobs, decoding_of, place_rows
+from service.engine import (
+    Engine, GenerationOutput, GenerationRequest, StreamedToken, decoding_of, place_rows, streamed_token,
+)
 
 
 @dataclass(eq=False)  # rows are compared by identity: two rows of equal requests are still two rows
@@ -39,11 +41,11 @@ class Row:
     prompt: EncodedPrompt
     states: list[RowState]
     decoding: RowDecoding
-    on_token: Callable[[int], None] | None = None
+    on_token: Callable[[StreamedToken], None] | None = None
     cancelled: Callable[[], bool] = lambda: False
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
+    streamed: list[StreamedToken] = field(default_factory=list)  # with log-probs, when the request asked
     reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
     prepared: float = 0.0
@@ -88,7 +90,7 @@ class RunningBatch:
     def admit(
         self,
         requests: Sequence[GenerationRequest],
-        on_token: Sequence[Callable[[int], None] | None] | None = None,
+        on_token: Sequence[Callable[[StreamedToken], None] | None] | None = None,
         cancelled: Sequence[Callable[[], bool]] | None = None,
     ) -> list[Row]:
         """Prepare ``requests`` and join them to the running batch at once (their first token included)."""
@@ -99,7 +101,7 @@ class RunningBatch:
     def prepare(
         self,
         requests: Sequence[GenerationRequest],
-        on_token: Sequence[Callable[[int], None] | None] | None = None,
+        on_token: Sequence[Callable[[StreamedToken], None] | None] | None = None,
         cancelled: Sequence[Callable[[], bool]] | None = None,
     ) -> list[Row]:
         """What a row needs before it can join: checks, method passes and encoding (``Engine.admit``)."""
@@ -186,10 +188,11 @@ class RunningBatch:
                 continue
             token = self._choose(row, scores)
             row.tokens.append(token)
+            streamed = streamed_token(token, scores, row.request)
             if row.request.logprobs:
-                row.logits.append(scores.float())
+                row.streamed.append(streamed)
             if row.on_token is not None:
-                row.on_token(token)
+                row.on_token(streamed)
             row.reason = self._stop_reason(row, token)
         finished = [row for row in self.rows if row.reason is not None]
         if finished:
@@ -239,7 +242,9 @@ class RunningBatch:
         reason = None if row.reason == "length" else row.reason
         out = self.engine.finish(row.tokens, reason, row.decoding, row.prompt, row.states, timings)
         if row.request.logprobs:
-            add_logprobs(out, row.logits[: len(out.token_ids)], row.request.top_logprobs)
+            kept = row.streamed[: len(out.token_ids)]
+            out.logprobs = [t.logprob for t in kept]
+            out.top_logprobs = [t.top for t in kept] if row.request.top_logprobs else None
         return out
 
 

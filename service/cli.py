@@ -142,8 +142,26 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lmms_pope(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tools import lmms_pope
+
+    served = args.model
+    models = [served, *(f"{served}+{preset}" for preset in args.preset)]
+    rows = lmms_pope.run(args.endpoint, models, args.lmms_python, Path(args.out), args.images, args.seed, args.split,
+                         args.concurrency)
+    print(json.dumps(rows, indent=2) if args.json else lmms_pope.markdown(rows))
+    return 0
+
+
 def cmd_score_pope(args: argparse.Namespace) -> int:
-    answers = pope.normalize_answers(pope.read_jsonl(args.answers))
+    if args.lmms_samples:
+        from eval import lmms_task
+
+        answers = lmms_task.answers_from_samples(args.lmms_samples)
+    else:
+        answers = pope.normalize_answers(pope.read_jsonl(args.answers))
     if args.questions:
         result = pope.score_llava_style(answers, args.labels, args.questions, args.parser)
     else:
@@ -231,6 +249,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     es.add_argument("--device", default="cpu")
     es.add_argument("--dtype", default="float32")
     es.set_defaults(func=cmd_eval_shapes)
+    lm = ev.add_parser("lmms-pope", help="lmms-eval's POPE task against a running server, on a local shapes split, "
+                       "scored by lmms-eval and by seeright")
+    lm.add_argument("--endpoint", required=True, help="base URL of the running server, e.g. http://127.0.0.1:8000")
+    lm.add_argument("--model", required=True, help="the served model id")
+    lm.add_argument("--preset", nargs="*", default=[], help="also run these presets (model id +preset)")
+    lm.add_argument("--lmms-python", required=True, help="python of the environment lmms-eval is installed in")
+    lm.add_argument("--out", required=True, help="folder for the task (lmms-eval --include_path), its runs and samples")
+    lm.add_argument("--images", type=int, default=100, help="scenes (about 4 questions each)")
+    lm.add_argument("--seed", type=int, default=shapes.DEFAULT_SEED + 1, help="scene seed (default: not the README table's)")
+    lm.add_argument("--split", choices=pope.SPLITS, default="adversarial")
+    lm.add_argument("--concurrency", type=int, default=8, help="lmms-eval's num_concurrent")
+    lm.add_argument("--json", action="store_true")
+    lm.set_defaults(func=cmd_lmms_pope)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -272,7 +303,9 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
 def _add_score(sub: argparse._SubParsersAction) -> None:
     score = sub.add_parser("score", help="score existing prediction files").add_subparsers(dest="benchmark", required=True)
     sp = score.add_parser("pope", help="POPE answers JSONL (question_id, text)")
-    sp.add_argument("--answers", required=True)
+    answers = sp.add_mutually_exclusive_group(required=True)
+    answers.add_argument("--answers", help="answers JSONL (question_id, text)")
+    answers.add_argument("--lmms-samples", help="lmms-eval's --log_samples JSONL of a POPE task")
     sp.add_argument("--labels", nargs="+", required=True, help="label files, one per split (coco_pope_<split>.json)")
     sp.add_argument("--questions", help="LLaVA-style question file with 'category': group and zip in order")
     sp.add_argument("--parser", choices=sorted(pope.PARSERS), default="official")

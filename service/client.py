@@ -1,7 +1,7 @@
 """``EngineClient``: the one async door to the engine, for HTTP routes and evaluation jobs alike.
 
 ``await client.generate(request)`` returns the output; ``async for token in client.stream(request)``
-yields token ids as they are generated, and ``stream.output`` holds the output once the loop ends.
+yields each :class:`~service.engine.StreamedToken` (id, and log-probs when asked) as it is generated, and ``stream.output`` holds the output once the loop ends.
 Cancelling the awaiting task (or leaving the loop early) cancels the request in the scheduler. Behind the
 client is the scheduler's worker thread, the only thread that runs model code.
 """
@@ -12,26 +12,26 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from service.engine import GenerationOutput, GenerationRequest
+from service.engine import GenerationOutput, GenerationRequest, StreamedToken
 from service.scheduler import Job, QueueFull, Scheduler
 
 ROOM_POLL_S = 0.1
 
 
 class TokenStream:
-    """Token ids of one queued request as they come; ``output`` is set when iteration ends normally, and
+    """Tokens of one queued request as they come; ``output`` is set when iteration ends normally, and
     iteration raises the request's error if it failed."""
 
     def __init__(self, request: GenerationRequest) -> None:
         loop = asyncio.get_running_loop()
-        self._tokens: asyncio.Queue[int] = asyncio.Queue()
+        self._tokens: asyncio.Queue[StreamedToken] = asyncio.Queue()
         self.job = Job(request, loop, loop.create_future(), self._tokens.put_nowait)
         self.output: GenerationOutput | None = None
 
     def cancel(self) -> None:
         self.job.cancelled.set()
 
-    async def __aiter__(self) -> AsyncIterator[int]:
+    async def __aiter__(self) -> AsyncIterator[StreamedToken]:
         job, tokens = self.job, self._tokens
         try:
             while not job.future.done() or not tokens.empty():

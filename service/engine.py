@@ -88,6 +88,28 @@ class GenerationOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
+@dataclass(frozen=True)
+class StreamedToken:
+    """One generated token as it is streamed: its id and, when the request asked for log-probs, the model's
+    log-probability of it and the ``top_logprobs`` most likely tokens of its step."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+def streamed_token(token: int, scores: torch.Tensor, request: GenerationRequest) -> StreamedToken:
+    """``token`` with its log-probs from the step's raw ``scores`` (before sampling settings) if asked."""
+    if not request.logprobs:
+        return StreamedToken(token)
+    steps = scores.float().log_softmax(-1)
+    top = None
+    if request.top_logprobs:
+        values, ids = steps.topk(request.top_logprobs)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return StreamedToken(token, float(steps[token]), top)
+
+
 class Engine:
     """A loaded VLM with the intervention runtime installed."""
 
@@ -247,6 +269,10 @@ class Engine:
         self._check_images(request)
         self.bind(request.interventions, RequestInputs(turns=request.chat(), images=list(request.images)))
         self._decoding_checks([request])
+
+    def runs_passes(self, request: GenerationRequest) -> bool:
+        """Whether admitting ``request`` runs forward passes besides its prefill (a method's analysis)."""
+        return any(self.methods[name].runs_passes for name in request.interventions if name in self.methods)
 
     def _check_images(self, request: GenerationRequest) -> None:
         for i, image in enumerate(request.images):

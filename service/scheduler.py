@@ -2,7 +2,8 @@
 
 Requests wait in a bounded queue. One worker thread owns the engine: between decoding steps it admits
 waiting requests into the running batch (up to ``max_batch_size`` rows; their prefill runs as one forward
-of the newcomers), then runs one decode step for every running row; a row leaves as soon as it finishes
+of the newcomers; while rows decode, at most one newcomer whose methods run extra passes is prepared per
+step), then runs one decode step for every running row; a row leaves as soon as it finishes
 or its client goes, and its cache rows are freed at once (``service.batching.RunningBatch``). So a short
 request never waits for a long one to finish. When nothing runs, the worker waits for a request and
 gathers more for up to ``batch_wait_s`` so that a burst is prefilled together. A full queue refuses new
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.batching import Row, RunningBatch
-from service.engine import Engine, GenerationOutput, GenerationRequest, RequestError
+from service.engine import Engine, GenerationOutput, GenerationRequest, RequestError, StreamedToken
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,10 @@ class Job:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    on_token: Callable[[int], None] | None = None
+    on_token: Callable[[StreamedToken], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def emit(self, token: int) -> None:
+    def emit(self, token: StreamedToken) -> None:
         if self.on_token is not None:
             self._deliver(self.on_token, token)
 
@@ -113,24 +114,41 @@ class Scheduler:
 
     # ---- worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        batch, jobs, prepared, stopping = RunningBatch(self.engine), {}, [], False
+        batch, jobs, prepared, held, stopping = RunningBatch(self.engine), {}, [], [], False
         while True:
             try:
-                busy = len(batch) + len(prepared)
+                busy = len(batch) + len(prepared) + len(held)
                 newcomers, stop_seen = self._waiting(self.max_batch_size - busy, idle=not busy and not stopping)
                 stopping |= stop_seen
-                prepared = self._advance(batch, prepared, [job for job in newcomers if not self._dropped(job)], jobs)
+                now, held = self._to_prepare([job for job in held + newcomers if not self._dropped(job)], len(batch) > 0)
+                prepared = self._advance(batch, prepared, now, jobs)
             except Exception as exc:  # a bug must not kill the worker: fail what it held, keep serving
                 log.exception("scheduler loop failed")
-                for job in jobs.values():
+                for job in [*jobs.values(), *held]:
                     job.resolve(exc)
                 jobs.clear()
                 batch.clear()
-                prepared = []
-            if not len(batch) and stopping and not prepared and self.queue.empty():
+                prepared, held = [], []
+            if not len(batch) and stopping and not prepared and not held and self.queue.empty():
                 self.running = 0
                 return
-            self.running = len(batch) + len(prepared)
+            self.running = len(batch) + len(prepared) + len(held)
+
+    def _to_prepare(self, jobs: list[Job], decoding: bool) -> tuple[list[Job], list[Job]]:
+        """``(now, later)``: while rows are decoding, at most one request whose methods run passes of their own
+        (VHR's text-only prefill, GIFT's saliency, CARVE's collection) is prepared per decode step, so running
+        rows wait for one such admission at a time; plain requests are all prepared at once."""
+        if not decoding:
+            return jobs, []
+        now, later, passes = [], [], 0
+        for job in jobs:
+            heavy = self.engine.runs_passes(job.request)
+            if heavy and passes:
+                later.append(job)
+            else:
+                now.append(job)
+                passes += heavy
+        return now, later
 
     def _advance(self, batch: RunningBatch, prepared: list[Row], newcomers: list[Job], jobs: dict[int, Job]) -> list[Row]:
         """One iteration: prepare newcomers, drop cancelled waiters, join what fits, one decode step.

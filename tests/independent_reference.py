@@ -27,7 +27,7 @@ from PIL import Image
 from transformers import AttentionInterface
 
 NAME = "reference_eager"
-EditFn = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, probs [H, T, T]) -> probs
+EditFn = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, probs [H, T, T]) -> probs; or scores, pre-softmax
 
 
 @dataclass
@@ -62,6 +62,7 @@ class ReferenceModel:
         model.set_attn_implementation({"text_config": NAME})
         self.model, self.eos = model.eval(), set(eos)
         self.edit: EditFn | None = None
+        self.score_edit: EditFn | None = None
         self.layers = model.model.language_model.layers
         cfg = model.config.get_text_config()
         self.num_heads, self.head_dim = cfg.num_attention_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -73,16 +74,22 @@ class ReferenceModel:
         scores = (query @ key.transpose(-1, -2)).float() * scale  # [1, H, q, T]
         q, t = scores.shape[-2:]
         causal = torch.arange(t)[None, :] <= torch.arange(t - q, t)[:, None]
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        if self.score_edit is not None:
+            scores = self.score_edit(module.layer_idx, scores[0])[None]
+        probs = torch.softmax(scores, dim=-1)
         if self.edit is not None:
             probs = self.edit(module.layer_idx, probs[0])[None]
         out = probs.to(value.dtype) @ value  # [1, H, q, d]
         return out.transpose(1, 2).contiguous(), probs
 
     @contextmanager
-    def hooks(self, pre_layer: Callable | None = None, o_proj: Callable | None = None, edit: EditFn | None = None):
+    def hooks(
+        self, pre_layer: Callable | None = None, o_proj: Callable | None = None, edit: EditFn | None = None,
+        score_edit: EditFn | None = None,
+    ):
         """Plain forward pre-hooks for the duration of a run: ``pre_layer(layer, hidden [T, D])`` and
-        ``o_proj(layer, heads [T, H, d]) -> heads``."""
+        ``o_proj(layer, heads [T, H, d]) -> heads``; ``edit`` and ``score_edit`` for the attention."""
         handles = []
         for l, layer in enumerate(self.layers):
             if pre_layer is not None:
@@ -94,11 +101,11 @@ class ReferenceModel:
                     heads = o_proj(l, x[0].view(x.shape[1], self.num_heads, self.head_dim))
                     return (heads.reshape(x.shape),)
                 handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
-        self.edit = edit
+        self.edit, self.score_edit = edit, score_edit
         try:
             yield
         finally:
-            self.edit = None
+            self.edit = self.score_edit = None
             for h in handles:
                 h.remove()
 
@@ -124,6 +131,24 @@ class ReferenceModel:
             if token in self.eos:
                 break
         return run
+
+
+# ---- PAI (Liu et al., ECCV 2024, Eq. 5; release attention.py::llama_new_forward) ---------------------
+def pai_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> Run:
+    """The last prompt row (prefill) and every generated row (decode steps) boost their image columns'
+    pre-softmax scores: z + alpha * |z|, in layers ``p.layers``."""
+    vis, first = prompt.image_positions, len(prompt.ids) - 1
+
+    def boost(layer: int, scores: torch.Tensor) -> torch.Tensor:  # [H, T, T], no cache: every row
+        if layer not in p.layers:
+            return scores
+        out = scores.clone()
+        z = scores[:, first:, vis]
+        out[:, first:, vis] = z + p.alpha * z.abs()
+        return out
+
+    with ref.hooks(score_edit=boost):
+        return ref.greedy(prompt, max_new_tokens)
 
 
 # ---- VAR (Kang et al., ICLR 2025, §3; release HeadFork / VARProcessor) ----------------------------------

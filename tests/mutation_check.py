@@ -16,6 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 M = "interventions/methods/"
 MUTATIONS = [
+    ("PAI boost z * (1 + alpha) instead of z + alpha |z|", M + "pai.py", "last + alpha[:, :, None] * last.abs()",
+     "last + alpha[:, :, None] * last"),
+    ("PAI boosts every column, not the image's", M + "pai.py", "torch.where(image[:, None, :], last",
+     "torch.where(image[:, None, :] | True, last"),
     ("VAR rho convention swapped", M + "var.py", "selected = (sink_frac <= 1 - rho)", "selected = (sink_frac <= rho)"),
     ("VAR p convention swapped (sinks keep p)", M + "var.py", "lambda: 1 - p[:, 0] * masks[:, :, 2], 1.0)",
      "lambda: p[:, 0] * masks[:, :, 2] + (1 - masks[:, :, 2]), 1.0)"),

@@ -13,6 +13,7 @@ from conftest import make_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from interventions.registry import MethodRegistry
 from service.api.app import create_app
 from service.engine import Engine, GenerationRequest
 from service.settings import Settings
@@ -118,7 +119,7 @@ def test_models_interventions_health_metrics(client, sdk):
     assert MODEL in ids and f"{MODEL}+gift" in ids
     info = client.get("/v1/interventions").json()
     names = {d["name"]: d for d in info["data"]}
-    assert set(names) == {"var", "vhr", "gift", "carve"}
+    assert set(names) == set(MethodRegistry.builtin())
     assert names["var"]["parameters"]["properties"]["rho"]["maximum"] == 1
     assert names["var"]["defaults"]["tau"] == 4.0
     assert client.get("/health").json()["status"] == "ok"

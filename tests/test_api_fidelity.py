@@ -61,6 +61,8 @@ def test_top_logprobs_plain_and_streamed(sdk):
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
     assert all(len(e.top_logprobs) == 3 for e in streamed)
+    with_text = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(with_text) >= 2 and all(c.logprobs and c.logprobs.content for c in with_text)  # each delta brings its own
 
 
 def test_n_choices_are_rows_seeded_per_choice(sdk, engine):

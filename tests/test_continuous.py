@@ -110,6 +110,40 @@ def test_a_short_request_does_not_wait_for_a_long_one():
     assert not long_done  # the short one finished while the long one was still decoding
 
 
+def test_admissions_with_passes_take_turns_between_decode_steps(monkeypatch):
+    """While a row decodes, requests whose methods run passes of their own (VHR, CARVE) are prepared one per
+    decode step, so the running row waits for one such admission at a time; their answers stay their own."""
+    engine = engine_for(FAMILIES[0])
+    events: list[str] = []
+    admit, step = Engine.admit, RunningBatch.step
+    monkeypatch.setattr(Engine, "admit", lambda self, reqs: events.append(f"admit {len(reqs)}") or admit(self, reqs))
+    monkeypatch.setattr(RunningBatch, "step", lambda self: events.append("step") or step(self))
+    scheduler = Scheduler(engine, max_batch_size=8, batch_wait_s=0.0)
+    client = EngineClient(scheduler)
+    heavy = [GenerationRequest(prompt=QUESTIONS[i], images=[make_image(i)], max_new_tokens=3, interventions=plan)
+             for i, plan in enumerate([{"vhr": {}}, {"carve": {}}, {"vhr": {}, "var": {}}])]
+    scheduler.start()
+
+    async def main() -> list[GenerationOutput]:
+        long_task = asyncio.ensure_future(client.generate(
+            GenerationRequest(prompt=QUESTIONS[2], images=[make_image(3)], max_new_tokens=200)))
+        while "step" not in events:
+            await asyncio.sleep(0.01)
+        outs = await asyncio.gather(*(client.generate(r) for r in heavy))
+        long_task.cancel()
+        return outs
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    admissions = [i for i, e in enumerate(events) if e.startswith("admit")]
+    assert [events[i] for i in admissions[1:4]] == ["admit 1"] * 3
+    assert all("step" in events[a:b] for a, b in zip(admissions[1:], admissions[2:4]))  # a decode step between each
+    monkeypatch.undo()
+    assert [o.token_ids for o in outs] == [engine.generate_batch([r])[0].token_ids for r in heavy]
+
+
 def test_kv_budget_makes_rows_wait_and_refuses_what_never_fits():
     engine = engine_for(FAMILIES[0])
     reqs = [GenerationRequest(prompt=QUESTIONS[i], images=[make_image(i)], max_new_tokens=6) for i in range(2)]

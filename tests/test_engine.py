@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import QUESTIONS
 
+from interventions.registry import MethodRegistry
 from service.engine import Engine, GenerationRequest, RequestError
 
 MIXED = [{}, {"var": {}}, {"vhr": {}}, {"gift": {}}, {"gift": {"alpha": 3.0}, "vhr": {"alpha": 1.5}}]
@@ -73,7 +74,7 @@ def test_decoding_errors_name_the_field(llava, images):
             llava.generate_batch([req])
 
 
-@pytest.mark.parametrize("name", ["var", "vhr", "gift", "carve"])
+@pytest.mark.parametrize("name", list(MethodRegistry.builtin()))
 def test_methods_need_an_image(llava, name):
     with pytest.raises(RequestError, match=f"interventions.{name}: needs .*image"):
         llava.generate("hello", interventions={name: {}}, max_new_tokens=2)

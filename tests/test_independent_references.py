@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import QUESTIONS, make_image
 from independent_reference import (
-    Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, gift_generate, var_generate, vhr_generate,
+    Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, gift_generate, pai_generate, var_generate,
+    vhr_generate,
 )
 
 from interventions.adapters import ChatTurn
@@ -20,6 +21,7 @@ TOLERANCE = 1e-4
 QUESTION = QUESTIONS[1]
 
 CASES = [
+    ("pai", {}), ("pai", {"alpha": 0.8, "layers": [1, 4]}),
     ("var", {"rho": 0.2}), ("var", {"rho": 0.8}), ("var", {"rho": 0.8, "p": 0.9}),
     ("vhr", {}), ("vhr", {"outlier_filter": False}), ("vhr", {"prefill_positions": "last"}),
     ("vhr", {"prefill_positions": "last", "outlier_filter": False, "alpha": 3.0}),
@@ -52,6 +54,8 @@ def grid_of(engine: Engine, prompt: Prompt) -> tuple[int, int]:
 
 def reference_run(engine: Engine, ref: ReferenceModel, name: str, params, image):
     turns = [ChatTurn("user", QUESTION, 1)]
+    if name == "pai":
+        return pai_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "var":
         return var_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "vhr":

@@ -10,6 +10,7 @@ from conftest import QUESTIONS
 
 from interventions.literal import loops as ref
 from interventions.methods.base import RequestInputs
+from interventions.registry import MethodRegistry
 from service.engine import GenerationRequest
 
 
@@ -33,6 +34,25 @@ def run(engine, images, interventions, n=2, max_new_tokens=6, **kw):
         for q, im in zip(QUESTIONS[:n], images[:n])
     ]
     return engine.generate_batch(reqs)
+
+
+# ---- PAI ---------------------------------------------------------------------------------------------
+def test_pai_matches_literal(engine, images, monkeypatch):
+    calls = spy(monkeypatch, engine.methods["pai"], "edit_scores")
+    run(engine, images, {"pai": {"alpha": 0.5}}, n=3)
+    steps, layers = set(), set()
+    for (layer, scores, states, step, q0), result in calls:
+        steps.add(step)
+        layers.add(layer)
+        for row, state in enumerate(states):
+            image = state.layout.image_positions.tolist()
+            expected = ref.pai_boost(scores[row], image, state.params.alpha)
+            torch.testing.assert_close(result[row].double(), expected, atol=1e-6, rtol=1e-5)
+            moved = (result[row] != scores[row]).nonzero()
+            assert moved.numel() and set(moved[:, 1].tolist()) == {scores.shape[2] - 1}  # the last query row only
+            assert set(moved[:, 2].tolist()) <= set(image)
+    assert steps >= {0, 1}
+    assert layers == set(range(2, engine.info.num_layers))  # release: [2, L)
 
 
 # ---- VAR ---------------------------------------------------------------------------------------------
@@ -272,7 +292,7 @@ def test_carve_requery_choice(llava, images, requery, count):
 
 
 # ---- every method changes the output distribution ------------------------------------------------
-@pytest.mark.parametrize("name", ["var", "vhr", "gift", "carve"])
+@pytest.mark.parametrize("name", list(MethodRegistry.builtin()))
 def test_method_changes_output(engine, images, name):
     base = run(engine, images, {}, n=4, logprobs=True)
     with_method = run(engine, images, {name: {}}, n=4, logprobs=True)

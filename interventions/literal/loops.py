@@ -13,6 +13,18 @@ import torch
 from PIL import Image
 
 
+# ---- PAI ---------------------------------------------------------------------------------------------
+def pai_boost(scores: torch.Tensor, image: list[int], alpha: float) -> torch.Tensor:
+    """Eq. 5 on one batch row's pre-softmax scores [H, q, T]: z + alpha * |z| on image columns of the last row."""
+    out = scores.double().clone()
+    last = out.shape[1] - 1
+    for h in range(out.shape[0]):
+        for j in image:
+            z = float(out[h, last, j])
+            out[h, last, j] = z + alpha * abs(z)
+    return out
+
+
 # ---- VAR ---------------------------------------------------------------------------------------------
 def var_sinks(hidden: torch.Tensor, dims: list[int], tau: float, pad: int) -> list[int]:
     """Step A: positions j with max_d |x_j[d]| / sqrt(mean(x_j^2) + 1e-6) > tau."""

@@ -9,6 +9,7 @@ the hooks it declared, nothing else:
   batched over the requests of a batch that use the method. ``passes`` is a :class:`Passes`: encoding and
   the extra forward passes a method may ask for, never the engine itself.
 * ``observe_hidden(layer, hidden, states, step)`` (:attr:`HookPoint.HIDDEN`): the residual stream entering a layer.
+* ``edit_scores(layer, scores, states, step, q0)`` (:attr:`HookPoint.SCORES`): pre-softmax attention logits.
 * ``edit_probs(layer, probs, states, step, q0)`` (:attr:`HookPoint.PROBS`): post-softmax attention rows.
 * ``edit_heads(layer, heads, states, step)``   (:attr:`HookPoint.HEADS`): per-head outputs before ``o_proj``.
 
@@ -68,11 +69,13 @@ class HookPoint(enum.Enum):
     INPUT = "input"  # rewrite(): the request's images, before encoding
     ANALYSIS = "analysis"  # prepare(): extra passes before decoding
     HIDDEN = "hidden"  # observe_hidden(): residual stream entering a decoder layer
+    SCORES = "scores"  # edit_scores(): pre-softmax attention logits
     PROBS = "probs"  # edit_probs(): post-softmax attention rows
     HEADS = "heads"  # edit_heads(): per-head outputs before o_proj
 
 
-EDITING_POINTS = frozenset({HookPoint.PROBS, HookPoint.HEADS})
+EDITING_POINTS = frozenset({HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
+PASS_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS})
 
 
 class Passes(Protocol):
@@ -102,12 +105,20 @@ class Hooks:
     order: ClassVar[int] = 100
 
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
-        """First query row (index within this forward's query block) whose probabilities are needed."""
+        """First query row (index within this forward's query block) whose attention scores and
+        probabilities are needed (``edit_scores`` and ``edit_probs`` receive rows from there on)."""
         return None
 
     def reads_only(self, state: RowState, layer: int, step: int) -> bool:
         """True when this state only reads the probabilities it asked for here (the output is not rewritten)."""
         return False
+
+    def edit_scores(
+        self, layer: int, scores: torch.Tensor, states: list[RowState], step: int, q0: int
+    ) -> torch.Tensor:
+        """Edit ``scores`` ``[n, H, q - q0, T]`` (float32 ``QK^T * scaling``, masked keys at the float32
+        minimum) for query rows ``q0:``, before the softmax. Called before any ``edit_probs`` of the layer."""
+        return scores
 
     def edit_probs(
         self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
@@ -155,6 +166,11 @@ class Method(Hooks):
     def edits_generation(self) -> bool:
         """Whether the method changes the forward passes of the request's generation."""
         return bool(self.hook_points & EDITING_POINTS)
+
+    @property
+    def runs_passes(self) -> bool:
+        """Whether the method runs forward passes of its own before the request's generation."""
+        return bool(self.hook_points & PASS_POINTS)
 
     def defaults(self, info: ModelInfo) -> dict[str, Any]:
         """Defaults derived from the model (its depth, its width) for fields left ``None``."""

@@ -26,7 +26,7 @@ from service.api.protocol import (
     ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, ImagePart, TokenLogprob, TopLogprob, Usage, completion_id, now,
 )
 from service.client import EngineClient, TokenStream
-from service.engine import GenerationOutput, GenerationRequest, RequestError
+from service.engine import GenerationOutput, GenerationRequest, RequestError, StreamedToken
 from service.scheduler import QueueFull
 from service.settings import Settings
 
@@ -126,19 +126,23 @@ def _token(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
     return text, list(text.encode("utf-8"))
 
 
+def token_logprob(tokenizer: Any, token: StreamedToken) -> TokenLogprob:
+    text, raw = _token(tokenizer, token.id)
+    top = [TopLogprob(token=tt, logprob=lp, bytes=tb) for tid, lp in token.top or [] for tt, tb in [_token(tokenizer, tid)]]
+    return TokenLogprob(token=text, logprob=token.logprob, bytes=raw, top_logprobs=top)
+
+
 def choice_logprobs(out: GenerationOutput, tokenizer: Any) -> ChoiceLogprobs | None:
     if out.logprobs is None:
         return None
-    content = []
-    for t, (token_id, logprob) in enumerate(zip(out.token_ids, out.logprobs)):
-        text, raw = _token(tokenizer, token_id)
-        top = [TopLogprob(token=tt, logprob=lp, bytes=tb) for tid, lp in (out.top_logprobs[t] if out.top_logprobs else [])
-               for tt, tb in [_token(tokenizer, tid)]]
-        content.append(TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=top))
-    return ChoiceLogprobs(content=content)
+    tops = out.top_logprobs or [None] * len(out.token_ids)
+    return ChoiceLogprobs(content=[
+        token_logprob(tokenizer, StreamedToken(token_id, logprob, top))
+        for token_id, logprob, top in zip(out.token_ids, out.logprobs, tops)
+    ])
 
 
-async def _merged(streams: list[TokenStream]) -> AsyncIterator[tuple[int, int]]:
+async def _merged(streams: list[TokenStream]) -> AsyncIterator[tuple[int, StreamedToken]]:
     """``(choice, token)`` from several token streams as they come; a failing stream raises here."""
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -230,8 +234,8 @@ class ChatServing:
     async def _events(
         self, body: ChatCompletionRequest, gen: GenerationRequest, streams: list[TokenStream], label: str, started: float
     ) -> AsyncIterator[str]:
-        """SSE chunks: each choice's role, its text deltas, its finish reason (with its log-probs when asked),
-        usage if asked, ``[DONE]``; an error mid-way becomes an error event (the status line is already sent)."""
+        """SSE chunks: each choice's role, its text deltas (each with its tokens' log-probs when asked), its finish
+        reason, usage if asked, ``[DONE]``; an error mid-way becomes an error event (the status line is already sent)."""
         cid, created = completion_id(), now()
 
         def chunk(i: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
@@ -240,12 +244,20 @@ class ChatServing:
 
         for i in range(len(streams)):
             yield chunk(i, Delta(role="assistant", content=""))
-        deltas = [DeltaText(self.client.tokenizer, gen.stop) for _ in streams]
+        tokenizer = self.client.tokenizer
+        deltas = [DeltaText(tokenizer, gen.stop) for _ in streams]
+        pending: list[list[StreamedToken]] = [[] for _ in streams]  # log-probs of tokens whose text is held back
+        sent = [0] * len(streams)
         try:
             async for i, token in _merged(streams):
-                text = deltas[i].push(token)
+                text = deltas[i].push(token.id)
+                if gen.logprobs:
+                    pending[i].append(token)
                 if text:
-                    yield chunk(i, Delta(content=text))
+                    logprobs = ChoiceLogprobs(content=[token_logprob(tokenizer, t) for t in pending[i]]) if gen.logprobs else None
+                    sent[i] += len(pending[i])
+                    pending[i] = []
+                    yield chunk(i, Delta(content=text), logprobs=logprobs)
         except Exception as exc:  # noqa: BLE001 - reported in the stream, the server keeps serving
             yield self._error_event(exc)
             yield "data: [DONE]\n\n"
@@ -254,9 +266,13 @@ class ChatServing:
         self._record(outs, label, started)
         for i, out in enumerate(outs):
             rest = deltas[i].rest(out.text)
+            final = choice_logprobs(out, tokenizer)
+            if final is not None:  # the tokens not yet sent with a delta (a stop string may have cut some)
+                final = ChoiceLogprobs(content=final.content[sent[i]:])
             if rest:
-                yield chunk(i, Delta(content=rest))
-            yield chunk(i, Delta(), out.finish_reason, choice_logprobs(out, self.client.tokenizer))
+                yield chunk(i, Delta(content=rest), logprobs=final)
+                final = ChoiceLogprobs(content=[]) if final is not None else None
+            yield chunk(i, Delta(), out.finish_reason, final)
         if body.stream_options and body.stream_options.include_usage:
             yield ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[], usage=usage(outs)).sse()
         yield "data: [DONE]\n\n"

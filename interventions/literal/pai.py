@@ -1,0 +1,20 @@
+"""Test-only: PAI's boost as the loop of ``interventions.literal.loops``.
+
+Never on a serving path; the tests and ``seeright bench``'s literal timings use it."""
+
+from __future__ import annotations
+
+import torch
+
+from interventions.literal import loops as ref
+from interventions.methods.base import RowState
+from interventions.methods.pai import PAI
+
+
+class LiteralPAI(PAI):
+    def edit_scores(self, layer: int, scores: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
+        out = scores.clone()
+        for row, state in enumerate(states):
+            image = state.layout.image_positions.tolist()
+            out[row] = ref.pai_boost(scores[row], image, state.params.alpha).to(scores.dtype)
+        return out
