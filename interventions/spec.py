@@ -89,11 +89,51 @@ class PAIParams(MethodParams):
     """Paying more attention to image (Liu et al., ECCV 2024, "Paying More Attention to Image")."""
 
     alpha: float = Field(
-        0.2, ge=0, le=10, description="Pre-softmax boost of image columns, z <- z + alpha*|z| (release scripts: 0.2)."
+        0.2, ge=0, le=2,
+        description=(
+            "Pre-softmax boost of image columns, z <- z + alpha*|z| (release scripts: 0.2). At most 2: beyond, the "
+            "image columns take nearly all of the last row's attention and head rankings of other methods tie."
+        ),
     )
     layers: list[int] | None = Field(
         None, description="Layers edited; default 2..L-1 (release: [2, 32) on LLaVA-1.5-7B's 32 layers)."
     )
+    cfg: bool = Field(
+        False,
+        description=(
+            "The release's CFG branch: a text-only prompt with its own KV cache; scores gamma (s - u) + u of the "
+            "two log-softmaxes. Off in the release's argparse, on in every README command: off here by default."
+        ),
+    )
+    gamma: float = Field(1.1, ge=0, le=10, description="CFG strength (README commands: 1.1; argparse default 2).")
+    cfg_cutoff: float = Field(0.1, gt=0, le=1, description="CFG plausibility: drop tokens with p < cfg_cutoff * max p.")
+
+
+class VCDParams(MethodParams):
+    """Visual contrastive decoding (Leng et al., CVPR 2024, "Mitigating Object Hallucinations in LVLMs
+    through Visual Contrastive Decoding")."""
+
+    alpha: float = Field(
+        1.0, ge=0, le=10,
+        description="Contrast: (1 + alpha) l(y|v,x) - alpha l(y|v',x). Eval scripts: 1 (the sampler's default is 0.5).",
+    )
+    beta: float = Field(
+        0.1, gt=0, le=1,
+        description="Adaptive plausibility: drop tokens with p < beta * max p (eval script 0.1; llava1.5_pope.bash 0.2).",
+    )
+    noise_step: int = Field(500, ge=0, le=999, description="Diffusion step t of the image noise (release: 500 of 1000).")
+    seed: int = Field(0, ge=0, description="Seed of the noise, so that a request's answer repeats.")
+
+
+class RITUALParams(MethodParams):
+    """Random image transformations as a complement (Woo et al., arXiv 2405.17821, "RITUAL")."""
+
+    alpha: float = Field(3.0, ge=0, le=10, description="alpha_pos: l(y|v,x) + alpha l(y|T(v),x) (release: 3).")
+    beta: float = Field(0.1, gt=0, le=1, description="Adaptive plausibility cutoff on l(y|v,x) (release: 0.1).")
+    transform: Literal[
+        "random", "horizontal_flip", "vertical_flip", "rotation", "color_jitter", "gaussian_blur", "resized_crop"
+    ] = Field("random", description="T: one of the release's six, drawn uniformly per request (random), or a fixed one.")
+    seed: int = Field(0, ge=0, description="Seed of the draw of T and of its random parameters.")
 
 
 class CARVEParams(MethodParams):

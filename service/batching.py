@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from interventions.adapters import EncodedPrompt
 from interventions.methods.base import RowState
-from interventions.runtime import ForwardContext
+from interventions.runtime import ForwardContext, StopForward
 from service.decoding import RowDecoding, apply_penalties, top_p_filter
 from service.engine import (
     Engine, GenerationOutput, GenerationRequest, StreamedToken, decoding_of, place_rows, streamed_token,
@@ -49,11 +49,24 @@ class Row:
     reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
     prepared: float = 0.0
+    branch: Row | None = None  # the request's contrast branch (HookPoint.LOGITS), a row of its own
+    contrast: RowState | None = None  # the state whose method combines the two rows' logits
+    parent: Row | None = None  # set on a branch row: the request it belongs to
 
     @property
     def slots(self) -> int:
-        """Cache slots this row can grow to: its prompt and its whole token budget."""
-        return len(self.prompt.input_ids) + self.decoding.max_new_tokens
+        """Cache slots this request can grow to: its prompt and its whole token budget (its branch's too)."""
+        own = len(self.prompt.input_ids) + self.decoding.max_new_tokens
+        return own + (self.branch.slots if self.branch is not None else 0)
+
+    @property
+    def width(self) -> int:
+        """Batch rows this request takes (two with a contrast branch)."""
+        return 1 + (self.branch is not None)
+
+    def members(self) -> list[Row]:
+        """The request's rows in the batch: itself and its branch."""
+        return [self] if self.branch is None else [self, self.branch]
 
     @property
     def cached(self) -> int:
@@ -62,16 +75,36 @@ class Row:
         return len(self.prompt.input_ids) + max(len(self.tokens) - 1, 0)
 
 
-class RunningBatch:
-    """The rows of one engine being decoded together; call from one thread (the scheduler's)."""
+@dataclass(eq=False)
+class ChunkedPrefill:
+    """A plain row whose prompt is prefilled a chunk per step before it joins: the merged input embeddings
+    (the model's own text + image merge), its position ids, its own cache and how far it got."""
 
-    def __init__(self, engine: Engine) -> None:
+    row: Row
+    embeds: torch.Tensor  # [1, T, D]
+    position_ids: torch.Tensor  # [..., 1, T]
+    positions: torch.Tensor  # [1] next position after the prompt
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0
+
+
+class RunningBatch:
+    """The rows of one engine being decoded together; call from one thread (the scheduler's).
+
+    With ``prefill_chunk`` set, a plain row (no method, no branch) whose prompt is longer than that joining
+    while others decode is prefilled ``prefill_chunk`` tokens per step (``ChunkedPrefill``), so a long
+    prompt delays each decode step by one chunk's forward at most; rows with methods prefill whole (their
+    hooks read or edit the prompt's attention in one prefill forward)."""
+
+    def __init__(self, engine: Engine, prefill_chunk: int | None = None) -> None:
         self.engine = engine
         self.eos = set(engine.eos_token_ids())
+        self.prefill_chunk = prefill_chunk
         self.clear()
 
     def clear(self) -> None:
         """Forget every row and the cache (after a failed step)."""
+        self.prefilling: list[ChunkedPrefill] = []
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, T] 1 on real tokens
@@ -79,12 +112,13 @@ class RunningBatch:
         self.context: ForwardContext | None = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Rows decoding or being prefilled in chunks."""
+        return len(self.rows) + len(self.prefilling)
 
     @property
     def cached_tokens(self) -> int:
-        """Cache slots held (rows x padded length): what a KV budget counts."""
-        return 0 if self.mask is None else self.mask.numel()
+        """Cache slots held (rows x padded length, and chunks prefilled so far): what a KV budget counts."""
+        return (0 if self.mask is None else self.mask.numel()) + sum(p.done for p in self.prefilling)
 
     # ---- joining -------------------------------------------------------------------------------------
     def admit(
@@ -115,11 +149,22 @@ class RunningBatch:
         ]
         for row in rows:
             row.generator = _generator(row.decoding, self.engine.device)
+            row.contrast = next((s for s in row.states if "contrast_prompt" in s.data), None)
+            if row.contrast is not None:
+                row.branch = Row(row.request, row.contrast.data["contrast_prompt"], [], row.decoding, parent=row)
         return rows
 
     def join(self, rows: list[Row]) -> None:
-        """Prefill prepared rows together (one forward of these rows alone) and add them to the batch."""
+        """Prefill prepared rows (and their contrast branches) together, one forward of these rows alone,
+        and add them to the batch."""
         engine = self.engine
+        if self.rows and self.prefill_chunk is not None:
+            chunked = [row for row in rows if self._chunkable(row)]
+            self.prefilling += [self._chunked(row) for row in chunked]
+            rows = [row for row in rows if row not in chunked]
+            if not rows:
+                return
+        rows = [member for row in rows for member in row.members()]
         prompts, states = [row.prompt for row in rows], [row.states for row in rows]
         with torch.inference_mode():
             batch = engine.collate(prompts)
@@ -132,10 +177,61 @@ class RunningBatch:
         self._merge(rows, cache, batch["attention_mask"], positions)
         self._take(rows, out.logits[:, -1])
 
+    def _chunkable(self, row: Row) -> bool:
+        return not row.states and row.branch is None and len(row.prompt.input_ids) > self.prefill_chunk
+
+    def _chunked(self, row: Row) -> ChunkedPrefill:
+        """The row's merged input embeddings, read where the model hands them to its language model."""
+        engine = self.engine
+        batch = engine.collate([row.prompt])
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured["embeds"] = kwargs["inputs_embeds"]
+            raise StopForward
+
+        handle = engine.adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                engine.model(**batch, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        position_ids, positions = engine.adapter.prefill_positions(batch)
+        return ChunkedPrefill(row, captured["embeds"], position_ids, positions)
+
+    def _prefill_chunk(self) -> list[Row]:
+        """One chunk of the first row being prefilled in chunks; after its last chunk it joins the batch.
+        Returns it if it finished (cancelled, or done with its first token)."""
+        job = self.prefilling[0]
+        if job.row.cancelled():
+            self.prefilling.pop(0)
+            job.row.reason = "cancelled"
+            return [job.row]
+        end = min(job.done + self.prefill_chunk, job.embeds.shape[1])
+        with torch.inference_mode():
+            out = self.engine.model(
+                inputs_embeds=job.embeds[:, job.done : end], attention_mask=torch.ones((1, end), dtype=torch.long,
+                device=job.embeds.device), position_ids=job.position_ids[..., job.done : end], cache=job.cache,
+                use_cache=True, logits_to_keep=1,
+            )
+        job.done = end
+        if end < job.embeds.shape[1]:
+            return []
+        self.prefilling.pop(0)
+        self._merge([job.row], job.cache, torch.ones((1, end), dtype=torch.long, device=job.embeds.device), job.positions)
+        return self._take([job.row], out.logits[:, -1])
+
     @property
     def reserved(self) -> int:
-        """Cache slots the running rows may still grow to (prompt plus their whole token budget)."""
-        return sum(row.slots for row in self.rows)
+        """Cache slots the running requests may still grow to (prompt plus their whole token budget)."""
+        return sum(row.slots for row in self.requests)
+
+    @property
+    def requests(self) -> list[Row]:
+        """The running requests (rows that are not a request's contrast branch), those being prefilled too."""
+        return [row for row in self.rows if row.parent is None] + [p.row for p in self.prefilling]
 
     def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Left-pad the running batch's cache or the newcomers' to one length and stack them."""
@@ -167,7 +263,13 @@ class RunningBatch:
 
     # ---- decoding ------------------------------------------------------------------------------------
     def step(self) -> list[Row]:
-        """One decode forward for every running row; the rows that finished (and left the batch)."""
+        """One chunk of a row being prefilled in chunks (if any), then one decode forward for every running
+        row; the requests that finished (and left the batch)."""
+        finished = self._prefill_chunk() if self.prefilling else []
+        return finished + (self._decode() if self.rows else [])
+
+    def _decode(self) -> list[Row]:
+        """One decode forward for every running row (one that just finished its chunked prefill included)."""
         engine = self.engine
         ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=engine.device)
         self.mask = F.pad(self.mask, (0, 1), value=1)
@@ -181,23 +283,37 @@ class RunningBatch:
         return self._take(self.rows, out.logits[:, -1])
 
     def _take(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
-        """Choose each row's next token, stream it, and drop the rows that are done."""
+        """Choose each request's next token (against its contrast branch's logits, if it has one), stream
+        it, feed it to its branch too, and drop the rows that are done. Returns the finished requests."""
+        at = {id(row): i for i, row in enumerate(rows)}
         for row, scores in zip(rows, logits):
+            if row.parent is not None:
+                continue
             if row.cancelled():
                 row.reason = "cancelled"
-                continue
-            token = self._choose(row, scores)
-            row.tokens.append(token)
-            streamed = streamed_token(token, scores, row.request)
-            if row.request.logprobs:
-                row.streamed.append(streamed)
-            if row.on_token is not None:
-                row.on_token(streamed)
-            row.reason = self._stop_reason(row, token)
+            else:
+                self._advance(row, scores, None if row.branch is None else logits[at[id(row.branch)]])
+            if row.branch is not None:
+                row.branch.reason = row.reason
         finished = [row for row in self.rows if row.reason is not None]
         if finished:
             self._drop(finished)
-        return finished
+        return [row for row in finished if row.parent is None]
+
+    def _advance(self, row: Row, scores: torch.Tensor, branch: torch.Tensor | None) -> None:
+        """One token for ``row`` from its step's logits."""
+        if branch is not None:
+            scores = row.contrast.hooks.contrast(scores.float(), branch.float(), row.contrast)
+        token = self._choose(row, scores)
+        row.tokens.append(token)
+        streamed = streamed_token(token, scores, row.request)
+        if row.request.logprobs:
+            row.streamed.append(streamed)
+        if row.on_token is not None:
+            row.on_token(streamed)
+        if row.branch is not None:
+            row.branch.tokens.append(token)
+        row.reason = self._stop_reason(row, token)
 
     def _choose(self, row: Row, scores: torch.Tensor) -> int:
         decoding = row.decoding

@@ -30,6 +30,7 @@ from service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
 from service.model_configs import ModelConfig, find_model_config
 
 SEERIGHT_FILE = "seeright.json"
+MIN_LOGPROB = -9999.0  # reported for tokens a contrast's plausibility cutoff ruled out (-inf is not JSON)
 
 
 class RequestError(ValueError):
@@ -102,7 +103,7 @@ def streamed_token(token: int, scores: torch.Tensor, request: GenerationRequest)
     """``token`` with its log-probs from the step's raw ``scores`` (before sampling settings) if asked."""
     if not request.logprobs:
         return StreamedToken(token)
-    steps = scores.float().log_softmax(-1)
+    steps = scores.float().log_softmax(-1).clamp_min(MIN_LOGPROB)
     top = None
     if request.top_logprobs:
         values, ids = steps.topk(request.top_logprobs)
@@ -200,14 +201,21 @@ class Engine:
         """Generate for several requests in one batch; each row keeps its own methods and settings.
 
         Rows are run grouped by their methods (requests without interventions first), so that the rows
-        a layer edits form one contiguous block of the batch; outputs and callbacks keep the caller's order.
+        a layer edits form one contiguous block of the batch; requests with a contrast branch run after the
+        others (``_generate_branched``); outputs and callbacks keep the caller's order.
         """
-        order = sorted(range(len(requests)), key=lambda i: (bool(requests[i].interventions), sorted(requests[i].interventions)))
-        outputs = self._generate_rows(
-            [requests[i] for i in order],
-            None if on_token is None else (lambda row, token: on_token(order[row], token)),
-            None if cancelled is None else (lambda row: cancelled(order[row])),
-        )
+        branched = [self.contrasts(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (branched[i], bool(requests[i].interventions),
+                                                              sorted(requests[i].interventions)))
+        split = sum(not b for b in branched)
+        outputs = []
+        for part, run in ((order[:split], self._generate_rows), (order[split:], self._generate_branched)):
+            if part:
+                outputs += run(
+                    [requests[i] for i in part],
+                    None if on_token is None else (lambda row, token, part=part: on_token(part[row], token)),
+                    None if cancelled is None else (lambda row, part=part: cancelled(part[row])),
+                )
         result: list[GenerationOutput | None] = [None] * len(requests)
         for row, i in enumerate(order):
             result[i] = outputs[row]
@@ -239,6 +247,27 @@ class Engine:
             outputs.append(out)
         return outputs
 
+    def _generate_branched(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_token: Callable[[int, int], None] | None,
+        cancelled: Callable[[int], bool] | None,
+    ) -> list[GenerationOutput]:
+        """Requests with a contrast branch: ``model.generate`` has no room for a second row per request, so
+        they run in a :class:`~service.batching.RunningBatch` (all joining at once) until each finishes."""
+        from service.batching import RunningBatch  # it builds on this module
+
+        batch = RunningBatch(self)
+        rows = batch.admit(
+            requests,
+            on_token=None if on_token is None else [lambda t, i=i: on_token(i, t.id) for i in range(len(requests))],
+            cancelled=None if cancelled is None else [lambda i=i: cancelled(i) for i in range(len(requests))],
+        )
+        outputs = {id(row): batch.output(row) for row in rows if row.reason is not None}
+        while len(batch):
+            outputs.update({id(row): batch.output(row) for row in batch.step()})
+        return [outputs[id(row)] for row in rows]
+
     def admit(self, requests: Sequence[GenerationRequest]) -> tuple[list[RequestInputs], list[list[RowState]]]:
         """Everything before decoding: check, bind, fit images, rewrite, encode, analysis passes (batched per
         method). Each request's inputs (with its encoded prompt) and its rows' method states."""
@@ -262,7 +291,15 @@ class Engine:
             users = [s for row in states for s in row if s.hooks is method]
             if users:
                 method.prepare(users, self.passes)
+        for row in states:
+            for state in row:
+                if state.hooks.contrasts(state.params):
+                    state.data["contrast_prompt"] = state.hooks.contrast_prompt(state, self.passes)
         return inputs, states
+
+    def contrasts(self, request: GenerationRequest) -> bool:
+        """Whether ``request`` runs a contrast branch (checked parameters; ``validate`` first)."""
+        return any(self.methods[n].contrasts(p) for n, p in self.resolve_params(request.interventions).items())
 
     def validate(self, request: GenerationRequest) -> None:
         """Check a request's images, interventions and decoding settings without running the model."""
@@ -318,6 +355,10 @@ class Engine:
         """Validate a request's interventions against the model and its inputs; one state per method, in
         method order."""
         resolved = self.resolve_params(interventions)
+        contrasting = [n for n, params in resolved.items() if self.methods[n].contrasts(params)]
+        if len(contrasting) > 1:
+            raise RequestError("interventions", f"{' and '.join(contrasting)} each contrast the output logits with a "
+                               "branch of their own and do not compose; choose one")
         editing = frozenset(n for n in resolved if self.methods[n].edits_generation)
         states = []
         for name, params in resolved.items():

@@ -9,9 +9,10 @@ request never waits for a long one to finish. When nothing runs, the worker wait
 gathers more for up to ``batch_wait_s`` so that a burst is prefilled together. A full queue refuses new
 work at once (``QueueFull``). With ``max_kv_tokens``, a prepared request joins only when the cache slots
 the running rows may still grow to (prompt plus whole token budget each) leave room for its own; it waits
-until then, and one that could never fit gets a ``RequestError`` naming ``max_tokens`` (a 400). A request
-that fails at admission fails alone (the others of its admission batch are admitted one by one); a decode
-step that fails fails the rows running in it.
+until then, and one that could never fit gets a ``RequestError`` naming ``max_tokens`` (a 400). With
+``prefill_chunk``, a plain request with a long prompt arriving while others decode is prefilled a chunk per
+decode step (``RunningBatch``). A request that fails at admission fails alone (the others of its admission
+batch are admitted one by one); a decode step that fails fails the rows running in it.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ class Scheduler:
 
     def __init__(
         self, engine: Engine, max_batch_size: int = 8, batch_wait_s: float = 0.005, queue_size: int = 64,
-        max_kv_tokens: int | None = None,
+        max_kv_tokens: int | None = None, prefill_chunk: int | None = None,
     ) -> None:
         self.engine = engine
+        self.prefill_chunk = prefill_chunk
         self.max_batch_size = max_batch_size
         self.max_kv_tokens = max_kv_tokens
         self.batch_wait_s = batch_wait_s
@@ -114,7 +116,7 @@ class Scheduler:
 
     # ---- worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        batch, jobs, prepared, held, stopping = RunningBatch(self.engine), {}, [], [], False
+        batch, jobs, prepared, held, stopping = RunningBatch(self.engine, self.prefill_chunk), {}, [], [], False
         while True:
             try:
                 busy = len(batch) + len(prepared) + len(held)
@@ -132,7 +134,7 @@ class Scheduler:
             if not len(batch) and stopping and not prepared and not held and self.queue.empty():
                 self.running = 0
                 return
-            self.running = len(batch) + len(prepared) + len(held)
+            self.running = len(batch.requests) + len(prepared) + len(held)
 
     def _to_prepare(self, jobs: list[Job], decoding: bool) -> tuple[list[Job], list[Job]]:
         """``(now, later)``: while rows are decoding, at most one request whose methods run passes of their own
@@ -217,14 +219,16 @@ class Scheduler:
         return fits
 
     def _fitting(self, batch: RunningBatch, prepared: list[Row]) -> list[Row]:
-        """Prepared rows that join now, first come first served: the batch's rows and the KV budget allow them."""
-        fitting, reserved = [], batch.reserved
+        """Prepared rows that join now, first come first served: the batch's rows (a request with a contrast
+        branch takes two) and the KV budget allow them."""
+        fitting, reserved, taken = [], batch.reserved, len(batch)
         for row in prepared:
-            full = len(batch) + len(fitting) >= self.max_batch_size
+            full = taken + row.width > self.max_batch_size and taken > 0  # a request alone always fits
             if full or (self.max_kv_tokens is not None and reserved + row.slots > self.max_kv_tokens):
                 break
             fitting.append(row)
             reserved += row.slots
+            taken += row.width
         return fitting
 
     def _join(self, batch: RunningBatch, rows: list[Row], jobs: dict[int, Job]) -> None:
@@ -253,7 +257,7 @@ class Scheduler:
             finished = batch.step()
         except Exception as exc:  # the rows of a failed step cannot be replayed: they fail together
             log.warning("decode step of %d rows failed: %r", len(batch), exc)
-            for row in batch.rows:
+            for row in batch.requests:
                 jobs.pop(id(row)).resolve(exc)
             batch.clear()
             return

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     max_kv_tokens: int | None = Field(
         None, ge=1, description="KV-cache budget in token slots (prompt + max_tokens of each running row); none: rows only."
     )
+    prefill_chunk_tokens: int | None = Field(
+        256, ge=16,
+        description="Prompt tokens a plain request prefills per decode step while others decode; none: whole prompts.",
+    )
     retry_after_s: int = Field(1, ge=1)
 
     @classmethod

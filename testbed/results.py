@@ -4,7 +4,9 @@
 ``DIR/benchmark``, runs each row of :func:`configs` through the evaluation runner (resumable
 JSONL per configuration, kept per seed and size), and writes ``DIR/results.json`` and ``DIR/results.md``.
 The baseline's POPE accuracy comes with a 95% interval from a bootstrap over images (a scene's six
-questions are not independent), so runs on different seeds can be compared against sampling noise.
+questions are not independent), so runs on different seeds can be compared against sampling noise; each
+method's accuracy over the three splits comes as a gain over the baseline's with a paired interval (both
+runs resampled by the same images).
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def noise(records: list[dict[str, Any]], rounds: int = 1000) -> dict[str, Any]:
     }
 
 
+def paired_gain(records: list[dict[str, Any]], base: list[dict[str, Any]], rounds: int = 1000) -> dict[str, float]:
+    """POPE accuracy over all three splits minus the baseline's on the same questions, in points, with a 95%
+    half-width from a bootstrap over images that resamples both runs together (paired)."""
+    key = lambda r: (r["split"], r["question_id"])  # noqa: E731
+    theirs = {key(r): pope.parse_official(r["text"]) == r["label"] for r in base}
+    images = sorted({r["image"] for r in records})
+    row = {image: i for i, image in enumerate(images)}
+    delta, counts = np.zeros(len(images)), np.zeros(len(images))
+    for r in records:
+        delta[row[r["image"]]] += (pope.parse_official(r["text"]) == r["label"]) - theirs[key(r)]
+        counts[row[r["image"]]] += 1
+    draws = np.random.default_rng(0).integers(0, len(images), size=(rounds, len(images)))
+    gains = 100 * delta[draws].sum(1) / np.maximum(counts[draws].sum(1), 1)
+    low, high = np.percentile(gains, [2.5, 97.5])
+    return {"points": round(float(100 * delta.sum() / counts.sum()), 2), "interval95": round(float(high - low) / 2, 2)}
+
+
 def run(
     generator: runner.Generator,
     out: Path,
@@ -85,6 +104,7 @@ def run(
     counts = shapes.write_benchmark(bench, n_images, seed)
     results: dict[str, Any] = {"seed": seed, "images": n_images, "questions": counts, "methods": {}}
     runs = out / "runs" / f"seed{seed}-images{n_images}"  # resumed only by the same benchmark
+    pope_records: dict[str, list[dict[str, Any]]] = {}
     for label, interventions in rows:
         start = time.perf_counter()
         row: dict[str, Any] = {}
@@ -96,6 +116,9 @@ def run(
             row[name] = runner.score_records(spec, records)
             if name == "pope":
                 row["pope"].update(noise(records))
+                pope_records[label] = records
+                if "baseline" in pope_records:
+                    row["pope"]["gain_vs_baseline"] = paired_gain(records, pope_records["baseline"])
         row["seconds"] = round(time.perf_counter() - start, 1)
         results["methods"][label] = row
         log(f"{label}: {row['seconds']} s")
@@ -110,7 +133,7 @@ def markdown(results: dict[str, Any]) -> str:
     header = ["method"]
     for split in splits:
         header += [f"{split} acc", f"{split} F1", f"{split} yes%"]
-    header += list(report.CHAIR_COLUMNS)
+    header += list(report.CHAIR_COLUMNS) + ["POPE acc vs baseline (paired 95%)"]
     rows = []
     for label, row in results["methods"].items():
         cells = [label]
@@ -118,6 +141,8 @@ def markdown(results: dict[str, Any]) -> str:
             m = row["pope"]["splits"][split]
             cells += [f"{m['accuracy']:.1f}", f"{m['f1']:.1f}", f"{m['yes_ratio']:.1f}"]
         cells += [f"{row['chair'][c]:.1f}" for c in report.CHAIR_COLUMNS]
+        gain = row["pope"].get("gain_vs_baseline")
+        cells.append("-" if gain is None or label == "baseline" else f"{gain['points']:+.1f} ±{gain['interval95']:.1f}")
         rows.append(cells)
     n = results["questions"]
     base = results["methods"].get("baseline")

@@ -133,6 +133,67 @@ class ReferenceModel:
         return run
 
 
+    def contrast_greedy(
+        self, prompt: Prompt, branch: Prompt, combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        max_new_tokens: int, edit: Callable[[], Any] | None = None,
+    ) -> Run:
+        """Greedy decoding on ``combine(logits, branch_logits)``: the branch is fed the same tokens, with no
+        edit (``edit()`` is a context manager active for the request's own forward only)."""
+        run = Run()
+        for _ in range(max_new_tokens):
+            if edit is None:
+                own = self.forward(prompt, run.tokens)
+            else:
+                with edit():
+                    own = self.forward(prompt, run.tokens)
+            logprobs = combine(own, self.forward(branch, run.tokens)).log_softmax(-1)
+            token = int(logprobs.argmax())
+            run.tokens.append(token)
+            run.logprobs.append(float(logprobs[token]))
+            if token in self.eos:
+                break
+        return run
+
+
+def cutoff(scores: torch.Tensor, own: torch.Tensor, beta: float) -> torch.Tensor:
+    """Adaptive plausibility: keep tokens whose probability under ``own`` is at least beta times the top one."""
+    probs = own.softmax(-1)
+    return torch.where(probs >= beta * probs.max(), scores, torch.full_like(scores, float("-inf")))
+
+
+# ---- VCD (Leng et al., CVPR 2024, Eqs. 3-4; release vcd_utils) ----------------------------------------
+def vcd_noised(prompt: Prompt, p: Any) -> Prompt:
+    """The release's forward diffusion at step ``noise_step`` on the normalised pixels; eps from a
+    ``torch.Generator`` seeded with ``seed`` (float32 ``randn`` of the pixel tensor's shape)."""
+    t = np.arange(1000)
+    betas = 1 / (1 + np.exp(-(-6 + 12 * t / 999))) * (5e-3 - 1e-5) + 1e-5
+    abar = float(np.prod(1 - betas[: p.noise_step + 1]))
+    pixels = prompt.inputs["pixel_values"]
+    eps = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
+    noised = (math.sqrt(abar) * pixels.double() + math.sqrt(1 - abar) * eps.double()).to(pixels.dtype)
+    return Prompt({**prompt.inputs, "pixel_values": noised}, prompt.image_token_id)
+
+
+def vcd_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> Run:
+    def combine(own: torch.Tensor, noised: torch.Tensor) -> torch.Tensor:
+        return cutoff((1 + p.alpha) * own - p.alpha * noised, own, p.beta)
+
+    return ref.contrast_greedy(prompt, vcd_noised(prompt, p), combine, max_new_tokens)
+
+
+# ---- RITUAL (Woo et al., arXiv 2405.17821, Eq. 3; release ritual_utils) --------------------------------
+def ritual_generate(ref: ReferenceModel, prompt: Prompt, transformed: Prompt, p: Any, max_new_tokens: int) -> Run:
+    def combine(own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return cutoff(own + p.alpha * other, own, p.beta)
+
+    return ref.contrast_greedy(prompt, transformed, combine, max_new_tokens)
+
+
+def flipped(image: Image.Image, how: str) -> Image.Image:
+    pixels = np.asarray(image.convert("RGB"))
+    return Image.fromarray(np.ascontiguousarray(pixels[:, ::-1] if how == "horizontal_flip" else pixels[::-1]))
+
+
 # ---- PAI (Liu et al., ECCV 2024, Eq. 5; release attention.py::llama_new_forward) ---------------------
 def pai_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> Run:
     """The last prompt row (prefill) and every generated row (decode steps) boost their image columns'
@@ -149,6 +210,25 @@ def pai_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: in
 
     with ref.hooks(score_edit=boost):
         return ref.greedy(prompt, max_new_tokens)
+
+
+def pai_cfg_generate(ref: ReferenceModel, prompt: Prompt, text_only: Prompt, p: Any, max_new_tokens: int) -> Run:
+    """PAI with its CFG branch (release CFG.py): the text-only prompt runs without the boost."""
+    vis, first = prompt.image_positions, len(prompt.ids) - 1
+
+    def boost(layer: int, scores: torch.Tensor) -> torch.Tensor:
+        if layer not in p.layers:
+            return scores
+        out = scores.clone()
+        z = scores[:, first:, vis]
+        out[:, first:, vis] = z + p.alpha * z.abs()
+        return out
+
+    def combine(own: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        s, u = own.log_softmax(-1), text.log_softmax(-1)
+        return cutoff(p.gamma * (s - u) + u, own, p.cfg_cutoff)
+
+    return ref.contrast_greedy(prompt, text_only, combine, max_new_tokens, edit=lambda: ref.hooks(score_edit=boost))
 
 
 # ---- VAR (Kang et al., ICLR 2025, §3; release HeadFork / VARProcessor) ----------------------------------

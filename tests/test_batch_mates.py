@@ -64,6 +64,9 @@ def rows(draw: st.DrawFn, engine: Engine, pool: list[str]) -> dict:
         name: draw(method_params(engine.methods[name], engine.method_defaults(name), engine.info.num_layers))
         for name in names
     }
+    contrasting = [n for n, p in interventions.items() if engine.methods[n].contrasts(engine.resolve_params({n: p})[n])]
+    for name in contrasting[1:]:  # two contrast branches in one request are refused (tested elsewhere)
+        del interventions[name]
     return {
         "prompt": draw(st.sampled_from(QUESTIONS)),
         "image": draw(st.integers(0, 5)),

@@ -18,12 +18,15 @@ from service.client import EngineClient
 from service.engine import Engine, GenerationOutput, GenerationRequest, RequestError
 from service.scheduler import Scheduler
 
-PLANS = [{}, {"var": {}}, {"gift": {}}, {"vhr": {}}, {"carve": {}}, {"gift": {}, "vhr": {}}, {"var": {"rho": 0.8}, "gift": {}}]
+PLANS = [{}, {"var": {}}, {"gift": {}}, {"vhr": {}}, {"carve": {}}, {"gift": {}, "vhr": {}}, {"var": {"rho": 0.8}, "gift": {}},
+         {"vcd": {}}, {"pai": {"cfg": True}}, {"ritual": {"seed": 4}}, {"vcd": {"seed": 1}, "pai": {}}]
 
 
-def staggered(engine: Engine, requests: list[GenerationRequest], joins: list[int]) -> list[GenerationOutput]:
+def staggered(
+    engine: Engine, requests: list[GenerationRequest], joins: list[int], prefill_chunk: int | None = None
+) -> list[GenerationOutput]:
     """Row i joins before decode step ``joins[i]`` of the running batch (0: with the first admission)."""
-    batch, outputs, index = RunningBatch(engine), {}, {}
+    batch, outputs, index = RunningBatch(engine, prefill_chunk), {}, {}
     waiting = sorted(range(len(requests)), key=lambda i: joins[i])
     step = 0
     while waiting or len(batch):
@@ -43,11 +46,13 @@ def staggered(engine: Engine, requests: list[GenerationRequest], joins: list[int
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_rows_joining_and_leaving_equal_each_alone(family):
+@pytest.mark.parametrize("prefill_chunk", [None, 16])
+def test_rows_joining_and_leaving_equal_each_alone(family, prefill_chunk):
+    """With ``prefill_chunk`` 16, the plain rows that join while others decode are prefilled 16 tokens a step."""
     engine = engine_for(family)
     reqs = [GenerationRequest(prompt=QUESTIONS[i % 4], images=[make_image(i, (40 + 8 * i, 40))], interventions=plan,
                               max_new_tokens=3 + (5 * i) % 7, logprobs=True) for i, plan in enumerate(PLANS)]
-    outs = staggered(engine, reqs, joins=[0, 1, 1, 3, 4, 6, 7])
+    outs = staggered(engine, reqs, joins=[1, 0, 1, 3, 4, 6, 7, 0, 2, 5, 8], prefill_chunk=prefill_chunk)
     for req, out in zip(reqs, outs):
         ref = engine.generate_batch([req])[0]
         assert out.token_ids == ref.token_ids, req.interventions
@@ -85,6 +90,46 @@ def test_leaving_rows_free_their_cache():
     while len(batch):
         batch.step()
     assert batch.cache is None and batch.cached_tokens == 0
+
+
+def test_chunked_prefill_runs_a_chunk_per_decode_step_and_only_for_plain_rows():
+    engine = engine_for(FAMILIES[1])
+    batch = RunningBatch(engine, prefill_chunk=16)
+    stop = {"now": False}
+    [running] = batch.admit([GenerationRequest(prompt=QUESTIONS[0], images=[make_image(0)], max_new_tokens=40)])
+    plain = GenerationRequest(prompt=QUESTIONS[1], images=[make_image(1)], max_new_tokens=3, logprobs=True)
+    [row] = batch.admit([plain])
+    [edited] = batch.admit([GenerationRequest(prompt=QUESTIONS[2], images=[make_image(2)], max_new_tokens=30,
+                                              interventions={"pai": {}})])
+    [gone] = batch.admit([GenerationRequest(prompt=QUESTIONS[3], images=[make_image(3)], max_new_tokens=30)],
+                         cancelled=[lambda: stop["now"]])
+    assert [p.row for p in batch.prefilling] == [row, gone] and edited in batch.rows  # methods prefill whole
+    chunks = -(-len(row.prompt.input_ids) // 16)
+    for step in range(chunks - 1):  # one chunk per step, and the running rows decode in each
+        before = len(running.tokens)
+        assert batch.step() == [] and len(running.tokens) == before + 1 and batch.prefilling[0].done == 16 * (step + 1)
+    assert row.tokens == [] and row not in batch.rows
+    batch.step()  # the last chunk: the row joins with its first token and decodes with the others
+    assert row in batch.rows and len(row.tokens) == 2
+    while row.reason is None:
+        batch.step()
+    assert row.tokens == engine.generate_batch([plain])[0].token_ids
+    stop["now"] = True
+    assert [r.reason for r in batch.step() if r is gone] == ["cancelled"] and not batch.prefilling
+
+
+def test_a_leaving_request_takes_its_contrast_branch_along():
+    engine = engine_for(FAMILIES[1])
+    batch = RunningBatch(engine)
+    stop = {"now": False}
+    batch.admit([GenerationRequest(prompt=QUESTIONS[0], images=[make_image(0)], max_new_tokens=30)])
+    alone_slots = batch.cached_tokens
+    [row] = batch.admit([GenerationRequest(prompt=QUESTIONS[1], images=[make_image(1)], max_new_tokens=30,
+                                           interventions={"vcd": {}})], cancelled=[lambda: stop["now"]])
+    assert len(batch) == 3 and len(batch.requests) == 2 and row.branch in batch.rows and row.width == 2
+    assert row.slots == 2 * (len(row.prompt.input_ids) + 30)  # the KV budget counts the branch
+    stop["now"] = True
+    assert batch.step() == [row] and len(batch) == 1 and batch.cached_tokens == alone_slots + 1
 
 
 def test_a_short_request_does_not_wait_for_a_long_one():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import QUESTIONS, make_image
 from independent_reference import (
-    Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, gift_generate, pai_generate, var_generate,
-    vhr_generate,
+    Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_cfg_generate,
+    pai_generate, ritual_generate, var_generate, vcd_generate, vcd_noised, vhr_generate,
 )
 
 from interventions.adapters import ChatTurn
@@ -21,7 +21,10 @@ TOLERANCE = 1e-4
 QUESTION = QUESTIONS[1]
 
 CASES = [
-    ("pai", {}), ("pai", {"alpha": 0.8, "layers": [1, 4]}),
+    ("pai", {}), ("pai", {"alpha": 0.8, "layers": [1, 4]}), ("pai", {"cfg": True}),
+    ("pai", {"cfg": True, "gamma": 2.0, "cfg_cutoff": 0.3, "alpha": 0.5}),
+    ("vcd", {}), ("vcd", {"alpha": 0.5, "beta": 0.2, "noise_step": 999, "seed": 3}),
+    ("ritual", {"transform": "horizontal_flip"}), ("ritual", {"transform": "vertical_flip", "alpha": 1.0, "beta": 0.3}),
     ("var", {"rho": 0.2}), ("var", {"rho": 0.8}), ("var", {"rho": 0.8, "p": 0.9}),
     ("vhr", {}), ("vhr", {"outlier_filter": False}), ("vhr", {"prefill_positions": "last"}),
     ("vhr", {"prefill_positions": "last", "outlier_filter": False, "alpha": 3.0}),
@@ -54,8 +57,16 @@ def grid_of(engine: Engine, prompt: Prompt) -> tuple[int, int]:
 
 def reference_run(engine: Engine, ref: ReferenceModel, name: str, params, image):
     turns = [ChatTurn("user", QUESTION, 1)]
+    if name == "pai" and params.cfg:
+        text_only = tokenised(engine, [ChatTurn("user", QUESTION, 0)], [])
+        return pai_cfg_generate(ref, tokenised(engine, turns, [image]), text_only, params, NEW_TOKENS)
     if name == "pai":
         return pai_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
+    if name == "vcd":
+        return vcd_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
+    if name == "ritual":
+        transformed = tokenised(engine, turns, [flipped(image, params.transform)])
+        return ritual_generate(ref, tokenised(engine, turns, [image]), transformed, params, NEW_TOKENS)
     if name == "var":
         return var_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "vhr":
@@ -87,3 +98,31 @@ def test_generation_matches_independent_reference(pair, name, given):
     steps = min(len(plain.logprobs), len(expected.logprobs))
     moved = np.abs(np.array(expected.logprobs[:steps]) - np.array(plain.logprobs[:steps])).max()
     assert moved > 1e-3 or expected.tokens != plain.tokens  # the method acts on this input: a no-op cannot pass
+
+
+def test_attention_edit_composes_with_logit_contrast(pair):
+    """PAI (attention edit) + VCD (logit contrast): the request's own row is edited, its noised branch is not."""
+    engine, ref = pair
+    image, given = make_image(3), {"pai": {"alpha": 0.6}, "vcd": {"seed": 2}}
+    params = engine.resolve_params(given)
+    fast = engine.generate_batch([GenerationRequest(prompt=QUESTION, images=[image], interventions=given,
+                                                    max_new_tokens=NEW_TOKENS, logprobs=True)])[0]
+    prompt = tokenised(engine, [ChatTurn("user", QUESTION, 1)], [image])
+    pai, vcd = params["pai"], params["vcd"]
+    vis, first = prompt.image_positions, len(prompt.ids) - 1
+
+    def boost(layer, scores):
+        if layer not in pai.layers:
+            return scores
+        out = scores.clone()
+        out[:, first:, vis] = scores[:, first:, vis] + pai.alpha * scores[:, first:, vis].abs()
+        return out
+
+    expected = ref.contrast_greedy(
+        prompt, vcd_noised(prompt, vcd), lambda own, noised: cutoff((1 + vcd.alpha) * own - vcd.alpha * noised, own, vcd.beta),
+        NEW_TOKENS, edit=lambda: ref.hooks(score_edit=boost),
+    )
+    vcd_only = vcd_generate(ref, prompt, vcd, NEW_TOKENS)
+    assert fast.token_ids == expected.tokens
+    np.testing.assert_allclose(fast.logprobs, expected.logprobs, atol=TOLERANCE, rtol=0)
+    assert expected.tokens != vcd_only.tokens or np.abs(np.array(expected.logprobs) - vcd_only.logprobs).max() > 1e-3

@@ -55,6 +55,26 @@ def test_pai_matches_literal(engine, images, monkeypatch):
     assert layers == set(range(2, engine.info.num_layers))  # release: [2, L)
 
 
+@pytest.mark.parametrize("name,given,formula", [
+    ("vcd", {"alpha": 0.7, "beta": 0.2}, lambda sc, br, p: ref.vcd_contrast(sc, br, p.alpha, p.beta)),
+    ("ritual", {"alpha": 2.0}, lambda sc, br, p: ref.ritual_contrast(sc, br, p.alpha, p.beta)),
+    ("pai", {"cfg": True, "gamma": 1.5}, lambda sc, br, p: ref.cfg_contrast(sc, br, p.gamma, p.cfg_cutoff)),
+])
+def test_contrast_matches_literal(engine, images, monkeypatch, name, given, formula):
+    calls = spy(monkeypatch, engine.methods[name], "contrast")
+    run(engine, images, {name: given}, n=2, max_new_tokens=4)
+    assert len(calls) >= 4  # every step of every request
+    cut = 0
+    for (scores, branch, state), result in calls:
+        expected = formula(scores, branch, state.params)
+        assert torch.equal(torch.isinf(result), torch.isinf(expected))
+        finite = ~torch.isinf(expected)
+        torch.testing.assert_close(result[finite].double(), expected[finite], atol=1e-5, rtol=1e-5)
+        cut += int(torch.isinf(expected).sum())
+        assert not torch.equal(branch, scores)  # the branch saw another input
+    assert cut > 0  # the plausibility cutoff fired
+
+
 # ---- VAR ---------------------------------------------------------------------------------------------
 def test_var_matches_literal(engine, images, monkeypatch):
     var = engine.methods["var"]

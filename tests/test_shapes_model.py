@@ -87,6 +87,10 @@ def test_results_command_writes_the_table(tmp_path, capsys):
     intervals = results["methods"]["baseline"]["pope"]["interval95"]
     assert set(intervals) == {"random", "popular", "adversarial"}
     assert min(intervals.values()) >= 0 and gap["interval95"] >= 0
+    gain = results["methods"]["vhr"]["pope"]["gain_vs_baseline"]
+    vhr_acc = sum(results["methods"]["vhr"]["pope"]["splits"][s]["accuracy"] for s in intervals) / 3
+    base_acc = sum(splits[s]["accuracy"] for s in intervals) / 3
+    assert gain["points"] == pytest.approx(vhr_acc - base_acc, abs=0.05) and gain["interval95"] >= 0
     assert (out / "results.md").read_text() + "\n" == table
     assert main([*argv[:-2], "no-such-row"]) == 2  # an unknown --only label is an error, not an empty table
     assert "only: unknown rows ['no-such-row']" in capsys.readouterr().err

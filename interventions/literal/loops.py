@@ -25,6 +25,40 @@ def pai_boost(scores: torch.Tensor, image: list[int], alpha: float) -> torch.Ten
     return out
 
 
+# ---- contrast branches (VCD, RITUAL, PAI's CFG) --------------------------------------------------------
+def _plausible(values: list[float], own: list[float], beta: float) -> torch.Tensor:
+    """-inf where p_own(y) < beta * max p_own, computed from probabilities (softmax written out)."""
+    top = max(own)
+    total = sum(math.exp(v - top) for v in own)
+    probs = [math.exp(v - top) / total for v in own]
+    best = max(probs)
+    return torch.tensor([v if p >= beta * best else float("-inf") for v, p in zip(values, probs)], dtype=torch.float64)
+
+
+def vcd_contrast(scores: torch.Tensor, branch: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """VCD Eqs. 3-4 per vocabulary entry: (1 + alpha) l - alpha l', cut where p < beta * max p."""
+    own, other = scores.double().tolist(), branch.double().tolist()
+    return _plausible([(1 + alpha) * a - alpha * b for a, b in zip(own, other)], own, beta)
+
+
+def ritual_contrast(scores: torch.Tensor, branch: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """RITUAL Eq. 3 per vocabulary entry: l + alpha l_T, cut where p < beta * max p."""
+    own, other = scores.double().tolist(), branch.double().tolist()
+    return _plausible([a + alpha * b for a, b in zip(own, other)], own, beta)
+
+
+def cfg_contrast(scores: torch.Tensor, branch: torch.Tensor, gamma: float, cutoff: float) -> torch.Tensor:
+    """PAI's CFG per vocabulary entry: gamma (s - u) + u of the log-softmaxes, cut where p < cutoff * max p."""
+    def log_softmax(values: list[float]) -> list[float]:
+        top = max(values)
+        norm = top + math.log(sum(math.exp(v - top) for v in values))
+        return [v - norm for v in values]
+
+    own = scores.double().tolist()
+    s, u = log_softmax(own), log_softmax(branch.double().tolist())
+    return _plausible([gamma * (a - b) + b for a, b in zip(s, u)], own, cutoff)
+
+
 # ---- VAR ---------------------------------------------------------------------------------------------
 def var_sinks(hidden: torch.Tensor, dims: list[int], tau: float, pad: int) -> list[int]:
     """Step A: positions j with max_d |x_j[d]| / sqrt(mean(x_j^2) + 1e-6) > tau."""

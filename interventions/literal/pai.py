@@ -1,4 +1,4 @@
-"""Test-only: PAI's boost as the loop of ``interventions.literal.loops``.
+"""Test-only: PAI's boost and CFG contrast as the loops of ``interventions.literal.loops``.
 
 Never on a serving path; the tests and ``seeright bench``'s literal timings use it."""
 
@@ -18,3 +18,7 @@ class LiteralPAI(PAI):
             image = state.layout.image_positions.tolist()
             out[row] = ref.pai_boost(scores[row], image, state.params.alpha).to(scores.dtype)
         return out
+
+    def contrast(self, scores: torch.Tensor, branch: torch.Tensor, state: RowState) -> torch.Tensor:
+        p = state.params
+        return ref.cfg_contrast(scores, branch, p.gamma, p.cfg_cutoff).to(scores.dtype)

@@ -12,6 +12,10 @@ the hooks it declared, nothing else:
 * ``edit_scores(layer, scores, states, step, q0)`` (:attr:`HookPoint.SCORES`): pre-softmax attention logits.
 * ``edit_probs(layer, probs, states, step, q0)`` (:attr:`HookPoint.PROBS`): post-softmax attention rows.
 * ``edit_heads(layer, heads, states, step)``   (:attr:`HookPoint.HEADS`): per-head outputs before ``o_proj``.
+* ``contrast_prompt(state, passes)`` and ``contrast(scores, branch, state)`` (:attr:`HookPoint.LOGITS`): the
+  request gets a contrast branch, a second row with its own prompt (a noised or transformed image, or none)
+  and its own KV cache, fed the request's tokens without interventions; each step the request's next-token
+  scores are ``contrast`` of its raw logits and the branch's, before penalties and sampling.
 
 A method's module is all there is to it: the registry (``interventions.registry``) finds it, and the
 engine, the HTTP API, presets, ``seeright bench``, the load test and the testbed sweeps take its name,
@@ -26,6 +30,7 @@ depend on the layer and on ``step == 0`` (prefill) only.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -72,6 +77,7 @@ class HookPoint(enum.Enum):
     SCORES = "scores"  # edit_scores(): pre-softmax attention logits
     PROBS = "probs"  # edit_probs(): post-softmax attention rows
     HEADS = "heads"  # edit_heads(): per-head outputs before o_proj
+    LOGITS = "logits"  # contrast(): next-token scores against a contrast branch of the request's own
 
 
 EDITING_POINTS = frozenset({HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
@@ -167,6 +173,18 @@ class Method(Hooks):
         """Whether the method changes the forward passes of the request's generation."""
         return bool(self.hook_points & EDITING_POINTS)
 
+    def contrasts(self, params: BaseModel) -> bool:
+        """Whether a request with these parameters runs a contrast branch (:attr:`HookPoint.LOGITS`)."""
+        return HookPoint.LOGITS in self.hook_points
+
+    def contrast_prompt(self, state: RowState, passes: Passes) -> EncodedPrompt:
+        """The contrast branch's prompt, once the request is encoded (``state.request.prompt``)."""
+        raise NotImplementedError(f"{self.name} declares no contrast branch")
+
+    def contrast(self, scores: torch.Tensor, branch: torch.Tensor, state: RowState) -> torch.Tensor:
+        """The request's next-token scores ``[V]`` from its raw logits and its branch's (float32)."""
+        raise NotImplementedError(f"{self.name} declares no contrast branch")
+
     @property
     def runs_passes(self) -> bool:
         """Whether the method runs forward passes of its own before the request's generation."""
@@ -194,6 +212,13 @@ class Method(Hooks):
 
     def prepare(self, states: list[RowState], passes: Passes) -> None:
         """Per-request analysis passes before decoding. Default: nothing."""
+
+
+def plausible(scores: torch.Tensor, original: torch.Tensor, beta: float) -> torch.Tensor:
+    """Adaptive plausibility (VCD Eq. 4): ``scores`` at -inf where ``p(y) < beta * max_y p(y)`` under the
+    request's own logits ``original``, i.e. ``original < log(beta) + max(original)``."""
+    cutoff = math.log(beta) + original.max()
+    return scores.masked_fill(original < cutoff, float("-inf"))
 
 
 def last_query_row(state: RowState, step: int) -> int:

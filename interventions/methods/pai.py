@@ -7,17 +7,23 @@ alpha 0.2); the softmax follows. Other query rows and every other column are unt
 the row's image tokens, however many images it has (the release assumes one 576-token image at BOS + the
 system text). The release edits a float16 ``z`` after the clamp to ``finfo.min``; here ``z`` is float32.
 
+CFG branch (``cfg``, the release's ``CFG.py::CFGLogits``, off by default as in its argparse, on with
+gamma 1.1 in every README command): a text-only prompt (the chat template without the image) runs as a
+contrast branch with its own row and KV cache and without the attention edit; with ``s = log_softmax(l)``
+and ``u = log_softmax(l_text)`` the scores are ``gamma * (s - u) + u``, at -inf where
+``s < log(cfg_cutoff) + max s``.
+
 Cost: attention scores only for the last query row of each sequence in the edited layers (one row per
-sequence at decode) and one masked add.
+sequence at decode) and one masked add; with ``cfg``, a second (text-only, shorter) row per request.
 """
 
 from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import ModelInfo
+from interventions.adapters.base import EncodedPrompt, ModelInfo
 from interventions.methods.base import (
-    HookPoint, Method, RowState, check_layers, last_query_row, per_row, row_masks,
+    HookPoint, Method, Passes, RowState, check_layers, last_query_row, per_row, plausible, row_masks,
 )
 from interventions.spec import PAIParams
 
@@ -25,7 +31,7 @@ from interventions.spec import PAIParams
 class PAI(Method):
     name = "pai"
     params_model = PAIParams
-    hook_points = frozenset({HookPoint.SCORES})
+    hook_points = frozenset({HookPoint.SCORES, HookPoint.LOGITS})
     order = 5  # acts on scores, before any method that reads or edits the probabilities of the layer
     literal = "interventions.literal.pai:LiteralPAI"
     sweep = ({"alpha": 0.5},)
@@ -35,6 +41,16 @@ class PAI(Method):
 
     def check(self, params: PAIParams, info: ModelInfo) -> PAIParams:
         return params.model_copy(update={"layers": check_layers("pai.layers", params.layers, info.num_layers)})
+
+    def contrasts(self, params: PAIParams) -> bool:
+        return params.cfg
+
+    def contrast_prompt(self, state: RowState, passes: Passes) -> EncodedPrompt:
+        return passes.encode([turn.without_images() for turn in state.request.turns], [])
+
+    def contrast(self, scores: torch.Tensor, branch: torch.Tensor, state: RowState) -> torch.Tensor:
+        s, u = scores.log_softmax(-1), branch.log_softmax(-1)
+        return plausible(state.params.gamma * (s - u) + u, s, state.params.cfg_cutoff)
 
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
         return last_query_row(state, step) if layer in state.params.layers else None

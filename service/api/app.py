@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         settings.model, device=settings.device, dtype=settings.dtype, model_config=settings.model_config_name
     )
     scheduler = Scheduler(
-        engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size, settings.max_kv_tokens
+        engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size, settings.max_kv_tokens,
+        settings.prefill_chunk_tokens,
     )
 
     @asynccontextmanager

@@ -1,0 +1,16 @@
+"""Test-only: VCD's contrast as the loop of ``interventions.literal.loops``.
+
+Never on a serving path; the tests and ``seeright bench``'s literal timings use it."""
+
+from __future__ import annotations
+
+import torch
+
+from interventions.literal import loops as ref
+from interventions.methods.base import RowState
+from interventions.methods.vcd import VCD
+
+
+class LiteralVCD(VCD):
+    def contrast(self, scores: torch.Tensor, branch: torch.Tensor, state: RowState) -> torch.Tensor:
+        return ref.vcd_contrast(scores, branch, state.params.alpha, state.params.beta).to(scores.dtype)
