@@ -37,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from interventions.adapters.base import StopForward
 from interventions.methods.base import Hooks
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ if TYPE_CHECKING:
 
 ATTENTION_NAME = "seeright"
 RUNTIME_ATTR = "_seeright_runtime"
-
-
-class StopForward(Exception):
-    """Raised after the last layer a prefill pass needs (early exit of analysis passes)."""
 
 
 class StateBatch(list):

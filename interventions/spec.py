@@ -109,6 +109,20 @@ class PAIParams(MethodParams):
     cfg_cutoff: float = Field(0.1, gt=0, le=1, description="CFG plausibility: drop tokens with p < cfg_cutoff * max p.")
 
 
+class PAINTParams(PAIParams):
+    """Fixing imbalanced attention (PAINT, arXiv 2501.12206): PAI's boost split into "local" and "summary"
+    image tokens chosen from the vision tower's [CLS] attention. PAI's ``layers`` and CFG fields apply."""
+
+    alpha: float = Field(0.7, ge=0, le=2, description="Boost of local tokens, z + alpha*|z| (code: 0.7; POPE script 0.5).")
+    beta: float = Field(0.3, ge=0, le=2, description="Boost of summary tokens, z + beta*|z| (code: 0.3; paper's best 0.4).")
+    local_token_ratio: float = Field(
+        0.25, gt=0, le=1, description="Local tokens: this top fraction of the first ViT layer's [CLS] attention."
+    )
+    summary_iqr: float = Field(
+        1.5, ge=0, description="Summary tokens: [CLS] attention above Q3 + this * IQR in LLaVA's feature layer."
+    )
+
+
 class VCDParams(MethodParams):
     """Visual contrastive decoding (Leng et al., CVPR 2024, "Mitigating Object Hallucinations in LVLMs
     through Visual Contrastive Decoding")."""

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from interventions.adapters import EncodedPrompt
+from interventions.adapters.base import StopForward
 from interventions.methods.base import RowState
-from interventions.runtime import ForwardContext, StopForward
+from interventions.runtime import ForwardContext
 from service.decoding import RowDecoding, apply_penalties, top_p_filter
 from service.engine import (
     Engine, GenerationOutput, GenerationRequest, StreamedToken, decoding_of, place_rows, streamed_token,

@@ -58,6 +58,7 @@ class EngineClient:
         self.model_config = engine.model_config
         self.method_defaults = engine.method_defaults
         self.derived_defaults = engine.derived_defaults
+        self.unavailable = engine.unavailable
 
     @property
     def depth(self) -> int:

@@ -22,9 +22,10 @@ from pydantic import ValidationError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, adapter_class_for
+from interventions.adapters.base import StopForward
 from interventions.methods.base import RequestInputs, RowState
 from interventions.registry import MethodRegistry
-from interventions.runtime import ForwardContext, Runtime, StopForward
+from interventions.runtime import ForwardContext, Runtime
 from model_zoo import builtin_model, resolve_model_path
 from service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
 from service.model_configs import ModelConfig, find_model_config
@@ -201,21 +202,16 @@ class Engine:
         """Generate for several requests in one batch; each row keeps its own methods and settings.
 
         Rows are run grouped by their methods (requests without interventions first), so that the rows
-        a layer edits form one contiguous block of the batch; requests with a contrast branch run after the
-        others (``_generate_branched``); outputs and callbacks keep the caller's order.
+        a layer edits form one contiguous block of the batch; a batch in which some request has a contrast
+        branch runs in a running batch (``_generate_running``); outputs and callbacks keep the caller's order.
         """
-        branched = [self.contrasts(r) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: (branched[i], bool(requests[i].interventions),
-                                                              sorted(requests[i].interventions)))
-        split = sum(not b for b in branched)
-        outputs = []
-        for part, run in ((order[:split], self._generate_rows), (order[split:], self._generate_branched)):
-            if part:
-                outputs += run(
-                    [requests[i] for i in part],
-                    None if on_token is None else (lambda row, token, part=part: on_token(part[row], token)),
-                    None if cancelled is None else (lambda row, part=part: cancelled(part[row])),
-                )
+        order = sorted(range(len(requests)), key=lambda i: (bool(requests[i].interventions), sorted(requests[i].interventions)))
+        run = self._generate_running if any(self.contrasts(r) for r in requests) else self._generate_rows
+        outputs = run(
+            [requests[i] for i in order],
+            None if on_token is None else (lambda row, token: on_token(order[row], token)),
+            None if cancelled is None else (lambda row: cancelled(order[row])),
+        )
         result: list[GenerationOutput | None] = [None] * len(requests)
         for row, i in enumerate(order):
             result[i] = outputs[row]
@@ -247,14 +243,14 @@ class Engine:
             outputs.append(out)
         return outputs
 
-    def _generate_branched(
+    def _generate_running(
         self,
         requests: Sequence[GenerationRequest],
         on_token: Callable[[int, int], None] | None,
         cancelled: Callable[[int], bool] | None,
     ) -> list[GenerationOutput]:
-        """Requests with a contrast branch: ``model.generate`` has no room for a second row per request, so
-        they run in a :class:`~service.batching.RunningBatch` (all joining at once) until each finishes."""
+        """A batch with contrast branches: ``model.generate`` has no room for a second row per request, so the
+        batch runs in a :class:`~service.batching.RunningBatch` (all joining at once) until each row finishes."""
         from service.batching import RunningBatch  # it builds on this module
 
         batch = RunningBatch(self)
@@ -324,6 +320,14 @@ class Engine:
         then the model config's entry (see :class:`~interventions.methods.base.Method`)."""
         method = self.methods[name]
         return {**method.defaults(self.info), **_given(self.model_config.methods.get(name))}
+
+    def unavailable(self, name: str) -> str | None:
+        """Why method ``name`` cannot run on this model at its defaults (PAINT without a [CLS] token), or None."""
+        try:
+            self.resolve_params({name: {}})
+        except RequestError as exc:
+            return exc.message
+        return None
 
     def derived_defaults(self, name: str) -> list[str]:
         """Parameters whose default on this model comes from the method's rule (the model config is silent)."""
@@ -549,6 +553,9 @@ class EnginePasses:
 
     def batch(self, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
         return self._engine.collate(prompts)
+
+    def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._engine.adapter.cls_attention(images)
 
     def prefill(
         self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], stop_after_layer: int | None

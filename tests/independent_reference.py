@@ -212,6 +212,40 @@ def pai_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: in
         return ref.greedy(prompt, max_new_tokens)
 
 
+# ---- PAINT (arXiv 2501.12206, §3; release modPAI) --------------------------------------------------------
+def paint_tokens(tower: torch.nn.Module, pixel_values: torch.Tensor, feature_layer: int, p: Any) -> tuple[list[int], list[int]]:
+    """Local and summary patch indices of one image from a stock tower's eager attentions: local = top
+    floor(ratio * N) of the first layer's [CLS] row (summed over heads) minus summary; summary = the feature
+    layer's [CLS] row above Q3 + k * IQR (numpy's linear quantiles)."""
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = tower(pixel_values, output_attentions=True).attentions
+    first = attentions[0][0, :, 0, 1:].sum(0).double().numpy()
+    feature = attentions[feature_layer][0, :, 0, 1:].sum(0).double().numpy()
+    q1, q3 = np.quantile(feature, [0.25, 0.75])
+    summary = [int(j) for j in np.nonzero(feature > q3 + p.summary_iqr * (q3 - q1))[0]]
+    top = np.argsort(-first, kind="stable")[: max(1, int(p.local_token_ratio * len(first)))]
+    return sorted(set(int(j) for j in top) - set(summary)), summary
+
+
+def paint_generate(ref: ReferenceModel, prompt: Prompt, local: list[int], summary: list[int], p: Any, max_new_tokens: int) -> Run:
+    """PAI's boost per column: alpha on local image tokens, beta on summary ones (indices into the image's tokens)."""
+    vis, first = prompt.image_positions, len(prompt.ids) - 1
+    columns = [(vis[j], p.alpha) for j in local] + [(vis[j], p.beta) for j in summary]
+
+    def boost(layer: int, scores: torch.Tensor) -> torch.Tensor:
+        if layer not in p.layers:
+            return scores
+        out = scores.clone()
+        for column, weight in columns:
+            z = scores[:, first:, column]
+            out[:, first:, column] = z + weight * z.abs()
+        return out
+
+    with ref.hooks(score_edit=boost):
+        return ref.greedy(prompt, max_new_tokens)
+
+
 def pai_cfg_generate(ref: ReferenceModel, prompt: Prompt, text_only: Prompt, p: Any, max_new_tokens: int) -> Run:
     """PAI with its CFG branch (release CFG.py): the text-only prompt runs without the boost."""
     vis, first = prompt.image_positions, len(prompt.ids) - 1

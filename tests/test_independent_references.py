@@ -9,7 +9,7 @@ import pytest
 from conftest import QUESTIONS, make_image
 from independent_reference import (
     Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_cfg_generate,
-    pai_generate, ritual_generate, var_generate, vcd_generate, vcd_noised, vhr_generate,
+    pai_generate, paint_generate, paint_tokens, ritual_generate, var_generate, vcd_generate, vcd_noised, vhr_generate,
 )
 
 from interventions.adapters import ChatTurn
@@ -23,6 +23,7 @@ QUESTION = QUESTIONS[1]
 CASES = [
     ("pai", {}), ("pai", {"alpha": 0.8, "layers": [1, 4]}), ("pai", {"cfg": True}),
     ("pai", {"cfg": True, "gamma": 2.0, "cfg_cutoff": 0.3, "alpha": 0.5}),
+    ("paint", {}), ("paint", {"alpha": 0.4, "beta": 0.9, "local_token_ratio": 0.5, "summary_iqr": 0.3}),
     ("vcd", {}), ("vcd", {"alpha": 0.5, "beta": 0.2, "noise_step": 999, "seed": 3}),
     ("ritual", {"transform": "horizontal_flip"}), ("ritual", {"transform": "vertical_flip", "alpha": 1.0, "beta": 0.3}),
     ("var", {"rho": 0.2}), ("var", {"rho": 0.8}), ("var", {"rho": 0.8, "p": 0.9}),
@@ -62,6 +63,12 @@ def reference_run(engine: Engine, ref: ReferenceModel, name: str, params, image)
         return pai_cfg_generate(ref, tokenised(engine, turns, [image]), text_only, params, NEW_TOKENS)
     if name == "pai":
         return pai_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
+    if name == "paint":
+        prompt = tokenised(engine, turns, [image])
+        tower = builtin_model(engine.model_id)[0].model.vision_tower  # a fresh stock copy, switched to eager
+        feature = engine.model.config.vision_feature_layer % engine.model.config.vision_config.num_hidden_layers
+        local, summary = paint_tokens(tower, prompt.inputs["pixel_values"], feature, params)
+        return paint_generate(ref, prompt, local, summary, params, NEW_TOKENS)
     if name == "vcd":
         return vcd_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "ritual":
@@ -88,6 +95,8 @@ def reference_run(engine: Engine, ref: ReferenceModel, name: str, params, image)
 def test_generation_matches_independent_reference(pair, name, given):
     engine, ref = pair
     image = make_image(3)
+    if engine.unavailable(name):  # PAINT on a tower without [CLS]: refused by name (test_methods)
+        return
     params = engine.resolve_params({name: given})[name]
     fast = engine.generate_batch([GenerationRequest(prompt=QUESTION, images=[image], interventions={name: given},
                                                     max_new_tokens=NEW_TOKENS, logprobs=True)])[0]

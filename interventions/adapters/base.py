@@ -53,6 +53,11 @@ class Segment:
     kind: str = "text"
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward early (analysis passes after their last layer, embeddings or vision
+    attentions read on the way)."""
+
+
 @dataclass
 class EncodedPrompt:
     """One prompt ready for the model: unpadded ids, per-prompt image tensors and its layout."""
@@ -72,6 +77,7 @@ class ModelInfo:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    vision_cls_token: bool = False  # the vision tower has a [CLS] token (CLIP in LLaVA; not Qwen2-VL)
 
 
 class ModelAdapter(ABC):
@@ -112,6 +118,7 @@ class ModelAdapter(ABC):
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             hidden_size=cfg.hidden_size,
+            vision_cls_token=self.cls_token,
         )
 
     @property
@@ -149,6 +156,15 @@ class ModelAdapter(ABC):
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-token tensors besides ``input_ids`` the model needs (padded with 0 in a batch)."""
         return {}
+
+    # ---- vision tower ----------------------------------------------------------------------------
+    cls_token: ClassVar[bool] = False  # whether the vision tower has a [CLS] token attending to the patches
+
+    def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-softmax attention of the vision tower's [CLS] token to each image token's patch, summed over
+        heads, in the tower's first layer and in the layer whose features the model takes: two
+        ``[n_images, image tokens]``. Only where ``cls_token``."""
+        raise ValueError(f"the {self.family} vision tower has no [CLS] token")
 
     def prefill_positions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids of a left-padded prefill batch (as ``generate`` builds them: real tokens count from 0,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from interventions.adapters.base import ChatTurn, ModelAdapter, Segment
+from interventions.adapters.base import ChatTurn, ModelAdapter, Segment, StopForward
 
 
 class LlavaAdapter(ModelAdapter):
@@ -51,3 +51,43 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError("vision_feature_select_strategy='full' adds a CLS token that has no grid cell")
         pixels = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixels}, [self.grid] * len(images)
+
+    cls_token = True
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """The CLIP layer whose outputs LLaVA projects (-2, the penultimate, for LLaVA-1.5), as an index."""
+        layer = self.model.config.vision_feature_layer
+        return layer % self.model.config.vision_config.num_hidden_layers
+
+    def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's ``softmax(q_cls K^T * scale)`` recomputed from the first and the feature layer's attention
+        input (after ``layer_norm1``), so it does not depend on the tower's attention implementation; the tower
+        stops after the feature layer. Columns: the patches (the [CLS] column dropped, as LLaVA drops its token)."""
+        tower = self.model.model.vision_tower
+        encoder = tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder  # transformers 4 / 5
+        layers = [0, self.vision_feature_layer]
+        out: dict[int, torch.Tensor] = {}
+
+        def capture(layer: int):
+            def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]  # [n, 1 + patches, D]
+                n, tokens, _ = hidden.shape
+                q = module.q_proj(hidden[:, :1]).view(n, 1, module.num_heads, module.head_dim).transpose(1, 2)
+                k = module.k_proj(hidden).view(n, tokens, module.num_heads, module.head_dim).transpose(1, 2)
+                probs = torch.softmax((q @ k.transpose(-1, -2)).float() * module.scale, dim=-1)  # [n, H, 1, T]
+                out[layer] = probs[:, :, 0, 1:].sum(1)
+                if layer == max(layers):
+                    raise StopForward
+            return hook
+
+        handles = [encoder.layers[l].self_attn.register_forward_pre_hook(capture(l), with_kwargs=True) for l in set(layers)]
+        try:
+            with torch.inference_mode():
+                self.model.model.vision_tower(images["pixel_values"].to(self.model.device, self.model.dtype))
+        except StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out[layers[0]], out[layers[1]]

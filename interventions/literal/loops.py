@@ -25,6 +25,37 @@ def pai_boost(scores: torch.Tensor, image: list[int], alpha: float) -> torch.Ten
     return out
 
 
+# ---- PAINT -------------------------------------------------------------------------------------------
+def paint_select(first: list[float], feature: list[float], ratio: float, iqr: float) -> tuple[list[int], list[int]]:
+    """Local tokens: the top floor(ratio * N) of ``first`` minus summary tokens; summary tokens: ``feature``
+    above Q3 + iqr * (Q3 - Q1), quartiles by linear interpolation between order statistics."""
+    n = len(first)
+    ranked = sorted(range(n), key=lambda j: (-first[j], j))
+    ordered = sorted(feature)
+
+    def quartile(q: float) -> float:
+        pos = q * (n - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, n - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    q1, q3 = quartile(0.25), quartile(0.75)
+    summary = [j for j in range(n) if feature[j] > q3 + iqr * (q3 - q1)]
+    return sorted(set(ranked[: max(1, int(ratio * n))]) - set(summary)), summary
+
+
+def paint_boost(scores: torch.Tensor, local: list[int], summary: list[int], alpha: float, beta: float) -> torch.Tensor:
+    """z + alpha |z| on local columns, z + beta |z| on summary columns, of the last row of [H, q, T]."""
+    out = scores.double().clone()
+    last = out.shape[1] - 1
+    for h in range(out.shape[0]):
+        for columns, weight in ((local, alpha), (summary, beta)):
+            for j in columns:
+                z = float(out[h, last, j])
+                out[h, last, j] = z + weight * abs(z)
+    return out
+
+
 # ---- contrast branches (VCD, RITUAL, PAI's CFG) --------------------------------------------------------
 def _plausible(values: list[float], own: list[float], beta: float) -> torch.Tensor:
     """-inf where p_own(y) < beta * max p_own, computed from probabilities (softmax written out)."""

@@ -101,6 +101,8 @@ class Passes(Protocol):
 
     def eos_token_ids(self) -> list[int]: ...
 
+    def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 class Hooks:
     """Batched hook callbacks; the defaults do nothing. Subclasses override what they need.

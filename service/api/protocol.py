@@ -234,6 +234,7 @@ class InterventionCard(BaseModel):
     parameters: dict[str, Any]
     defaults: dict[str, Any] = Field(description="This model's defaults: rules derived from the model, then its config entry.")
     derived: list[str] = Field(description="Parameters whose default is derived from the model's shape (no config value).")
+    unavailable: str | None = Field(None, description="Why this model cannot run the method (then no preset is listed).")
 
 
 class InterventionList(BaseModel):

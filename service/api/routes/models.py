@@ -12,7 +12,7 @@ router = APIRouter(dependencies=AUTHORIZED)
 
 @router.get("/v1/models")
 async def models(settings: SettingsDep, client: ClientDep) -> ModelList:
-    ids = [settings.name] + [f"{settings.name}+{name}" for name in client.methods]
+    ids = [settings.name] + [f"{settings.name}+{name}" for name in client.methods if client.unavailable(name) is None]
     return ModelList(data=[ModelCard(id=i, created=now()) for i in ids])
 
 
@@ -22,7 +22,7 @@ async def interventions(client: ClientDep) -> InterventionList:
         InterventionCard(
             name=name, description=(method.params_model.__doc__ or "").strip(),
             parameters=method.params_model.model_json_schema(), defaults=client.method_defaults(name),
-            derived=client.derived_defaults(name),
+            derived=client.derived_defaults(name), unavailable=client.unavailable(name),
         )
         for name, method in client.methods.items()
     ]
