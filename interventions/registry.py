@@ -83,10 +83,12 @@ class MethodRegistry(Mapping[str, Method]):
         return [n for n, m in self._methods.items() if m.mixed_traffic]
 
     def sweep(self) -> list[tuple[str, dict[str, dict[str, Any]]]]:
-        """``(label, interventions)`` rows of a method sweep: each method at its defaults, then its sweep
-        settings (labelled ``"vhr alpha=4"``)."""
+        """``(label, interventions)`` rows of a method sweep: each method that edits at its defaults, then its
+        sweep settings (labelled ``"vhr alpha=4"``)."""
         rows = []
         for name, method in self._methods.items():
+            if method.signal:  # edits nothing: its row would repeat the baseline's
+                continue
             rows.append((name, {name: {}}))
             for params in method.sweep:
                 label = " ".join([name, *(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())])

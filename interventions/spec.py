@@ -150,6 +150,15 @@ class RITUALParams(MethodParams):
     seed: int = Field(0, ge=0, description="Seed of the draw of T and of its random parameters.")
 
 
+class LookbackParams(MethodParams):
+    """Lookback Lens signals (Chuang et al., EMNLP 2024): how much each generated token looks back at the image."""
+
+    layers: list[int] | None = Field(None, description="Layers whose heads give lookback ratios; default all.")
+    features: bool = Field(
+        False, description="Also return each token's full L x H ratio matrix (the detector's features), not only means."
+    )
+
+
 class CARVEParams(MethodParams):
     """Contrastive attention refinement (Ge et al., arXiv 2509.06461, "Focusing by Contrastive Attention")."""
 

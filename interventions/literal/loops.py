@@ -56,6 +56,19 @@ def paint_boost(scores: torch.Tensor, local: list[int], summary: list[int], alph
     return out
 
 
+# ---- Lookback Lens -------------------------------------------------------------------------------------
+def lookback_ratios(row: torch.Tensor, image: list[int], first_new: int) -> list[float]:
+    """Per head of one attention row [H, T]: mean over image columns / (that + mean over columns >= first_new)."""
+    out = []
+    for h in range(row.shape[0]):
+        values = [float(v) for v in row[h]]
+        a_img = sum(values[j] for j in image) / len(image)
+        new = values[first_new:]
+        a_new = sum(new) / len(new)
+        out.append(a_img / (a_img + a_new))
+    return out
+
+
 # ---- contrast branches (VCD, RITUAL, PAI's CFG) --------------------------------------------------------
 def _plausible(values: list[float], own: list[float], beta: float) -> torch.Tensor:
     """-inf where p_own(y) < beta * max p_own, computed from probabilities (softmax written out)."""

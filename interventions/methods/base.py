@@ -169,11 +169,12 @@ class Method(Hooks):
     literal: ClassVar[str | None] = None  # "module:Class" of a test-only literal version (``seeright bench``)
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ()  # settings the testbed tables run besides the defaults
     mixed_traffic: ClassVar[bool] = True  # part of the mixed loads of ``seeright bench`` and ``loadtest``
+    signal: ClassVar[bool] = False  # reads the forward and edits nothing (Lookback Lens): no testbed row
 
     @property
     def edits_generation(self) -> bool:
         """Whether the method changes the forward passes of the request's generation."""
-        return bool(self.hook_points & EDITING_POINTS)
+        return not self.signal and bool(self.hook_points & EDITING_POINTS)
 
     def contrasts(self, params: BaseModel) -> bool:
         """Whether a request with these parameters runs a contrast branch (:attr:`HookPoint.LOGITS`)."""

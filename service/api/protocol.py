@@ -55,6 +55,15 @@ UNSUPPORTED_FIELDS = (
 MAX_CHOICES = 16
 
 
+class Signals(BaseModel):
+    """Read-only signals returned with each choice (``choices[i].signals``; streamed: its finish chunk)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lookback: bool = Field(False, description="Lookback Lens ratios: how much each token looks back at the image.")
+    lookback_features: bool = Field(False, description="With lookback: each token's L x H ratios (detector features).")
+
+
 class ChatCompletionRequest(BaseModel):
     """``temperature`` defaults to 0 (greedy), the decoding hallucination benchmarks use. Unknown vendor fields
     (``user``, ``metadata``, ``store``, ...) are accepted and ignored; the OpenAI features listed in
@@ -81,6 +90,7 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     modalities: list[Literal["text"]] | None = None
     interventions: dict[str, dict[str, Any]] | None = None
+    signals: Signals | None = None
     user: str | None = None
     tools: Any = None
     tool_choice: Any = None
@@ -158,6 +168,7 @@ class Choice(BaseModel):
     message: AssistantMessage
     finish_reason: str
     logprobs: ChoiceLogprobs | None = None
+    signals: dict[str, Any] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -179,6 +190,7 @@ class ChunkChoice(BaseModel):
     delta: Delta
     finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
+    signals: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -194,6 +206,8 @@ class ChatCompletionChunk(BaseModel):
         data = self.model_dump(mode="json")
         for choice in data["choices"]:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            if choice.get("signals") is None:
+                choice.pop("signals", None)
         if data.get("usage") is None:
             data.pop("usage", None)
         return f"data: {json.dumps(data)}\n\n"

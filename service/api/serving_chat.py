@@ -75,6 +75,10 @@ def build_request(body: ChatCompletionRequest, settings: Settings) -> Generation
     if max_tokens > settings.max_tokens_limit:
         raise RequestError("max_tokens", f"{max_tokens} exceeds this server's limit of {settings.max_tokens_limit}")
     interventions = {name: {} for name in presets} | (body.interventions or {})
+    if body.signals and body.signals.lookback:
+        if "lookback" in interventions:
+            raise RequestError("signals.lookback", "asked for both as signals and as interventions.lookback")
+        interventions["lookback"] = {"features": body.signals.lookback_features}
     return GenerationRequest(
         turns=turns, images=images, interventions=interventions, max_new_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(), logprobs=body.logprobs,
@@ -130,6 +134,17 @@ def token_logprob(tokenizer: Any, token: StreamedToken) -> TokenLogprob:
     text, raw = _token(tokenizer, token.id)
     top = [TopLogprob(token=tt, logprob=lp, bytes=tb) for tid, lp in token.top or [] for tt, tb in [_token(tokenizer, tid)]]
     return TokenLogprob(token=text, logprob=token.logprob, bytes=raw, top_logprobs=top)
+
+
+SIGNAL_KEYS = ("mean_ratio", "per_token", "features")
+
+
+def choice_signals(out: GenerationOutput) -> dict[str, Any] | None:
+    """The read-only signals of a choice (Lookback Lens ratios), when the request asked for them."""
+    lookback = out.diagnostics.get("lookback")
+    if lookback is None:
+        return None
+    return {"lookback": {k: lookback[k] for k in SIGNAL_KEYS if k in lookback}}
 
 
 def choice_logprobs(out: GenerationOutput, tokenizer: Any) -> ChoiceLogprobs | None:
@@ -200,7 +215,8 @@ class ChatServing:
         return ChatCompletionResponse(
             id=completion_id(), created=now(), model=body.model, usage=usage(outs),
             choices=[Choice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
-                            logprobs=choice_logprobs(out, self.client.tokenizer)) for i, out in enumerate(outs)],
+                            logprobs=choice_logprobs(out, self.client.tokenizer), signals=choice_signals(out))
+                     for i, out in enumerate(outs)],
         )
 
     def _open_streams(self, rows: list[GenerationRequest]) -> list[TokenStream]:
@@ -235,11 +251,14 @@ class ChatServing:
         self, body: ChatCompletionRequest, gen: GenerationRequest, streams: list[TokenStream], label: str, started: float
     ) -> AsyncIterator[str]:
         """SSE chunks: each choice's role, its text deltas (each with its tokens' log-probs when asked), its finish
-        reason, usage if asked, ``[DONE]``; an error mid-way becomes an error event (the status line is already sent)."""
+        reason (with its signals when asked), usage if asked, ``[DONE]``; an error mid-way becomes an error event (the status line is already sent)."""
         cid, created = completion_id(), now()
 
-        def chunk(i: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
-            choice = ChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs)
+        def chunk(
+            i: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None,
+            signals: dict[str, Any] | None = None,
+        ) -> str:
+            choice = ChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, signals=signals)
             return ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[choice]).sse()
 
         for i in range(len(streams)):
@@ -272,7 +291,7 @@ class ChatServing:
             if rest:
                 yield chunk(i, Delta(content=rest), logprobs=final)
                 final = ChoiceLogprobs(content=[]) if final is not None else None
-            yield chunk(i, Delta(), out.finish_reason, final)
+            yield chunk(i, Delta(), out.finish_reason, final, choice_signals(out))
         if body.stream_options and body.stream_options.include_usage:
             yield ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[], usage=usage(outs)).sse()
         yield "data: [DONE]\n\n"

@@ -1,0 +1,71 @@
+"""Lookback Lens signals (Chuang et al., EMNLP 2024, §2; release ``step01_extract_attns.py``), for images.
+
+Reads attention, edits nothing. For each decode step (the forward that takes generated token t and yields
+token t + 1), in each layer of ``layers`` and each head h, on the new token's post-softmax row (after every
+method's edit: this hook acts last):
+
+    LR_{l,h} = A_img / (A_img + A_new),  A_img = mean_{j in image tokens} A[j],  A_new = mean_{j generated} A[j]
+
+Means, not sums, as the release (576 image tokens would dominate a sum). The release's "context" is the
+whole prompt; for a vision-language model the context here is the image tokens only, and the prompt's text
+(system, question, template) counts in neither mean. Generated tokens are all tokens generated so far,
+the new one included (the release fixes ``context_length`` once, so earlier chunks count as new). The first
+generated token comes from the prefill, where nothing was generated yet: ratios start with the second token.
+
+Diagnostics: ``mean_ratio`` (over layers, heads and tokens), ``per_token`` (mean over layers and heads, one
+per token from the second), and with ``features`` the per-token ``[L, H]`` matrices a Lookback Lens detector
+takes (mean over a span of tokens, flattened). Cost: attention probabilities of one row per sequence in every
+read layer at each decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from interventions.adapters.base import ModelInfo
+from interventions.methods.base import HookPoint, Method, RowState, check_layers, row_masks
+from interventions.spec import LookbackParams
+
+
+class Lookback(Method):
+    name = "lookback"
+    params_model = LookbackParams
+    hook_points = frozenset({HookPoint.PROBS})
+    order = 1000  # reads the probabilities every editing method has left
+    signal = True
+    literal = "interventions.literal.lookback:LiteralLookback"
+
+    def defaults(self, info: ModelInfo) -> dict:
+        return {"layers": list(range(info.num_layers))}
+
+    def check(self, params: LookbackParams, info: ModelInfo) -> LookbackParams:
+        return params.model_copy(update={"layers": check_layers("lookback.layers", params.layers, info.num_layers)})
+
+    def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
+        return 0 if step > 0 and layer in state.params.layers else None
+
+    def reads_only(self, state: RowState, layer: int, step: int) -> bool:
+        return True
+
+    def edit_probs(self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
+        row = probs[:, :, -1]  # [n, H, T]: the new token's attention
+        total = row.shape[-1]
+        image = row_masks(states, total, row.device, "image").float()
+        lengths = torch.tensor([s.layout.length for s in states], device=row.device)
+        new = (torch.arange(total, device=row.device)[None, :] >= lengths[:, None]).float()
+        a_img = (row * image[:, None]).sum(-1) / image.sum(-1, keepdim=True)
+        a_new = (row * new[:, None]).sum(-1) / new.sum(-1, keepdim=True)
+        ratio = a_img / (a_img + a_new)  # [n, H]
+        for r, state in enumerate(states):
+            current = state.data.setdefault("step", [])
+            current.append(ratio[r])
+            if layer == state.params.layers[-1]:  # the step's last read layer: one token's ratios are complete
+                matrix = torch.stack(current)  # [L, H]
+                state.data["step"] = []
+                tokens = state.diagnostics.setdefault("per_token", [])
+                tokens.append(matrix.mean())
+                state.data["sum"] = state.data.get("sum", 0.0) + tokens[-1]
+                state.diagnostics["mean_ratio"] = state.data["sum"] / len(tokens)
+                if state.params.features:
+                    state.diagnostics.setdefault("features", []).append(matrix)
+        return probs
