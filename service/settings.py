@@ -42,8 +42,11 @@ class Settings(BaseSettings):
         None, ge=1, description="KV-cache budget in token slots (prompt + max_tokens of each running row); none: rows only."
     )
     prefill_chunk_tokens: int | None = Field(
-        256, ge=16,
-        description="Prompt tokens a plain request prefills per decode step while others decode; none: whole prompts.",
+        None, ge=16,
+        description=(
+            "Prompt tokens a plain request prefills per decode step while others decode (lower per-token tail, "
+            "higher time to first token; README, Serving engine); none: whole prompts."
+        ),
     )
     retry_after_s: int = Field(1, ge=1)
 

@@ -118,6 +118,29 @@ def test_chunked_prefill_runs_a_chunk_per_decode_step_and_only_for_plain_rows():
     assert [r.reason for r in batch.step() if r is gone] == ["cancelled"] and not batch.prefilling
 
 
+def test_the_scheduler_prefills_plain_newcomers_in_chunks():
+    engine = engine_for(FAMILIES[0])
+    scheduler = Scheduler(engine, max_batch_size=4, batch_wait_s=0.0, prefill_chunk=16)
+    client = EngineClient(scheduler)
+    long_req = GenerationRequest(prompt=QUESTIONS[2], images=[make_image(0)], max_new_tokens=60)
+    plain = GenerationRequest(prompt=QUESTIONS[1], images=[make_image(1)], max_new_tokens=5, logprobs=True)
+    scheduler.start()
+
+    async def main() -> GenerationOutput:
+        long_task = asyncio.ensure_future(client.generate(long_req))
+        await asyncio.sleep(0.2)
+        out = await client.generate(plain)
+        long_task.cancel()
+        return out
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        scheduler.stop()
+    alone = engine.generate_batch([plain])[0]
+    assert out.token_ids == alone.token_ids and max(abs(a - b) for a, b in zip(out.logprobs, alone.logprobs)) < 1e-4
+
+
 def test_a_leaving_request_takes_its_contrast_branch_along():
     engine = engine_for(FAMILIES[1])
     batch = RunningBatch(engine)

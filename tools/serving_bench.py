@@ -109,7 +109,7 @@ async def open_loop(scheduler: Scheduler, rate: float, requests: int, methods: l
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    chunked = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}  # old checkouts: --prefill-chunk 0
+    chunked = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}  # older schedulers take no chunk
     scheduler = Scheduler(engine, max_batch_size=args.max_batch_size, batch_wait_s=0.005, queue_size=args.queue_size, **chunked)
     methods = args.methods if args.methods is not None else engine.methods.mixed_traffic()
     scheduler.start()
@@ -135,8 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=24, help="arrivals per open-loop rate")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--queue-size", type=int, default=64)
-    parser.add_argument("--prefill-chunk", type=int, default=256,
-                        help="prompt tokens a plain request prefills per decode step (0: whole prompts)")
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prompt tokens a plain request prefills per decode step (0: whole prompts, the default)")
     parser.add_argument("--methods", nargs="*", help="methods of the open-loop mix (default: the registry's mixed loads)")
 
 
