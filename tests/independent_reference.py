@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,18 +120,12 @@ class ReferenceModel:
 
     def greedy(self, prompt: Prompt, max_new_tokens: int, on_step: Callable[[int], None] | None = None) -> Run:
         """Greedy decoding, stopping after an end-of-sequence token; ``on_step(t)`` before forward t."""
-        run = Run()
-        for t in range(max_new_tokens):
+        def step(tokens: list[int]) -> torch.Tensor:
             if on_step is not None:
-                on_step(t)
-            logprobs = self.forward(prompt, run.tokens).log_softmax(-1)
-            token = int(logprobs.argmax())
-            run.tokens.append(token)
-            run.logprobs.append(float(logprobs[token]))
-            if token in self.eos:
-                break
-        return run
+                on_step(len(tokens))
+            return self.forward(prompt, tokens)
 
+        return self._decode(step, max_new_tokens)
 
     def contrast_greedy(
         self, prompt: Prompt, branch: Prompt, combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -139,14 +133,18 @@ class ReferenceModel:
     ) -> Run:
         """Greedy decoding on ``combine(logits, branch_logits)``: the branch is fed the same tokens, with no
         edit (``edit()`` is a context manager active for the request's own forward only)."""
+        def step(tokens: list[int]) -> torch.Tensor:
+            with edit() if edit is not None else nullcontext():
+                own = self.forward(prompt, tokens)
+            return combine(own, self.forward(branch, tokens))
+
+        return self._decode(step, max_new_tokens)
+
+    def _decode(self, step: Callable[[list[int]], torch.Tensor], max_new_tokens: int) -> Run:
+        """Argmax of ``step(tokens so far)`` until an end-of-sequence token or ``max_new_tokens``."""
         run = Run()
         for _ in range(max_new_tokens):
-            if edit is None:
-                own = self.forward(prompt, run.tokens)
-            else:
-                with edit():
-                    own = self.forward(prompt, run.tokens)
-            logprobs = combine(own, self.forward(branch, run.tokens)).log_softmax(-1)
+            logprobs = step(run.tokens).log_softmax(-1)
             token = int(logprobs.argmax())
             run.tokens.append(token)
             run.logprobs.append(float(logprobs[token]))
@@ -195,7 +193,7 @@ def flipped(image: Image.Image, how: str) -> Image.Image:
 
 
 # ---- PAI (Liu et al., ECCV 2024, Eq. 5; release attention.py::llama_new_forward) ---------------------
-def pai_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> Run:
+def pai_boost(prompt: Prompt, p: Any) -> EditFn:
     """The last prompt row (prefill) and every generated row (decode steps) boost their image columns'
     pre-softmax scores: z + alpha * |z|, in layers ``p.layers``."""
     vis, first = prompt.image_positions, len(prompt.ids) - 1
@@ -208,7 +206,11 @@ def pai_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: in
         out[:, first:, vis] = z + p.alpha * z.abs()
         return out
 
-    with ref.hooks(score_edit=boost):
+    return boost
+
+
+def pai_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> Run:
+    with ref.hooks(score_edit=pai_boost(prompt, p)):
         return ref.greedy(prompt, max_new_tokens)
 
 
@@ -248,21 +250,11 @@ def paint_generate(ref: ReferenceModel, prompt: Prompt, local: list[int], summar
 
 def pai_cfg_generate(ref: ReferenceModel, prompt: Prompt, text_only: Prompt, p: Any, max_new_tokens: int) -> Run:
     """PAI with its CFG branch (release CFG.py): the text-only prompt runs without the boost."""
-    vis, first = prompt.image_positions, len(prompt.ids) - 1
-
-    def boost(layer: int, scores: torch.Tensor) -> torch.Tensor:
-        if layer not in p.layers:
-            return scores
-        out = scores.clone()
-        z = scores[:, first:, vis]
-        out[:, first:, vis] = z + p.alpha * z.abs()
-        return out
-
     def combine(own: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         s, u = own.log_softmax(-1), text.log_softmax(-1)
         return cutoff(p.gamma * (s - u) + u, own, p.cfg_cutoff)
 
-    return ref.contrast_greedy(prompt, text_only, combine, max_new_tokens, edit=lambda: ref.hooks(score_edit=boost))
+    return ref.contrast_greedy(prompt, text_only, combine, max_new_tokens, edit=lambda: ref.hooks(score_edit=pai_boost(prompt, p)))
 
 
 # ---- VAR (Kang et al., ICLR 2025, §3; release HeadFork / VARProcessor) ----------------------------------

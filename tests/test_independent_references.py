@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import QUESTIONS, make_image
 from independent_reference import (
-    Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_cfg_generate,
-    pai_generate, paint_generate, paint_tokens, ritual_generate, var_generate, vcd_generate, vcd_noised, vhr_generate,
+    Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_boost,
+    pai_cfg_generate, pai_generate, paint_generate, paint_tokens, ritual_generate, var_generate, vcd_generate,
+    vcd_noised, vhr_generate,
 )
 
 from interventions.adapters import ChatTurn
@@ -118,18 +119,9 @@ def test_attention_edit_composes_with_logit_contrast(pair):
                                                     max_new_tokens=NEW_TOKENS, logprobs=True)])[0]
     prompt = tokenised(engine, [ChatTurn("user", QUESTION, 1)], [image])
     pai, vcd = params["pai"], params["vcd"]
-    vis, first = prompt.image_positions, len(prompt.ids) - 1
-
-    def boost(layer, scores):
-        if layer not in pai.layers:
-            return scores
-        out = scores.clone()
-        out[:, first:, vis] = scores[:, first:, vis] + pai.alpha * scores[:, first:, vis].abs()
-        return out
-
     expected = ref.contrast_greedy(
         prompt, vcd_noised(prompt, vcd), lambda own, noised: cutoff((1 + vcd.alpha) * own - vcd.alpha * noised, own, vcd.beta),
-        NEW_TOKENS, edit=lambda: ref.hooks(score_edit=boost),
+        NEW_TOKENS, edit=lambda: ref.hooks(score_edit=pai_boost(prompt, pai)),
     )
     vcd_only = vcd_generate(ref, prompt, vcd, NEW_TOKENS)
     assert fast.token_ids == expected.tokens
