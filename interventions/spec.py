@@ -157,6 +157,15 @@ class LookbackParams(MethodParams):
     features: bool = Field(
         False, description="Also return each token's full L x H ratio matrix (the detector's features), not only means."
     )
+    detector_weights: list[float] | None = Field(
+        None,
+        description=(
+            "A logistic-regression Lookback Lens over the L x H ratios (layer-major; all layers must be read): each "
+            "token then gets sigmoid(w . x + b) as its hallucination probability. Default: the model's shipped "
+            "detector, if its config has one (seeright/shapes-llava: testbed/lookback_lens.py)."
+        ),
+    )
+    detector_bias: float = Field(0.0, description="The detector's intercept b.")
 
 
 class CARVEParams(MethodParams):

@@ -13,8 +13,9 @@ the new one included (the release fixes ``context_length`` once, so earlier chun
 generated token comes from the prefill, where nothing was generated yet: ratios start with the second token.
 
 Diagnostics: ``mean_ratio`` (over layers, heads and tokens), ``per_token`` (mean over layers and heads, one
-per token from the second), and with ``features`` the per-token ``[L, H]`` matrices a Lookback Lens detector
-takes (mean over a span of tokens, flattened). Cost: attention probabilities of one row per sequence in every
+per token from the second), with ``features`` the per-token ``[L, H]`` matrices a Lookback Lens detector
+takes (mean over a span of tokens, flattened), and with a detector (``detector_weights``, by default the
+model's shipped one) each token's ``hallucination_probability``: the detector on that token's row alone. Cost: attention probabilities of one row per sequence in every
 read layer at each decode step.
 """
 
@@ -39,7 +40,14 @@ class Lookback(Method):
         return {"layers": list(range(info.num_layers))}
 
     def check(self, params: LookbackParams, info: ModelInfo) -> LookbackParams:
-        return params.model_copy(update={"layers": check_layers("lookback.layers", params.layers, info.num_layers)})
+        layers = check_layers("lookback.layers", params.layers, info.num_layers)
+        if params.detector_weights is not None:
+            if len(params.detector_weights) != info.num_layers * info.num_heads:
+                raise ValueError(f"detector_weights: {len(params.detector_weights)} values for {info.num_layers} layers x "
+                                 f"{info.num_heads} heads ({info.num_layers * info.num_heads})")
+            if layers != list(range(info.num_layers)):
+                raise ValueError("layers: a detector reads every layer")
+        return params.model_copy(update={"layers": layers})
 
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
         return 0 if step > 0 and layer in state.params.layers else None
@@ -68,4 +76,8 @@ class Lookback(Method):
                 state.diagnostics["mean_ratio"] = state.data["sum"] / len(tokens)
                 if state.params.features:
                     state.diagnostics.setdefault("features", []).append(matrix)
+                if state.params.detector_weights is not None:
+                    weights = torch.tensor(state.params.detector_weights, device=matrix.device, dtype=matrix.dtype)
+                    logit = matrix.flatten() @ weights + state.params.detector_bias
+                    state.diagnostics.setdefault("hallucination_probability", []).append(torch.sigmoid(logit))
         return probs

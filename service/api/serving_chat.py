@@ -136,7 +136,7 @@ def token_logprob(tokenizer: Any, token: StreamedToken) -> TokenLogprob:
     return TokenLogprob(token=text, logprob=token.logprob, bytes=raw, top_logprobs=top)
 
 
-SIGNAL_KEYS = ("mean_ratio", "per_token", "features")
+SIGNAL_KEYS = ("mean_ratio", "per_token", "features", "hallucination_probability")
 
 
 def choice_signals(out: GenerationOutput) -> dict[str, Any] | None:
