@@ -84,3 +84,6 @@ def test_signals_over_the_api_plain_and_streamed():
         assert client.post("/v1/chat/completions", json={**body, "signals": None}).json()["choices"][0].get("signals") is None
         bad = client.post("/v1/chat/completions", json={**body, "signals": {"lookback": True, "attention_maps": True}})
         assert bad.status_code == 400 and "signals" in bad.json()["error"]["param"]
+        text_only = {**body, "messages": [{"role": "user", "content": QUESTIONS[0]}]}
+        bad = client.post("/v1/chat/completions", json=text_only)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "signals.lookback"

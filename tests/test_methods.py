@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import QUESTIONS
+from fastapi.testclient import TestClient
 
 from interventions.literal import loops as ref
 from interventions.methods.base import RequestInputs
 from interventions.registry import MethodRegistry
 from model_zoo.tiny_random import TINY_MODELS
+from service.api.app import create_app
 from service.engine import GenerationRequest, RequestError
+from service.settings import Settings
 
 
 def spy(monkeypatch, method, attr):
@@ -112,12 +115,16 @@ def test_paint_cls_attention_equals_the_towers_own_eager_attentions(llava, image
 
 
 def test_paint_is_refused_by_name_where_the_tower_has_no_cls_token(engine):
+    with TestClient(create_app(Settings(model=engine.model_id), engine)) as client:
+        presets = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        cards = {c["name"]: c for c in client.get("/v1/interventions").json()["data"]}
     if engine.info.vision_cls_token:
-        assert engine.unavailable("paint") is None
+        assert engine.unavailable("paint") is None and f"{engine.model_id}+paint" in presets
         return
     with pytest.raises(RequestError, match=r"interventions.paint: .*\[CLS\]"):
         engine.resolve_params({"paint": {}})
-    assert "[CLS]" in engine.unavailable("paint")
+    assert "[CLS]" in cards["paint"]["unavailable"] and f"{engine.model_id}+paint" not in presets
+    assert cards["pai"]["unavailable"] is None and f"{engine.model_id}+pai" in presets
 
 
 @pytest.mark.parametrize("name,given,formula", [

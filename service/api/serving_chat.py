@@ -78,6 +78,8 @@ def build_request(body: ChatCompletionRequest, settings: Settings) -> Generation
     if body.signals and body.signals.lookback:
         if "lookback" in interventions:
             raise RequestError("signals.lookback", "asked for both as signals and as interventions.lookback")
+        if not images:
+            raise RequestError("signals.lookback", "the lookback ratio is measured on an image: send one")
         interventions["lookback"] = {"features": body.signals.lookback_features}
     return GenerationRequest(
         turns=turns, images=images, interventions=interventions, max_new_tokens=max_tokens,
