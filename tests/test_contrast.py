@@ -66,3 +66,16 @@ def test_a_request_with_a_branch_runs_even_where_one_row_is_the_batch_limit():
     finally:
         scheduler.stop()
     assert [o.token_ids for o in outs] == [engine.generate_batch([r])[0].token_ids for r in reqs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_of_contrast_and_plain_rows_gives_each_row_what_it_gets_alone(family):
+    engine = engine_for(family)
+    plans = [{}, {"vcd": {}}, {"ritual": {"seed": 2}}, {"pai": {"cfg": True}}, {"vhr": {}}, {"vcd": {"seed": 5}, "gift": {}}]
+    reqs = [GenerationRequest(prompt=QUESTIONS[i % 4], images=[make_image(i)], interventions=plan, max_new_tokens=5,
+                              logprobs=True) for i, plan in enumerate(plans)]
+    together = engine.generate_batch(reqs)
+    for req, out in zip(reqs, together):
+        alone = engine.generate_batch([req])[0]
+        assert out.token_ids == alone.token_ids, req.interventions
+        assert max(abs(a - b) for a, b in zip(out.logprobs, alone.logprobs)) < 1e-4, req.interventions

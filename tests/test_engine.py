@@ -36,7 +36,8 @@ def test_carve_row_in_a_mixed_batch(llava, images):
 def test_no_state_leaks_between_requests(images):
     used, fresh = Engine.from_pretrained("tiny-random/llava"), Engine.from_pretrained("tiny-random/llava")
     used.generate_batch(_requests(images, [{"var": {}}, {"gift": {}}, {"vhr": {}}]))
-    second = _requests(images[1:], [{"var": {"p": 0.9}}, {"vhr": {}}])
+    used.generate_batch(_requests(images, [{"vcd": {"seed": 3}}, {"paint": {"cfg": True}}, {"ritual": {}, "lookback": {}}]))
+    second = _requests(images[1:], [{"var": {"p": 0.9}}, {"vhr": {}}, {"vcd": {}}])
     assert [o.token_ids for o in used.generate_batch(second)] == [o.token_ids for o in fresh.generate_batch(second)]
     assert used.runtime.context is None
 
@@ -56,6 +57,14 @@ def test_no_state_leaks_between_requests(images):
         ({"gift": {"enhance_layers": [-1]}}, "interventions.gift"),
         ({"carve": {"top_p": 2}}, "interventions.carve.top_p"),
         ({"carve": {"steps": "middle"}}, "interventions.carve.steps"),
+        ({"pai": {"alpha": 3}}, "interventions.pai.alpha"),
+        ({"pai": {"layers": [6]}}, "interventions.pai"),
+        ({"paint": {"local_token_ratio": 0}}, "interventions.paint.local_token_ratio"),
+        ({"vcd": {"noise_step": 1000}}, "interventions.vcd.noise_step"),
+        ({"vcd": {"beta": 0}}, "interventions.vcd.beta"),
+        ({"ritual": {"transform": "invert"}}, "interventions.ritual.transform"),
+        ({"vcd": {}, "ritual": {}}, "interventions"),
+        ({"lookback": {"detector_weights": [1.0, 2.0]}}, "interventions.lookback"),
         ({"nope": {}}, "interventions"),
         ({"gift": 3}, "interventions.gift"),
     ],
