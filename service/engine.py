@@ -321,6 +321,10 @@ class Engine:
         method = self.methods[name]
         return {**method.defaults(self.info), **_given(self.model_config.methods.get(name))}
 
+    def runnable(self, names: Sequence[str] | None = None) -> list[str]:
+        """The methods (of ``names``, by default all) this model can run at their defaults, in method order."""
+        return [n for n in (self.methods if names is None else names) if self.unavailable(n) is None]
+
     def unavailable(self, name: str) -> str | None:
         """Why method ``name`` cannot run on this model at its defaults (PAINT without a [CLS] token), or None."""
         try:

@@ -124,6 +124,7 @@ def test_paint_is_refused_by_name_where_the_tower_has_no_cls_token(engine):
     with pytest.raises(RequestError, match=r"interventions.paint: .*\[CLS\]"):
         engine.resolve_params({"paint": {}})
     assert "[CLS]" in cards["paint"]["unavailable"] and f"{engine.model_id}+paint" not in presets
+    assert "paint" not in engine.runnable() and "pai" in engine.runnable()  # what bench and loads run here
     assert cards["pai"]["unavailable"] is None and f"{engine.model_id}+pai" in presets
 
 

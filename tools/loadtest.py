@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -63,6 +63,14 @@ def _image_url(seed: int = 0) -> str:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def _served(client: httpx.AsyncClient, cfg: LoadConfig) -> LoadConfig:
+    """``cfg`` without the intervention mixes naming a method the server says its model cannot run."""
+    cards = (await client.get("/v1/interventions")).json().get("data", [])
+    refused = {c["name"] for c in cards if c.get("unavailable")}
+    kept = tuple(mix for mix in cfg.interventions if not refused & set(mix))
+    return replace(cfg, interventions=kept or ({},))
 
 
 async def _resident_bytes(client: httpx.AsyncClient) -> float | None:
@@ -116,6 +124,7 @@ async def run_load(cfg: LoadConfig) -> dict:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=cfg.concurrency)
     async with httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=120, limits=limits) as client:
+        cfg = await _served(client, cfg)
         before = await _resident_bytes(client)
         results: list[tuple[int, float, int, bool]] = []
         counter = iter(range(cfg.requests))

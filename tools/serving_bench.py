@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     chunked = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}  # older schedulers take no chunk
     scheduler = Scheduler(engine, max_batch_size=args.max_batch_size, batch_wait_s=0.005, queue_size=args.queue_size, **chunked)
-    methods = args.methods if args.methods is not None else engine.methods.mixed_traffic()
+    methods = args.methods if args.methods is not None else engine.runnable(engine.methods.mixed_traffic())
     scheduler.start()
     try:
         async def main() -> dict[str, Any]:
