@@ -176,6 +176,7 @@ class Scheduler:
             try:
                 if idle and not taken:
                     item = self.queue.get()
+                    deadline = time.perf_counter() + self.batch_wait_s  # the burst window opens with the first
                 elif idle:
                     item = self.queue.get(timeout=max(deadline - time.perf_counter(), 0) or 1e-9)
                 else:

@@ -212,6 +212,27 @@ def test_admissions_with_passes_take_turns_between_decode_steps(monkeypatch):
     assert [o.token_ids for o in outs] == [engine.generate_batch([r])[0].token_ids for r in heavy]
 
 
+def test_the_burst_window_opens_with_the_first_request_after_idling():
+    """A worker idle for longer than ``batch_wait_s`` still gathers a request that follows the first within it."""
+    engine = engine_for(FAMILIES[0])
+    scheduler = Scheduler(engine, max_batch_size=8, batch_wait_s=0.3)
+    client = EngineClient(scheduler)
+    reqs = [GenerationRequest(prompt=QUESTIONS[i], images=[make_image(i)], max_new_tokens=2) for i in range(2)]
+    scheduler.start()
+
+    async def main() -> None:
+        await asyncio.sleep(0.6)  # idle past the window
+        first = asyncio.ensure_future(client.generate(reqs[0]))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, client.generate(reqs[1]))
+
+    try:
+        asyncio.run(main())
+    finally:
+        scheduler.stop()
+    assert scheduler.batches == 1
+
+
 def test_kv_budget_makes_rows_wait_and_refuses_what_never_fits():
     engine = engine_for(FAMILIES[0])
     reqs = [GenerationRequest(prompt=QUESTIONS[i], images=[make_image(i)], max_new_tokens=6) for i in range(2)]
