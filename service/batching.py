@@ -30,7 +30,7 @@ from interventions.methods.base import RowState
 from interventions.runtime import ForwardContext
 from service.decoding import RowDecoding, apply_penalties, top_p_filter
 from service.engine import (
-    Engine, GenerationOutput, GenerationRequest, StreamedToken, decoding_of, place_rows, streamed_token,
+    Engine, GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, place_rows, streamed_token,
 )
 
 
@@ -359,9 +359,7 @@ class RunningBatch:
         reason = None if row.reason == "length" else row.reason
         out = self.engine.finish(row.tokens, reason, row.decoding, row.prompt, row.states, timings)
         if row.request.logprobs:
-            kept = row.streamed[: len(out.token_ids)]
-            out.logprobs = [t.logprob for t in kept]
-            out.top_logprobs = [t.top for t in kept] if row.request.top_logprobs else None
+            add_logprobs(out, row.streamed, row.request.top_logprobs)
         return out
 
 

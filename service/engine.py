@@ -104,12 +104,18 @@ def streamed_token(token: int, scores: torch.Tensor, request: GenerationRequest)
     """``token`` with its log-probs from the step's raw ``scores`` (before sampling settings) if asked."""
     if not request.logprobs:
         return StreamedToken(token)
+    return with_logprobs(token, scores, request.top_logprobs)
+
+
+def with_logprobs(token: int, scores: torch.Tensor, top: int) -> StreamedToken:
+    """The model's log-probability of ``token`` under ``scores`` and, with ``top``, the ``top`` most likely
+    tokens of the step (floored at ``MIN_LOGPROB``)."""
     steps = scores.float().log_softmax(-1).clamp_min(MIN_LOGPROB)
-    top = None
-    if request.top_logprobs:
-        values, ids = steps.topk(request.top_logprobs)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return StreamedToken(token, float(steps[token]), top)
+    best = None
+    if top:
+        values, ids = steps.topk(top)
+        best = list(zip(ids.tolist(), values.tolist()))
+    return StreamedToken(token, float(steps[token]), best)
 
 
 class Engine:
@@ -239,7 +245,8 @@ class Engine:
             tokens = sequences[b, prompt_len:].tolist()[: stops.length[b] or rows[b].max_new_tokens]
             out = self.finish(tokens, stops.reason[b], rows[b], inputs[b].prompt, states[b], timings)
             if request.logprobs:
-                add_logprobs(out, [logits[t][b] for t in range(len(out.token_ids))], request.top_logprobs)
+                steps = [with_logprobs(tok, logits[t][b], request.top_logprobs) for t, tok in enumerate(out.token_ids)]
+                add_logprobs(out, steps, request.top_logprobs)
             outputs.append(out)
         return outputs
 
@@ -503,17 +510,11 @@ def decoding_of(request: GenerationRequest) -> RowDecoding:
     )
 
 
-def add_logprobs(out: GenerationOutput, logits: Sequence[torch.Tensor], top: int) -> None:
-    """The model's log-probability of each generated token (before sampling settings), and the ``top`` most
-    likely tokens of each step."""
-    out.logprobs, out.top_logprobs = [], [] if top else None
-    if not logits:
-        return
-    steps = torch.stack(list(logits)).float().log_softmax(-1)
-    out.logprobs = [float(steps[t, tok]) for t, tok in enumerate(out.token_ids)]
-    if top:
-        values, ids = steps.topk(top, dim=-1)
-        out.top_logprobs = [list(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
+def add_logprobs(out: GenerationOutput, tokens: Sequence[StreamedToken], top: int) -> None:
+    """Set ``out``'s log-probs from its tokens' (:func:`with_logprobs`), one per kept token."""
+    kept = tokens[: len(out.token_ids)]
+    out.logprobs = [t.logprob for t in kept]
+    out.top_logprobs = [t.top for t in kept] if top else None
 
 
 def fit_images(adapter: ModelAdapter, request: RequestInputs, states: list[RowState]) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 M = "interventions/methods/"
 MUTATIONS = [
-    ("PAI boost z * (1 + alpha) instead of z + alpha |z|", M + "pai.py", "last + alpha[:, :, None] * last.abs()",
-     "last + alpha[:, :, None] * last"),
-    ("PAI boosts every column, not the image's", M + "pai.py", "torch.where(image[:, None, :], last",
-     "torch.where(image[:, None, :] | True, last"),
+    ("PAI boost z * (1 + alpha) instead of z + alpha |z|", M + "pai.py", "last + weight[:, None, :] * last.abs()",
+     "last + weight[:, None, :] * last"),
+    ("PAI boosts every column, not the image's", M + "pai.py", 'row_masks(states, total, device, "image") * per_row',
+     'torch.ones(len(states), total, device=device) * per_row'),
     ("PAI CFG mixes back s instead of u", M + "pai.py", "state.params.gamma * (s - u) + u", "state.params.gamma * (s - u) + s"),
     ("PAINT local tokens keep the summary ones", M + "paint.py", "return local & ~summary, summary", "return local, summary"),
     ("PAINT alpha and beta swapped", M + "paint.py",

@@ -1,4 +1,4 @@
-"""Test-only: Lookback Lens ratios as the loop of ``interventions.literal.loops``.
+"""Test-only: Lookback Lens ratios as the loop of ``interventions.literal.loops`` (kept as the fast path keeps them).
 
 Never on a serving path; ``seeright bench``'s literal timings use it."""
 
@@ -15,12 +15,5 @@ class LiteralLookback(Lookback):
     def edit_probs(self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
         for r, state in enumerate(states):
             ratios = ref.lookback_ratios(probs[r, :, -1], state.layout.image_positions.tolist(), state.layout.length)
-            current = state.data.setdefault("step", [])
-            current.append(torch.tensor(ratios))
-            if layer == state.params.layers[-1]:
-                matrix = torch.stack(current)
-                state.data["step"] = []
-                tokens = state.diagnostics.setdefault("per_token", [])
-                tokens.append(matrix.mean())
-                state.diagnostics["mean_ratio"] = sum(tokens) / len(tokens)
+            self.record(state, layer, torch.tensor(ratios, dtype=probs.dtype))
         return probs

@@ -65,19 +65,25 @@ class Lookback(Method):
         a_new = (row * new[:, None]).sum(-1) / new.sum(-1, keepdim=True)
         ratio = a_img / (a_img + a_new)  # [n, H]
         for r, state in enumerate(states):
-            current = state.data.setdefault("step", [])
-            current.append(ratio[r])
-            if layer == state.params.layers[-1]:  # the step's last read layer: one token's ratios are complete
-                matrix = torch.stack(current)  # [L, H]
-                state.data["step"] = []
-                tokens = state.diagnostics.setdefault("per_token", [])
-                tokens.append(matrix.mean())
-                state.data["sum"] = state.data.get("sum", 0.0) + tokens[-1]
-                state.diagnostics["mean_ratio"] = state.data["sum"] / len(tokens)
-                if state.params.features:
-                    state.diagnostics.setdefault("features", []).append(matrix)
-                if state.params.detector_weights is not None:
-                    weights = torch.tensor(state.params.detector_weights, device=matrix.device, dtype=matrix.dtype)
-                    logit = matrix.flatten() @ weights + state.params.detector_bias
-                    state.diagnostics.setdefault("hallucination_probability", []).append(torch.sigmoid(logit))
+            self.record(state, layer, ratio[r])
         return probs
+
+    @staticmethod
+    def record(state: RowState, layer: int, ratios: torch.Tensor) -> None:
+        """Keep one layer's ``[H]`` ratios; at the step's last read layer, the token's summaries."""
+        current = state.data.setdefault("step", [])
+        current.append(ratios)
+        if layer != state.params.layers[-1]:
+            return
+        matrix = torch.stack(current)  # [L, H]: one token's ratios are complete
+        state.data["step"] = []
+        tokens = state.diagnostics.setdefault("per_token", [])
+        tokens.append(matrix.mean())
+        state.data["sum"] = state.data.get("sum", 0.0) + tokens[-1]
+        state.diagnostics["mean_ratio"] = state.data["sum"] / len(tokens)
+        if state.params.features:
+            state.diagnostics.setdefault("features", []).append(matrix)
+        if state.params.detector_weights is not None:
+            weights = torch.tensor(state.params.detector_weights, device=matrix.device, dtype=matrix.dtype)
+            logit = matrix.flatten() @ weights + state.params.detector_bias
+            state.diagnostics.setdefault("hallucination_probability", []).append(torch.sigmoid(logit))

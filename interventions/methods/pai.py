@@ -56,10 +56,12 @@ class PAI(Method):
         return last_query_row(state, step) if layer in state.params.layers else None
 
     def edit_scores(self, layer: int, scores: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
-        image = row_masks(states, scores.shape[-1], scores.device, "image")  # [n, T]
-        alpha = per_row(states, "alpha", scores.device)[:, None]
+        weight = self.column_weights(states, scores.shape[-1], scores.device)  # [n, T]
         last = scores[:, :, -1]  # [n, H, T]: the last query row of every sequence in this forward
-        boosted = torch.where(image[:, None, :], last + alpha[:, :, None] * last.abs(), last)
         scores = scores.clone()
-        scores[:, :, -1] = boosted
+        scores[:, :, -1] = last + weight[:, None, :] * last.abs()
         return scores
+
+    def column_weights(self, states: list[RowState], total: int, device: torch.device) -> torch.Tensor:
+        """Each key column's boost ``[n, T]``: alpha on the row's image tokens, 0 elsewhere."""
+        return row_masks(states, total, device, "image") * per_row(states, "alpha", device)[:, None]

@@ -9,7 +9,7 @@ vision-tower pass at admission):
   ``Q3 + summary_iqr * (Q3 - Q1)`` (quartiles by linear interpolation);
 * local tokens minus summary tokens.
 
-Modulation (PAI's Eq. 5 per column): on the pre-softmax logits of the last query row, all heads, layers 2..L-1,
+Modulation (PAI's Eq. 5 per column, PAI's ``edit_scores`` with other column weights): on the pre-softmax logits of the last query row, all heads, layers 2..L-1,
 ``z + alpha * |z|`` on local tokens and ``z + beta * |z|`` on summary tokens; other image tokens untouched.
 One scalar for all heads (the abstract's "head-specific modulation" is not in the release). The release's
 optional "spatial" tokens (``spatial_token_ratio``, default 0) are not built. PAI's CFG branch (``cfg``) applies
@@ -45,14 +45,10 @@ class PAINT(PAI):
             state.data["local"], state.data["summary"] = local, summary
             state.diagnostics["local_tokens"], state.diagnostics["summary_tokens"] = local, summary
 
-    def edit_scores(self, layer: int, scores: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
-        total = scores.shape[-1]
+    def column_weights(self, states: list[RowState], total: int, device: torch.device) -> torch.Tensor:
+        """Each key column's boost ``[n, T]``: alpha on local, beta on summary image tokens, 0 elsewhere."""
         prompt = max(s.layout.length for s in states)
-        weight = over_keys(states, "paint_weight", total, lambda: torch.stack([_weights(s, prompt) for s in states]).to(scores.device), 0.0)
-        last = scores[:, :, -1]  # [n, H, T]
-        scores = scores.clone()
-        scores[:, :, -1] = last + weight[:, None, :] * last.abs()
-        return scores
+        return over_keys(states, "paint_weight", total, lambda: torch.stack([_weights(s, prompt) for s in states]).to(device), 0.0)
 
 
 def select_tokens(cls: tuple[torch.Tensor, torch.Tensor], params: PAINTParams) -> tuple[torch.Tensor, torch.Tensor]:
