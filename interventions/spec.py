@@ -12,6 +12,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+VISION_LAYERS = {"x-layers-of": "vision"}  # marks fields that index the vision tower's layers, not the LLM's
+
+
 class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -148,6 +151,39 @@ class RITUALParams(MethodParams):
         "random", "horizontal_flip", "vertical_flip", "rotation", "color_jitter", "gaussian_blur", "resized_crop"
     ] = Field("random", description="T: one of the release's six, drawn uniformly per request (random), or a fixed one.")
     seed: int = Field(0, ge=0, description="Seed of the draw of T and of its random parameters.")
+
+
+class VEMaskParams(MethodParams):
+    """Masking visual tokens of high epistemic uncertainty in the vision encoder (Seo et al., NeurIPS 2025,
+    arXiv 2510.09008, "On Epistemic Uncertainty of Visual Tokens for Object Hallucinations in LVLMs").
+
+    The paper's hyperparameter values were not in the material this project could read (no code release was
+    found); every default below is ours and says so. Layer indices count the vision tower's layers from 0."""
+
+    pgd_steps: int = Field(5, ge=1, le=100, description="PGD iterations of the attack (Eq. 1). Default ours.")
+    epsilon: float = Field(
+        2 / 255, gt=0, le=1, description="L-inf bound of the perturbation, in [0, 1] pixel units. Default ours (2/255)."
+    )
+    step_size: float = Field(0.5 / 255, gt=0, le=1, description="PGD step, in [0, 1] pixel units. Default ours (0.5/255).")
+    random_start: bool = Field(True, description="Start PGD from uniform noise in [-epsilon, epsilon] (seeded).")
+    seed: int = Field(0, ge=0, description="Seed of the random start, so that a request's answer repeats.")
+    attack_layer: int | None = Field(
+        None, json_schema_extra=VISION_LAYERS,
+        description="Tower layer whose output features the attack pushes apart (MSE); default the layer the LLM reads.",
+    )
+    deviation_layers: list[int] | None = Field(
+        None, json_schema_extra=VISION_LAYERS,
+        description="Early layers i..j-1 whose per-token deviation is the uncertainty; default the first eighth.",
+    )
+    mask_layers: list[int] | None = Field(
+        None, json_schema_extra=VISION_LAYERS,
+        description="Middle layers where uncertain tokens are masked as attention keys; default the middle third.",
+    )
+    mask_ratio: float = Field(0.1, gt=0, lt=1, description="Fraction of patch tokens masked (most uncertain first). Default ours.")
+    threshold: float | None = Field(
+        None, gt=0,
+        description="Instead of mask_ratio: mask tokens whose deviation z-score (over the image's patches) exceeds this.",
+    )
 
 
 class LookbackParams(MethodParams):

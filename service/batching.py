@@ -30,7 +30,7 @@ from interventions.methods.base import RowState
 from interventions.runtime import ForwardContext
 from service.decoding import RowDecoding, apply_penalties, top_p_filter
 from service.engine import (
-    Engine, GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, place_rows, streamed_token,
+    Engine, GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, image_counts, place_rows, streamed_token,
 )
 
 
@@ -172,7 +172,8 @@ class RunningBatch:
             place_rows(prompts, states)
             position_ids, positions = engine.adapter.prefill_positions(batch)
             cache = DynamicCache()
-            active = engine.runtime.activate(ForwardContext(states)) if any(states) else nullcontext()
+            context = ForwardContext(states, image_counts=image_counts(prompts))
+            active = engine.runtime.activate(context) if any(states) else nullcontext()
             with active:
                 out = engine.model(**batch, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         self._merge(rows, cache, batch["attention_mask"], positions)

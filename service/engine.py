@@ -428,7 +428,7 @@ class Engine:
         """One batched forward with ``rows``' hooks, stopped after ``stop_after_layer`` (analysis passes)."""
         batch = self.collate(prompts)
         place_rows(prompts, rows)
-        with self.runtime.activate(ForwardContext(rows, stop_after_layer=stop_after_layer)):
+        with self.runtime.activate(ForwardContext(rows, stop_after_layer=stop_after_layer, image_counts=image_counts(prompts))):
             try:
                 self.model(**batch, use_cache=False)
             except StopForward:
@@ -457,7 +457,7 @@ class Engine:
         stops = RowStops(decoding, prompt_len, self._decode_text, cancelled)
         streamer = RowStreamer(on_token, stops, set(self.eos_token_ids())) if on_token else None
         # rows without interventions need no context: every hook then returns at its first check
-        active = self.runtime.activate(ForwardContext(rows)) if any(rows) else nullcontext()
+        active = self.runtime.activate(ForwardContext(rows, image_counts=image_counts(prompts))) if any(rows) else nullcontext()
         with active:
             out = self.model.generate(
                 **batch,
@@ -562,6 +562,12 @@ class EnginePasses:
     def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._engine.adapter.cls_attention(images)
 
+    def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        return self._engine.adapter.vision_states(pixel_values, layers)
+
+    def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._engine.adapter.pixel_stats()
+
     def prefill(
         self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], stop_after_layer: int | None
     ) -> None:
@@ -579,6 +585,11 @@ def place_rows(prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowStat
     for prompt, states in zip(prompts, rows):
         for state in states:
             state.layout = prompt.layout.shifted(length - len(prompt.input_ids))
+
+
+def image_counts(prompts: Sequence[EncodedPrompt]) -> list[int]:
+    """Images per prompt, in the order a batch of ``prompts`` hands them to the vision tower."""
+    return [len(p.layout.image_spans) for p in prompts]
 
 
 def _given(params: dict[str, Any] | None) -> dict[str, Any]:

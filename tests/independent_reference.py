@@ -477,3 +477,79 @@ def carve_refine(image: Image.Image, mask: np.ndarray) -> Image.Image:
     crop = Image.fromarray(pixels.astype(np.uint8)).crop(tuple(int(v) for v in box))
     scale = max(image.width / crop.width, image.height / crop.height)
     return crop.resize((int(crop.width * scale), int(crop.height * scale)), Image.LANCZOS)
+
+
+# ---- VE masking (arXiv 2510.09008, Eq. 1 and §4) ---------------------------------------------------------
+def _tower_states(tower: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The stock tower's hidden states: the embeddings, then each layer's output."""
+    return tower(pixels, output_hidden_states=True).hidden_states
+
+
+def vemask_patches(tower: torch.nn.Module, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, p: Any) -> list[list[int]]:
+    """Masked patch indices per image: PGD (sign steps, L-inf ball, [0, 1] pixel box) maximising the MSE of
+    the attack layer's output, then each patch's per-token MSE averaged over the deviation layers; the top
+    floor(ratio * N) (stable order) or the z-scores above the threshold."""
+    mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    x = pixels * std + mean
+    with torch.no_grad():
+        clean = _tower_states(tower, pixels)
+    delta = torch.zeros_like(x)
+    if p.random_start:
+        delta = (torch.rand(x.shape, generator=torch.Generator().manual_seed(p.seed)) * 2 - 1) * p.epsilon
+    delta = torch.clamp(x + delta, 0, 1) - x
+    for _ in range(p.pgd_steps):
+        d = delta.clone().requires_grad_(True)
+        out = _tower_states(tower, (x + d - mean) / std)[p.attack_layer + 1]
+        ((out - clean[p.attack_layer + 1]) ** 2).mean().backward()
+        delta = torch.clamp(delta + p.step_size * d.grad.sign(), -p.epsilon, p.epsilon)
+        delta = torch.clamp(x + delta, 0, 1) - x
+    with torch.no_grad():
+        attacked = _tower_states(tower, (x + delta - mean) / std)
+    out = []
+    for i in range(pixels.shape[0]):
+        dev = np.mean([((attacked[l + 1][i] - clean[l + 1][i]) ** 2).mean(-1).double().numpy() for l in p.deviation_layers], axis=0)[1:]
+        if p.threshold is not None:
+            z = (dev - dev.mean()) / dev.std(ddof=1)
+            out.append([int(j) for j in np.nonzero(z > p.threshold)[0]])
+        else:
+            out.append(sorted(int(j) for j in np.argsort(-dev, kind="stable")[: max(1, int(p.mask_ratio * len(dev)))]))
+    return out
+
+
+def _masked_tower_states(tower: torch.nn.Module, pixels: torch.Tensor, masked: list[list[int]], layers: list[int]) -> tuple:
+    """The tower's hidden states with attention written out, patches ``masked[i]`` of image i at -inf as keys in ``layers``."""
+    vision = getattr(tower, "vision_model", tower)  # transformers 4 nests the transformer, 5 does not
+    h = vision.pre_layrnorm(vision.embeddings(pixels))
+    states = [h]
+    for l, layer in enumerate(vision.encoder.layers):
+        attn, x = layer.self_attn, layer.layer_norm1(h)
+        n, t, width = x.shape
+        split = lambda proj: proj(x).view(n, t, attn.num_heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(attn.q_proj), split(attn.k_proj), split(attn.v_proj)
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scale
+        if l in layers:
+            for i, patches in enumerate(masked):
+                scores[i, :, :, [1 + j for j in patches]] = float("-inf")
+        out = torch.softmax(scores, dim=-1).to(v.dtype) @ v
+        h = h + attn.out_proj(out.transpose(1, 2).reshape(n, t, width))
+        h = h + layer.mlp(layer.layer_norm2(h))
+        states.append(h)
+    return tuple(states)
+
+
+def vemask_generate(ref: ReferenceModel, prompt: Prompt, mean: torch.Tensor, std: torch.Tensor, p: Any, max_new_tokens: int) -> Run:
+    """Greedy decoding with the tower's hidden states replaced by the masked forward's."""
+    tower = ref.model.model.vision_tower
+    pixels = prompt.inputs["pixel_values"].float()
+    masked = vemask_patches(tower, pixels, mean, std, p)
+
+    def replace(module, args, output):
+        with torch.no_grad():
+            output.hidden_states = _masked_tower_states(tower, pixels, masked, p.mask_layers)
+        return output
+
+    handle = tower.register_forward_hook(replace)
+    try:
+        return ref.greedy(prompt, max_new_tokens)
+    finally:
+        handle.remove()

@@ -1,9 +1,10 @@
 """Hypothesis strategies for valid method parameters, read from each method's pydantic parameter model.
 
 Nothing here names a method: a field's type and bounds say what to draw. Layer lists (``list[int]`` fields
-whose name ends in ``layers``) are non-empty subsets of the model's layers; other integer lists (sink dims)
+whose name ends in ``layers``) are non-empty subsets of the model's layers (of the vision tower's, for fields
+marked ``x-layers-of: vision``, whose integer fields are layer indices too); other integer lists (sink dims)
 stay at the model's default; unbounded floats are drawn around the model's default; long generations
-(``collect_tokens``) are kept short so that hundreds of draws fit in CI time.
+(``collect_tokens``, ``pgd_steps``) are kept short so that hundreds of draws fit in CI time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic.fields import FieldInfo
 
 from interventions.methods.base import Method
 
-MAX_COLLECT_TOKENS = 4
+MAX_PASS_STEPS = 4  # CARVE's collection tokens, VE masking's PGD steps
 
 
 def _bounds(info: FieldInfo) -> dict[str, float]:
@@ -39,9 +40,15 @@ def _core(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def field_strategy(name: str, info: FieldInfo, default: Any, num_layers: int) -> st.SearchStrategy | None:
+def field_strategy(
+    name: str, info: FieldInfo, default: Any, num_layers: int, vision_layers: int = 0
+) -> st.SearchStrategy | None:
     """A strategy for one field, or ``None`` to leave it at the model's default."""
     kind, _ = _core(info.annotation)
+    if (info.json_schema_extra or {}).get("x-layers-of") == "vision":
+        if kind is int:
+            return st.integers(0, vision_layers - 1)
+        num_layers = vision_layers
     origin = typing.get_origin(kind)
     if origin is Literal:
         return st.sampled_from(typing.get_args(kind))
@@ -54,10 +61,12 @@ def field_strategy(name: str, info: FieldInfo, default: Any, num_layers: int) ->
     bounds = _bounds(info)
     if kind is int:
         low, high = bounds.get("ge", bounds.get("gt", 0)), bounds.get("le", 64)
-        if name == "collect_tokens":
-            high = min(high, MAX_COLLECT_TOKENS)
+        if name in ("collect_tokens", "pgd_steps"):
+            high = min(high, MAX_PASS_STEPS)
         return st.integers(int(low), int(high))
     if kind is float:
+        if default is None and info.default is None:  # an optional alternative (VE masking's threshold)
+            return st.none() | st.floats(0.5, 3.0)
         centre = float(default if default is not None else info.default)
         low = bounds.get("ge", bounds.get("gt", centre / 4))
         high = bounds.get("le", bounds.get("lt", centre * 2))
@@ -68,11 +77,13 @@ def field_strategy(name: str, info: FieldInfo, default: Any, num_layers: int) ->
 
 
 @st.composite
-def method_params(draw: st.DrawFn, method: Method, defaults: dict[str, Any], num_layers: int) -> dict[str, Any]:
+def method_params(
+    draw: st.DrawFn, method: Method, defaults: dict[str, Any], num_layers: int, vision_layers: int = 0
+) -> dict[str, Any]:
     """A random subset of a method's fields, each with a random valid value."""
     params = {}
     for name, info in method.params_model.model_fields.items():
-        strategy = field_strategy(name, info, defaults.get(name), num_layers)
+        strategy = field_strategy(name, info, defaults.get(name), num_layers, vision_layers)
         if strategy is not None and draw(st.booleans()):
             params[name] = draw(strategy)
     return params

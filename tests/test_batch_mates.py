@@ -61,7 +61,9 @@ def serve_scheduled(engine: Engine, requests: Sequence[GenerationRequest]) -> li
 def rows(draw: st.DrawFn, engine: Engine, pool: list[str]) -> dict:
     names = draw(st.lists(st.sampled_from(pool), max_size=2, unique=True))
     interventions = {
-        name: draw(method_params(engine.methods[name], engine.method_defaults(name), engine.info.num_layers))
+        name: draw(method_params(
+            engine.methods[name], engine.method_defaults(name), engine.info.num_layers, engine.info.vision_layers
+        ))
         for name in names
     }
     contrasting = [n for n, p in interventions.items() if engine.methods[n].contrasts(engine.resolve_params({n: p})[n])]

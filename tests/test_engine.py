@@ -27,8 +27,9 @@ def test_mixed_batch_rows_equal_rows_alone(engine, images):
     assert len({tuple(o.token_ids) for o in batched}) > 1
 
 
-def test_carve_row_in_a_mixed_batch(llava, images):
-    reqs = _requests(images, [{}, {"carve": {}}, {"gift": {}}])
+@pytest.mark.parametrize("rows", [[{}, {"carve": {}}, {"gift": {}}], [{}, {"vemask": {"mask_ratio": 0.5}}, {"vcd": {}}, {"vemask": {}}]])
+def test_pass_running_rows_in_a_mixed_batch(llava, images, rows):
+    reqs = _requests(images, rows)
     batched = llava.generate_batch(reqs)
     assert [o.token_ids for o in batched] == [llava.generate_batch([r])[0].token_ids for r in reqs]
 
@@ -37,6 +38,7 @@ def test_no_state_leaks_between_requests(images):
     used, fresh = Engine.from_pretrained("tiny-random/llava"), Engine.from_pretrained("tiny-random/llava")
     used.generate_batch(_requests(images, [{"var": {}}, {"gift": {}}, {"vhr": {}}]))
     used.generate_batch(_requests(images, [{"vcd": {"seed": 3}}, {"paint": {"cfg": True}}, {"ritual": {}, "lookback": {}}]))
+    used.generate_batch(_requests(images, [{"vemask": {"mask_ratio": 0.5}}, {}]))
     second = _requests(images[1:], [{"var": {"p": 0.9}}, {"vhr": {}}, {"vcd": {}}])
     assert [o.token_ids for o in used.generate_batch(second)] == [o.token_ids for o in fresh.generate_batch(second)]
     assert used.runtime.context is None
@@ -65,6 +67,10 @@ def test_no_state_leaks_between_requests(images):
         ({"ritual": {"transform": "invert"}}, "interventions.ritual.transform"),
         ({"vcd": {}, "ritual": {}}, "interventions"),
         ({"lookback": {"detector_weights": [1.0, 2.0]}}, "interventions.lookback"),
+        ({"vemask": {"mask_ratio": 1}}, "interventions.vemask.mask_ratio"),
+        ({"vemask": {"epsilon": 0}}, "interventions.vemask.epsilon"),
+        ({"vemask": {"mask_layers": [1]}}, "interventions.vemask"),
+        ({"vemask": {"attack_layer": 3}}, "interventions.vemask"),
         ({"nope": {}}, "interventions"),
         ({"gift": 3}, "interventions.gift"),
     ],

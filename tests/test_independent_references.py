@@ -10,7 +10,7 @@ from conftest import QUESTIONS, make_image
 from independent_reference import (
     Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_boost,
     pai_cfg_generate, pai_generate, paint_generate, paint_tokens, ritual_generate, var_generate, vcd_generate,
-    vcd_noised, vhr_generate,
+    vcd_noised, vemask_generate, vhr_generate,
 )
 
 from interventions.adapters import ChatTurn
@@ -25,6 +25,8 @@ CASES = [
     ("pai", {}), ("pai", {"alpha": 0.8, "layers": [1, 4]}), ("pai", {"cfg": True}),
     ("pai", {"cfg": True, "gamma": 2.0, "cfg_cutoff": 0.3, "alpha": 0.5}),
     ("paint", {}), ("paint", {"alpha": 0.4, "beta": 0.9, "local_token_ratio": 0.5, "summary_iqr": 0.3}),
+    ("vemask", {}), ("vemask", {"mask_ratio": 0.5, "pgd_steps": 2, "epsilon": 0.05, "step_size": 0.02, "seed": 4}),
+    ("vemask", {"threshold": 1.0, "random_start": False}),
     ("vcd", {}), ("vcd", {"alpha": 0.5, "beta": 0.2, "noise_step": 999, "seed": 3}),
     ("ritual", {"transform": "horizontal_flip"}), ("ritual", {"transform": "vertical_flip", "alpha": 1.0, "beta": 0.3}),
     ("var", {"rho": 0.2}), ("var", {"rho": 0.8}), ("var", {"rho": 0.8, "p": 0.9}),
@@ -70,6 +72,9 @@ def reference_run(engine: Engine, ref: ReferenceModel, name: str, params, image)
         feature = engine.model.config.vision_feature_layer % engine.model.config.vision_config.num_hidden_layers
         local, summary = paint_tokens(tower, prompt.inputs["pixel_values"], feature, params)
         return paint_generate(ref, prompt, local, summary, params, NEW_TOKENS)
+    if name == "vemask":
+        mean, std = engine.adapter.pixel_stats()
+        return vemask_generate(ref, tokenised(engine, turns, [image]), mean, std, params, NEW_TOKENS)
     if name == "vcd":
         return vcd_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "ritual":

@@ -9,7 +9,9 @@ import torch
 from conftest import QUESTIONS
 from fastapi.testclient import TestClient
 
+from interventions.adapters import ChatTurn
 from interventions.literal import loops as ref
+from interventions.literal.vemask import LiteralVEMask
 from interventions.methods.base import RequestInputs
 from interventions.registry import MethodRegistry
 from model_zoo.tiny_random import TINY_MODELS
@@ -72,6 +74,53 @@ def test_lookback_matches_literal(engine, images, monkeypatch):
     for out, rows in zip(outs, per_row):
         means = [float(np.mean(rows[i] + rows[i + 1])) for i in range(0, len(rows), 2)]  # two layers per token
         assert out.diagnostics["lookback"]["per_token"] == pytest.approx(means, abs=1e-6)
+
+
+# ---- VE masking ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("given", [{"mask_ratio": 0.3, "pgd_steps": 3}, {"threshold": 0.8, "random_start": False}])
+def test_vemask_matches_literal(llava, images, monkeypatch, given):
+    method = llava.methods["vemask"]
+    attacks, selections = spy(monkeypatch, method, "attack"), spy(monkeypatch, method, "select")
+    outs = run(llava, images, {"vemask": given}, n=2)
+    literal = LiteralVEMask()
+    per_request = [(p, result) for (_, _, params), results in attacks for p, result in zip(params, results)]
+    assert len(attacks) == 1 and len(per_request) == len(selections) == len(outs)  # one batched attack
+    for (p, (clean, attacked)), ((deviation, _), masked), out in zip(per_request, selections, outs):
+        assert max(float((attacked[l] - clean[l]).abs().max()) for l in p.deviation_layers) > 0  # the attack moved them
+        expected = literal.deviation(clean, attacked, p)
+        torch.testing.assert_close(deviation.double(), expected, atol=1e-12, rtol=1e-5)
+        assert torch.equal(masked, literal.select(expected, p)) and masked.any()
+        assert out.diagnostics["vemask"]["masked_tokens"] == [m.nonzero().flatten().tolist() for m in masked]
+
+
+def test_vision_masks_act_in_their_layer_and_image_only(llava, images):
+    """The adapter's hooks mask a patch as a key in the layers and images ``keep`` says, nothing else."""
+    adapter = llava.adapter
+    pixels = torch.cat([llava.encode([ChatTurn("user", "hi", 1)], [im]).images["pixel_values"] for im in images[:2]])
+    tower = adapter.model.model.vision_tower
+    with torch.no_grad():
+        stock = tower(pixels, output_hidden_states=True).hidden_states
+        keep = torch.ones((2, len(stock) - 1, stock[0].shape[1] - 1), dtype=torch.bool)
+        keep[1, 1, 3] = False  # image 1, layer 1, patch 3
+        handles = adapter.mask_vision_attention(keep)
+        try:
+            masked = tower(pixels, output_hidden_states=True).hidden_states
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert len(handles) == 1
+    torch.testing.assert_close(masked[1], stock[1], rtol=0, atol=0)  # layer 0 untouched
+    torch.testing.assert_close(masked[2][0], stock[2][0], rtol=0, atol=0)  # image 0 untouched
+    assert (masked[2][1] - stock[2][1]).abs().max() > 1e-4
+
+
+def test_vemask_is_refused_by_name_where_the_tower_cannot_be_masked(engine):
+    if engine.info.vision_layers:
+        assert engine.unavailable("vemask") is None
+        return
+    with pytest.raises(RequestError, match=r"interventions.vemask: .*Qwen2-VL"):
+        engine.resolve_params({"vemask": {}})
+    assert "vemask" not in engine.runnable()
 
 
 # ---- PAINT -------------------------------------------------------------------------------------------

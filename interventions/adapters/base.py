@@ -22,12 +22,14 @@ The runtime's contract with a model family (what a new adapter must make true):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from interventions.content_words import content_word_spans
 from interventions.layout import TokenLayout
@@ -78,6 +80,7 @@ class ModelInfo:
     head_dim: int
     hidden_size: int
     vision_cls_token: bool = False  # the vision tower has a [CLS] token (CLIP in LLaVA; not Qwen2-VL)
+    vision_layers: int = 0  # tower layers up to the one the LLM reads, where their attention can be masked; else 0
 
 
 class ModelAdapter(ABC):
@@ -119,6 +122,7 @@ class ModelAdapter(ABC):
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             hidden_size=cfg.hidden_size,
             vision_cls_token=self.cls_token,
+            vision_layers=self.maskable_vision_layers,
         )
 
     @property
@@ -165,6 +169,28 @@ class ModelAdapter(ABC):
         heads, in the tower's first layer and in the layer whose features the model takes: two
         ``[n_images, image tokens]``. Only where ``cls_token``."""
         raise ValueError(f"the {self.family} vision tower has no [CLS] token")
+
+    @property
+    def maskable_vision_layers(self) -> int:
+        """Vision-tower layers up to the one whose features the model takes, where :meth:`mask_vision_attention`
+        can mask patches; 0 where this adapter cannot."""
+        return 0
+
+    def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Outputs ``[n_images, tokens, D]`` of the tower's ``layers`` for normalised ``pixel_values``,
+        differentiable with respect to them (the tower stops after the last of ``layers``)."""
+        raise ValueError(f"the {self.family} adapter cannot read its vision tower's layers")
+
+    def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's per-channel mean and std (``pixel_values = (x - mean) / std`` for ``x`` in [0, 1])."""
+        p = self.image_processor
+        return torch.tensor(p.image_mean, dtype=torch.float32), torch.tensor(p.image_std, dtype=torch.float32)
+
+    def mask_vision_attention(self, keep: torch.Tensor) -> list[RemovableHandle]:
+        """Hooks that mask, in each vision-tower layer ``l``, the key columns of the patches where
+        ``keep[image, l]`` is False, for every image of the next tower forward (``keep``: ``[images, layers,
+        patches]``). The caller removes them."""
+        raise ValueError(f"the {self.family} adapter cannot mask its vision tower's attention")
 
     def prefill_positions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids of a left-padded prefill batch (as ``generate`` builds them: real tokens count from 0,

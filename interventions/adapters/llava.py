@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.hooks import RemovableHandle
 
 from interventions.adapters.base import ChatTurn, ModelAdapter, Segment, StopForward
 
@@ -60,12 +62,64 @@ class LlavaAdapter(ModelAdapter):
         layer = self.model.config.vision_feature_layer
         return layer % self.model.config.vision_config.num_hidden_layers
 
+    @property
+    def vision_encoder(self) -> torch.nn.Module:
+        tower = self.model.model.vision_tower
+        return tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder  # transformers 4 / 5
+
+    @property
+    def maskable_vision_layers(self) -> int:
+        return self.vision_feature_layer + 1
+
+    def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        last = max(layers)
+
+        def capture(layer: int):
+            def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+                out[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == last:
+                    raise StopForward
+            return hook
+
+        handles = [self.vision_encoder.layers[l].register_forward_hook(capture(l)) for l in set(layers)]
+        try:
+            self.model.model.vision_tower(pixel_values.to(self.model.device, self.model.dtype))
+        except StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out
+
+    def mask_vision_attention(self, keep: torch.Tensor) -> list[RemovableHandle]:
+        """A pre-hook per layer with masked patches adds ``finfo.min`` to their key columns (the [CLS] column and
+        every query row untouched) through the attention mask CLIP passes to its attention function."""
+        handles = []
+        for layer, block in enumerate(self.vision_encoder.layers[: keep.shape[1]]):
+            columns = keep[:, layer]
+            if bool(columns.all()):
+                continue
+            columns = torch.cat([columns.new_ones((columns.shape[0], 1)), columns], dim=1)  # the [CLS] column first
+
+            def hook(module: torch.nn.Module, args: tuple, kwargs: dict, columns: torch.Tensor = columns) -> tuple:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                tokens = hidden.shape[1]
+                bias = torch.zeros(columns.shape, dtype=hidden.dtype, device=hidden.device)
+                bias = bias.masked_fill(~columns.to(hidden.device), torch.finfo(hidden.dtype).min)
+                bias = bias[:, None, None, :].expand(-1, 1, tokens, -1)
+                given = kwargs.get("attention_mask")
+                kwargs["attention_mask"] = bias if given is None else given + bias
+                return args, kwargs
+
+            handles.append(block.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+        return handles
+
     def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP's ``softmax(q_cls K^T * scale)`` recomputed from the first and the feature layer's attention
         input (after ``layer_norm1``), so it does not depend on the tower's attention implementation; the tower
         stops after the feature layer. Columns: the patches (the [CLS] column dropped, as LLaVA drops its token)."""
-        tower = self.model.model.vision_tower
-        encoder = tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder  # transformers 4 / 5
+        encoder = self.vision_encoder
         layers = [0, self.vision_feature_layer]
         out: dict[int, torch.Tensor] = {}
 

@@ -56,6 +56,31 @@ def paint_boost(scores: torch.Tensor, local: list[int], summary: list[int], alph
     return out
 
 
+# ---- VE masking ----------------------------------------------------------------------------------------
+def vemask_deviation(clean: list[torch.Tensor], attacked: list[torch.Tensor]) -> list[float]:
+    """Per patch of one image: the mean over layers of sum_d (f'_d - f_d)^2 / D, from per-layer [tokens, D]
+    features whose first token is [CLS] (skipped)."""
+    tokens, dims = clean[0].shape
+    out = []
+    for t in range(1, tokens):
+        total = 0.0
+        for f, g in zip(clean, attacked):
+            total += sum((float(g[t, d]) - float(f[t, d])) ** 2 for d in range(dims)) / dims
+        out.append(total / len(clean))
+    return out
+
+
+def vemask_select(deviation: list[float], ratio: float, threshold: float | None) -> list[int]:
+    """Masked patches: z-score (sample std) above ``threshold``, else the top floor(ratio * N) (at least one),
+    ties to the lower index."""
+    n = len(deviation)
+    if threshold is not None:
+        mean = sum(deviation) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in deviation) / (n - 1))
+        return [j for j in range(n) if (deviation[j] - mean) / max(std, 1e-12) > threshold]
+    return sorted(sorted(range(n), key=lambda j: (-deviation[j], j))[: max(1, int(ratio * n))])
+
+
 # ---- Lookback Lens -------------------------------------------------------------------------------------
 def lookback_ratios(row: torch.Tensor, image: list[int], first_new: int) -> list[float]:
     """Per head of one attention row [H, T]: mean over image columns / (that + mean over columns >= first_new)."""

@@ -12,6 +12,8 @@ the hooks it declared, nothing else:
 * ``edit_scores(layer, scores, states, step, q0)`` (:attr:`HookPoint.SCORES`): pre-softmax attention logits.
 * ``edit_probs(layer, probs, states, step, q0)`` (:attr:`HookPoint.PROBS`): post-softmax attention rows.
 * ``edit_heads(layer, heads, states, step)``   (:attr:`HookPoint.HEADS`): per-head outputs before ``o_proj``.
+* ``vision_keep(state)`` (:attr:`HookPoint.VISION`): which of the request's image patches each layer of the
+  vision tower may attend to (VE masking); the other rows' images are untouched.
 * ``contrast_prompt(state, passes)`` and ``contrast(scores, branch, state)`` (:attr:`HookPoint.LOGITS`): the
   request gets a contrast branch, a second row with its own prompt (a noised or transformed image, or none)
   and its own KV cache, fed the request's tokens without interventions; each step the request's next-token
@@ -78,9 +80,10 @@ class HookPoint(enum.Enum):
     PROBS = "probs"  # edit_probs(): post-softmax attention rows
     HEADS = "heads"  # edit_heads(): per-head outputs before o_proj
     LOGITS = "logits"  # contrast(): next-token scores against a contrast branch of the request's own
+    VISION = "vision"  # vision_keep(): patches masked as keys in the vision tower's self-attention
 
 
-EDITING_POINTS = frozenset({HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
+EDITING_POINTS = frozenset({HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS, HookPoint.VISION})
 PASS_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS})
 
 
@@ -102,6 +105,10 @@ class Passes(Protocol):
     def eos_token_ids(self) -> list[int]: ...
 
     def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]: ...
+
+    def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Hooks:
@@ -146,6 +153,11 @@ class Hooks:
 
     def observe_hidden(self, layer: int, hidden: torch.Tensor, states: list[RowState], step: int) -> None:
         """See the residual stream ``[n, q, D]`` entering decoder layer ``layer``."""
+
+    def vision_keep(self, state: RowState) -> torch.Tensor | None:
+        """``[n_images, vision layers, patches]`` bool: the patches each vision-tower layer may attend to for
+        this row's images (False: masked as a key), or None to leave the tower alone."""
+        return None
 
     def wants(self, what: str, state: RowState, layer: int, step: int) -> bool:
         if what == "heads":

@@ -1,0 +1,28 @@
+"""Test-only: VE masking's uncertainty and token choice as the loops of ``interventions.literal.loops``.
+
+Never on a serving path; the tests and ``seeright bench``'s literal timings use it."""
+
+from __future__ import annotations
+
+import torch
+
+from interventions.literal import loops as ref
+from interventions.methods.vemask import VEMask
+from interventions.spec import VEMaskParams
+
+
+class LiteralVEMask(VEMask):
+    @staticmethod
+    def deviation(clean: dict[int, torch.Tensor], attacked: dict[int, torch.Tensor], p: VEMaskParams) -> torch.Tensor:
+        layers = p.deviation_layers
+        return torch.tensor([
+            ref.vemask_deviation([clean[l][i] for l in layers], [attacked[l][i] for l in layers])
+            for i in range(clean[layers[0]].shape[0])
+        ], dtype=torch.float64)
+
+    @staticmethod
+    def select(deviation: torch.Tensor, p: VEMaskParams) -> torch.Tensor:
+        masked = torch.zeros(deviation.shape, dtype=torch.bool)
+        for i, row in enumerate(deviation.tolist()):
+            masked[i, ref.vemask_select(row, p.mask_ratio, p.threshold)] = True
+        return masked
