@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,10 +19,14 @@ def image_data_url(image: Image.Image) -> str:
 
 
 class HttpGenerator:
-    """Sends a batch as concurrent chat completions (greedy), so the server can micro-batch them."""
+    """Sends a batch as concurrent chat completions (greedy), so the server can micro-batch them (or spread them
+    over its replicas); a 503 is retried after its ``Retry-After``, up to ``retries`` times."""
 
-    def __init__(self, endpoint: str, model: str, api_key: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(
+        self, endpoint: str, model: str, api_key: str | None = None, timeout: float = 600.0, retries: int = 60
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.retries = retries
         self.client = httpx.Client(base_url=endpoint.rstrip("/"), headers=headers, timeout=timeout)
         self.model = model
 
@@ -36,7 +41,11 @@ class HttpGenerator:
             "temperature": 0,
             "interventions": interventions,
         }
-        resp = self.client.post("/v1/chat/completions", json=body)
+        for _ in range(self.retries):  # 503: at capacity, or a replica lost; the server says when to retry
+            resp = self.client.post("/v1/chat/completions", json=body)
+            if resp.status_code != 503:
+                break
+            time.sleep(float(resp.headers.get("retry-after", 1)))
         if resp.status_code != 200:
             raise RuntimeError(f"server answered {resp.status_code}: {resp.text[:500]}")
         return resp.json()["choices"][0]["message"]["content"]

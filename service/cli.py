@@ -39,6 +39,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_keys=args.api_key or None, allowed_image_dir=args.allowed_image_dir,
         allow_remote_urls=True if args.allow_remote_urls else None,
     )
+    if args.replicas > 1 or args.ray_address:
+        from service.scale_out import serve_replicas  # the [ray] extra
+
+        gpus = args.replica_gpus if args.replica_gpus is not None else float(settings.device.startswith("cuda"))
+        serve_replicas(settings, args.replicas, args.ray_address, args.replica_cpus, gpus)
+        return 0
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=60)
     return 0
 
@@ -200,6 +206,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--api-key", action="append", help="require this Bearer key (repeatable)")
     srv.add_argument("--allowed-image-dir", help="serve local image paths from this folder only")
     srv.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
+    srv.add_argument("--replicas", type=int, default=1,
+                     help="engine replicas on Ray Serve behind one endpoint (needs the [ray] extra; 1: no Ray)")
+    srv.add_argument("--ray-address", help="join this Ray cluster (e.g. HEAD:6379) instead of starting a local one")
+    srv.add_argument("--replica-cpus", type=float, default=1, help="CPUs Ray reserves per replica (torch threads too)")
+    srv.add_argument("--replica-gpus", type=float,
+                     help="GPUs Ray reserves per replica (default: 1 when --device is cuda, else 0)")
     srv.set_defaults(func=cmd_serve)
 
 

@@ -73,6 +73,14 @@ class EngineClient:
         """Raise :class:`~service.engine.RequestError` for parameters the engine would refuse."""
         self._scheduler.engine.resolve_params(interventions)
 
+    async def check(self, request: GenerationRequest) -> None:
+        """:meth:`validate` behind the async door that evaluation jobs use (a remote pool's goes over the network)."""
+        self.validate(request)
+
+    async def check_interventions(self, interventions: dict[str, dict[str, Any]]) -> None:
+        """:meth:`validate_interventions` behind the async door."""
+        self.validate_interventions(interventions)
+
     def submit(self, job: Job) -> None:
         """Queue a job; :class:`QueueFull` when the queue is at capacity."""
         self._scheduler.submit(job)

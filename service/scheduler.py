@@ -100,6 +100,11 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="seeright-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (health checks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish queued and running requests, then stop the worker."""
         if self._thread is None:

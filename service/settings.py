@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     remote_timeout_s: float = Field(10.0, gt=0)
 
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="All request headers together; more gets a 431.")
     max_images_per_request: int = Field(4, ge=1)
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)

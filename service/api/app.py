@@ -24,14 +24,17 @@ class _TooLarge(Exception):
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413, by header or while reading."""
+    """Refuses request bodies over ``limit`` bytes with 413, by header or while reading, and headers over
+    ``header_limit`` bytes in all with 431 (whichever HTTP parser the server runs: httptools sets no limit)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, header_limit: int) -> None:
+        self.app, self.limit, self.header_limit = app, limit, header_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.header_limit:
+            return await error_response(431, f"request headers exceed {self.header_limit} bytes")(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await self._reject(scope, receive, send)
@@ -77,7 +80,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings, app.state.metrics, app.state.client = settings, Metrics(), client
     app.state.scheduler = scheduler  # for operators' introspection; routes use the client
     app.state.evaluations = EvaluationJobs(settings, client)
-    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, header_limit=settings.max_header_bytes)
     install_error_handlers(app)
     for router in (chat.router, models.router, evaluations.router, health.router):
         app.include_router(router)

@@ -15,16 +15,25 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import HTTPException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from eval import chair, pope, runner
-from service.client import EngineClient
-from service.engine import GenerationRequest, RequestError
+from service.engine import GenerationOutput, GenerationRequest, RequestError
 from service.settings import Settings
+
+
+class GenerationClient(Protocol):
+    """What evaluation jobs need: the engine client of this process, or a pool of replicas (``service.scale_out``)."""
+
+    async def generate(self, request: GenerationRequest, wait_for_room: bool = False) -> GenerationOutput: ...
+
+    async def check(self, request: GenerationRequest) -> None: ...
+
+    async def check_interventions(self, interventions: dict[str, dict[str, Any]]) -> None: ...
 
 
 class EvaluationRequest(BaseModel):
@@ -44,7 +53,7 @@ class ClientGenerator:
     """The runner's (synchronous) generator on the engine client, called from a job's worker thread: its
     requests go through the same client and scheduler as chat requests and wait for room behind them."""
 
-    def __init__(self, client: EngineClient, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, client: GenerationClient, loop: asyncio.AbstractEventLoop) -> None:
         self.client, self.loop = client, loop
 
     def generate(self, prompts: Sequence[str], images: Sequence[Image.Image], interventions: dict, max_new_tokens: int) -> list[str]:
@@ -118,27 +127,28 @@ def _image_folder(settings: Settings, relative: str) -> Path:
     return images
 
 
-def _validate(client: EngineClient, body: EvaluationRequest, items: list[runner.EvalItem], new_tokens: int) -> None:
+async def _validate(client: GenerationClient, body: EvaluationRequest, items: list[runner.EvalItem], new_tokens: int) -> None:
     """Parameters first, then the first item as a request, through the same checks as a chat request."""
-    client.validate_interventions(body.interventions)
+    await client.check_interventions(body.interventions)
     if not items:
         raise RequestError("images", "the benchmark has no items for this folder and split")
     first = items[0]
     if not first.image.is_file():
         raise RequestError("images", f"{first.image.name} (the first item's image) is not in the image folder")
     with Image.open(first.image) as image:
-        client.validate(GenerationRequest(prompt=first.prompt, images=[image.convert("RGB")],
-                                          interventions=body.interventions, max_new_tokens=new_tokens))
+        request = GenerationRequest(prompt=first.prompt, images=[image.convert("RGB")], interventions=body.interventions,
+                                    max_new_tokens=new_tokens)
+    await client.check(request)
 
 
 class EvaluationJobs:
     """The app's evaluation jobs: started once per content hash, each in a worker thread of its own."""
 
-    def __init__(self, settings: Settings, client: EngineClient) -> None:
+    def __init__(self, settings: Settings, client: GenerationClient) -> None:
         self.settings, self.client = settings, client
         self.jobs: dict[str, EvaluationJob] = {}
 
-    def create(self, body: EvaluationRequest) -> EvaluationJob:
+    async def create(self, body: EvaluationRequest) -> EvaluationJob:
         settings = self.settings
         images = _image_folder(settings, body.images)
         if body.max_new_tokens is not None and body.max_new_tokens > settings.max_tokens_limit:
@@ -148,7 +158,7 @@ class EvaluationJobs:
             max_new_tokens=body.max_new_tokens, batch_size=body.batch_size,
         )
         items = runner.benchmark_items(spec)
-        _validate(self.client, body, items, spec.new_tokens)
+        await _validate(self.client, body, items, spec.new_tokens)
         job_id = _job_id(settings.name, body)
         existing = self.jobs.get(job_id)
         if existing is not None and existing.status in ("queued", "running", "completed"):

@@ -20,7 +20,7 @@ router = APIRouter(dependencies=AUTHORIZED)
 
 @router.post("/v1/evaluations", status_code=202)
 async def create_evaluation(body: EvaluationRequest, jobs: JobsDep) -> dict[str, Any]:
-    return jobs.create(body).view()
+    return (await jobs.create(body)).view()
 
 
 @router.get("/v1/evaluations/{job_id}")
