@@ -178,11 +178,12 @@ def merged_metrics(parts: list[tuple[str, str]]) -> str:
     return "".join("\n".join([*headers[f], *families.get(f, [])]) + "\n" for f in headers)
 
 
-def gateway_app(settings: Settings, replicas: Any) -> FastAPI:
-    """The entry point's app: evaluation jobs, merged metrics and health here; every other path forwarded."""
+def gateway_app(settings: Settings, replicas: Any, count: int) -> FastAPI:
+    """The entry point's app for ``count`` replicas: evaluation jobs (each batch ``batch_size`` items per replica),
+    merged metrics and health here; every other path forwarded."""
     app = FastAPI(title="seeright gateway", version="0.1.0")
     app.state.settings, app.state.metrics = settings, Metrics()
-    app.state.evaluations = EvaluationJobs(settings, ReplicaPool(replicas, settings.retry_after_s))
+    app.state.evaluations = EvaluationJobs(settings, ReplicaPool(replicas, settings.retry_after_s), engines=count)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, header_limit=settings.max_header_bytes)
     install_error_handlers(app)
     app.include_router(evaluations.router)
@@ -246,8 +247,8 @@ def _plain_scope(scope: dict[str, Any]) -> dict[str, Any]:
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Gateway:
-    def __init__(self, settings: dict[str, Any], replicas: Any) -> None:
-        self._gateway = gateway_app(Settings(**settings), replicas)
+    def __init__(self, settings: dict[str, Any], replicas: Any, count: int) -> None:
+        self._gateway = gateway_app(Settings(**settings), replicas, count)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._gateway
@@ -262,7 +263,7 @@ def application(settings: Settings, replicas: int, replica_cpus: float = 1, repl
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         max_ongoing_requests=settings.queue_size, health_check_period_s=5, health_check_timeout_s=30,
     ).bind(config, max(1, int(replica_cpus)) if not replica_gpus else None)
-    return Gateway.bind(config, engine)
+    return Gateway.bind(config, engine, replicas)
 
 
 def serve_replicas(

@@ -144,8 +144,9 @@ async def _validate(client: GenerationClient, body: EvaluationRequest, items: li
 class EvaluationJobs:
     """The app's evaluation jobs: started once per content hash, each in a worker thread of its own."""
 
-    def __init__(self, settings: Settings, client: GenerationClient) -> None:
+    def __init__(self, settings: Settings, client: GenerationClient, engines: int = 1) -> None:
         self.settings, self.client = settings, client
+        self.engines = engines  # items in flight per batch: batch_size per engine (replicas share a job's batches)
         self.jobs: dict[str, EvaluationJob] = {}
 
     async def create(self, body: EvaluationRequest) -> EvaluationJob:
@@ -155,7 +156,7 @@ class EvaluationJobs:
             raise RequestError("max_new_tokens", f"exceeds this server's limit of {settings.max_tokens_limit}")
         spec = runner.BenchmarkSpec(
             benchmark=body.benchmark, images=images, splits=tuple(body.split), limit=body.limit, prompt=body.prompt,
-            max_new_tokens=body.max_new_tokens, batch_size=body.batch_size,
+            max_new_tokens=body.max_new_tokens, batch_size=body.batch_size * self.engines,
         )
         items = runner.benchmark_items(spec)
         await _validate(self.client, body, items, spec.new_tokens)
