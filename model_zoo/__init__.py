@@ -5,6 +5,9 @@ inside the package.
   sinks, built in code (:mod:`model_zoo.tiny_random`); what tests, demos and benchmarks use offline.
 * ``seeright/shapes-llava``: the small LLaVA trained on the shapes world (``testbed/train.py``); its
   weights live in ``model_zoo/shapes-llava``.
+* ``seeright/shapes-smol``: SmolLM2-135M-Instruct with a vision tower trained on the shapes world
+  (``testbed/train_smol.py``), assembled at load time (:mod:`model_zoo.shapes_smol`) from the GGUF language
+  model and what was trained, which lives in ``model_zoo/shapes-smol``.
 """
 
 from __future__ import annotations
@@ -12,13 +15,20 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-PACKAGED_MODELS = {"seeright/shapes-llava": "shapes-llava"}
+PACKAGED_MODELS = {"seeright/shapes-llava": "shapes-llava", "seeright/shapes-smol": "shapes-smol"}
+ASSEMBLED_MODELS = {"seeright/shapes-smol"}  # built from parts at load time, not a transformers folder
 
 
 def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
     """``(model, tokenizer, image_processor)`` of a model built in code, or ``None`` for any other id."""
     from model_zoo.tiny_random import TINY_MODELS
 
+    if model_id in ASSEMBLED_MODELS:
+        from pathlib import Path
+
+        from model_zoo import shapes_smol
+
+        return shapes_smol.build(Path(resolve_model_path(model_id)))
     build = TINY_MODELS.get(model_id)
     return None if build is None else build()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,8 @@ class LlavaAdapter(ModelAdapter):
         return rows * cols + int(full)
 
     def segments(self, turns: list[ChatTurn]) -> list[Segment]:
+        if "<|im_start|>" in (self.tokenizer.chat_template or ""):  # a ChatML language model (SmolLM2)
+            return chatml_segments(turns, self.image_token_text(), default_system(self.tokenizer.chat_template))
         # Mirrors the llava-hf chat template: system text bare, "ROLE: ", images first, then text + " ".
         last_user = max(i for i, t in enumerate(turns) if t.role == "user")
         out: list[Segment] = []
@@ -145,3 +148,26 @@ class LlavaAdapter(ModelAdapter):
             for handle in handles:
                 handle.remove()
         return out[layers[0]], out[layers[1]]
+
+
+def default_system(chat_template: str) -> str | None:
+    """The system message a ChatML template adds when the chat has none (SmolLM2's), or None."""
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", chat_template, re.DOTALL)
+    return found.group(1) if found else None
+
+
+def chatml_segments(turns: list[ChatTurn], image_text: str, system: str | None) -> list[Segment]:
+    """``<|im_start|>role\n{images}\n{text}<|im_end|>\n`` per turn, the template's default system turn first
+    when the chat has none, and the generation tag last (the language model's own chat template, images as
+    ``<image>`` lines before the text, as LLaVA places them)."""
+    last_user = max(i for i, t in enumerate(turns) if t.role == "user")
+    out: list[Segment] = []
+    if turns[0].role != "system" and system is not None:
+        out.append(Segment(f"<|im_start|>system\n{system}<|im_end|>\n"))
+    for i, turn in enumerate(turns):
+        out.append(Segment(f"<|im_start|>{turn.role}\n"))
+        out.extend(Segment(image_text + "\n", "image") for _ in range(turn.num_images))
+        out.append(Segment(turn.text, "query" if i == last_user else "text"))
+        out.append(Segment("<|im_end|>\n"))
+    out.append(Segment("<|im_start|>assistant\n"))
+    return out

@@ -1,0 +1,276 @@
+"""Train ``seeright/shapes-smol``: SmolLM2-135M-Instruct (frozen, with LoRA) seeing the shapes world, on a CPU.
+
+``python -m testbed.train_smol`` writes ``model_zoo/shapes-smol`` (what was trained, a few MB) and its log.
+``model_zoo/shapes_smol.py`` rebuilds the model from that and the GGUF language model at load time. Stages:
+
+1. Vision: the tower starts from ``seeright/shapes-llava``'s (trained on which objects cover each patch) and
+   learns, per patch, which objects and which colours cover it (multi-label), plus the objects present.
+2. Projector warm start: the MLP projector starts as that per-patch classifier followed by SmolLM2's word
+   embeddings of the object and colour names (a background patch maps to the embedding of " background"), so an
+   image token starts out as the words of what it shows.
+3. Language: the language model stays frozen but for rank-``lora_rank`` updates of its attention's q and v
+   projections; they, the projector and the tower (at a tenth of the rate) learn yes/no questions about objects
+   and coloured objects (half of them with lmms-eval's "Answer the question using a single word or phrase."),
+   and, from ``captions_from`` on, captions. Only the answer tokens and ``<|im_end|>`` are supervised. Prompts
+   are the serving adapter's own (SmolLM2's chat template with its default system message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
+
+from interventions.adapters.base import ChatTurn
+from interventions.adapters.llava import chatml_segments, default_system
+from model_zoo import resolve_model_path
+from model_zoo.shapes_smol import IMAGE_TOKEN, TRAINED, assemble, language_model
+from testbed import world as shapes
+from testbed.train import COVER, World, patch_cover
+
+LMMS_SUFFIX = " Answer the question using a single word or phrase."
+CLASSES = len(shapes.OBJECTS) + len(shapes.COLORS)
+
+
+def colour_cover(scene: shapes.Scene, patch: int) -> torch.Tensor:
+    """``[patches, colours]``: the share of each patch covered by an object of each colour (later on top)."""
+    owner = torch.full((shapes.SIZE, shapes.SIZE), -1, dtype=torch.long)
+    colours = list(shapes.COLORS)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        owner[y0:y1, x0:x1] = colours.index(obj.color)
+    grid = shapes.SIZE // patch
+    share = torch.stack([(owner == k).float() for k in range(len(colours))], -1)
+    return share.reshape(grid, patch, grid, patch, -1).mean((1, 3)).reshape(grid * grid, -1)
+
+
+class LoRA(torch.nn.Module):
+    """Low-rank updates ``scale * B A x`` added to the outputs of linear layers through forward hooks."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear], rank: int, alpha: float, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.names = list(modules)
+        self.scale = alpha / rank
+        self.A = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(rank, m.in_features, generator=generator) / m.in_features ** 0.5) for m in modules.values()
+        )
+        self.B = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(m.out_features, rank)) for m in modules.values())
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules.values())]
+
+    def _hook(self, i: int):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + self.scale * (args[0] @ self.A[i].T) @ self.B[i].T
+        return hook
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, a, b in zip(self.names, self.A, self.B):
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = a.detach().clone(), b.detach().clone()
+        return out
+
+
+def prompt_text(tokenizer, question: str, image_tokens: int) -> str:
+    segments = chatml_segments([ChatTurn("user", question, 1)], IMAGE_TOKEN, default_system(tokenizer.chat_template))
+    return "".join(s.text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens) if s.kind == "image" else s.text for s in segments)
+
+
+def encode_batch(tokenizer, prompts: list[str], answers: list[str], image_tokens: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + answer + ``<|im_end|>``, loss on the answer and ``<|im_end|>`` only."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids, labels = [], []
+    for prompt, answer in zip(prompts, answers):
+        head = tokenizer(prompt_text(tokenizer, prompt, image_tokens), add_special_tokens=False)["input_ids"]
+        tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end] if answer else []
+        ids.append(head + tail)
+        labels.append([-100] * len(head) + tail)
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+    }
+
+
+def question(world: World, scene: shapes.Scene, colour_share: float) -> tuple[str, str]:
+    """A yes/no question about an object, or (``colour_share``) about a coloured object, half with lmms-eval's suffix."""
+    rng = world.rng
+    if rng.random() < colour_share:
+        present = {(o.color, o.name) for o in scene.objects}
+        if rng.random() < 0.5:
+            colour, name = rng.choice(sorted(present))
+            answer = "Yes"
+        else:
+            colour, name = rng.choice([(c, n) for c in shapes.COLORS for n in shapes.OBJECTS if (c, n) not in present])
+            answer = "No"
+        q = f"Is there {shapes.article(colour)} {colour} {name} in the image?"
+    else:
+        q, answer = world.question(scene)
+    return q + (LMMS_SUFFIX if rng.random() < 0.5 else ""), answer
+
+
+def pretrain_vision(model, world: World, steps: int, batch: int, lr: float, log) -> torch.nn.Linear:
+    tower = model.model.vision_tower
+    patch = tower.config.patch_size
+    patch_head = torch.nn.Linear(tower.config.hidden_size, CLASSES)
+    scene_head = torch.nn.Linear(tower.config.hidden_size, len(shapes.OBJECTS))
+    params = list(tower.parameters()) + list(patch_head.parameters()) + list(scene_head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        scenes = world.scenes(batch)
+        present = torch.tensor([[float(o in s.names) for o in shapes.OBJECTS] for s in scenes])
+        covered = torch.stack([torch.cat([patch_cover(s, patch), colour_cover(s, patch)], -1) for s in scenes]) > COVER
+        feats = tower(world.pixels(scenes)).last_hidden_state[:, 1:]
+        logits = patch_head(feats)
+        loss = F.binary_cross_entropy_with_logits(logits, covered.float())
+        loss = loss + F.binary_cross_entropy_with_logits(scene_head(feats.mean(1)), present)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps - 1:
+            acc = ((logits > 0) == covered).float().mean().item()
+            log(f"vision step {step} loss {loss.item():.4f} per-patch label acc {acc:.3f}")
+    return patch_head
+
+
+def word_embedding(model, tokenizer, word: str) -> torch.Tensor:
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    return model.get_input_embeddings().weight[ids].mean(0)
+
+
+@torch.no_grad()
+def warm_start_projector(model, patch_head: torch.nn.Linear, tokenizer) -> None:
+    proj = model.model.multi_modal_projector
+    words = torch.stack([word_embedding(model, tokenizer, w) for w in [*shapes.OBJECTS, *shapes.COLORS]])
+    proj.linear_1.weight.zero_()
+    proj.linear_1.bias.zero_()
+    proj.linear_1.weight[:CLASSES] = patch_head.weight / 4
+    proj.linear_1.bias[:CLASSES] = patch_head.bias / 4
+    proj.linear_2.weight.zero_()
+    proj.linear_2.weight[:, :CLASSES] = words.T
+    proj.linear_2.bias.copy_(word_embedding(model, tokenizer, "background"))
+
+
+@torch.no_grad()
+def yes_no_accuracy(model, tokenizer, world: World, image_tokens: int, suffix: str, n: int = 64) -> float:
+    """Held-out accuracy of the first answer token (Yes vs No) on object questions."""
+    model.eval()
+    scenes = world.scenes(n)
+    qa = [world.question(s) for s in scenes]
+    inputs = encode_batch(tokenizer, [q + suffix for q, _ in qa], ["" for _ in qa], image_tokens)
+    last = inputs["attention_mask"].sum(1) - 1
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=world.pixels(scenes)).logits
+    yes, no = tokenizer.convert_tokens_to_ids("Yes"), tokenizer.convert_tokens_to_ids("No")
+    says_yes = (logits[torch.arange(n), last][:, [yes, no]].argmax(-1) == 0).tolist()
+    model.train()
+    return sum(y == (a == "Yes") for y, (_, a) in zip(says_yes, qa)) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="model_zoo/shapes-smol")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vision-steps", type=int, default=1500)
+    parser.add_argument("--language-steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3, help="projector and LoRA (the tower: a tenth)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16)
+    parser.add_argument("--colour-share", type=float, default=0.3)
+    parser.add_argument("--caption-share", type=float, default=0.3)
+    parser.add_argument("--captions-from", type=float, default=0.4)
+    parser.add_argument("--minutes", type=float, default=80, help="stop the language stage after this much wall time")
+    args = parser.parse_args()
+    start = time.time()
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        line = f"[{time.time() - start:7.1f}s] {msg}"
+        print(line, flush=True)
+        lines.append(line)
+
+    log(f"arguments: {json.dumps(vars(args))}")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    shapes_llava = Path(resolve_model_path("seeright/shapes-llava"))
+    processor = CLIPImageProcessorPil.from_pretrained(shapes_llava)
+    base = LlavaForConditionalGeneration.from_pretrained(shapes_llava)
+    vision = base.config.vision_config.to_dict()
+    lm, tokenizer = language_model()
+    model = assemble(vision, lm, tokenizer)
+    model.model.vision_tower.load_state_dict(base.model.vision_tower.state_dict())
+    del base, lm
+    log(f"assembled: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    world = World(args.seed, processor)
+    tokens = (shapes.SIZE // vision["patch_size"]) ** 2
+
+    patch_head = pretrain_vision(model, world, args.vision_steps, 32, 3e-4, log)
+    warm_start_projector(model, patch_head, tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = model.model.language_model.layers
+    targets = {f"model.language_model.layers.{i}.self_attn.{proj}": getattr(layer.self_attn, proj)
+               for i, layer in enumerate(layers) for proj in ("q_proj", "v_proj")}
+    lora = LoRA(targets, args.lora_rank, args.lora_alpha, args.seed)
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    for p in [*tower.parameters(), *projector.parameters()]:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([
+        {"params": [*projector.parameters(), *lora.parameters()], "lr": args.lr},
+        {"params": list(tower.parameters()), "lr": args.lr / 10},
+    ], weight_decay=0.0)
+    steps = args.language_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.1, 1 - s / steps))
+    evaluate = World(args.seed + 1, processor)
+    log(f"before language training: yes/no acc {yes_no_accuracy(model, tokenizer, evaluate, tokens, ''):.3f}")
+    model.train()
+    stop_at = start + args.minutes * 60
+    for step in range(steps):
+        scenes = world.scenes(args.batch)
+        prompts, answers = [], []
+        for scene in scenes:
+            if step >= args.captions_from * steps and world.rng.random() < args.caption_share:
+                q, a = shapes.CAPTION_PROMPT, shapes.caption(scene)
+            else:
+                q, a = question(world, scene, args.colour_share)
+            prompts.append(q)
+            answers.append(a)
+        loss = model(**encode_batch(tokenizer, prompts, answers, tokens), pixel_values=world.pixels(scenes)).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1 or time.time() > stop_at:
+            plain = yes_no_accuracy(model, tokenizer, evaluate, tokens, "")
+            lmms = yes_no_accuracy(model, tokenizer, evaluate, tokens, LMMS_SUFFIX)
+            log(f"language step {step} loss {loss.item():.4f} held-out yes/no acc {plain:.3f} (lmms-eval prompt {lmms:.3f})")
+        if time.time() > stop_at:
+            log(f"stopped at step {step}: the {args.minutes}-minute budget is spent")
+            break
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    trained = {k: v.detach().clone().contiguous() for k, v in state.items() if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    trained["image_token_embedding"] = model.get_input_embeddings().weight[model.config.image_token_id].detach().clone()
+    trained.update(lora.state())
+    save_file(trained, out / TRAINED)
+    processor.save_pretrained(out)
+    (out / "shapes-smol.json").write_text(json.dumps(
+        {"vision_config": vision, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "training": vars(args)}, indent=2))
+    (out / "seeright.json").write_text(json.dumps({"model_config": "shapes-smol"}))
+    log(f"saved to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
+    (out / "training_log.txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

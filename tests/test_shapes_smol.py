@@ -1,0 +1,68 @@
+"""``seeright/shapes-smol``: SmolLM2-135M-Instruct assembled with the trained vision parts at load time. It keeps
+the language model's chat, answers shapes questions from the image, in lmms-eval's prompt format too, and with
+interventions off equals stock generation through SmolLM2's own chat template."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval import runner
+from model_zoo import resolve_model_path, shapes_smol
+from service.engine import Engine, EngineGenerator
+from testbed import results as shapes_results, world as shapes
+from testbed.train_smol import LMMS_SUFFIX
+
+MODEL = "seeright/shapes-smol"
+
+
+@pytest.fixture(scope="module")
+def smol() -> Engine:
+    return Engine.from_pretrained(MODEL)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.write_benchmark(out, n_images=40, seed=2024)  # a seed of its own, not the README's
+    return out
+
+
+def test_assembled_from_the_gguf_language_model_and_the_trained_parts(smol):
+    assert smol.model_config.name == "shapes-smol"
+    assert smol.info.num_layers == 30 and smol.info.hidden_size == 576 and smol.info.num_kv_heads == 3
+    assert smol.adapter.image_tokens_per_image() == 16
+    assert (shapes_smol.cache_dir() / "model.safetensors").is_file()  # the dequantised weights are cached
+
+
+def test_keeps_the_language_models_chat(smol):
+    assert "Paris" in smol.generate("What is the capital of France?", max_new_tokens=12).text
+
+
+def test_answers_from_the_image_in_both_prompt_formats(smol, bench):
+    spec = replace(shapes_results.specs(bench, batch_size=32)["pope"], splits=("random",))
+    plain = runner.run_benchmark(spec, EngineGenerator(smol), bench / "plain.jsonl", {}, progress=False)["splits"]["random"]
+    items = runner.benchmark_items(spec)
+    lmms = [replace(it, prompt=it.prompt + LMMS_SUFFIX) for it in items]
+    records = runner.run_items(lmms, EngineGenerator(smol), bench / "lmms.jsonl", {}, 4, 32, progress=False)
+    words = [r["text"].strip().split()[0].strip(".,").lower() if r["text"].strip() else "" for r in records]
+    assert plain["n"] >= 100 and plain["accuracy"] >= 70, plain  # a model that ignores the image sits near 50
+    assert sum(w in ("yes", "no") for w in words) >= 0.95 * len(words)  # it answers, it does not caption
+
+
+def test_interventions_off_is_stock_generation_through_the_chat_template(smol):
+    scene = shapes.generate_scenes(1, seed=5)[0]
+    image = shapes.render(scene, 5)
+    out = smol.generate(shapes.CAPTION_PROMPT, image=image, max_new_tokens=16)
+    messages = [{"role": "user", "content": "<image>\n" + shapes.CAPTION_PROMPT}]
+    text = smol.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = text.replace("<image>", "<image>" * 16)
+    inputs = smol.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    pixels = smol.adapter.image_processor([image], return_tensors="pt")["pixel_values"]
+    stock = shapes_smol.build(Path(resolve_model_path(MODEL)))[0]
+    with torch.no_grad():
+        ids = stock.generate(**inputs, pixel_values=pixels, max_new_tokens=16, do_sample=False)
+    assert out.token_ids == ids[0, inputs["input_ids"].shape[1]:].tolist()
