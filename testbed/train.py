@@ -121,14 +121,15 @@ def image_tokens(model) -> int:
     return (shapes.SIZE // model.config.vision_config.patch_size) ** 2
 
 
-def patch_cover(scene: shapes.Scene, patch: int) -> torch.Tensor:
-    """``[patches, objects]``: the share of each patch that each object's box covers (later on top)."""
+def patch_cover(scene: shapes.Scene, patch: int, attribute: str = "name", values: tuple[str, ...] = shapes.OBJECTS) -> torch.Tensor:
+    """``[patches, values]``: the share of each patch covered by the boxes of objects whose ``attribute`` (name
+    or color) is each value (later objects on top)."""
     owner = torch.full((shapes.SIZE, shapes.SIZE), -1, dtype=torch.long)
     for obj in scene.objects:
         x0, y0, x1, y1 = obj.box
-        owner[y0:y1, x0:x1] = shapes.OBJECTS.index(obj.name)
+        owner[y0:y1, x0:x1] = values.index(getattr(obj, attribute))
     grid = shapes.SIZE // patch
-    share = torch.stack([(owner == k).float() for k in range(len(shapes.OBJECTS))], -1)
+    share = torch.stack([(owner == k).float() for k in range(len(values))], -1)
     return share.reshape(grid, patch, grid, patch, -1).mean((1, 3)).reshape(grid * grid, -1)
 
 
@@ -204,11 +205,20 @@ def train_language(model, tokenizer, world: World, steps: int, batch: int, lr: f
 @torch.no_grad()
 def yes_no_accuracy(model, tokenizer, world: World, n: int = 256) -> float:
     """Held-out yes/no accuracy from the first generated token."""
+    def encode(questions: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs = encode_batch(tokenizer, questions, ["" for _ in questions], image_tokens(model))
+        return inputs, inputs["attention_mask"].sum(1) - 2  # the position before the trailing eos predicts the answer
+
+    return answer_accuracy(model, tokenizer, world, encode, n)
+
+
+def answer_accuracy(model, tokenizer, world: World, encode, n: int) -> float:
+    """Share of ``n`` held-out object questions whose answer position ranks Yes vs No right; ``encode(questions)``
+    gives the batch and each row's answer position."""
     model.eval()
     scenes = world.scenes(n)
     qa = [world.question(s) for s in scenes]
-    inputs = encode_batch(tokenizer, [q for q, _ in qa], ["" for _ in qa], image_tokens(model))
-    last = inputs["attention_mask"].sum(1) - 2  # the position before the trailing eos predicts the answer
+    inputs, last = encode([q for q, _ in qa])
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=world.pixels(scenes)).logits
     yes, no = tokenizer.convert_tokens_to_ids("Yes"), tokenizer.convert_tokens_to_ids("No")
     says_yes = (logits[torch.arange(n), last][:, [yes, no]].argmax(-1) == 0).tolist()

@@ -33,22 +33,10 @@ from interventions.adapters.llava import chatml_segments, default_system
 from model_zoo import resolve_model_path
 from model_zoo.shapes_smol import IMAGE_TOKEN, TRAINED, assemble, language_model
 from testbed import world as shapes
-from testbed.train import COVER, World, patch_cover
+from testbed.train import COVER, World, answer_accuracy, patch_cover
 
 LMMS_SUFFIX = " Answer the question using a single word or phrase."
 CLASSES = len(shapes.OBJECTS) + len(shapes.COLORS)
-
-
-def colour_cover(scene: shapes.Scene, patch: int) -> torch.Tensor:
-    """``[patches, colours]``: the share of each patch covered by an object of each colour (later on top)."""
-    owner = torch.full((shapes.SIZE, shapes.SIZE), -1, dtype=torch.long)
-    colours = list(shapes.COLORS)
-    for obj in scene.objects:
-        x0, y0, x1, y1 = obj.box
-        owner[y0:y1, x0:x1] = colours.index(obj.color)
-    grid = shapes.SIZE // patch
-    share = torch.stack([(owner == k).float() for k in range(len(colours))], -1)
-    return share.reshape(grid, patch, grid, patch, -1).mean((1, 3)).reshape(grid * grid, -1)
 
 
 class LoRA(torch.nn.Module):
@@ -127,7 +115,8 @@ def pretrain_vision(model, world: World, steps: int, batch: int, lr: float, log)
     for step in range(steps):
         scenes = world.scenes(batch)
         present = torch.tensor([[float(o in s.names) for o in shapes.OBJECTS] for s in scenes])
-        covered = torch.stack([torch.cat([patch_cover(s, patch), colour_cover(s, patch)], -1) for s in scenes]) > COVER
+        covered = torch.stack([torch.cat([patch_cover(s, patch), patch_cover(s, patch, "color", tuple(shapes.COLORS))], -1)
+                               for s in scenes]) > COVER
         feats = tower(world.pixels(scenes)).last_hidden_state[:, 1:]
         logits = patch_head(feats)
         loss = F.binary_cross_entropy_with_logits(logits, covered.float())
@@ -161,17 +150,12 @@ def warm_start_projector(model, patch_head: torch.nn.Linear, tokenizer) -> None:
 
 @torch.no_grad()
 def yes_no_accuracy(model, tokenizer, world: World, image_tokens: int, suffix: str, n: int = 64) -> float:
-    """Held-out accuracy of the first answer token (Yes vs No) on object questions."""
-    model.eval()
-    scenes = world.scenes(n)
-    qa = [world.question(s) for s in scenes]
-    inputs = encode_batch(tokenizer, [q + suffix for q, _ in qa], ["" for _ in qa], image_tokens)
-    last = inputs["attention_mask"].sum(1) - 1
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=world.pixels(scenes)).logits
-    yes, no = tokenizer.convert_tokens_to_ids("Yes"), tokenizer.convert_tokens_to_ids("No")
-    says_yes = (logits[torch.arange(n), last][:, [yes, no]].argmax(-1) == 0).tolist()
-    model.train()
-    return sum(y == (a == "Yes") for y, (_, a) in zip(says_yes, qa)) / n
+    """Held-out accuracy of the first answer token (Yes vs No) on object questions ending in ``suffix``."""
+    def encode(questions: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs = encode_batch(tokenizer, [q + suffix for q in questions], ["" for _ in questions], image_tokens)
+        return inputs, inputs["attention_mask"].sum(1) - 1  # the prompt's last token predicts the answer
+
+    return answer_accuracy(model, tokenizer, world, encode, n)
 
 
 def main() -> None:

@@ -42,3 +42,13 @@ def llava() -> Engine:
 def stock_models() -> dict:
     """Untouched copies of the tiny models (stock SDPA), built from the same seed."""
     return {name: build()[0] for name, build in TINY_MODELS.items()}
+
+
+@pytest.fixture(scope="session")
+def shapes_bench(tmp_path_factory):
+    """A small shapes benchmark (40 scenes) of a seed of its own, not the README's; each test writes its own runs."""
+    from testbed import world as shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.write_benchmark(out, n_images=40, seed=2024)
+    return out

@@ -23,32 +23,25 @@ def shapes_engine() -> Engine:
     return Engine.from_pretrained(MODEL)
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    shapes.write_benchmark(out, n_images=40, seed=2024)  # a seed of its own, not the README's
-    return out
-
-
 def test_packaged_model_loads_with_its_config(shapes_engine):
     assert shapes_engine.model_config.name == "shapes-llava"
     assert shapes_engine.adapter.image_tokens_per_image() == 16
 
 
-def test_answers_are_grounded_in_the_image(shapes_engine, bench):
-    spec = shapes_results.specs(bench, batch_size=32)["pope"]
+def test_answers_are_grounded_in_the_image(shapes_engine, shapes_bench):
+    spec = shapes_results.specs(shapes_bench, batch_size=32)["pope"]
     spec = replace(spec, splits=("random",))
-    metrics = runner.run_benchmark(spec, EngineGenerator(shapes_engine), bench / "run.jsonl", {}, progress=False)
+    metrics = runner.run_benchmark(spec, EngineGenerator(shapes_engine), shapes_bench / "run.jsonl", {}, progress=False)
     random_split = metrics["splits"]["random"]
     assert random_split["n"] >= 100
     assert random_split["accuracy"] >= 80  # a model that ignores the image sits near 50
     assert 30 <= random_split["yes_ratio"] <= 70
 
 
-def test_captions_name_objects_in_the_image(shapes_engine, bench):
-    spec = shapes_results.specs(bench, batch_size=32)["chair"]
+def test_captions_name_objects_in_the_image(shapes_engine, shapes_bench):
+    spec = shapes_results.specs(shapes_bench, batch_size=32)["chair"]
     spec = replace(spec, limit=20)
-    metrics = runner.run_benchmark(spec, EngineGenerator(shapes_engine), bench / "captions.jsonl", {}, progress=False)
+    metrics = runner.run_benchmark(spec, EngineGenerator(shapes_engine), shapes_bench / "captions.jsonl", {}, progress=False)
     assert metrics["Recall"] >= 60 and metrics["CHAIR_I"] < 50
 
 

@@ -24,13 +24,6 @@ def smol() -> Engine:
     return Engine.from_pretrained(MODEL)
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    shapes.write_benchmark(out, n_images=40, seed=2024)  # a seed of its own, not the README's
-    return out
-
-
 def test_assembled_from_the_gguf_language_model_and_the_trained_parts(smol):
     assert smol.model_config.name == "shapes-smol"
     assert smol.info.num_layers == 30 and smol.info.hidden_size == 576 and smol.info.num_kv_heads == 3
@@ -42,12 +35,12 @@ def test_keeps_the_language_models_chat(smol):
     assert "Paris" in smol.generate("What is the capital of France?", max_new_tokens=12).text
 
 
-def test_answers_from_the_image_in_both_prompt_formats(smol, bench):
-    spec = replace(shapes_results.specs(bench, batch_size=32)["pope"], splits=("random",))
-    plain = runner.run_benchmark(spec, EngineGenerator(smol), bench / "plain.jsonl", {}, progress=False)["splits"]["random"]
+def test_answers_from_the_image_in_both_prompt_formats(smol, shapes_bench):
+    spec = replace(shapes_results.specs(shapes_bench, batch_size=32)["pope"], splits=("random",))
+    plain = runner.run_benchmark(spec, EngineGenerator(smol), shapes_bench / "plain.jsonl", {}, progress=False)["splits"]["random"]
     items = runner.benchmark_items(spec)
     lmms = [replace(it, prompt=it.prompt + LMMS_SUFFIX) for it in items]
-    records = runner.run_items(lmms, EngineGenerator(smol), bench / "lmms.jsonl", {}, 4, 32, progress=False)
+    records = runner.run_items(lmms, EngineGenerator(smol), shapes_bench / "lmms.jsonl", {}, 4, 32, progress=False)
     words = [r["text"].strip().split()[0].strip(".,").lower() if r["text"].strip() else "" for r in records]
     assert plain["n"] >= 100 and plain["accuracy"] >= 70, plain  # a model that ignores the image sits near 50
     assert sum(w in ("yes", "no") for w in words) >= 0.95 * len(words)  # it answers, it does not caption
