@@ -34,6 +34,7 @@ from service.api.app import BodyLimit, create_app
 from service.api.errors import error_response, install_error_handlers
 from service.api.metrics import Metrics
 from service.api.routes import evaluations
+from service.api.routes.health import exposition
 from service.api.serving_evaluations import EvaluationJobs
 from service.engine import GenerationOutput, GenerationRequest, RequestError
 from service.settings import Settings
@@ -106,11 +107,7 @@ class EngineReplica:
 
     def metrics(self) -> tuple[str, str]:
         """This replica's id and its Prometheus text."""
-        from prometheus_client import generate_latest
-
-        state = self.app.state
-        state.metrics.queue_depth.set(state.client.depth)
-        return self.replica, generate_latest(state.metrics.registry).decode()
+        return self.replica, exposition(self.app.state.metrics, self.app.state.client).decode()
 
     def health(self) -> dict[str, Any]:
         return {"replica": self.replica, "queue_depth": self.app.state.client.depth}

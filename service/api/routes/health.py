@@ -7,6 +7,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import ClientDep, MetricsDep, SettingsDep
+from service.api.metrics import Metrics
+from service.client import EngineClient
 from service.api.protocol import Health
 
 router = APIRouter()
@@ -17,7 +19,12 @@ async def health(settings: SettingsDep, client: ClientDep) -> Health:
     return Health(model=settings.name, queue_depth=client.depth)
 
 
+def exposition(metrics: Metrics, client: EngineClient) -> bytes:
+    """The app's metrics in Prometheus text format, the queue depth read now."""
+    metrics.queue_depth.set(client.depth)
+    return generate_latest(metrics.registry)
+
+
 @router.get("/metrics")
 async def metrics(metrics: MetricsDep, client: ClientDep) -> Response:
-    metrics.queue_depth.set(client.depth)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(metrics, client), media_type=CONTENT_TYPE_LATEST)
