@@ -57,6 +57,13 @@ class VHRParams(MethodParams):
     prefill_positions: Literal["all", "last"] = Field(
         "all", description="Prefill positions scaled: all prompt positions (third-party port) or the last."
     )
+    heads: dict[int, list[int]] | None = Field(
+        None,
+        description=(
+            "Fixed heads per layer, {layer: [head, ...]} (e.g. chosen offline over a dataset): no text-only pass, "
+            "no selection (Eq. 4-7) and no image needed; its layers replace `layers`. Default: selected per request."
+        ),
+    )
 
 
 class GIFTParams(MethodParams):
@@ -202,6 +209,12 @@ class LookbackParams(MethodParams):
         ),
     )
     detector_bias: float = Field(0.0, description="The detector's intercept b.")
+
+
+class AttentionMapParams(MethodParams):
+    """Where the model looked: each generated token's attention over each image's patch grid (read-only)."""
+
+    layers: list[int] | None = Field(None, description="Layers averaged (all heads of each); default all.")
 
 
 class CARVEParams(MethodParams):

@@ -8,6 +8,8 @@ inside the package.
 * ``seeright/shapes-smol``: SmolLM2-135M-Instruct with a vision tower trained on the shapes world
   (``testbed/train_smol.py``), assembled at load time (:mod:`model_zoo.shapes_smol`) from the GGUF language
   model and what was trained, which lives in ``model_zoo/shapes-smol``.
+* ``seeright/smollm2-135m-instruct``: that language model alone, text-only, as a transformers folder in the
+  cache (what the vLLM engine path runs on a CPU, where vLLM takes no vision-language model).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 PACKAGED_MODELS = {"seeright/shapes-llava": "shapes-llava", "seeright/shapes-smol": "shapes-smol"}
 ASSEMBLED_MODELS = {"seeright/shapes-smol"}  # built from parts at load time, not a transformers folder
+CACHED_MODELS = {"seeright/smollm2-135m-instruct"}  # a transformers folder made in the cache on first use
 
 
 def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
@@ -34,7 +37,11 @@ def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
 
 
 def resolve_model_path(model_id_or_path: str) -> str:
-    """The shipped folder of a packaged model id; any other id or path unchanged."""
+    """The shipped (or cached) folder of a packaged model id; any other id or path unchanged."""
+    if model_id_or_path in CACHED_MODELS:
+        from model_zoo.shapes_smol import text_model_folder
+
+        return str(text_model_folder())
     folder = PACKAGED_MODELS.get(model_id_or_path)
     if folder is None:
         return model_id_or_path

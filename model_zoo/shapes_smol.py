@@ -47,6 +47,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SEERIGHT_CACHE", "~/.cache/seeright")).expanduser() / "smollm2-135m-instruct"
 
 
+def text_model_folder() -> Path:
+    """The dequantised SmolLM2-135M-Instruct as a transformers folder (``seeright/smollm2-135m-instruct``: the
+    language model alone, which both engines, transformers and vLLM, load), made from the GGUF file once."""
+    if not (cache_dir() / "model.safetensors").is_file():
+        language_model()
+    _plain_config(cache_dir() / "config.json")  # caches written before this was done
+    return cache_dir()
+
+
+def _plain_config(path: Path) -> None:
+    """The dequantised model's config as any loader reads it: its class named, no GGUF quantization entry."""
+    config = json.loads(path.read_text())
+    if "quantization_config" in config or not config.get("architectures"):
+        config.pop("quantization_config", None)
+        config["architectures"] = ["LlamaForCausalLM"]
+        path.write_text(json.dumps(config, indent=2))
+
+
 def language_model() -> tuple[torch.nn.Module, Any]:
     """SmolLM2-135M-Instruct (float32) and its tokenizer: from the cache, else from the GGUF file (then cached)."""
     cache = cache_dir()
@@ -64,6 +82,7 @@ def language_model() -> tuple[torch.nn.Module, Any]:
     cache.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(cache)
     model.config.save_pretrained(cache)
+    _plain_config(cache / "config.json")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embeddings
     save_file(state, cache / "model.safetensors.tmp")
     (cache / "model.safetensors.tmp").rename(cache / "model.safetensors")

@@ -1,6 +1,7 @@
 """Built-in tiny random models, tokenizers and image processors, made entirely in code (no download).
 
-``tiny-random/llava`` and ``tiny-random/qwen2-vl`` are what tests, demos and benchmarks use offline.
+``tiny-random/llava`` and ``tiny-random/qwen2-vl`` are what tests, demos and benchmarks use offline;
+``tiny-random/llama`` is a text-only model both engines (transformers and vLLM) run.
 Random weights have no attention sinks of their own, so the builders plant them the way they arise in
 real LVLMs: one hidden unit of the projector writes a massive value on the configured sink dims
 (``configs/models/tiny-random-*.yaml``) for the image tokens where that unit is active, and the BOS
@@ -17,6 +18,7 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
@@ -150,4 +152,21 @@ def tiny_qwen2_vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, PreTr
     return model.eval(), tokenizer, processor
 
 
-TINY_MODELS = {"tiny-random/llava": tiny_llava, "tiny-random/qwen2-vl": tiny_qwen2_vl, "bench-random/llava": bench_llava}
+def tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, None]:
+    """``tiny-random/llama``: a text-only Llama (4 layers, hidden 128, 4 heads of 32 dims over 2 KV heads: head
+    sizes vLLM's CPU attention takes), no image processor."""
+    tokenizer = byte_level_tokenizer(LLAVA_SPECIALS[:4], bos="<s>", eos="</s>", pad="<pad>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        architectures=["LlamaForCausalLM"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    _spread_weights(model, std=0.15, seed=seed)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 3, 2
+    return model.eval(), tokenizer, None
+
+
+TINY_MODELS = {"tiny-random/llava": tiny_llava, "tiny-random/qwen2-vl": tiny_qwen2_vl, "bench-random/llava": bench_llava,
+               "tiny-random/llama": tiny_llama}

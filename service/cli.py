@@ -12,6 +12,7 @@ from interventions.registry import MethodRegistry
 from testbed import world as shapes
 
 
+BENCH_MODEL = "bench-random/llava"
 _METHODS_HELP = "a method and its parameters (repeatable); methods: " + ", ".join(MethodRegistry.builtin())
 
 
@@ -37,7 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.load(
         args.config, model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         api_keys=args.api_key or None, allowed_image_dir=args.allowed_image_dir,
-        allow_remote_urls=True if args.allow_remote_urls else None,
+        allow_remote_urls=True if args.allow_remote_urls else None, engine=args.engine,
+        vllm_max_model_len=args.max_model_len,
     )
     if args.replicas > 1 or args.ray_address:
         from service.scale_out import serve_replicas  # the [ray] extra
@@ -121,6 +123,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.serving:
         print(json.dumps(serving_bench.run(args), indent=2))
+        return 0
+    if args.engine == "vllm":
+        from tools import engine_bench
+
+        model = args.model if args.model != BENCH_MODEL else engine_bench.DEFAULT_MODEL
+        result = engine_bench.run(model, args.new_tokens, args.reps)
+        print(json.dumps(result, indent=2) if args.json else engine_bench.table(result))
         return 0
 
     result = bench.run_bench(
@@ -206,6 +215,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--api-key", action="append", help="require this Bearer key (repeatable)")
     srv.add_argument("--allowed-image-dir", help="serve local image paths from this folder only")
     srv.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
+    srv.add_argument("--engine", choices=["transformers", "vllm"],
+                     help="transformers (default: every method) or vllm (the [vllm] extra: plain traffic and VHR)")
+    srv.add_argument("--max-model-len", type=int, help="--engine vllm: context length (default: the model's)")
     srv.add_argument("--replicas", type=int, default=1,
                      help="engine replicas on Ray Serve behind one endpoint (needs the [ray] extra; 1: no Ray)")
     srv.add_argument("--ray-address", help="join this Ray cluster (e.g. HEAD:6379) instead of starting a local one")
@@ -280,7 +292,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from tools import serving_bench
 
     bn = sub.add_parser("bench", help="cost of each intervention relative to a same-process baseline")
-    bn.add_argument("--model", default="bench-random/llava")
+    bn.add_argument("--model", default=BENCH_MODEL,
+                    help=f"default {BENCH_MODEL}; with --engine vllm: a text model (seeright/smollm2-135m-instruct)")
+    bn.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                    help="vllm: plain tokens/s of both engines at batch 1 and 8, and the cost of the head-scaling hook")
     bn.add_argument("--new-tokens", type=int, default=64)
     bn.add_argument("--reps", type=int, default=5, help="timed rounds of single requests")
     bn.add_argument("--batch-reps", type=int, default=3, help="timed rounds of the batch-of-8 runs")

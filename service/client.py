@@ -60,6 +60,17 @@ class EngineClient:
         self.derived_defaults = engine.derived_defaults
         self.unavailable = engine.unavailable
 
+    async def start(self) -> None:
+        self._scheduler.start()
+
+    async def stop(self) -> None:
+        self._scheduler.stop()  # drains queued and running requests before exit
+
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler's worker thread runs (health checks)."""
+        return self._scheduler.alive
+
     @property
     def depth(self) -> int:
         """Requests waiting or running."""

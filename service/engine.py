@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 from pydantic import ValidationError
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, adapter_class_for
+from interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, TextAdapter, adapter_class_for
 from interventions.adapters.base import StopForward
 from interventions.methods.base import RequestInputs, RowState
 from interventions.registry import MethodRegistry
@@ -166,10 +166,11 @@ class Engine:
             model, tokenizer, processor = built
         else:
             config = AutoConfig.from_pretrained(source)
-            adapter_class_for(config)  # fail early on an unsupported architecture
-            model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa").eval()
+            text_only = adapter_class_for(config) is TextAdapter  # fails early on an unsupported architecture
+            auto = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
+            model = auto.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa").eval()
             tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
-            processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+            processor = None if text_only else AutoImageProcessor.from_pretrained(source, backend="pil")
         if torch_dtype != "auto":
             model = model.to(dtype=torch_dtype)
         model = model.to(device)
@@ -182,7 +183,8 @@ class Engine:
         path = Path(path)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        self.adapter.image_processor.save_pretrained(path)
+        if self.adapter.image_processor is not None:
+            self.adapter.image_processor.save_pretrained(path)
         (path / SEERIGHT_FILE).write_text(json.dumps({"model_config": self.model_config.name}))
 
     # ---- public generation API -------------------------------------------------------------------

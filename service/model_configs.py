@@ -43,6 +43,9 @@ class ModelConfig:
             )
 
 
+GENERIC = "generic"  # no file: every default derived from the model (saved as such by ``Engine.save_pretrained``)
+
+
 def builtin_configs() -> list[ModelConfig]:
     folder = resources.files("configs") / "models"
     return [ModelConfig.from_file(Path(str(p))) for p in sorted(folder.iterdir(), key=str) if p.name.endswith(".yaml")]
@@ -54,6 +57,8 @@ def find_model_config(model_id: str, family: str, choice: str | None = None) -> 
     With no match, methods fall back to defaults derived from the model's depth (see each method).
     """
     configs = builtin_configs()
+    if choice == GENERIC:
+        return ModelConfig(name=GENERIC, family=family)
     if choice is not None:
         if Path(choice).is_file():
             return ModelConfig.from_file(Path(choice))
@@ -65,4 +70,4 @@ def find_model_config(model_id: str, family: str, choice: str | None = None) -> 
     for cfg in configs:
         if cfg.family in (None, family) and any(m.lower() in lowered for m in cfg.match):
             return cfg
-    return ModelConfig(name="generic", family=family)
+    return ModelConfig(name=GENERIC, family=family)

@@ -114,8 +114,8 @@ class EngineReplica:
 
     def check_health(self) -> None:
         """Ray Serve's periodic health check: the scheduler's worker thread must be alive."""
-        if not self.app.state.scheduler.alive:
-            raise RuntimeError("the scheduler's worker thread is not running")
+        if not self.app.state.client.alive:
+            raise RuntimeError("the engine is not running")
 
     async def __del__(self) -> None:
         await self._lifespan.__aexit__(None, None, None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
@@ -16,6 +16,15 @@ class Settings(BaseSettings):
     model: str = "seeright/shapes-llava"
     served_model_name: str | None = Field(None, description="Name clients use; default: the model id.")
     model_config_name: str | None = Field(None, description="configs/models/<name>.yaml to use for defaults.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: every method (the reference); vllm: vLLM's engine, VHR inside it."
+    )
+    vllm_max_model_len: int | None = Field(None, ge=16, description="--engine vllm: context length; none: the model's.")
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="--engine vllm: GPUs per model.")
+    vllm_gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1,
+        description="--engine vllm: share of device memory vLLM takes (of CPU memory on a CPU); none: 0.9 on a GPU, 0.25 on a CPU.",
+    )
     device: str = "cpu"
     dtype: str = "float32"
     host: str = "127.0.0.1"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
 
 from interventions.adapters.base import ChatTurn
@@ -57,6 +57,12 @@ class LoRA(torch.nn.Module):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             return output + self.scale * (args[0] @ self.A[i].T) @ self.B[i].T
         return hook
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for name, a, b in zip(self.names, self.A, self.B):
+            a.copy_(state[f"{name}.lora_A"])
+            b.copy_(state[f"{name}.lora_B"])
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -172,6 +178,8 @@ def main() -> None:
     parser.add_argument("--caption-share", type=float, default=0.3)
     parser.add_argument("--captions-from", type=float, default=0.4)
     parser.add_argument("--minutes", type=float, default=80, help="stop the language stage after this much wall time")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue the language stage from a saved model folder (no vision stage; its log is extended)")
     args = parser.parse_args()
     start = time.time()
     lines: list[str] = []
@@ -181,7 +189,10 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
 
-    log(f"arguments: {json.dumps(vars(args))}")
+    if args.resume is not None:
+        lines.extend((args.resume / "training_log.txt").read_text().splitlines())
+        lines.append(f"--- resumed from {args.resume} ---")
+    log(f"arguments: {json.dumps(vars(args), default=str)}")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     shapes_llava = Path(resolve_model_path("seeright/shapes-llava"))
@@ -196,14 +207,24 @@ def main() -> None:
     world = World(args.seed, processor)
     tokens = (shapes.SIZE // vision["patch_size"]) ** 2
 
-    patch_head = pretrain_vision(model, world, args.vision_steps, 32, 3e-4, log)
-    warm_start_projector(model, patch_head, tokenizer)
+    if args.resume is None:
+        patch_head = pretrain_vision(model, world, args.vision_steps, 32, 3e-4, log)
+        warm_start_projector(model, patch_head, tokenizer)
+        resumed: dict[str, torch.Tensor] = {}
+    else:
+        resumed = load_file(args.resume / TRAINED)
+        unexpected = model.load_state_dict({k: v for k, v in resumed.items() if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}, strict=False).unexpected_keys
+        assert not unexpected, f"{args.resume / TRAINED} has weights this model lacks: {unexpected[:3]}"
+        with torch.no_grad():
+            model.get_input_embeddings().weight[model.config.image_token_id] = resumed["image_token_embedding"]
     for p in model.parameters():
         p.requires_grad_(False)
     layers = model.model.language_model.layers
     targets = {f"model.language_model.layers.{i}.self_attn.{proj}": getattr(layer.self_attn, proj)
                for i, layer in enumerate(layers) for proj in ("q_proj", "v_proj")}
     lora = LoRA(targets, args.lora_rank, args.lora_alpha, args.seed)
+    if resumed:
+        lora.load(resumed)
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
     for p in [*tower.parameters(), *projector.parameters()]:
         p.requires_grad_(True)
@@ -242,6 +263,8 @@ def main() -> None:
             break
 
     out = Path(args.out)
+    previous = json.loads((args.resume / "shapes-smol.json").read_text())["training"] if args.resume else []
+    previous_runs = previous if isinstance(previous, list) else [previous]
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     trained = {k: v.detach().clone().contiguous() for k, v in state.items() if k.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
@@ -250,7 +273,8 @@ def main() -> None:
     save_file(trained, out / TRAINED)
     processor.save_pretrained(out)
     (out / "shapes-smol.json").write_text(json.dumps(
-        {"vision_config": vision, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "training": vars(args)}, indent=2))
+        {"vision_config": vision, "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+         "training": [*previous_runs, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}]}, indent=2))
     (out / "seeright.json").write_text(json.dumps({"model_config": "shapes-smol"}))
     log(f"saved to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB)")
     (out / "training_log.txt").write_text("\n".join(lines) + "\n")

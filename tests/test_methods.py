@@ -16,7 +16,7 @@ from interventions.methods.base import RequestInputs
 from interventions.registry import MethodRegistry
 from model_zoo.tiny_random import TINY_MODELS
 from service.api.app import create_app
-from service.engine import GenerationRequest, RequestError
+from service.engine import Engine, GenerationRequest, RequestError
 from service.settings import Settings
 
 
@@ -295,6 +295,36 @@ def test_vhr_outlier_filter_and_selection_fire(llava, images):
     assert all(0 < s < llava.info.num_heads for s in selected)
 
 
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_vhr_fixed_heads_equal_the_selection_they_copy(llava, images, positions):
+    """Heads chosen per request, passed back as fixed ``heads``, give the same tokens and log-probs (the
+    scaling alone, with no text-only pass), in a batch that mixes selected and fixed rows."""
+    selected = run(llava, images, {"vhr": {"prefill_positions": positions}}, n=2, logprobs=True)
+    fixed = [
+        {"vhr": {"prefill_positions": positions,
+                 "heads": {str(l): torch.as_tensor(m).nonzero().flatten().tolist() for l, m in o.diagnostics["vhr"]["heads"].items()}}}
+        for o in selected
+    ]
+    mixed = llava.generate_batch([
+        GenerationRequest(prompt=QUESTIONS[0], images=[images[0]], interventions=fixed[0], max_new_tokens=6, logprobs=True),
+        GenerationRequest(prompt=QUESTIONS[1], images=[images[1]], interventions={"vhr": {"prefill_positions": positions}},
+                          max_new_tokens=6, logprobs=True),
+    ])
+    plain = run(llava, images, {}, n=2, logprobs=True)
+    for out, ref_out in zip(mixed, selected):
+        assert out.token_ids == ref_out.token_ids
+        np.testing.assert_allclose(out.logprobs, ref_out.logprobs, atol=1e-5)
+    assert any(np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max() > 1e-3 for a, b in zip(selected, plain))
+
+
+def test_vhr_fixed_heads_need_no_image_and_name_bad_fields(llava):
+    out = llava.generate_batch([GenerationRequest(prompt=QUESTIONS[0], interventions={"vhr": {"heads": {"1": [0, 2]}}}, max_new_tokens=4)])[0]
+    assert out.diagnostics["vhr"]["heads"][1] == [True, False, True] + [False] * (llava.info.num_heads - 3)
+    for heads, message in (({"99": [0]}, "vhr.heads: layer indices [99]"), ({"1": [99]}, "vhr.heads: head indices [99]")):
+        with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            llava.validate(GenerationRequest(prompt=QUESTIONS[0], interventions={"vhr": {"heads": heads}}))
+
+
 # ---- GIFT --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("saliency_pass", ["separate", "auto"])
 def test_gift_saliency_matches_literal(engine, stock_models, images, saliency_pass):
@@ -431,6 +461,48 @@ def test_carve_requery_choice(llava, images, requery, count):
     state = llava.bind({"carve": {"requery": requery}}, RequestInputs(turns=req.chat(), images=list(req.images)))[0]
     llava.methods["carve"].rewrite([state], llava.passes)
     assert len(state.request.images) == count
+
+
+# ---- attention map (diagnostics) -------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["tiny-random/llava", "tiny-random/qwen2-vl"])
+@pytest.mark.parametrize("layers", [None, [1, 4]])
+def test_attention_map_equals_a_stock_eager_forward(family, layers, images):
+    """Each generated token's map is the attention of the row that produced it to the image tokens, mean over
+    heads and the read layers, from a stock eager forward of prompt + generated tokens (no cache, no hooks)."""
+    engine = Engine.from_pretrained(family)
+    params = {} if layers is None else {"layers": layers}
+    out = engine.generate_batch([GenerationRequest(prompt=QUESTIONS[2], images=[images[1]], max_new_tokens=6,
+                                                   interventions={"attention_map": params})])[0]
+    maps = out.diagnostics["attention_map"]["maps"]
+    prompt = engine.encode(GenerationRequest(prompt=QUESTIONS[2], images=[images[1]]).chat(), [images[1]])
+    batch = engine.collate([prompt])
+    generated = torch.tensor([out.token_ids[:-1]])
+    width = batch["input_ids"].shape[1]
+    for key, value in list(batch.items()):  # per-token inputs (Qwen2-VL's token types) go on with text tokens
+        if key != "input_ids" and value.dim() == 2 and value.shape[1] == width:
+            batch[key] = torch.cat([value, torch.zeros_like(generated, dtype=value.dtype)], 1)
+    batch["input_ids"] = torch.cat([batch["input_ids"], generated], 1)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    stock = TINY_MODELS[family]()[0]
+    stock.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = stock(**batch, output_attentions=True).attentions
+    read = layers or list(range(len(attentions)))
+    (start, end), = prompt.layout.image_spans
+    rows, cols = prompt.layout.image_grids[0]
+    assert len(maps) >= len(out.token_ids) and out.diagnostics["attention_map"]["grids"] == [[rows, cols]]
+    for t in range(len(out.token_ids)):
+        q = len(prompt.input_ids) - 1 + t
+        expected = torch.stack([attentions[l][0, :, q, start:end].mean(0) for l in read]).mean(0).view(rows, cols)
+        torch.testing.assert_close(torch.tensor(maps[t][0]), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_map_reads_without_editing(llava, images):
+    plain = run(llava, images, {}, n=3, logprobs=True)
+    mapped = run(llava, images, {"attention_map": {}}, n=3, logprobs=True)
+    for a, b in zip(plain, mapped):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)  # eager attention in read layers, not SDPA
 
 
 # ---- every method changes the output distribution ------------------------------------------------

@@ -7,8 +7,9 @@ from typing import Any
 from interventions.adapters.base import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, Segment
 from interventions.adapters.llava import LlavaAdapter
 from interventions.adapters.qwen2_vl import Qwen2VLAdapter
+from interventions.adapters.text import TextAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter, TextAdapter)
 
 
 def adapter_class_for(config: Any) -> type[ModelAdapter]:
@@ -20,4 +21,4 @@ def adapter_class_for(config: Any) -> type[ModelAdapter]:
     raise ValueError(f"unsupported model_type {getattr(config, 'model_type', None)!r}; supported: {supported}")
 
 
-__all__ = ["ADAPTERS", "ChatTurn", "EncodedPrompt", "ModelAdapter", "ModelInfo", "Segment", "adapter_class_for"]
+__all__ = ["ADAPTERS", "ChatTurn", "EncodedPrompt", "ModelAdapter", "ModelInfo", "Segment", "TextAdapter", "adapter_class_for"]

@@ -15,7 +15,7 @@ class LiteralVHR(VHR):
     def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
         out = heads.clone()
         for row, state in enumerate(states):
-            if step == 0:
+            if step == 0 and state.params.heads is None:
                 chosen, _ = ref.vhr_select(heads[row, -1], state.data["text_heads"][layer], state.params.outlier_filter)
                 state.data.setdefault("heads", {})[layer] = chosen
             last_only = step == 0 and state.params.prefill_positions == "last"

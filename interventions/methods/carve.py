@@ -22,6 +22,9 @@ Qwen it uses the chat template, as here. Resolution: ``max_pixels`` fits Qwen im
 Cost: two collection passes of up to ``collect_tokens`` steps (batched together) before the answer, whose
 prompt carries a second image with the release's requery (about 2.6x a plain request on the benchmark
 model; the release reports 7.9x).
+
+Diagnostics: ``bbox`` (the crop, pixels of the original), ``mask_fraction``, ``mask`` (the kept regions, at most
+``MASK_SIDE`` cells a side) and ``steps`` (tokens of each collection pass fused).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from scipy import ndimage
 from interventions.adapters.base import ChatTurn, ModelInfo
 from interventions.methods.base import HookPoint, Hooks, Method, Passes, RequestInputs, RowState, check_layers, last_query_row
 from interventions.spec import CARVEParams
+
+MASK_SIDE = 64  # diagnostics carry the region mask at most this many cells a side
 
 
 def fuse_contrast(
@@ -52,6 +57,14 @@ def fuse_contrast(
             layer_sum += np.asarray(grid_map.resize((width, height), Image.BILINEAR), dtype=np.float32)
         fused += weight * layer_sum
     return fused
+
+
+def coarse_mask(mask: np.ndarray, side: int = MASK_SIDE) -> list[list[int]]:
+    """The pixel mask at most ``side`` cells a side (nearest), for diagnostics: each cell is 1 where kept."""
+    height, width = mask.shape
+    rows = np.linspace(0, height - 1, min(side, height)).round().astype(int)
+    cols = np.linspace(0, width - 1, min(side, width)).round().astype(int)
+    return mask[np.ix_(rows, cols)].astype(int).tolist()
 
 
 def region_mask(fused: np.ndarray, params: CARVEParams) -> np.ndarray:
@@ -127,7 +140,8 @@ class CARVE(Method):
         fused = fuse_contrast(maps["task"], maps["general"], grid, image.size, state.params)
         mask = region_mask(fused, state.params)
         refined, box = refine_image(image, mask)
-        state.diagnostics.update(bbox=box, mask_fraction=float(mask.mean()), steps=(len(maps["task"]), len(maps["general"])))
+        state.diagnostics.update(bbox=box, mask_fraction=float(mask.mean()), steps=(len(maps["task"]), len(maps["general"])),
+                                 mask=coarse_mask(mask))
         state.data.update(maps=maps, fused=fused, mask=mask, refined=refined)
         images = [image, refined] if state.params.requery == "original_and_refined" else [refined]
         last = state.request.turns[-1]

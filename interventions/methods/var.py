@@ -67,6 +67,7 @@ class VAR(Method):
             state.data.setdefault("sinks", {})[layer] = sinks
             vis = state.layout.image_mask(state.layout.length)[state.layout.pad :].to(sinks.device)
             state.diagnostics.setdefault("visual_sinks", {})[layer] = (sinks & vis).sum()
+            state.diagnostics.setdefault("sink_tokens", {})[layer] = sinks[vis].nonzero().flatten()  # among image tokens
             state.diagnostics.setdefault("text_sinks", {})[layer] = (sinks & ~vis).sum()
             state.diagnostics.setdefault("all_visual_sinks", {})[layer] = (vis & ~sinks).sum() == 0
 

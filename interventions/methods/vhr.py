@@ -13,6 +13,9 @@ measured after earlier layers were already reinforced. Heads stay fixed for the 
 text-only branch runs without reinforcement (the paper does not say otherwise). ``sigma`` is the sample
 standard deviation and the median the lower median (``torch.median``), so exactly H/2 heads are kept
 when VHDs are distinct. Cost: one text-only prefill; each step then only scales head outputs.
+
+With ``heads`` given (fixed heads per layer) there is no text-only pass and no selection: only the scaling,
+which needs no image (the same edit the vLLM engine path hosts, ``service/vllm``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import torch
 
 from interventions.adapters.base import ModelInfo
-from interventions.methods.base import HookPoint, Hooks, Method, Passes, RowState, cached, check_layers, per_row
+from interventions.methods.base import (
+    HookPoint, Hooks, Method, Passes, RequestInputs, RowState, cached, check_layers, per_row,
+)
 from interventions.spec import VHRParams
 
 
@@ -36,9 +41,32 @@ class VHR(Method):
         return {"layers": [1, *range(max(info.num_layers - 14, 0), info.num_layers)]}  # paper §4.4: 1 + last 14
 
     def check(self, params: VHRParams, info: ModelInfo) -> VHRParams:
-        return params.model_copy(update={"layers": check_layers("vhr.layers", params.layers, info.num_layers)})
+        if params.heads is None:
+            return params.model_copy(update={"layers": check_layers("vhr.layers", params.layers, info.num_layers)})
+        layers = check_layers("vhr.heads", list(params.heads), info.num_layers)
+        bad = sorted({h for hs in params.heads.values() for h in hs if not 0 <= h < info.num_heads})
+        if bad:
+            raise ValueError(f"vhr.heads: head indices {bad} out of range for a model with {info.num_heads} heads")
+        heads = {layer: sorted(set(params.heads[layer])) for layer in layers}
+        return params.model_copy(update={"layers": layers, "heads": heads})
+
+    def new_state(
+        self, params: VHRParams, info: ModelInfo, request: RequestInputs, companions: frozenset[str] = frozenset()
+    ) -> RowState:
+        if params.heads is None:
+            return super().new_state(params, info, request, companions)
+        state = RowState(hooks=self, params=params, request=request, companions=companions)
+        for layer, chosen in params.heads.items():
+            mask = torch.zeros(info.num_heads, dtype=torch.bool)
+            mask[chosen] = True
+            state.data.setdefault("heads", {})[layer] = mask
+            state.diagnostics.setdefault("heads", {})[layer] = mask
+        return state
 
     def prepare(self, states: list[RowState], passes: Passes) -> None:
+        states = [s for s in states if s.params.heads is None]
+        if not states:
+            return
         capture = _TextHeadCapture()
         prompts, rows = [], []
         for state in states:
@@ -53,9 +81,10 @@ class VHR(Method):
         return layer in state.params.layers
 
     def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
-        if step == 0:
-            self._select(layer, heads[:, -1].float(), states)
-        factor = cached(states, "factor", lambda: self._factor(layer, states, heads.dtype))
+        selecting = [row for row, s in enumerate(states) if s.params.heads is None]
+        if step == 0 and selecting:
+            self._select(layer, heads[selecting, -1].float(), [states[row] for row in selecting])
+        factor = cached(states, "factor", lambda: self._factor(layer, states, heads))
         if step == 0:
             last_only = torch.tensor([s.params.prefill_positions == "last" for s in states], device=heads.device)
             positions = torch.arange(heads.shape[1], device=heads.device)
@@ -64,26 +93,34 @@ class VHR(Method):
         return heads * factor
 
     @staticmethod
-    def _factor(layer: int, states: list[RowState], dtype: torch.dtype) -> torch.Tensor:
+    def _factor(layer: int, states: list[RowState], heads: torch.Tensor) -> torch.Tensor:
         """``[n, 1, H, 1]``: alpha on the selected heads of each row, 1 elsewhere."""
-        chosen = torch.stack([s.data["heads"][layer] for s in states])
+        chosen = torch.stack([s.data["heads"][layer].to(heads.device) for s in states])
         alpha = per_row(states, "alpha", chosen.device)[:, None]
-        return torch.where(chosen, alpha, torch.ones_like(alpha)).to(dtype)[:, None, :, None]
+        return torch.where(chosen, alpha, torch.ones_like(alpha)).to(heads.dtype)[:, None, :, None]
 
     def _select(self, layer: int, full: torch.Tensor, states: list[RowState]) -> None:
         text = torch.stack([s.data["text_heads"][layer] for s in states]).to(full.device)  # [n, H, d]
-        vhd = (full - text).norm(dim=-1)
-        ta = text.pow(2).sum(-1)
-        outlier = (vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True)) & (
-            ta > ta.mean(-1, keepdim=True) + ta.std(-1, keepdim=True)
-        )
-        outlier &= torch.tensor([s.params.outlier_filter for s in states], device=full.device)[:, None]
-        vhd = vhd.masked_fill(outlier, 0.0)
-        chosen = vhd > vhd.median(-1, keepdim=True).values
+        outlier_filter = torch.tensor([s.params.outlier_filter for s in states], device=full.device)
+        chosen, outlier = select_heads(full, text, outlier_filter)
         for row, state in enumerate(states):
             state.data.setdefault("heads", {})[layer] = chosen[row]
             state.diagnostics.setdefault("heads", {})[layer] = chosen[row]
             state.diagnostics.setdefault("filtered", {})[layer] = outlier[row]
+
+
+def select_heads(full: torch.Tensor, text: torch.Tensor, outlier_filter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4, 6, 7 for ``n`` rows at once: head outputs ``[n, H, d]`` with and without the image at the position
+    that predicts the first token, and whether each row filters outliers ``[n]``; the chosen heads and the
+    filtered outliers, ``[n, H]`` bool each (the vLLM engine path's worker calls it too)."""
+    vhd = (full - text).norm(dim=-1)
+    ta = text.pow(2).sum(-1)
+    outlier = (vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True)) & (
+        ta > ta.mean(-1, keepdim=True) + ta.std(-1, keepdim=True)
+    )
+    outlier &= outlier_filter[:, None]
+    vhd = vhd.masked_fill(outlier, 0.0)
+    return vhd > vhd.median(-1, keepdim=True).values, outlier
 
 
 class _TextHeadCapture(Hooks):

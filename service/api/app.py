@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import error_response, install_error_handlers
 from service.api.metrics import Metrics
-from service.api.routes import chat, evaluations, health, models
+from service.api.routes import chat, evaluations, health, models, ui
 from service.api.serving_evaluations import EvaluationJobs
 from service.client import EngineClient
 from service.engine import Engine
@@ -59,29 +59,37 @@ class BodyLimit:
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """The service for one model. Pass ``engine`` to reuse a loaded one (tests, embedding)."""
+    """The service for one model. Pass ``engine`` to reuse a loaded one (tests, embedding); with
+    ``settings.engine == "vllm"`` the model runs on vLLM (``service/vllm``) behind the same routes."""
     settings = settings or Settings()
-    engine = engine or Engine.from_pretrained(
-        settings.model, device=settings.device, dtype=settings.dtype, model_config=settings.model_config_name
-    )
-    scheduler = Scheduler(
-        engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size, settings.max_kv_tokens,
-        settings.prefill_chunk_tokens,
-    )
+    scheduler = None
+    if settings.engine == "vllm":
+        from service.vllm.engine import VllmEngineClient  # vLLM is imported when the engine starts
+
+        client: EngineClient | VllmEngineClient = VllmEngineClient.from_settings(settings)
+    else:
+        engine = engine or Engine.from_pretrained(
+            settings.model, device=settings.device, dtype=settings.dtype, model_config=settings.model_config_name
+        )
+        scheduler = Scheduler(
+            engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size, settings.max_kv_tokens,
+            settings.prefill_chunk_tokens,
+        )
+        client = EngineClient(scheduler)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
+        await client.start()
         yield
-        scheduler.stop()  # drains queued and running requests before exit
+        await client.stop()
 
     app = FastAPI(title="seeright", version="0.1.0", lifespan=lifespan)
-    client = EngineClient(scheduler)
     app.state.settings, app.state.metrics, app.state.client = settings, Metrics(), client
     app.state.scheduler = scheduler  # for operators' introspection; routes use the client
     app.state.evaluations = EvaluationJobs(settings, client)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, header_limit=settings.max_header_bytes)
     install_error_handlers(app)
-    for router in (chat.router, models.router, evaluations.router, health.router):
+    for router in (chat.router, models.router, evaluations.router, health.router, ui.router):
         app.include_router(router)
+    app.mount("/ui/static", ui.static_files(), name="ui-static")
     return app

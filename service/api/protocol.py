@@ -91,6 +91,13 @@ class ChatCompletionRequest(BaseModel):
     modalities: list[Literal["text"]] | None = None
     interventions: dict[str, dict[str, Any]] | None = None
     signals: Signals | None = None
+    diagnostics: bool = Field(
+        False,
+        description=(
+            "Return each method's diagnostics with each choice (``choices[i].diagnostics``; streamed: its finish chunk) "
+            "and, for a request with an image, where the model looked: ``attention_map`` (README, Diagnostics)."
+        ),
+    )
     user: str | None = None
     tools: Any = None
     tool_choice: Any = None
@@ -169,6 +176,7 @@ class Choice(BaseModel):
     finish_reason: str
     logprobs: ChoiceLogprobs | None = None
     signals: dict[str, Any] | None = None
+    diagnostics: dict[str, Any] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -191,6 +199,7 @@ class ChunkChoice(BaseModel):
     finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
     signals: dict[str, Any] | None = None
+    diagnostics: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -206,8 +215,9 @@ class ChatCompletionChunk(BaseModel):
         data = self.model_dump(mode="json")
         for choice in data["choices"]:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-            if choice.get("signals") is None:
-                choice.pop("signals", None)
+            for extra in ("signals", "diagnostics"):
+                if choice.get(extra) is None:
+                    choice.pop(extra, None)
         if data.get("usage") is None:
             data.pop("usage", None)
         return f"data: {json.dumps(data)}\n\n"

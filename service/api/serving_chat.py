@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -61,8 +61,9 @@ def message_turn(i: int, message: ChatMessage, images: list, fields: list[str], 
     return ChatTurn(message.role, "\n".join(texts), count)
 
 
-def build_request(body: ChatCompletionRequest, settings: Settings) -> GenerationRequest:
-    """Turns, images and settings of a chat request (decodes images: call it off the event loop)."""
+def build_request(body: ChatCompletionRequest, settings: Settings, attention_maps: bool = True) -> GenerationRequest:
+    """Turns, images and settings of a chat request (decodes images: call it off the event loop). With
+    ``diagnostics``, a request with an image also reads its attention map where the engine can (``attention_maps``)."""
     presets = split_model(body.model, settings.name)
     images: list = []
     fields: list[str] = []
@@ -81,6 +82,8 @@ def build_request(body: ChatCompletionRequest, settings: Settings) -> Generation
         if not images:
             raise RequestError("signals.lookback", "the lookback ratio is measured on an image: send one")
         interventions["lookback"] = {"features": body.signals.lookback_features}
+    if body.diagnostics and images and attention_maps:
+        interventions.setdefault("attention_map", {})
     return GenerationRequest(
         turns=turns, images=images, interventions=interventions, max_new_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(), logprobs=body.logprobs,
@@ -127,14 +130,23 @@ def usage(outs: list[GenerationOutput]) -> Usage:
     return Usage.of(outs[0].prompt_tokens, sum(len(o.token_ids) for o in outs))
 
 
-def _token(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
-    text = tokenizer.decode([token_id])
+CONTEXT_TOKENS = 4  # tokens before a token decoded with it, so that its text is what it adds to the answer
+
+
+def _token(tokenizer: Any, token_id: int, before: Sequence[int] = ()) -> tuple[str, list[int]]:
+    """The token's text where it stands, after ``before``: what it adds to the decoded answer (a SentencePiece
+    token decoded alone loses its leading space, so the pieces would not add up to the text)."""
+    window = list(before[-CONTEXT_TOKENS:])
+    head = tokenizer.decode(window) if window else ""
+    full = tokenizer.decode([*window, token_id])
+    text = full[len(head):] if window and full.startswith(head) else tokenizer.decode([token_id])
     return text, list(text.encode("utf-8"))
 
 
-def token_logprob(tokenizer: Any, token: StreamedToken) -> TokenLogprob:
-    text, raw = _token(tokenizer, token.id)
-    top = [TopLogprob(token=tt, logprob=lp, bytes=tb) for tid, lp in token.top or [] for tt, tb in [_token(tokenizer, tid)]]
+def token_logprob(tokenizer: Any, token: StreamedToken, before: Sequence[int] = ()) -> TokenLogprob:
+    """A token's log-prob entry; its text and its alternatives' read in context (``before``: the tokens before it)."""
+    text, raw = _token(tokenizer, token.id, before)
+    top = [TopLogprob(token=tt, logprob=lp, bytes=tb) for tid, lp in token.top or [] for tt, tb in [_token(tokenizer, tid, before)]]
     return TokenLogprob(token=text, logprob=token.logprob, bytes=raw, top_logprobs=top)
 
 
@@ -149,13 +161,24 @@ def choice_signals(out: GenerationOutput) -> dict[str, Any] | None:
     return {"lookback": {k: lookback[k] for k in SIGNAL_KEYS if k in lookback}}
 
 
+def choice_diagnostics(out: GenerationOutput, asked: bool) -> dict[str, Any] | None:
+    """Each method's diagnostics when the request asked for them; the attention map has one entry per token."""
+    if not asked:
+        return None
+    diagnostics = dict(out.diagnostics)
+    if "attention_map" in diagnostics:
+        maps = diagnostics["attention_map"]
+        diagnostics["attention_map"] = {**maps, "maps": maps.get("maps", [])[: len(out.token_ids)]}
+    return diagnostics
+
+
 def choice_logprobs(out: GenerationOutput, tokenizer: Any) -> ChoiceLogprobs | None:
     if out.logprobs is None:
         return None
     tops = out.top_logprobs or [None] * len(out.token_ids)
     return ChoiceLogprobs(content=[
-        token_logprob(tokenizer, StreamedToken(token_id, logprob, top))
-        for token_id, logprob, top in zip(out.token_ids, out.logprobs, tops)
+        token_logprob(tokenizer, StreamedToken(token_id, logprob, top), out.token_ids[:j])
+        for j, (token_id, logprob, top) in enumerate(zip(out.token_ids, out.logprobs, tops))
     ])
 
 
@@ -199,7 +222,7 @@ class ChatServing:
     async def create(self, body: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
         """Validate, queue and answer one request (a full queue raises ``QueueFull``: 503)."""
         started = time.perf_counter()
-        gen = await run_in_threadpool(build_request, body, self.settings)
+        gen = await run_in_threadpool(build_request, body, self.settings, self.client.unavailable("attention_map") is None)
         self.client.validate(gen)
         label = "+".join(sorted(gen.interventions)) or "none"
         for method in sorted(gen.interventions) or ["none"]:
@@ -217,7 +240,8 @@ class ChatServing:
         return ChatCompletionResponse(
             id=completion_id(), created=now(), model=body.model, usage=usage(outs),
             choices=[Choice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
-                            logprobs=choice_logprobs(out, self.client.tokenizer), signals=choice_signals(out))
+                            logprobs=choice_logprobs(out, self.client.tokenizer), signals=choice_signals(out),
+                            diagnostics=choice_diagnostics(out, body.diagnostics))
                      for i, out in enumerate(outs)],
         )
 
@@ -258,9 +282,10 @@ class ChatServing:
 
         def chunk(
             i: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None,
-            signals: dict[str, Any] | None = None,
+            signals: dict[str, Any] | None = None, diagnostics: dict[str, Any] | None = None,
         ) -> str:
-            choice = ChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, signals=signals)
+            choice = ChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=logprobs, signals=signals,
+                                 diagnostics=diagnostics)
             return ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[choice]).sse()
 
         for i in range(len(streams)):
@@ -275,7 +300,10 @@ class ChatServing:
                 if gen.logprobs:
                     pending[i].append(token)
                 if text:
-                    logprobs = ChoiceLogprobs(content=[token_logprob(tokenizer, t) for t in pending[i]]) if gen.logprobs else None
+                    first = len(deltas[i].ids) - len(pending[i])
+                    logprobs = ChoiceLogprobs(content=[
+                        token_logprob(tokenizer, t, deltas[i].ids[: first + k]) for k, t in enumerate(pending[i])
+                    ]) if gen.logprobs else None
                     sent[i] += len(pending[i])
                     pending[i] = []
                     yield chunk(i, Delta(content=text), logprobs=logprobs)
@@ -293,7 +321,7 @@ class ChatServing:
             if rest:
                 yield chunk(i, Delta(content=rest), logprobs=final)
                 final = ChoiceLogprobs(content=[]) if final is not None else None
-            yield chunk(i, Delta(), out.finish_reason, final, choice_signals(out))
+            yield chunk(i, Delta(), out.finish_reason, final, choice_signals(out), choice_diagnostics(out, body.diagnostics))
         if body.stream_options and body.stream_options.include_usage:
             yield ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[], usage=usage(outs)).sse()
         yield "data: [DONE]\n\n"

@@ -21,7 +21,7 @@ from fastapi import HTTPException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from eval import chair, pope, runner
+from eval import chair, pope, report, runner
 from service.engine import GenerationOutput, GenerationRequest, RequestError
 from service.settings import Settings
 
@@ -111,7 +111,8 @@ def _run(job: EvaluationJob, generator: ClientGenerator) -> None:
         metrics = runner.run_benchmark(
             job.spec, generator, job.results, job.request.interventions, progress=False, on_batch=progress
         )
-        (job.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        label = "+".join(sorted(job.request.interventions)) or "baseline"
+        report.write_report(job.out_dir, job.request.benchmark, {label: metrics})  # metrics.json, report.md, plot.png
         job.status = "completed"
     except Exception as exc:  # reported through GET; the results so far stay on disk
         job.status, job.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -1,10 +1,11 @@
-"""``POST /v1/evaluations``, ``GET /v1/evaluations[/{id}]``: background POPE / CHAIR jobs."""
+"""``POST /v1/evaluations``, ``GET /v1/evaluations[/{id}[/plot.png]]``: background POPE / CHAIR jobs."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse
 
 from service.api.deps import AUTHORIZED
 from service.api.serving_evaluations import EvaluationJobs, EvaluationRequest
@@ -26,6 +27,15 @@ async def create_evaluation(body: EvaluationRequest, jobs: JobsDep) -> dict[str,
 @router.get("/v1/evaluations/{job_id}")
 async def get_evaluation(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     return jobs.get(job_id).view()
+
+
+@router.get("/v1/evaluations/{job_id}/plot.png")
+async def get_evaluation_plot(job_id: str, jobs: JobsDep) -> FileResponse:
+    """The finished job's report plot (``eval.report``; needs matplotlib, the ``[eval]`` extra)."""
+    plot = jobs.get(job_id).out_dir / "plot.png"
+    if not plot.is_file():
+        raise HTTPException(404, f"evaluation {job_id!r} has no plot (not finished, or matplotlib is not installed)")
+    return FileResponse(plot)
 
 
 @router.get("/v1/evaluations")
