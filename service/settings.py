@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEERIGHT_", extra="forbid")
 
-    model: str = "seeright/shapes-llava"
+    model: str = "seeright/shapes-smol"
     served_model_name: str | None = Field(None, description="Name clients use; default: the model id.")
     model_config_name: str | None = Field(None, description="configs/models/<name>.yaml to use for defaults.")
     engine: Literal["transformers", "vllm"] = Field(

@@ -497,6 +497,15 @@ def test_attention_map_equals_a_stock_eager_forward(family, layers, images):
         torch.testing.assert_close(torch.tensor(maps[t][0]), expected, atol=1e-5, rtol=1e-4)
 
 
+def test_attention_map_matches_literal(llava, images):
+    literal = llava.methods.with_methods(llava.methods.literal("attention_map"))
+    fast_out = run(llava, images, {"attention_map": {"layers": [0, 3, 5]}}, n=2)
+    engine = Engine(llava.model, llava.tokenizer, llava.adapter.image_processor, "tiny-random/llava", llava.model_config, literal)
+    slow_out = run(engine, images, {"attention_map": {"layers": [0, 3, 5]}}, n=2)
+    for fast, slow in zip(fast_out, slow_out):
+        np.testing.assert_allclose(fast.diagnostics["attention_map"]["maps"], slow.diagnostics["attention_map"]["maps"], atol=1e-6)
+
+
 def test_attention_map_reads_without_editing(llava, images):
     plain = run(llava, images, {}, n=3, logprobs=True)
     mapped = run(llava, images, {"attention_map": {}}, n=3, logprobs=True)

@@ -110,3 +110,31 @@ def test_an_evaluation_started_from_the_page_shows_progress_then_metrics(page):
     assert "acc" in row.locator(".metrics").inner_text()
     row.locator("img.plot").wait_for(timeout=10_000)
     assert page.console_errors == []
+
+
+def test_gift_and_carve_columns_offer_their_own_overlays(page):
+    page.locator("#examples img").nth(1).click()
+    page.wait_for_function("document.querySelector('#preview').src.startsWith('data:image')")
+    first = page.locator(".column").first
+    for name in ("gift", "carve"):
+        first.locator(f".methods input[value={name}]").check()
+    page.locator("#run").click()
+    first.locator(".overlay-choice input[value=saliency]").wait_for(timeout=60_000)
+    first.locator(".overlay-choice input[value=saliency]").check()
+    assert first.locator("canvas.overlay").get_attribute("data-overlay") == "saliency"
+    first.locator(".overlay-choice input[value=mask]").check()
+    assert first.locator("canvas.overlay").get_attribute("data-overlay") == "mask"
+    assert page.console_errors == []
+
+
+def test_the_page_asks_for_the_api_key_when_the_server_has_keys(browser):
+    with local_server(Settings(api_keys=["secret-key"])) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/ui")
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "API key" in page.locator("#banner").inner_text() and page.locator(".column").count() == 0
+        page.fill("#api-key", "secret-key")
+        page.locator("#api-key").dispatch_event("change")
+        page.wait_for_selector(".column .methods label")
+        assert page.locator("#banner").is_hidden()
+        page.close()

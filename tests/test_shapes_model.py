@@ -1,5 +1,5 @@
 """The packaged ``seeright/shapes-llava``: loads with no download, answers from the image, matches stock
-generation with interventions off, serves by default, and the results command runs end to end."""
+generation with interventions off, and the results command runs end to end."""
 
 from __future__ import annotations
 
@@ -57,12 +57,6 @@ def test_interventions_off_is_stock_generation(shapes_engine):
     expected = stock[0, inputs["input_ids"].shape[1] :].tolist()
     assert out.token_ids == expected[: len(out.token_ids)]
     assert len(out.token_ids) == len(expected) or expected[len(out.token_ids)] == shapes_engine.tokenizer.eos_token_id
-
-
-def test_serve_defaults_to_the_shapes_model():
-    from service.settings import Settings
-
-    assert Settings().model == MODEL
 
 
 def test_results_command_writes_the_table(tmp_path, capsys):

