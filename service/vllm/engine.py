@@ -235,13 +235,13 @@ class VllmEngineClient:
         return {"vhr": vhr}
 
     async def _outputs(self, prompt: dict[str, Any], sampling: Any) -> AsyncIterator[Any]:
-        """vLLM's outputs of one request; a prompt vLLM refuses (too long for ``max_model_len``) is a 400."""
+        """vLLM's outputs of one request; a request vLLM refuses (a prompt too long for ``max_model_len``) is a 400."""
         try:
             async for out in self.llm.generate(prompt, sampling, f"seeright-{uuid.uuid4().hex}"):
                 yield out
         except RequestError:
             raise
-        except ValueError as exc:  # vLLM's input validation (VLLMValidationError is one)
+        except _client_errors() as exc:
             raise RequestError("messages", str(exc)) from exc
 
     async def _run(self, request: GenerationRequest, stream: VllmTokenStream) -> AsyncIterator[StreamedToken]:
@@ -282,6 +282,15 @@ class VllmEngineClient:
             logprobs=logprobs if request.logprobs else None,
             top_logprobs=tops if request.logprobs and request.top_logprobs else None,
         )
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    """The exceptions vLLM raises for a bad request (its ``VLLMClientError`` family, and plain ValueErrors)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # releases before the family existed raise ValueError
+        return (ValueError,)
+    return (VLLMClientError, ValueError)
 
 
 def _streamed(token: int, step: dict[int, Any] | None, request: GenerationRequest) -> StreamedToken:
