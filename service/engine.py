@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 from pydantic import ValidationError
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+from transformers import (
+    AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
+)
 
 from interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, TextAdapter, adapter_class_for
 from interventions.adapters.base import StopForward
@@ -159,24 +161,30 @@ class Engine:
         registry plus installed plug-ins."""
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
         source = resolve_model_path(model_id_or_path)
-        path = Path(source)
-        saved = json.loads((path / SEERIGHT_FILE).read_text()) if (path / SEERIGHT_FILE).is_file() else {}
         built = builtin_model(model_id_or_path)
         if built is not None:
             model, tokenizer, processor = built
         else:
-            config = AutoConfig.from_pretrained(source)
-            text_only = adapter_class_for(config) is TextAdapter  # fails early on an unsupported architecture
-            auto = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
+            config, auto, tokenizer, processor = _parts(source)
             model = auto.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa").eval()
-            tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
-            processor = None if text_only else AutoImageProcessor.from_pretrained(source, backend="pil")
         if torch_dtype != "auto":
             model = model.to(dtype=torch_dtype)
         model = model.to(device)
-        family = adapter_class_for(model.config).family
-        chosen = model_config or saved.get("model_config")
-        return cls(model, tokenizer, processor, model_id_or_path, find_model_config(model_id_or_path, family, chosen), methods)
+        return cls(model, tokenizer, processor, model_id_or_path, _model_config(model_id_or_path, source, model.config, model_config), methods)
+
+    @classmethod
+    def weightless(cls, model_id_or_path: str, model_config: str | None = None) -> Engine:
+        """The engine of a folder or hub id with its weights on the meta device: prompts, checks and parameter
+        defaults without loading a byte of weights (the vLLM engine path, whose weights live in vLLM)."""
+        source = resolve_model_path(model_id_or_path)
+        config, auto, tokenizer, processor = _parts(source)
+        with torch.device("meta"):
+            model = auto.from_config(config)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:  # none saved: the config's own
+            pass
+        return cls(model, tokenizer, processor, model_id_or_path, _model_config(model_id_or_path, source, config, model_config))
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save model, tokenizer and image processor so that ``from_pretrained(path)`` reloads them."""
@@ -503,6 +511,23 @@ class Engine:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
         diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self._provenance(s)} for s in states}
         return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+
+
+def _parts(source: str) -> tuple[Any, type, Any, Any]:
+    """A folder's or hub id's config, the auto class that builds its model, its tokenizer and its image processor
+    (None for a text-only model); an unsupported architecture fails here, before any weight is read."""
+    config = AutoConfig.from_pretrained(source)
+    text_only = adapter_class_for(config) is TextAdapter
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+    processor = None if text_only else AutoImageProcessor.from_pretrained(source, backend="pil")
+    return config, AutoModelForCausalLM if text_only else AutoModelForImageTextToText, tokenizer, processor
+
+
+def _model_config(model_id: str, source: str, config: Any, chosen: str | None) -> ModelConfig:
+    """The model config named by ``chosen``, else the one a saved folder names, else the first that matches."""
+    saved = Path(source) / SEERIGHT_FILE
+    chosen = chosen or (json.loads(saved.read_text()).get("model_config") if saved.is_file() else None)
+    return find_model_config(model_id, adapter_class_for(config).family, chosen)
 
 
 def decoding_of(request: GenerationRequest) -> RowDecoding:

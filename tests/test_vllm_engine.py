@@ -12,6 +12,7 @@ These tests run in their own environment (vLLM pins its own torch and transforme
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 
 import numpy as np
@@ -140,8 +141,6 @@ def test_openai_routes_on_vllm(served, hf):
     with served.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
         events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    import json
-
     chunks = [json.loads(e) for e in events[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == want.text and chunks[-1]["usage"]["completion_tokens"] == len(want.token_ids)

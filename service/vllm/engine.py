@@ -20,45 +20,19 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
-)
 
-from interventions.adapters import TextAdapter, adapter_class_for
 from interventions.spec import VHRParams
 from model_zoo import resolve_model_path
 from service.engine import MIN_LOGPROB, Engine, GenerationOutput, GenerationRequest, RequestError, StreamedToken
-from service.model_configs import find_model_config
 from service.scheduler import QueueFull
 from service.settings import Settings
 from service.vllm.worker import EXTRA_ARGS_KEY
 
 HOSTED = frozenset({"vhr"})
 VLLM_ATTENTION_ISSUE = "https://github.com/vllm-project/vllm/issues/3192"
-
-
-def spec_engine(model: str, model_config: str | None = None) -> Engine:
-    """The transformers engine for ``model`` with its weights on the meta device: prompts, checks and
-    parameter defaults without loading a byte of weights."""
-    path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path)
-    text_only = adapter_class_for(config) is TextAdapter
-    with torch.device("meta"):
-        module = (AutoModelForCausalLM if text_only else AutoModelForImageTextToText).from_config(config)
-    try:
-        module.generation_config = GenerationConfig.from_pretrained(path)
-    except OSError:
-        pass
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    processor = None if text_only else AutoImageProcessor.from_pretrained(path, backend="pil")
-    saved = Path(path) / "seeright.json"
-    chosen = model_config or (json.loads(saved.read_text()).get("model_config") if saved.is_file() else None)
-    family = adapter_class_for(config).family
-    return Engine(module, tokenizer, processor, model, find_model_config(model, family, chosen))
 
 
 def engine_args(settings: Settings) -> Any:
@@ -115,7 +89,7 @@ class VllmEngineClient:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngineClient:
-        return cls(settings, spec_engine(settings.model, settings.model_config_name))
+        return cls(settings, Engine.weightless(settings.model, settings.model_config_name))
 
     async def start(self, install: bool = True) -> None:
         """Start vLLM (and, unless told not to, hook its workers: ``seeright bench`` times vLLM without them)."""
@@ -155,10 +129,8 @@ class VllmEngineClient:
 
     # ---- checks ------------------------------------------------------------------------------------
     def validate_interventions(self, interventions: dict[str, dict[str, Any]]) -> None:
-        for name in sorted(set(interventions) & set(self.methods)):
-            why = self.unavailable(name) if name not in HOSTED else None
-            if why is not None:
-                raise RequestError(f"interventions.{name}", f"not on the vLLM engine: {why}")
+        for name in sorted(set(interventions) & set(self.methods) - HOSTED):
+            raise RequestError(f"interventions.{name}", f"not on the vLLM engine: {self.unavailable(name)}")
         resolved = self.spec.resolve_params(interventions)
         vhr = resolved.get("vhr")
         if vhr is not None and vhr.heads is None and self.settings.vllm_tensor_parallel_size > 1:
@@ -205,13 +177,13 @@ class VllmEngineClient:
             prompt["multi_modal_data"] = {"image": list(request.images)}
         return prompt
 
-    def _sampling(self, request: GenerationRequest, extra: dict[str, Any] | None, max_tokens: int | None = None) -> Any:
+    def _sampling(self, request: GenerationRequest, extra: dict[str, Any] | None) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         logprobs = request.top_logprobs if request.logprobs else None
         return SamplingParams(
-            max_tokens=max_tokens or request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
+            max_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
             seed=request.seed, stop=list(request.stop) or None, logprobs=logprobs,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty, stop_token_ids=self.spec.eos_token_ids(),

@@ -66,7 +66,7 @@ class WorkerState:
     first_layer: int
     rows: list[RowPlan] = field(default_factory=list)
     captured: OrderedDict[str, dict[int, torch.Tensor]] = field(default_factory=OrderedDict)
-    selected: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    selected: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # each request's heads per layer
 
 
 def plan_rows(runner: Any, num_tokens: int) -> list[RowPlan]:
@@ -96,23 +96,26 @@ def _forget_finished(state: WorkerState, runner: Any) -> None:
 
 
 def _chosen_heads(state: WorkerState, row: RowPlan, vhr: dict[str, Any], layer: int, heads: torch.Tensor) -> torch.Tensor | None:
-    """``[H_local]`` bool: the request's heads at ``layer`` (fixed, already selected, or selected now)."""
+    """``[H_local]`` bool: the request's heads at ``layer``, fixed or selected at its last prompt position, kept
+    for its later forwards (None while they cannot be selected yet)."""
+    done = state.selected.setdefault(row.request_id, {})
+    if layer in done:
+        return done[layer]
     if "heads" in vhr:
         chosen = torch.zeros(state.num_heads, dtype=torch.bool, device=heads.device)
         local = [h - state.first_head for h in vhr["heads"].get(str(layer), []) if 0 <= h - state.first_head < state.num_heads]
         chosen[local] = True
+        done[layer] = chosen
         return chosen
-    done = state.selected.setdefault(row.request_id, {})
-    if layer not in done:
-        last = row.last_prompt_index()
-        text = state.captured.get(vhr["text_key"], {}).get(layer)
-        if last is None or text is None:
-            return None
-        flags = torch.tensor([bool(vhr.get("outlier_filter", True))], device=heads.device)
-        chosen, _ = select_heads(heads[last].float()[None], text.to(heads.device)[None], flags)
-        done[layer] = chosen[0]
-        if all(int(l) in done for l in vhr["layers"]):
-            state.captured.pop(vhr["text_key"], None)
+    last = row.last_prompt_index()
+    text = state.captured.get(vhr["text_key"], {}).get(layer)
+    if last is None or text is None:
+        return None
+    flags = torch.tensor([bool(vhr.get("outlier_filter", True))], device=heads.device)
+    chosen, _ = select_heads(heads[last].float()[None], text.to(heads.device)[None], flags)
+    done[layer] = chosen[0]
+    if all(int(l) in done for l in vhr["layers"]):
+        state.captured.pop(vhr["text_key"], None)
     return done[layer]
 
 
