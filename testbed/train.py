@@ -108,8 +108,13 @@ def encode_batch(tokenizer, prompts: list[str], answers: list[str], image_tokens
         tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids.append(head + tail)
         labels.append([-100] * len(head) + tail)
+    return right_padded(ids, labels, tokenizer.pad_token_id)
+
+
+def right_padded(ids: list[list[int]], labels: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Rows of token ids and their labels right-padded into ``input_ids``, ``attention_mask`` and ``labels``
+    (-100, no loss, on the padding)."""
     width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
     return {
         "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
         "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),

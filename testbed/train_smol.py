@@ -33,7 +33,7 @@ from interventions.adapters.llava import chatml_segments, default_system
 from model_zoo import resolve_model_path
 from model_zoo.shapes_smol import IMAGE_TOKEN, TRAINED, assemble, language_model
 from testbed import world as shapes
-from testbed.train import COVER, World, answer_accuracy, patch_cover
+from testbed.train import COVER, World, answer_accuracy, patch_cover, right_padded
 
 LMMS_SUFFIX = " Answer the question using a single word or phrase."
 CLASSES = len(shapes.OBJECTS) + len(shapes.COLORS)
@@ -85,13 +85,7 @@ def encode_batch(tokenizer, prompts: list[str], answers: list[str], image_tokens
         tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end] if answer else []
         ids.append(head + tail)
         labels.append([-100] * len(head) + tail)
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
-    }
+    return right_padded(ids, labels, tokenizer.pad_token_id)
 
 
 def question(world: World, scene: shapes.Scene, colour_share: float) -> tuple[str, str]:
