@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -82,15 +82,16 @@ class MethodRegistry(Mapping[str, Method]):
         """Methods that take part in the mixed loads of the benchmark and the load test."""
         return [n for n, m in self._methods.items() if m.mixed_traffic]
 
-    def sweep(self) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    def sweep(self, settings: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[tuple[str, dict[str, dict[str, Any]]]]:
         """``(label, interventions)`` rows of a method sweep: each method that edits at its defaults, then its
-        sweep settings (labelled ``"vhr alpha=4"``)."""
+        sweep settings (labelled ``"vhr alpha=4"``): ``settings[name]`` where given (a model's), else its own."""
+        settings = settings or {}
         rows = []
         for name, method in self._methods.items():
             if method.signal:  # edits nothing: its row would repeat the baseline's
                 continue
             rows.append((name, {name: {}}))
-            for params in method.sweep:
+            for params in settings.get(name, method.sweep):
                 label = " ".join([name, *(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())])
                 rows.append((label, {name: dict(params)}))
         return rows

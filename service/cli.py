@@ -104,17 +104,19 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from service.engine import Engine, EngineGenerator
 
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    rows = shapes_results.configs(engine.methods)
+    rows = shapes_results.configs(engine.methods, engine.model_config.sweeps)
     if args.only:
         unknown = sorted(set(args.only) - {label for label, _ in rows})
         if unknown:
             raise ValueError(f"only: unknown rows {unknown}; have {[label for label, _ in rows]}")
         rows = tuple(c for c in rows if c[0] in args.only)
-    results = shapes_results.run(
-        EngineGenerator(engine), Path(args.out), args.seed, args.images, rows, args.batch_size,
-        log=lambda msg: print(msg, file=sys.stderr),
-    )
-    print(shapes_results.markdown(results))
+    for seed in args.seed:  # several seeds: one folder each
+        out = Path(args.out) / f"seed{seed}" if len(args.seed) > 1 else Path(args.out)
+        results = shapes_results.run(
+            EngineGenerator(engine), out, seed, args.images, rows, args.batch_size,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
+        print(shapes_results.markdown(results))
     return 0
 
 
@@ -266,7 +268,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     es = ev.add_parser("shapes", help="the shapes results table: every method on shapes-POPE and shapes-CHAIR")
     es.add_argument("--model", default="seeright/shapes-llava")
     es.add_argument("--out", required=True)
-    es.add_argument("--seed", type=int, default=shapes.DEFAULT_SEED, help="benchmark seed (a fresh seed = fresh scenes)")
+    es.add_argument("--seed", type=int, nargs="+", default=[shapes.DEFAULT_SEED],
+                    help="benchmark seeds (a fresh seed = fresh scenes); several: DIR/seedS each")
     es.add_argument("--images", type=int, default=500, help="scenes in the benchmark")
     es.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows (labels as in the table, e.g. baseline)")
     es.add_argument("--batch-size", type=int, default=32)

@@ -1,7 +1,10 @@
 """Per-model method defaults from ``configs/models/*.yaml``.
 
 A file gives ``match`` (substrings of a model id or path, case-insensitive), the ``family`` it applies to,
-``num_layers`` (the depth its layer lists are for) and ``methods: {name: {param: value}}``. A request's parameters override the model's defaults.
+``num_layers`` (the depth its layer lists are for), ``methods: {name: {param: value}}`` and, optionally,
+``sweeps: {name: [{param: value}, ...]}`` (the settings the testbed tables run besides the defaults, replacing
+the method's own, whose values may mean nothing at this model's scale). A request's parameters override the
+model's defaults.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class ModelConfig:
     match: tuple[str, ...] = ()
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_layers: int | None = None  # the depth its layer lists are written for; checked when a model loads
+    sweeps: dict[str, tuple[dict[str, Any], ...]] = field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
@@ -33,6 +37,7 @@ class ModelConfig:
             match=tuple(data.get("match", ())),
             methods={k: dict(v or {}) for k, v in (data.get("methods") or {}).items()},
             num_layers=data.get("num_layers"),
+            sweeps={k: tuple(dict(s) for s in v or ()) for k, v in (data.get("sweeps") or {}).items()},
         )
 
     def check_depth(self, num_layers: int) -> None:

@@ -6,7 +6,8 @@ mention by the scene's ground truth (1 = hallucinated: the object is not in the 
 table maps words to objects, as CHAIR does), and fits the release's detector (``step03_lookback_lens.py``:
 logistic regression, L2 with C = 1, on the mean ratios over the mention's tokens, flattened to L*H values).
 It reports the AUROC on the mentions of a fresh seed's captions, with a 95% interval from a bootstrap over
-captions, and writes the detector (``lookback-lens.json``) and the report (``lookback-lens.md``).
+captions, and writes the detector (``NAME.json``) and the report (``NAME.md``; ``--name``, default
+``lookback-lens``).
 
 A mention's features are the ratios of the query rows of its own tokens (the release reads the attention
 row at each span position); the caption's last token has none (generation stopped there) and a mention
@@ -158,12 +159,13 @@ def main() -> None:
     parser.add_argument("--test-seed", type=int, default=4242)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--name", default="lookback-lens", help="file stem of the detector and report in DIR")
     args = parser.parse_args()
     result = run(Engine.from_pretrained(args.model), args.train_seed, args.test_seed, args.images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lookback-lens.json").write_text(json.dumps(result, indent=2))
-    (out / "lookback-lens.md").write_text(markdown(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
 
 

@@ -22,10 +22,11 @@ import numpy as np
 from eval import pope, report, runner
 from testbed import world as shapes
 
-def configs(methods: Mapping[str, Any]) -> tuple[tuple[str, dict[str, dict[str, Any]]], ...]:
-    """``(label, interventions)`` rows: the baseline, then each registered method at the model's defaults and
-    at its declared sweep settings (a :class:`~interventions.registry.MethodRegistry`)."""
-    return (("baseline", {}), *methods.sweep())
+def configs(methods: Any, sweeps: Mapping[str, Any] | None = None) -> tuple[tuple[str, dict[str, dict[str, Any]]], ...]:
+    """``(label, interventions)`` rows: the baseline, then each method of ``methods`` (a
+    :class:`~interventions.registry.MethodRegistry`) at the model's defaults and at its sweep settings (the
+    model config's ``sweeps`` where it has them)."""
+    return (("baseline", {}), *methods.sweep(sweeps))
 
 
 def specs(bench: Path, batch_size: int) -> dict[str, runner.BenchmarkSpec]:

@@ -13,6 +13,9 @@
    and coloured objects (half of them with lmms-eval's "Answer the question using a single word or phrase."),
    and, from ``captions_from`` on, captions. Only the answer tokens and ``<|im_end|>`` are supervised. Prompts
    are the serving adapter's own (SmolLM2's chat template with its default system message).
+4. Chat kept by self-distillation: each step also holds ``chat_rows`` text-only prompts
+   (``testbed/chat_prompts.py``) answered by the base model itself (greedy, before any LoRA), with their own
+   mean loss, so the adapters learn the image without rewriting what SmolLM2 says without one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +36,7 @@ from interventions.adapters.base import ChatTurn
 from interventions.adapters.llava import chatml_segments, default_system
 from model_zoo import resolve_model_path
 from model_zoo.shapes_smol import IMAGE_TOKEN, TRAINED, assemble, language_model
+from testbed import chat_prompts
 from testbed import world as shapes
 from testbed.train import COVER, World, answer_accuracy, patch_cover, right_padded
 
@@ -71,13 +76,13 @@ class LoRA(torch.nn.Module):
         return out
 
 
-def prompt_text(tokenizer, question: str, image_tokens: int) -> str:
-    segments = chatml_segments([ChatTurn("user", question, 1)], IMAGE_TOKEN, default_system(tokenizer.chat_template))
+def prompt_text(tokenizer, question: str, image_tokens: int, images: int = 1) -> str:
+    segments = chatml_segments([ChatTurn("user", question, images)], IMAGE_TOKEN, default_system(tokenizer.chat_template))
     return "".join(s.text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_tokens) if s.kind == "image" else s.text for s in segments)
 
 
-def encode_batch(tokenizer, prompts: list[str], answers: list[str], image_tokens: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + answer + ``<|im_end|>``, loss on the answer and ``<|im_end|>`` only."""
+def answer_rows(tokenizer, prompts: list[str], answers: list[str], image_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of prompt + answer + ``<|im_end|>``, and labels on the answer and ``<|im_end|>`` only."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids, labels = [], []
     for prompt, answer in zip(prompts, answers):
@@ -85,7 +90,48 @@ def encode_batch(tokenizer, prompts: list[str], answers: list[str], image_tokens
         tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end] if answer else []
         ids.append(head + tail)
         labels.append([-100] * len(head) + tail)
-    return right_padded(ids, labels, tokenizer.pad_token_id)
+    return ids, labels
+
+
+def encode_batch(tokenizer, prompts: list[str], answers: list[str], image_tokens: int) -> dict[str, torch.Tensor]:
+    """Right-padded :func:`answer_rows`."""
+    return right_padded(*answer_rows(tokenizer, prompts, answers, image_tokens), tokenizer.pad_token_id)
+
+
+def chat_prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Text-only prompts in the serving adapter's format (no image)."""
+    return [tokenizer(prompt_text(tokenizer, p, 0, images=0), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch: int = 16) -> list[list[int]]:
+    """Each text-only prompt's greedy answer tokens, through ``<|im_end|>`` when it ends within ``max_new_tokens``."""
+    end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    answers = []
+    rows = chat_prompt_ids(tokenizer, prompts)
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        width = max(len(r) for r in chunk)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk])  # left-padded
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=end, pad_token_id=pad)[:, width:].tolist()
+        answers += [a[:a.index(end) + 1] if end in a else a for a in out]
+    model.train(was_training)
+    return answers
+
+
+def chat_rows(tokenizer, prompts: Sequence[str], answers: Sequence[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Self-distilled chat rows: each prompt followed by the base model's own answer tokens, loss on the answer."""
+    heads = chat_prompt_ids(tokenizer, prompts)
+    return [h + a for h, a in zip(heads, answers)], [[-100] * len(h) + a for h, a in zip(heads, answers)]
+
+
+def group_loss(logits: torch.Tensor, labels: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Next-token cross-entropy averaged over the supervised tokens of ``rows``."""
+    return F.cross_entropy(logits[rows, :-1].flatten(0, 1), labels[rows, 1:].flatten(), ignore_index=-100)
 
 
 def question(world: World, scene: shapes.Scene, colour_share: float) -> tuple[str, str]:
@@ -171,12 +217,21 @@ def main() -> None:
     parser.add_argument("--colour-share", type=float, default=0.3)
     parser.add_argument("--caption-share", type=float, default=0.3)
     parser.add_argument("--captions-from", type=float, default=0.4)
+    parser.add_argument("--chat-rows", type=int, default=4,
+                        help="self-distilled text-only chat rows per step (0: none, as in the first two runs)")
+    parser.add_argument("--chat-tokens", type=int, default=48, help="longest distilled answer, in tokens")
+    parser.add_argument("--chat-weight", type=float, default=1.0, help="weight of the chat rows' mean loss")
     parser.add_argument("--minutes", type=float, default=80, help="stop the language stage after this much wall time")
     parser.add_argument("--resume", type=Path, default=None,
                         help="continue the language stage from a saved model folder (no vision stage; its log is extended)")
     args = parser.parse_args()
     start = time.time()
     lines: list[str] = []
+
+    def chat_kept() -> float:
+        """Share of held-out chat prompts whose greedy answer is still the base model's."""
+        now = greedy_answers(model, tokenizer, chat_prompts.HELD_OUT, args.chat_tokens)
+        return sum(a == base_answers[p] for p, a in zip(chat_prompts.HELD_OUT, now)) / len(now)
 
     def log(msg: str) -> None:
         line = f"[{time.time() - start:7.1f}s] {msg}"
@@ -211,6 +266,11 @@ def main() -> None:
         assert not unexpected, f"{args.resume / TRAINED} has weights this model lacks: {unexpected[:3]}"
         with torch.no_grad():
             model.get_input_embeddings().weight[model.config.image_token_id] = resumed["image_token_embedding"]
+    base_answers: dict[str, list[int]] = {}
+    if args.chat_rows:  # the base model's answers: no LoRA yet, and no image in these prompts
+        prompts = (*chat_prompts.TRAIN, *chat_prompts.HELD_OUT)
+        base_answers = dict(zip(prompts, greedy_answers(model, tokenizer, prompts, args.chat_tokens)))
+        log(f"distilled {len(prompts)} base-model answers; held out: {tokenizer.decode(base_answers[chat_prompts.HELD_OUT[0]])!r}")
     for p in model.parameters():
         p.requires_grad_(False)
     layers = model.model.language_model.layers
@@ -242,7 +302,14 @@ def main() -> None:
                 q, a = question(world, scene, args.colour_share)
             prompts.append(q)
             answers.append(a)
-        loss = model(**encode_batch(tokenizer, prompts, answers, tokens), pixel_values=world.pixels(scenes)).loss
+        ids, labels = answer_rows(tokenizer, prompts, answers, tokens)
+        chat = world.rng.sample(chat_prompts.TRAIN, args.chat_rows)
+        chat_ids, chat_labels = chat_rows(tokenizer, chat, [base_answers[c] for c in chat])
+        batch = right_padded(ids + chat_ids, labels + chat_labels, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=world.pixels(scenes)).logits
+        loss = group_loss(logits, batch["labels"], slice(0, len(ids)))
+        if args.chat_rows:
+            loss = loss + args.chat_weight * group_loss(logits, batch["labels"], slice(len(ids), None))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -251,7 +318,8 @@ def main() -> None:
         if step % 50 == 0 or step == steps - 1 or time.time() > stop_at:
             plain = yes_no_accuracy(model, tokenizer, evaluate, tokens, "")
             lmms = yes_no_accuracy(model, tokenizer, evaluate, tokens, LMMS_SUFFIX)
-            log(f"language step {step} loss {loss.item():.4f} held-out yes/no acc {plain:.3f} (lmms-eval prompt {lmms:.3f})")
+            kept = f", chat kept {chat_kept():.3f}" if args.chat_rows else ""
+            log(f"language step {step} loss {loss.item():.4f} held-out yes/no acc {plain:.3f} (lmms-eval prompt {lmms:.3f}){kept}")
         if time.time() > stop_at:
             log(f"stopped at step {step}: the {args.minutes}-minute budget is spent")
             break

@@ -72,6 +72,10 @@ def test_toy_method_in_bench_and_testbed_sweep(toy_engine, tmp_path):
     rows = shapes_results.configs(toy_engine.methods)
     toy_rows = tuple(r for r in rows if r[0].startswith("image_gain"))
     assert [label for label, _ in toy_rows] == ["image_gain", "image_gain gain=3"]
+    model_sweep = shapes_results.configs(toy_engine.methods, {"image_gain": [{"gain": 5.0}, {"gain": 0.5}]})
+    assert [r for r in model_sweep if r[0].startswith("image_gain")] == [
+        ("image_gain", {"image_gain": {}}), ("image_gain gain=5", {"image_gain": {"gain": 5.0}}),
+        ("image_gain gain=0.5", {"image_gain": {"gain": 0.5}})]  # a model's sweep replaces the method's own
     results = shapes_results.run(EngineGenerator(toy_engine), tmp_path, seed=5, n_images=3, rows=toy_rows, batch_size=8,
                                  log=lambda msg: None)
     assert set(results["methods"]) == {"image_gain", "image_gain gain=3"}

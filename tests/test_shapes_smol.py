@@ -14,7 +14,10 @@ from eval import runner
 from model_zoo import resolve_model_path, shapes_smol
 from service.engine import Engine, EngineGenerator
 from testbed import results as shapes_results, world as shapes
-from testbed.train_smol import LMMS_SUFFIX
+from model_zoo.tiny_random import tiny_llava
+from testbed import chat_prompts
+from testbed.train import right_padded
+from testbed.train_smol import LMMS_SUFFIX, group_loss
 
 MODEL = "seeright/shapes-smol"
 
@@ -39,10 +42,20 @@ def test_is_the_default_of_serve_and_generate():
     assert build_parser().parse_args(["generate", "--prompt", "hi"]).model == MODEL
 
 
-@pytest.mark.xfail(strict=True, reason="the second training run (captions from its start) lost SmolLM2's chat: "
-                   "'The capital of France is France.' (the first run kept it); issue 14 stays open on this")
-def test_keeps_the_language_models_chat(smol):
+def test_keeps_the_language_models_chat(smol):  # a held-out prompt (testbed/chat_prompts.py), never trained on
     assert "Paris" in smol.generate("What is the capital of France?", max_new_tokens=12).text
+
+
+def test_chat_is_held_out_of_training_and_each_group_of_rows_has_its_own_mean_loss():
+    assert not set(chat_prompts.HELD_OUT) & set(chat_prompts.TRAIN) and "What is the capital of France?" in chat_prompts.HELD_OUT
+    model = tiny_llava()[0].eval()
+    ids = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    labels = [[-100, -100, 7, 8, 9, 10], [-100, 12, 13], [-100, -100, 16, 17]]
+    batch = right_padded(ids, labels, pad=0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(group_loss(logits, batch["labels"], slice(None)), model(**batch).loss, atol=1e-6)
+    chat = right_padded(ids[1:], labels[1:], pad=0)  # the chat rows alone: the same mean as within the batch
+    assert torch.allclose(group_loss(logits, batch["labels"], slice(1, None)), model(**chat).loss, atol=1e-5)
 
 
 def test_answers_from_the_image_in_both_prompt_formats(smol, shapes_bench):
@@ -52,7 +65,9 @@ def test_answers_from_the_image_in_both_prompt_formats(smol, shapes_bench):
     lmms = [replace(it, prompt=it.prompt + LMMS_SUFFIX) for it in items]
     records = runner.run_items(lmms, EngineGenerator(smol), shapes_bench / "lmms.jsonl", {}, 4, 32, progress=False)
     words = [r["text"].strip().split()[0].strip(".,").lower() if r["text"].strip() else "" for r in records]
-    assert plain["n"] >= 100 and plain["accuracy"] >= 80, plain  # a model that ignores the image sits near 50
+    # A model that ignores the image sits near 50; 138 questions of 40 scenes put a 95% interval of about +-7 points
+    # around the model's 87-88 on 500 scenes (README), so 75 is a floor that sampling noise does not reach.
+    assert plain["n"] >= 100 and plain["accuracy"] >= 75, plain
     assert sum(w in ("yes", "no") for w in words) >= 0.95 * len(words)  # it answers, it does not caption
 
 
