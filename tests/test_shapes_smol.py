@@ -97,3 +97,14 @@ def test_var_finds_visual_sinks_in_most_edited_layers(smol):
     partial = [l for l in layers if 0 < var["visual_sinks"][l] < smol.adapter.image_tokens_per_image()]
     assert len(partial) >= len(layers) / 2, var["visual_sinks"]
     assert all(len(var["sink_tokens"][l]) == var["visual_sinks"][l] for l in layers)
+
+
+def test_ships_its_own_lookback_lens_detector(smol):
+    """The detector of testbed/tables/shapes-smol-lookback-lens.json is the model's default: 30 x 9 weights."""
+    params = smol.resolve_params({"lookback": {}})["lookback"]
+    assert len(params.detector_weights) == 30 * 9
+    scene = shapes.generate_scenes(1, seed=6)[0]
+    out = smol.generate(shapes.CAPTION_PROMPT, image=shapes.render(scene, 6), max_new_tokens=8,
+                        interventions={"lookback": {}})
+    probs = out.diagnostics["lookback"]["hallucination_probability"]
+    assert len(probs) == len(out.token_ids) - 1 and all(0 < p < 1 for p in probs)
