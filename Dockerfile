@@ -12,6 +12,7 @@
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime AS transformers
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY seeright ./seeright
 COPY interventions ./interventions
 COPY service ./service
 COPY eval ./eval

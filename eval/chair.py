@@ -40,7 +40,7 @@ IRREGULAR_PLURALS = {
     "calves": "calf", "leaves": "leaf", "shelves": "shelf", "loaves": "loaf", "halves": "half",
 }
 TOKEN = re.compile(r"n't|'[a-z]+|[a-z0-9]+(?:[-.][a-z0-9]+)*|[^\sa-z0-9]")
-DATA = resources.files("eval") / "data" / "chair"
+DATA = resources.files("seeright.eval") / "data" / "chair"
 GroundTruth = dict[int, set[str]]
 
 

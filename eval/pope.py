@@ -21,7 +21,7 @@ PROMPTS = {
     "vcd": "{question} Please answer this question with one word.",
     "vaf": "{question} Please just answer yes or no.",
 }
-DATA = resources.files("eval") / "data" / "pope"
+DATA = resources.files("seeright.eval") / "data" / "pope"
 
 
 def parse_official(text: str) -> str:
@@ -188,3 +188,21 @@ def answer_text(answer: dict[str, Any]) -> str:
 def normalize_answers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"question_id": r["question_id"], "text": answer_text(r)} for r in rows]
 
+
+def answers_from_lmms_samples(path: str | Path) -> list[dict[str, Any]]:
+    """``question_id`` and the model's answer of each sample in lmms-eval's ``--log_samples`` JSONL (the POPE
+    task records the question id with each metric; the answer is ``filtered_resps``, raw under the "none"
+    filter, or ``resps`` in older versions)."""
+    answers = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        sample = json.loads(line)
+        qid = (sample.get("doc") or {}).get("question_id", (sample.get("pope_accuracy") or {}).get("question_id"))
+        if qid is None:
+            raise ValueError(f"lmms_samples: sample {sample.get('doc_id')} has no question id (not a POPE task?)")
+        text = sample.get("filtered_resps", sample.get("resps"))
+        while isinstance(text, list):
+            text = text[0] if text else ""
+        answers.append({"question_id": qid, "text": text or ""})
+    return answers

@@ -31,6 +31,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def score_table(result: dict[str, Any]) -> str:
+    """``seeright score pope|chair`` output as Markdown: POPE per split with its confusion counts, or CHAIR."""
+    if result.get("benchmark") == "chair":
+        m = result["metrics"]
+        return markdown_table(["captions", *CHAIR_COLUMNS], [[str(m["n"]), *(f"{m[c]:.1f}" for c in CHAIR_COLUMNS)]])
+    header = ["split", "n", "TP", "FP", "TN", "FN", "accuracy", "F1", "yes %"]
+    rows = [[split, *(str(m[k]) for k in ("n", "TP", "FP", "TN", "FN")), f"{m['accuracy']:.2f}", f"{m['f1']:.2f}",
+             f"{m['yes_ratio']:.1f}"] for split, m in result["splits"].items()]
+    if len(rows) > 1:
+        rows.append(["mean", "", "", "", "", "", f"{sum(m['accuracy'] for m in result['splits'].values()) / len(rows):.2f}",
+                     f"{sum(m['f1'] for m in result['splits'].values()) / len(rows):.2f}", ""])
+    return markdown_table(header, rows)
+
+
 def write_report(out_dir: Path, benchmark: str, results: dict[str, dict[str, Any]]) -> None:
     """``metrics.json``, ``report.md`` and ``plot.png`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -20,7 +19,7 @@ from typing import Any, Literal, Protocol
 from PIL import Image
 from tqdm import tqdm
 
-from eval import chair, pope
+from seeright.eval import chair, pope
 
 CHAIR_PROMPT = "Please describe this image in detail."
 

@@ -1,7 +1,7 @@
 """The method registry: the single place that knows which interventions exist.
 
-Built-in methods are found by importing every module of ``interventions.methods`` and taking the
-:class:`~interventions.methods.base.Method` subclasses defined there; methods from other packages plug in
+Built-in methods are found by importing every module of ``seeright.interventions.methods`` and taking the
+:class:`~seeright.interventions.methods.base.Method` subclasses defined there; methods from other packages plug in
 through the ``seeright.methods`` entry-point group (``[project.entry-points."seeright.methods"]`` in their
 ``pyproject.toml``, each pointing at a Method subclass), or are added in code with :meth:`with_methods`.
 A registry is an immutable value: each engine holds its own, nothing is registered globally.
@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from interventions import methods as methods_package
-from interventions.methods.base import Method
+from seeright.interventions import methods as methods_package
+from seeright.interventions.methods.base import Method
 
 ENTRY_POINT_GROUP = "seeright.methods"
 
@@ -52,7 +52,7 @@ class MethodRegistry(Mapping[str, Method]):
 
     @classmethod
     def builtin(cls, plugins: bool = True) -> MethodRegistry:
-        """The methods shipped in ``interventions.methods`` (and, with ``plugins``, the entry points)."""
+        """The methods shipped in ``seeright.interventions.methods`` (and, with ``plugins``, the entry points)."""
         classes = _builtin_classes() + (_plugin_classes() if plugins else [])
         return cls(c() for c in classes)
 

@@ -39,12 +39,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from interventions.adapters.base import StopForward
-from interventions.methods.base import Hooks
+from seeright.interventions.adapters.base import StopForward
+from seeright.interventions.methods.base import Hooks
 
 if TYPE_CHECKING:
-    from interventions.adapters.base import ModelAdapter
-    from interventions.methods.base import RowState
+    from seeright.interventions.adapters.base import ModelAdapter
+    from seeright.interventions.methods.base import RowState
 
 ATTENTION_NAME = "seeright"
 RUNTIME_ATTR = "_seeright_runtime"

@@ -11,7 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 VISION_LAYERS = {"x-layers-of": "vision"}  # marks fields that index the vision tower's layers, not the LLM's
 
 

@@ -2,11 +2,11 @@
 inside the package.
 
 * ``tiny-random/llava``, ``tiny-random/qwen2-vl``, ``bench-random/llava``: random weights with planted
-  sinks, built in code (:mod:`model_zoo.tiny_random`); what tests, demos and benchmarks use offline.
+  sinks, built in code (:mod:`seeright.model_zoo.tiny_random`); what tests, demos and benchmarks use offline.
 * ``seeright/shapes-llava``: the small LLaVA trained on the shapes world (``testbed/train.py``); its
   weights live in ``model_zoo/shapes-llava``.
 * ``seeright/shapes-smol``: SmolLM2-135M-Instruct with a vision tower trained on the shapes world
-  (``testbed/train_smol.py``), assembled at load time (:mod:`model_zoo.shapes_smol`) from the GGUF language
+  (``testbed/train_smol.py``), assembled at load time (:mod:`seeright.model_zoo.shapes_smol`) from the GGUF language
   model and what was trained, which lives in ``model_zoo/shapes-smol``.
 * ``seeright/smollm2-135m-instruct``: that language model alone, text-only, as a transformers folder in the
   cache (what the vLLM engine path runs on a CPU, where vLLM takes no vision-language model).
@@ -24,12 +24,12 @@ CACHED_MODELS = {"seeright/smollm2-135m-instruct"}  # a transformers folder made
 
 def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
     """``(model, tokenizer, image_processor)`` of a model built in code, or ``None`` for any other id."""
-    from model_zoo.tiny_random import TINY_MODELS
+    from seeright.model_zoo.tiny_random import TINY_MODELS
 
     if model_id in ASSEMBLED_MODELS:
         from pathlib import Path
 
-        from model_zoo import shapes_smol
+        from seeright.model_zoo import shapes_smol
 
         return shapes_smol.build(Path(resolve_model_path(model_id)))
     build = TINY_MODELS.get(model_id)
@@ -39,10 +39,10 @@ def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
 def resolve_model_path(model_id_or_path: str) -> str:
     """The shipped (or cached) folder of a packaged model id; any other id or path unchanged."""
     if model_id_or_path in CACHED_MODELS:
-        from model_zoo.shapes_smol import text_model_folder
+        from seeright.model_zoo.shapes_smol import text_model_folder
 
         return str(text_model_folder())
     folder = PACKAGED_MODELS.get(model_id_or_path)
     if folder is None:
         return model_id_or_path
-    return str(resources.files("model_zoo") / folder)
+    return str(resources.files("seeright.model_zoo") / folder)

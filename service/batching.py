@@ -19,19 +19,44 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from interventions.adapters import EncodedPrompt
-from interventions.adapters.base import StopForward
-from interventions.methods.base import RowState
-from interventions.runtime import ForwardContext
-from service.decoding import RowDecoding, apply_penalties, top_p_filter
-from service.engine import (
-    Engine, GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, image_counts, place_rows, streamed_token,
+from seeright.interventions.adapters import EncodedPrompt, ModelAdapter
+from seeright.interventions.adapters.base import StopForward
+from seeright.interventions.methods.base import RequestInputs, RowState
+from seeright.interventions.runtime import ForwardContext, Runtime
+from seeright.service.admission import image_counts, place_rows
+from seeright.service.decoding import RowDecoding, apply_penalties, top_p_filter
+from seeright.service.requests import (
+    GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, streamed_token,
 )
+
+
+class BatchEngine(Protocol):
+    """What the running batch needs of an engine (:class:`seeright.service.engine.Engine` is one): the model
+    with its runtime and adapter, admission, batching of prompts and a row's output."""
+
+    model: torch.nn.Module
+    runtime: Runtime
+    adapter: ModelAdapter
+    device: torch.device
+
+    def admit(self, requests: Sequence[GenerationRequest]) -> tuple[list[RequestInputs], list[list[RowState]]]: ...
+
+    def collate(self, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]: ...
+
+    def eos_token_ids(self) -> list[int]: ...
+
+    def decode_text(self, ids: list[int]) -> str: ...
+
+    def finish(
+        self, generated: list[int], reason: str | None, row: RowDecoding, prompt: EncodedPrompt, states: list[RowState],
+        timings: dict[str, float],
+    ) -> GenerationOutput: ...
 
 
 @dataclass(eq=False)  # rows are compared by identity: two rows of equal requests are still two rows
@@ -97,7 +122,7 @@ class RunningBatch:
     prompt delays each decode step by one chunk's forward at most; rows with methods prefill whole (their
     hooks read or edit the prompt's attention in one prefill forward)."""
 
-    def __init__(self, engine: Engine, prefill_chunk: int | None = None) -> None:
+    def __init__(self, engine: BatchEngine, prefill_chunk: int | None = None) -> None:
         self.engine = engine
         self.eos = set(engine.eos_token_ids())
         self.prefill_chunk = prefill_chunk
@@ -331,7 +356,7 @@ class RunningBatch:
     def _stop_reason(self, row: Row, token: int) -> str | None:
         if token in self.eos:
             return "stop"
-        if row.decoding.stop and any(s in self.engine._decode_text(row.tokens) for s in row.decoding.stop):
+        if row.decoding.stop and any(s in self.engine.decode_text(row.tokens) for s in row.decoding.stop):
             return "stop"
         if len(row.tokens) >= row.decoding.max_new_tokens:
             return "length"

@@ -1,7 +1,7 @@
 """``EngineClient``: the one async door to the engine, for HTTP routes and evaluation jobs alike.
 
 ``await client.generate(request)`` returns the output; ``async for token in client.stream(request)``
-yields each :class:`~service.engine.StreamedToken` (id, and log-probs when asked) as it is generated, and ``stream.output`` holds the output once the loop ends.
+yields each :class:`~seeright.service.engine.StreamedToken` (id, and log-probs when asked) as it is generated, and ``stream.output`` holds the output once the loop ends.
 Cancelling the awaiting task (or leaving the loop early) cancels the request in the scheduler. Behind the
 client is the scheduler's worker thread, the only thread that runs model code.
 """
@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from service.engine import GenerationOutput, GenerationRequest, StreamedToken
-from service.scheduler import Job, QueueFull, Scheduler
+from seeright.service.requests import GenerationOutput, GenerationRequest, StreamedToken
+from seeright.service.scheduler import Job, QueueFull, Scheduler
 
 ROOM_POLL_S = 0.1
 
@@ -77,11 +77,11 @@ class EngineClient:
         return self._scheduler.depth
 
     def validate(self, request: GenerationRequest) -> None:
-        """Raise :class:`~service.engine.RequestError` for a request the engine would refuse."""
+        """Raise :class:`~seeright.service.engine.RequestError` for a request the engine would refuse."""
         self._scheduler.engine.validate(request)
 
     def validate_interventions(self, interventions: dict[str, dict[str, Any]]) -> None:
-        """Raise :class:`~service.engine.RequestError` for parameters the engine would refuse."""
+        """Raise :class:`~seeright.service.engine.RequestError` for parameters the engine would refuse."""
         self._scheduler.engine.resolve_params(interventions)
 
     async def check(self, request: GenerationRequest) -> None:

@@ -1,127 +1,50 @@
-"""Engine: load a VLM, encode requests, run each method's prepare step, generate a batch with per-row
-interventions.
+"""Engine: the facade of one loaded VLM. Load it, admit requests (:mod:`seeright.service.admission`), generate.
 
-One ``generate_batch`` call goes through five stages: bind (validate parameters against the model),
-rewrite (methods that change the input), encode, prepare (extra analysis passes, batched per
-method), and one batched ``generate`` in which each row carries its own methods and decoding settings.
+The request path reads one way: request types (:mod:`~seeright.service.requests`), this facade, admission,
+the running batch (:mod:`~seeright.service.batching`), decoding (:mod:`~seeright.service.decoding`); no module
+of a lower step imports a higher one. One ``generate_batch`` call admits its requests (bind, rewrite, encode,
+analysis passes) and runs one batched ``generate`` in which each row carries its own methods and decoding
+settings; a batch with contrast branches runs in a running batch instead.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from pydantic import ValidationError
 from transformers import (
     AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
 )
 
-from interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, TextAdapter, adapter_class_for
-from interventions.adapters.base import StopForward
-from interventions.methods.base import RequestInputs, RowState
-from interventions.registry import MethodRegistry
-from interventions.runtime import ForwardContext, Runtime
-from model_zoo import builtin_model, resolve_model_path
-from service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
-from service.model_configs import ModelConfig, find_model_config
+from seeright.interventions.adapters import (
+    ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, TextAdapter, adapter_class_for,
+)
+from seeright.interventions.adapters.base import StopForward
+from seeright.interventions.methods.base import RowState
+from seeright.interventions.registry import MethodRegistry
+from seeright.interventions.runtime import ForwardContext, Runtime
+from seeright.model_zoo import builtin_model, resolve_model_path
+from seeright.service.admission import Admission, image_counts, place_rows
+from seeright.service.batching import RunningBatch
+from seeright.service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
+from seeright.service.model_configs import ModelConfig, find_model_config
+from seeright.service.requests import (
+    GenerationOutput, GenerationRequest, RequestError, StreamedToken, add_logprobs, decoding_of, with_logprobs,
+)
+
+__all__ = ["Engine", "EngineGenerator", "GenerationOutput", "GenerationRequest", "RequestError", "StreamedToken"]
 
 SEERIGHT_FILE = "seeright.json"
-MIN_LOGPROB = -9999.0  # reported for tokens a contrast's plausibility cutoff ruled out (-inf is not JSON)
 
 
-class RequestError(ValueError):
-    """A request the engine cannot serve; ``field`` names the offending input."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-@dataclass
-class GenerationRequest:
-    """One request: a prompt (or chat turns) with images, interventions and decoding settings."""
-
-    prompt: str | None = None
-    images: list[Image.Image] = field(default_factory=list)
-    turns: list[ChatTurn] | None = None
-    system: str | None = None
-    interventions: dict[str, dict[str, Any]] = field(default_factory=dict)
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0  # with logprobs: the k most likely tokens at each step
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    image_fields: tuple[str, ...] = ()  # where each image came from (e.g. "messages[0].content[1]"), for errors
-
-    def image_field(self, i: int) -> str:
-        return self.image_fields[i] if i < len(self.image_fields) else f"images[{i}]"
-
-    def chat(self) -> list[ChatTurn]:
-        if self.turns is not None:
-            return list(self.turns)
-        if self.prompt is None:
-            raise RequestError("prompt", "a prompt or chat turns are required")
-        turns = [ChatTurn("system", self.system)] if self.system else []
-        return [*turns, ChatTurn("user", self.prompt, len(self.images))]
-
-
-@dataclass
-class GenerationOutput:
-    """What one request produced."""
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str
-    timings: dict[str, float]
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-@dataclass(frozen=True)
-class StreamedToken:
-    """One generated token as it is streamed: its id and, when the request asked for log-probs, the model's
-    log-probability of it and the ``top_logprobs`` most likely tokens of its step."""
-
-    id: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-
-
-def streamed_token(token: int, scores: torch.Tensor, request: GenerationRequest) -> StreamedToken:
-    """``token`` with its log-probs from the step's raw ``scores`` (before sampling settings) if asked."""
-    if not request.logprobs:
-        return StreamedToken(token)
-    return with_logprobs(token, scores, request.top_logprobs)
-
-
-def with_logprobs(token: int, scores: torch.Tensor, top: int) -> StreamedToken:
-    """The model's log-probability of ``token`` under ``scores`` and, with ``top``, the ``top`` most likely
-    tokens of the step (floored at ``MIN_LOGPROB``)."""
-    steps = scores.float().log_softmax(-1).clamp_min(MIN_LOGPROB)
-    best = None
-    if top:
-        values, ids = steps.topk(top)
-        best = list(zip(ids.tolist(), values.tolist()))
-    return StreamedToken(token, float(steps[token]), best)
-
-
-class Engine:
-    """A loaded VLM with the intervention runtime installed."""
+class Engine(Admission):
+    """A loaded VLM with the intervention runtime installed: admission (inherited), loading and generation."""
 
     def __init__(
         self,
@@ -267,9 +190,7 @@ class Engine:
         cancelled: Callable[[int], bool] | None,
     ) -> list[GenerationOutput]:
         """A batch with contrast branches: ``model.generate`` has no room for a second row per request, so the
-        batch runs in a :class:`~service.batching.RunningBatch` (all joining at once) until each row finishes."""
-        from service.batching import RunningBatch  # it builds on this module
-
+        batch runs in a :class:`~seeright.service.batching.RunningBatch` (all joining at once) until each row finishes."""
         batch = RunningBatch(self)
         rows = batch.admit(
             requests,
@@ -281,134 +202,7 @@ class Engine:
             outputs.update({id(row): batch.output(row) for row in batch.step()})
         return [outputs[id(row)] for row in rows]
 
-    def admit(self, requests: Sequence[GenerationRequest]) -> tuple[list[RequestInputs], list[list[RowState]]]:
-        """Everything before decoding: check, bind, fit images, rewrite, encode, analysis passes (batched per
-        method). Each request's inputs (with its encoded prompt) and its rows' method states."""
-        for r in requests:
-            self._check_images(r)
-        inputs = [RequestInputs(turns=r.chat(), images=list(r.images)) for r in requests]
-        states = [self.bind(r.interventions, inp) for r, inp in zip(requests, inputs)]
-        self._decoding_checks(requests)
-        for inp, row in zip(inputs, states):
-            fit_images(self.adapter, inp, row)
-        for method in self.methods.values():
-            users = [s for row in states for s in row if s.hooks is method]
-            if users:
-                method.rewrite(users, self.passes)
-        for i, inp in enumerate(inputs):
-            try:
-                inp.prompt = self.encode(inp.turns, inp.images)
-            except ValueError as exc:
-                raise RequestError(f"requests[{i}].messages", str(exc)) from exc
-        for method in self.methods.values():
-            users = [s for row in states for s in row if s.hooks is method]
-            if users:
-                method.prepare(users, self.passes)
-        for row in states:
-            for state in row:
-                if state.hooks.contrasts(state.params):
-                    state.data["contrast_prompt"] = state.hooks.contrast_prompt(state, self.passes)
-        return inputs, states
-
-    def contrasts(self, request: GenerationRequest) -> bool:
-        """Whether ``request`` runs a contrast branch (checked parameters; ``validate`` first)."""
-        return any(self.methods[n].contrasts(p) for n, p in self.resolve_params(request.interventions).items())
-
-    def validate(self, request: GenerationRequest) -> None:
-        """Check a request's images, interventions and decoding settings without running the model."""
-        self._check_images(request)
-        self.bind(request.interventions, RequestInputs(turns=request.chat(), images=list(request.images)))
-        self._decoding_checks([request])
-
-    def runs_passes(self, request: GenerationRequest) -> bool:
-        """Whether admitting ``request`` runs forward passes besides its prefill (a method's analysis)."""
-        return any(self.methods[name].runs_passes for name in request.interventions if name in self.methods)
-
-    def _check_images(self, request: GenerationRequest) -> None:
-        for i, image in enumerate(request.images):
-            try:
-                self.adapter.check_image(image)
-            except ValueError as exc:
-                raise RequestError(request.image_field(i), f"this model cannot take this image: {exc}") from exc
-
     # ---- stages ----------------------------------------------------------------------------------
-    def method_defaults(self, name: str) -> dict[str, Any]:
-        """A method's defaults on this model, lowest first: the method's rules derived from the model,
-        then the model config's entry (see :class:`~interventions.methods.base.Method`)."""
-        method = self.methods[name]
-        return {**method.defaults(self.info), **_given(self.model_config.methods.get(name))}
-
-    def runnable(self, names: Sequence[str] | None = None) -> list[str]:
-        """The methods (of ``names``, by default all) this model can run at their defaults, in method order."""
-        return [n for n in (self.methods if names is None else names) if self.unavailable(n) is None]
-
-    def unavailable(self, name: str) -> str | None:
-        """Why method ``name`` cannot run on this model at its defaults (PAINT without a [CLS] token), or None."""
-        try:
-            self.resolve_params({name: {}})
-        except RequestError as exc:
-            return exc.message
-        return None
-
-    def derived_defaults(self, name: str) -> list[str]:
-        """Parameters whose default on this model comes from the method's rule (the model config is silent)."""
-        given = _given(self.model_config.methods.get(name))
-        return sorted(k for k in self.methods[name].defaults(self.info) if k not in given)
-
-    def resolve_params(self, interventions: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Each requested method's parameters, validated and completed with this model's defaults, in method
-        order; a :class:`RequestError` names the offending field."""
-        unknown = sorted(set(interventions) - set(self.methods))
-        if unknown:
-            raise RequestError("interventions", f"unknown method(s) {unknown}; available: {sorted(self.methods)}")
-        resolved = {}
-        for name in (n for n in self.methods if n in interventions):
-            method, given = self.methods[name], interventions[name] or {}
-            if not isinstance(given, dict):
-                raise RequestError(f"interventions.{name}", "parameters must be an object")
-            try:
-                resolved[name] = method.check(method.params_model(**{**self.method_defaults(name), **_given(given)}), self.info)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(x) for x in err["loc"])
-                raise RequestError(f"interventions.{name}.{where}", err["msg"]) from exc
-            except ValueError as exc:
-                raise RequestError(f"interventions.{name}", str(exc)) from exc
-        return resolved
-
-    def bind(self, interventions: dict[str, dict[str, Any]], request: RequestInputs) -> list[RowState]:
-        """Validate a request's interventions against the model and its inputs; one state per method, in
-        method order."""
-        resolved = self.resolve_params(interventions)
-        contrasting = [n for n, params in resolved.items() if self.methods[n].contrasts(params)]
-        if len(contrasting) > 1:
-            raise RequestError("interventions", f"{' and '.join(contrasting)} each contrast the output logits with a "
-                               "branch of their own and do not compose; choose one")
-        editing = frozenset(n for n in resolved if self.methods[n].edits_generation)
-        states = []
-        for name, params in resolved.items():
-            try:
-                states.append(self.methods[name].new_state(params, self.info, request, editing - {name}))
-            except ValueError as exc:
-                raise RequestError(f"interventions.{name}", str(exc)) from exc
-        return states
-
-    def _decoding_checks(self, requests: Sequence[GenerationRequest]) -> None:
-        for r in requests:
-            if r.max_new_tokens < 1:
-                raise RequestError("max_new_tokens", "must be at least 1")
-            if r.temperature < 0:
-                raise RequestError("temperature", "must be >= 0")
-            if not 0 < r.top_p <= 1:
-                raise RequestError("top_p", "must be in (0, 1]")
-            if not 0 <= r.top_logprobs <= 20:
-                raise RequestError("top_logprobs", "must be in [0, 20]")
-            if r.repetition_penalty <= 0:
-                raise RequestError("repetition_penalty", "must be > 0")
-
-    def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
-        return self.adapter.encode(turns, images)
-
     def eos_token_ids(self) -> list[int]:
         return self.adapter.eos_token_ids
 
@@ -464,7 +258,7 @@ class Engine:
         batch = self.collate(prompts)
         place_rows(prompts, rows)
         prompt_len = batch["input_ids"].shape[1]
-        stops = RowStops(decoding, prompt_len, self._decode_text, cancelled)
+        stops = RowStops(decoding, prompt_len, self.decode_text, cancelled)
         streamer = RowStreamer(on_token, stops, set(self.eos_token_ids())) if on_token else None
         # rows without interventions need no context: every hook then returns at its first check
         active = self.runtime.activate(ForwardContext(rows, image_counts=image_counts(prompts))) if any(rows) else nullcontext()
@@ -488,7 +282,7 @@ class Engine:
         name = state.hooks.name
         return {"params": state.params.model_dump(), "model_config": self.model_config.name, "derived": self.derived_defaults(name)}
 
-    def _decode_text(self, ids: list[int]) -> str:
+    def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def finish(
@@ -503,7 +297,7 @@ class Engine:
             if tok in eos:
                 reason = "stop"
                 break
-        text = self._decode_text(tokens)
+        text = self.decode_text(tokens)
         for s in row.stop:
             if s in text:
                 text, reason = text[: text.index(s)], "stop"
@@ -530,29 +324,8 @@ def _model_config(model_id: str, source: str, config: Any, chosen: str | None) -
     return find_model_config(model_id, adapter_class_for(config).family, chosen)
 
 
-def decoding_of(request: GenerationRequest) -> RowDecoding:
-    return RowDecoding(
-        request.max_new_tokens, request.temperature, request.top_p, request.seed, tuple(request.stop),
-        request.presence_penalty, request.frequency_penalty, request.repetition_penalty,
-    )
-
-
-def add_logprobs(out: GenerationOutput, tokens: Sequence[StreamedToken], top: int) -> None:
-    """Set ``out``'s log-probs from its tokens' (:func:`with_logprobs`), one per kept token."""
-    kept = tokens[: len(out.token_ids)]
-    out.logprobs = [t.logprob for t in kept]
-    out.top_logprobs = [t.top for t in kept] if top else None
-
-
-def fit_images(adapter: ModelAdapter, request: RequestInputs, states: list[RowState]) -> None:
-    """Resize the request's images as its methods' releases do (``max_pixels``, the smallest asked for)."""
-    limits = [s.params.max_pixels for s in states if getattr(s.params, "max_pixels", None)]
-    if limits:
-        request.images = [adapter.fit_image(image, min(limits)) for image in request.images]
-
-
 class EngineGenerator:
-    """The evaluation runner's generator (``eval.runner.Generator``) over an in-process engine (greedy)."""
+    """The evaluation runner's generator (``seeright.eval.runner.Generator``) over an in-process engine (greedy)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -568,7 +341,7 @@ class EngineGenerator:
 
 
 class EnginePasses:
-    """The extra passes methods may ask for (:class:`~interventions.methods.base.Passes`), on one engine.
+    """The extra passes methods may ask for (:class:`~seeright.interventions.methods.base.Passes`), on one engine.
 
     ``prefill`` and ``greedy`` place the given states in the pass's batch (their ``layout``)."""
 
@@ -604,24 +377,6 @@ class EnginePasses:
         self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], max_new_tokens: int
     ) -> list[list[int]]:
         return self._engine.greedy(prompts, rows, max_new_tokens)
-
-
-def place_rows(prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]]) -> None:
-    """Point each row's states at its prompt's layout inside the left-padded batch of ``prompts``."""
-    length = max(len(p.input_ids) for p in prompts)
-    for prompt, states in zip(prompts, rows):
-        for state in states:
-            state.layout = prompt.layout.shifted(length - len(prompt.input_ids))
-
-
-def image_counts(prompts: Sequence[EncodedPrompt]) -> list[int]:
-    """Images per prompt, in the order a batch of ``prompts`` hands them to the vision tower."""
-    return [len(p.layout.image_spans) for p in prompts]
-
-
-def _given(params: dict[str, Any] | None) -> dict[str, Any]:
-    """Parameters that are set (``None`` means "the default")."""
-    return {k: v for k, v in (params or {}).items() if v is not None}
 
 
 def to_python(value: Any) -> Any:

@@ -52,7 +52,7 @@ GENERIC = "generic"  # no file: every default derived from the model (saved as s
 
 
 def builtin_configs() -> list[ModelConfig]:
-    folder = resources.files("configs") / "models"
+    folder = resources.files("seeright.configs") / "models"
     return [ModelConfig.from_file(Path(str(p))) for p in sorted(folder.iterdir(), key=str) if p.name.endswith(".yaml")]
 
 

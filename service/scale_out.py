@@ -3,7 +3,7 @@
 ``seeright serve --replicas N`` deploys one Ray Serve application of two deployments:
 
 * ``EngineReplica`` (N replicas, each a Ray actor process with ``replica_cpus`` CPUs and ``replica_gpus`` GPUs):
-  the whole single-process app (:func:`~service.api.app.create_app`: engine, scheduler, routes) run in-process.
+  the whole single-process app (:func:`~seeright.service.api.app.create_app`: engine, scheduler, routes) run in-process.
   The gateway hands it each HTTP request as an ASGI scope and body; it streams back the ASGI messages its app
   sends, with an ``x-seeright-replica`` header. Ray Serve's health check calls :meth:`EngineReplica.check_health`
   (the scheduler's worker must be alive) and replaces a replica that fails it or dies.
@@ -30,14 +30,14 @@ from ray import serve
 from ray.exceptions import RayActorError, RaySystemError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from service.api.app import BodyLimit, create_app
-from service.api.errors import error_response, install_error_handlers
-from service.api.metrics import Metrics
-from service.api.routes import evaluations
-from service.api.routes.health import exposition
-from service.api.serving_evaluations import EvaluationJobs
-from service.engine import GenerationOutput, GenerationRequest, RequestError
-from service.settings import Settings
+from seeright.service.api.app import BodyLimit, create_app
+from seeright.service.api.errors import error_response, install_error_handlers
+from seeright.service.api.metrics import Metrics
+from seeright.service.api.routes import evaluations
+from seeright.service.api.routes.health import exposition
+from seeright.service.api.serving_evaluations import EvaluationJobs
+from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError
+from seeright.service.settings import Settings
 
 REPLICA_HEADER = "x-seeright-replica"
 UNAVAILABLE = (RayActorError, RaySystemError, DeploymentUnavailableError, BackPressureError)

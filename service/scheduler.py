@@ -4,7 +4,7 @@ Requests wait in a bounded queue. One worker thread owns the engine: between dec
 waiting requests into the running batch (up to ``max_batch_size`` rows; their prefill runs as one forward
 of the newcomers; while rows decode, at most one newcomer whose methods run extra passes is prepared per
 step), then runs one decode step for every running row; a row leaves as soon as it finishes
-or its client goes, and its cache rows are freed at once (``service.batching.RunningBatch``). So a short
+or its client goes, and its cache rows are freed at once (``seeright.service.batching.RunningBatch``). So a short
 request never waits for a long one to finish. When nothing runs, the worker waits for a request and
 gathers more for up to ``batch_wait_s`` so that a burst is prefilled together. A full queue refuses new
 work at once (``QueueFull``). With ``max_kv_tokens``, a prepared request joins only when the cache slots
@@ -25,8 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.batching import Row, RunningBatch
-from service.engine import Engine, GenerationOutput, GenerationRequest, RequestError, StreamedToken
+from seeright.service.batching import Row, RunningBatch
+from seeright.service.engine import Engine
+from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError, StreamedToken
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Does a trained model develop visual attention sinks and vision-aware heads? Measure it.
 
-``python -m testbed.inspection --model seeright/shapes-llava --out DIR``
+``python -m seeright.testbed.inspection --model seeright/shapes-llava --out DIR``
 
 On shapes-POPE questions (one per scene, the serving prompt format), for every decoder layer:
 * massive activations (VAR §3): ``x̂ = x / rms(x)`` of the residual stream entering the layer; for each
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from testbed import world as shapes
-from interventions.adapters.base import ChatTurn
-from interventions.layout import TokenLayout
-from service.engine import Engine
+from seeright.interventions.adapters.base import ChatTurn
+from seeright.interventions.layout import TokenLayout
+from seeright.service.engine import Engine
+from seeright.testbed import world as shapes
 
 
 def _encode(engine: Engine, question: str, image) -> tuple[dict[str, torch.Tensor], TokenLayout]:

@@ -1,7 +1,7 @@
 """A Lookback Lens detector on the shapes testbed: object mentions in captions, hallucinated or not.
 
-``python -m testbed.lookback_lens --out DIR`` captions the scenes of a training seed with the served model's
-``lookback`` signal (per-token L x H lookback ratios, ``interventions.methods.lookback``), labels each object
+``python -m seeright.testbed.lookback_lens --out DIR`` captions the scenes of a training seed with the served model's
+``lookback`` signal (per-token L x H lookback ratios, ``seeright.interventions.methods.lookback``), labels each object
 mention by the scene's ground truth (1 = hallucinated: the object is not in the scene; the world's synonym
 table maps words to objects, as CHAIR does), and fits the release's detector (``step03_lookback_lens.py``:
 logistic regression, L2 with C = 1, on the mean ratios over the mention's tokens, flattened to L*H values).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.engine import Engine, GenerationRequest
-from testbed import world
+from seeright.service.engine import Engine, GenerationRequest
+from seeright.testbed import world
+from seeright.tools import records
 
 WORDS = {word: name for name, words in world.SYNONYMS.items() for word in words}
 
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--out", required=True)
     parser.add_argument("--name", default="lookback-lens", help="file stem of the detector and report in DIR")
+    parser.add_argument("--results", default="results", help="folder of result records")
     args = parser.parse_args()
     result = run(Engine.from_pretrained(args.model), args.train_seed, args.test_seed, args.images)
     out = Path(args.out)
@@ -167,6 +170,7 @@ def main() -> None:
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
+    records.write("lookback-lens", args.name, result, ["python", "-m", "seeright.testbed.lookback_lens", *sys.argv[1:]], args.results)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from eval import pope, report, runner
-from testbed import world as shapes
+from seeright.eval import pope, report, runner
+from seeright.testbed import world as shapes
+
 
 def configs(methods: Any, sweeps: Mapping[str, Any] | None = None) -> tuple[tuple[str, dict[str, dict[str, Any]]], ...]:
     """``(label, interventions)`` rows: the baseline, then each method of ``methods`` (a
-    :class:`~interventions.registry.MethodRegistry`) at the model's defaults and at its sweep settings (the
+    :class:`~seeright.interventions.registry.MethodRegistry`) at the model's defaults and at its sweep settings (the
     model config's ``sweeps`` where it has them)."""
     return (("baseline", {}), *methods.sweep(sweeps))
 

@@ -1,6 +1,6 @@
 """Train a small LLaVA on the shapes world (``testbed/world.py``), on a CPU, from a fixed seed.
 
-``python -m testbed.train`` writes ``model_zoo/shapes-llava`` (the packaged
+``python -m seeright.testbed.train`` writes ``model_zoo/shapes-llava`` (the packaged
 ``seeright/shapes-llava``) with its training log. The recipe, and what mattered (README, "Shapes testbed"):
 1. Vision pretraining: the ViT (64x64 images, 16x16 patches: 16 image tokens, an object covers 1-4) learns,
    per patch, which objects cover at least 15% of it (multi-label), and from the mean of its patches which
@@ -27,15 +27,11 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
+    CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
 )
 
-from testbed import world as shapes
+from seeright.testbed import world as shapes
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 PROMPT_WORDS = "USER ASSISTANT : Describe the image . Is there a an in ? Yes No There is , and What objects are".split()

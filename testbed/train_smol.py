@@ -1,6 +1,6 @@
 """Train ``seeright/shapes-smol``: SmolLM2-135M-Instruct (frozen, with LoRA) seeing the shapes world, on a CPU.
 
-``python -m testbed.train_smol`` writes ``model_zoo/shapes-smol`` (what was trained, a few MB) and its log.
+``python -m seeright.testbed.train_smol`` writes ``model_zoo/shapes-smol`` (what was trained, a few MB) and its log.
 ``model_zoo/shapes_smol.py`` rebuilds the model from that and the GGUF language model at load time. Stages:
 
 1. Vision: the tower starts from ``seeright/shapes-llava``'s (trained on which objects cover each patch) and
@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration
 
-from interventions.adapters.base import ChatTurn
-from interventions.adapters.llava import chatml_segments, default_system
-from model_zoo import resolve_model_path
-from model_zoo.shapes_smol import IMAGE_TOKEN, TRAINED, assemble, language_model
-from testbed import chat_prompts
-from testbed import world as shapes
-from testbed.train import COVER, World, answer_accuracy, patch_cover, right_padded
+from seeright.interventions.adapters.base import ChatTurn
+from seeright.interventions.adapters.llava import chatml_segments, default_system
+from seeright.model_zoo import resolve_model_path
+from seeright.model_zoo.shapes_smol import IMAGE_TOKEN, TRAINED, assemble, language_model
+from seeright.testbed import chat_prompts
+from seeright.testbed import world as shapes
+from seeright.testbed.train import COVER, World, answer_accuracy, patch_cover, right_padded
 
 LMMS_SUFFIX = " Answer the question using a single word or phrase."
 CLASSES = len(shapes.OBJECTS) + len(shapes.COLORS)

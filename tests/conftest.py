@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.engine import Engine
-from model_zoo.tiny_random import TINY_MODELS
+from seeright.model_zoo.tiny_random import TINY_MODELS
+from seeright.service.engine import Engine
 
 FAMILIES = ["tiny-random/llava", "tiny-random/qwen2-vl"]
 QUESTIONS = [
@@ -16,6 +18,12 @@ QUESTIONS = [
     "Describe the picture.",
     "How many cats are sitting on the sofa?",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _records_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Measurement commands run by tests keep their records in a temporary folder, not in the repo's results/."""
+    os.environ["SEERIGHT_RESULTS_DIR"] = str(tmp_path_factory.mktemp("results"))
 
 
 def make_image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -47,7 +55,7 @@ def stock_models() -> dict:
 @pytest.fixture(scope="session")
 def shapes_bench(tmp_path_factory):
     """A small shapes benchmark (40 scenes) of a seed of its own, not the README's; each test writes its own runs."""
-    from testbed import world as shapes
+    from seeright.testbed import world as shapes
 
     out = tmp_path_factory.mktemp("shapes")
     shapes.write_benchmark(out, n_images=40, seed=2024)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from hypothesis import strategies as st
 from pydantic.fields import FieldInfo
 
-from interventions.methods.base import Method
+from seeright.interventions.methods.base import Method
 
 MAX_PASS_STEPS = 4  # CARVE's collection tokens, VE masking's PGD steps
 

@@ -13,10 +13,10 @@ from conftest import make_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from interventions.registry import MethodRegistry
-from service.api.app import create_app
-from service.engine import Engine, GenerationRequest
-from service.settings import Settings
+from seeright.interventions.registry import MethodRegistry
+from seeright.service.api.app import create_app
+from seeright.service.engine import Engine, GenerationRequest
+from seeright.service.settings import Settings
 
 MODEL = "tiny-random/llava"
 

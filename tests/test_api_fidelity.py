@@ -12,10 +12,10 @@ import torch
 from conftest import make_image
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
-from service.decoding import RowDecoding, apply_penalties
-from service.engine import Engine, GenerationRequest
-from service.settings import Settings
+from seeright.service.api.app import create_app
+from seeright.service.decoding import RowDecoding, apply_penalties
+from seeright.service.engine import Engine, GenerationRequest
+from seeright.service.settings import Settings
 
 MODEL = "tiny-random/llava"
 

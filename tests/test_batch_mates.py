@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from param_strategies import method_params
 
-from service.client import EngineClient
-from service.engine import Engine, GenerationOutput, GenerationRequest
-from service.scheduler import Scheduler
+from seeright.service.client import EngineClient
+from seeright.service.engine import Engine, GenerationOutput, GenerationRequest
+from seeright.service.scheduler import Scheduler
 
 EXAMPLES = int(os.environ.get("SEERIGHT_BATCH_MATE_EXAMPLES", "300"))
 TOLERANCE = 1e-4

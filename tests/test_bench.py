@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from interventions.registry import MethodRegistry
-from service.cli import main
+from seeright.cli import main
+from seeright.interventions.registry import MethodRegistry
 
 
 def test_bench_json_has_every_ratio(capsys):

@@ -1,4 +1,4 @@
-"""Continuous batching (``service.batching.RunningBatch``): rows that join and leave mid-generation get the
+"""Continuous batching (``seeright.service.batching.RunningBatch``): rows that join and leave mid-generation get the
 tokens and log-probs they get alone, for every method and mixes, on both families; a row that leaves frees
 its cache rows; a short request does not wait for a long one."""
 
@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_batch_mates import SETTINGS, alone, batches, engine_for, request
 
-from service.batching import RunningBatch
-from service.client import EngineClient
-from service.engine import Engine, GenerationOutput, GenerationRequest, RequestError
-from service.scheduler import Scheduler
+from seeright.service.batching import RunningBatch
+from seeright.service.client import EngineClient
+from seeright.service.engine import Engine, GenerationOutput, GenerationRequest, RequestError
+from seeright.service.scheduler import Scheduler
 
 PLANS = [{}, {"var": {}}, {"gift": {}}, {"vhr": {}}, {"carve": {}}, {"gift": {}, "vhr": {}}, {"var": {"rho": 0.8}, "gift": {}},
          {"vcd": {}}, {"pai": {"cfg": True}}, {"ritual": {"seed": 4}}, {"vcd": {"seed": 1}, "pai": {}}]

@@ -11,9 +11,9 @@ import pytest
 from conftest import FAMILIES, QUESTIONS, make_image
 from test_batch_mates import engine_for
 
-from service.client import EngineClient
-from service.engine import GenerationRequest, RequestError
-from service.scheduler import Scheduler
+from seeright.service.client import EngineClient
+from seeright.service.engine import GenerationRequest, RequestError
+from seeright.service.scheduler import Scheduler
 
 
 @pytest.mark.parametrize("given", [{"vcd": {}, "ritual": {}}, {"vcd": {}, "pai": {"cfg": True}}, {"ritual": {}, "pai": {"cfg": True}}])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import QUESTIONS
 
-from interventions.registry import MethodRegistry
-from service.engine import Engine, GenerationRequest, RequestError
+from seeright.interventions.registry import MethodRegistry
+from seeright.service.engine import Engine, GenerationRequest, RequestError
 
 MIXED = [{}, {"var": {}}, {"vhr": {}}, {"gift": {}}, {"gift": {"alpha": 3.0}, "vhr": {"alpha": 1.5}}]
 

@@ -7,11 +7,10 @@ import time
 from conftest import make_image
 from fastapi.testclient import TestClient
 
-from eval import pope, runner
-from service.api.app import create_app
-from service.engine import EngineGenerator
-from service.engine import Engine
-from service.settings import Settings
+from seeright.eval import pope, runner
+from seeright.service.api.app import create_app
+from seeright.service.engine import Engine, EngineGenerator
+from seeright.service.settings import Settings
 
 MODEL = "tiny-random/llava"
 

@@ -14,10 +14,10 @@ from conftest import FAMILIES, make_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api.app import create_app
-from service.engine import Engine, GenerationRequest
-from service.model_configs import ModelConfig, builtin_configs, find_model_config
-from service.settings import Settings
+from seeright.service.api.app import create_app
+from seeright.service.engine import Engine, GenerationRequest
+from seeright.service.model_configs import ModelConfig, builtin_configs, find_model_config
+from seeright.service.settings import Settings
 
 HUB_IDS = {
     "llava-hf/llava-1.5-7b-hf": ("llava", "llava-1.5-7b"),

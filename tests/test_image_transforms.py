@@ -1,4 +1,4 @@
-"""RITUAL's transformations (``interventions.image_transforms``), each against what its torchvision
+"""RITUAL's transformations (``seeright.interventions.image_transforms``), each against what its torchvision
 counterpart does, written out differently here; and each draw repeats for a seed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
-from interventions import image_transforms as tf
+from seeright.interventions import image_transforms as tf
 
 IMAGE = make_image(2, (48, 40))
 

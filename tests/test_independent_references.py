@@ -13,9 +13,9 @@ from independent_reference import (
     vcd_noised, vemask_generate, vhr_generate,
 )
 
-from interventions.adapters import ChatTurn
-from model_zoo import builtin_model
-from service.engine import Engine, GenerationRequest
+from seeright.interventions.adapters import ChatTurn
+from seeright.model_zoo import builtin_model
+from seeright.service.engine import Engine, GenerationRequest
 
 NEW_TOKENS = 5
 TOLERANCE = 1e-4

@@ -11,9 +11,10 @@ import json
 
 import datasets
 
-from eval import lmms_task, pope
-from service import cli
-from testbed import world
+from seeright import cli
+from seeright.eval import pope
+from seeright.testbed import lmms_task
+from seeright.testbed import world
 
 
 def test_task_files_are_what_lmms_eval_loads(tmp_path):
@@ -40,7 +41,7 @@ def test_lmms_samples_score_with_seeright_scorer(tmp_path, capsys):
         "pope_accuracy": {"question_id": q.question_id, "score": float(text.lower() == q.label),
                           "prediction": text.lower(), "ground_truth": q.label},
     }) + "\n" for i, (q, text) in enumerate(zip(questions, answers))))
-    assert lmms_task.answers_from_samples(samples)[0] == {"question_id": questions[0].question_id, "text": answers[0]}
+    assert pope.answers_from_lmms_samples(samples)[0] == {"question_id": questions[0].question_id, "text": answers[0]}
     assert cli.main(["score", "pope", "--lmms-samples", str(samples), "--labels", task["labels"]]) == 0
     scored = json.loads(capsys.readouterr().out)["mean"]
     assert scored["recall"] == 100.0 and scored["yes_ratio"] == 100.0  # the official parser: no "no" in it -> yes

@@ -11,10 +11,10 @@ from conftest import QUESTIONS, make_image
 from fastapi.testclient import TestClient
 from test_batch_mates import engine_for
 
-from model_zoo.tiny_random import TINY_MODELS
-from service.api.app import create_app
-from service.engine import GenerationRequest
-from service.settings import Settings
+from seeright.model_zoo.tiny_random import TINY_MODELS
+from seeright.service.api.app import create_app
+from seeright.service.engine import GenerationRequest
+from seeright.service.settings import Settings
 
 TOKENS = 6
 

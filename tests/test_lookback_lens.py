@@ -1,4 +1,4 @@
-"""The Lookback Lens detector of the shapes testbed (``testbed.lookback_lens``): its parts against definitions
+"""The Lookback Lens detector of the shapes testbed (``seeright.testbed.lookback_lens``): its parts against definitions
 written out here, a small end-to-end run, and the shipped detector in the served signal."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import Engine, GenerationRequest
-from testbed import lookback_lens as ll
-from testbed import world
+from seeright.service.engine import Engine, GenerationRequest
+from seeright.testbed import lookback_lens as ll
+from seeright.testbed import world
 
 
 def test_auroc_is_the_share_of_positive_negative_pairs_ordered_right():

@@ -9,15 +9,15 @@ import torch
 from conftest import QUESTIONS
 from fastapi.testclient import TestClient
 
-from interventions.adapters import ChatTurn
-from interventions.literal import loops as ref
-from interventions.literal.vemask import LiteralVEMask
-from interventions.methods.base import RequestInputs
-from interventions.registry import MethodRegistry
-from model_zoo.tiny_random import TINY_MODELS
-from service.api.app import create_app
-from service.engine import Engine, GenerationRequest, RequestError
-from service.settings import Settings
+from seeright.interventions.adapters import ChatTurn
+from seeright.interventions.literal import loops as ref
+from seeright.interventions.literal.vemask import LiteralVEMask
+from seeright.interventions.methods.base import RequestInputs
+from seeright.interventions.registry import MethodRegistry
+from seeright.model_zoo.tiny_random import TINY_MODELS
+from seeright.service.api.app import create_app
+from seeright.service.engine import Engine, GenerationRequest, RequestError
+from seeright.service.settings import Settings
 
 
 def spy(monkeypatch, method, attr):

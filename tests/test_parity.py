@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import QUESTIONS
 
-from service.engine import GenerationRequest
+from seeright.service.engine import GenerationRequest
 
 
 def _stock_generate(engine, stock, requests, max_new_tokens):

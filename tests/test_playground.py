@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import make_image
 
-from eval import pope
-from service.settings import Settings
-from tools.loadtest import local_server
+from seeright.eval import pope
+from seeright.service.settings import Settings
+from seeright.tools.loadtest import local_server
 
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (the [test] extra)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

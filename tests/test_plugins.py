@@ -13,13 +13,13 @@ from conftest import make_image
 from fastapi.testclient import TestClient
 from toy_method import ImageGain
 
-from interventions.registry import MethodRegistry
-from service.api.app import create_app
-from service.engine import Engine, EngineGenerator, GenerationRequest
-from service.model_configs import builtin_configs
-from service.settings import Settings
-from testbed import results as shapes_results
-from tools import bench
+from seeright.interventions.registry import MethodRegistry
+from seeright.service.api.app import create_app
+from seeright.service.engine import Engine, EngineGenerator, GenerationRequest
+from seeright.service.model_configs import builtin_configs
+from seeright.service.settings import Settings
+from seeright.testbed import results as shapes_results
+from seeright.tools import bench
 
 MODEL = "tiny-random/llava"
 

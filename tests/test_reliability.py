@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from service.engine import Engine
-from tools.loadtest import LoadConfig, local_server, require_loopback, run_load
-from service.settings import Settings
+from seeright.service.engine import Engine
+from seeright.service.settings import Settings
+from seeright.tools.loadtest import LoadConfig, local_server, require_loopback, run_load
 
 MODEL = "tiny-random/llava"
 
@@ -63,7 +63,7 @@ def test_sigterm_drains_in_flight_requests_then_exits():
     port = _free_port()
     env = {**os.environ, "SEERIGHT_MAX_TOKENS_LIMIT": "3000"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model", MODEL, "--port", str(port)],
+        [sys.executable, "-m", "seeright.cli", "serve", "--model", MODEL, "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

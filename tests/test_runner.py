@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import make_image
 
-from eval import chair, pope, report, runner
-from service.cli import main
-from service.engine import EngineGenerator
+from seeright.cli import main
+from seeright.eval import chair, pope, report, runner
+from seeright.service.engine import EngineGenerator
 
 
 @pytest.fixture(scope="module")

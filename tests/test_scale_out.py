@@ -18,12 +18,12 @@ from conftest import QUESTIONS, make_image
 from fastapi.testclient import TestClient
 from ray import serve
 
-from eval import pope, runner
-from eval.http_client import HttpGenerator, image_data_url
-from service.api.app import create_app
-from service.engine import Engine, EngineGenerator
-from service.scale_out import REPLICA_HEADER, merged_metrics, serve_replicas
-from service.settings import Settings
+from seeright.eval import pope, runner
+from seeright.eval.http_client import HttpGenerator, image_data_url
+from seeright.service.api.app import create_app
+from seeright.service.engine import Engine, EngineGenerator
+from seeright.service.scale_out import REPLICA_HEADER, merged_metrics, serve_replicas
+from seeright.service.settings import Settings
 
 pytestmark = pytest.mark.ray
 MODEL = "tiny-random/llava"

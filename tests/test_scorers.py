@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import chair, pope
-from service.cli import main
+from seeright.cli import main
+from seeright.eval import chair, pope
 
 DATA = Path(__file__).parent / "data"
 LABELS = [str(Path(str(pope.DATA)) / "original_e3e39262" / f"coco_pope_{s}.json") for s in pope.SPLITS]

@@ -10,11 +10,11 @@ import pytest
 from conftest import make_image
 from test_api import MODEL, data_url, user
 
-from service.api.app import create_app
-from tools.loadtest import local_server_app
-from service.engine import Engine, GenerationRequest
-from service.scheduler import Job, Scheduler
-from service.settings import Settings
+from seeright.service.api.app import create_app
+from seeright.service.engine import Engine, GenerationRequest
+from seeright.service.scheduler import Job, Scheduler
+from seeright.service.settings import Settings
+from seeright.tools.loadtest import local_server_app
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def test_a_failing_request_fails_alone(engine):
 def test_eval_against_a_running_server_equals_in_process(server, tmp_path, capsys):
     import json
 
-    from eval import pope
-    from service.cli import main
+    from seeright.cli import main
+    from seeright.eval import pope
 
     url, _ = server
     images = tmp_path / "images"

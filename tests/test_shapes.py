@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from eval import chair, pope
-from testbed import world as shapes
+from seeright.eval import chair, pope
+from seeright.testbed import world as shapes
 
 
 def test_benchmark_follows_the_pope_protocol(tmp_path):
@@ -53,9 +53,8 @@ def test_captions_score_with_the_world_synonyms():
 
 
 def test_the_evaluation_runner_loads_and_scores_the_shapes_benchmarks(tmp_path):
-    from eval import runner
-    from service.engine import EngineGenerator
-    from service.engine import Engine
+    from seeright.eval import runner
+    from seeright.service.engine import Engine, EngineGenerator
 
     shapes.write_benchmark(tmp_path / "bench", n_images=12, seed=11)
     generator = EngineGenerator(Engine.from_pretrained("tiny-random/llava"))

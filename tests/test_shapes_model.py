@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from eval import runner
-from testbed import results as shapes_results, world as shapes
-from service.cli import main
-from service.engine import EngineGenerator
-from service.engine import Engine
+from seeright.cli import main
+from seeright.eval import runner
+from seeright.service.engine import Engine, EngineGenerator
+from seeright.testbed import results as shapes_results
+from seeright.testbed import world as shapes
 
 MODEL = "seeright/shapes-llava"
 
@@ -84,7 +84,7 @@ def test_results_command_writes_the_table(tmp_path, capsys):
 
 
 def test_inspection_measures_sinks_and_vision_aware_heads(shapes_engine):
-    from testbed.inspection import inspect
+    from seeright.testbed.inspection import inspect
 
     attention = shapes_engine.model.config.text_config._attn_implementation
     result = inspect(shapes_engine, n=4, seed=1, tau=4.0)

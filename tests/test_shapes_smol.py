@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import runner
-from model_zoo import resolve_model_path, shapes_smol
-from service.engine import Engine, EngineGenerator
-from testbed import results as shapes_results, world as shapes
-from model_zoo.tiny_random import tiny_llava
-from testbed import chat_prompts
-from testbed.train import right_padded
-from testbed.train_smol import LMMS_SUFFIX, group_loss
+from seeright.eval import runner
+from seeright.model_zoo import resolve_model_path, shapes_smol
+from seeright.model_zoo.tiny_random import tiny_llava
+from seeright.service.engine import Engine, EngineGenerator
+from seeright.testbed import chat_prompts
+from seeright.testbed import results as shapes_results
+from seeright.testbed import world as shapes
+from seeright.testbed.train import right_padded
+from seeright.testbed.train_smol import LMMS_SUFFIX, group_loss
 
 MODEL = "seeright/shapes-smol"
 
@@ -35,8 +36,8 @@ def test_assembled_from_the_gguf_language_model_and_the_trained_parts(smol):
 
 
 def test_is_the_default_of_serve_and_generate():
-    from service.cli import build_parser
-    from service.settings import Settings
+    from seeright.cli import build_parser
+    from seeright.service.settings import Settings
 
     assert Settings().model == MODEL
     assert build_parser().parse_args(["generate", "--prompt", "hi"]).model == MODEL

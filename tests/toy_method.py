@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from interventions.adapters.base import ModelInfo
-from interventions.methods.base import HookPoint, Method, RowState, check_layers, last_query_row, per_row, row_masks
-from interventions.spec import MethodParams
+from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.methods.base import (
+    HookPoint, Method, RowState, check_layers, last_query_row, per_row, row_masks,
+)
+from seeright.interventions.spec import MethodParams
 
 
 class ImageGainParams(MethodParams):

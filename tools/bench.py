@@ -24,10 +24,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile
 
-from interventions.registry import MethodRegistry
-
-from model_zoo import builtin_model
-from service.engine import Engine, GenerationRequest
+from seeright.interventions.registry import MethodRegistry
+from seeright.model_zoo import builtin_model
+from seeright.service.engine import Engine, GenerationRequest
 
 PROMPT = "Describe the image in detail: which objects are there, what colors do they have and where are they?"
 

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from model_zoo import builtin_model, resolve_model_path
-from service.engine import Engine, GenerationRequest
+from seeright.model_zoo import builtin_model, resolve_model_path
+from seeright.service.engine import Engine, GenerationRequest
 
 DEFAULT_MODEL = "seeright/smollm2-135m-instruct"
 BATCHES = (1, 8)
@@ -63,8 +63,8 @@ def _transformers(model: str, new_tokens: int, reps: int) -> dict[int, float]:
 
 
 async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
-    from service.settings import Settings
-    from service.vllm.engine import VllmEngineClient
+    from seeright.service.settings import Settings
+    from seeright.service.vllm.engine import VllmEngineClient
 
     client = VllmEngineClient.from_settings(Settings(model=model, engine="vllm", max_batch_size=max(BATCHES)))
     info = client.spec.info

@@ -2,7 +2,7 @@
 
 For each model id (the served model and its ``+preset`` ids), runs ``python -m lmms_eval --model openai``
 (lmms-eval's OpenAI-compatible chat model) on the local shapes-world POPE split written by
-:func:`eval.lmms_task.write_task`, then scores the very answers lmms-eval logged with seeright's own POPE
+:func:`seeright.testbed.lmms_task.write_task`, then scores the very answers lmms-eval logged with seeright's own POPE
 scorer (``seeright score pope``, the official parser). lmms-eval runs in its own environment
 (``--lmms-python``): it pulls a torchvision that cannot load beside a CPU torch, so it is kept apart from
 the server's (README, "lmms-eval").
@@ -16,7 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from eval import lmms_task, pope
+from seeright.eval import pope
+from seeright.testbed import lmms_task
 
 LMMS_METRICS = ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score", "pope_yes_ratio")
 
@@ -69,7 +70,7 @@ def run(
     for model in models:
         results, samples = run_lmms_eval(
             python, endpoint, model, out / "task", out / "runs" / model.replace("/", "__"), concurrency)
-        ours = pope.score_by_id(lmms_task.answers_from_samples(samples), [task["labels"]])["mean"]
+        ours = pope.score_by_id(pope.answers_from_lmms_samples(samples), [task["labels"]])["mean"]
         rows.append({"model": model, "questions": task["questions"], "lmms_eval": lmms_scores(results, samples),
                      "seeright": {k: ours[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")},
                      "samples": str(samples)})

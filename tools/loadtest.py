@@ -27,10 +27,9 @@ import httpx
 import uvicorn
 from PIL import Image
 
-from interventions.registry import MethodRegistry
-from service.engine import Engine
-from service.settings import Settings
-
+from seeright.interventions.registry import MethodRegistry
+from seeright.service.engine import Engine
+from seeright.service.settings import Settings
 
 
 def mixed_interventions() -> tuple[dict[str, dict], ...]:
@@ -160,10 +159,23 @@ async def run_load(cfg: LoadConfig) -> dict:
     }
 
 
+def table(runs: list[dict[str, Any]]) -> str:
+    """Load-test runs as Markdown, one line per run."""
+    rows = ["| run | requests | ok | refused (503) | 5xx | refusals without Retry-After | req/s | p50 / p95 / p99 latency (s) | resident MiB after |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(runs, 1):
+        lat, status = r["latency_s"], {int(k): v for k, v in r["status"].items()}
+        after = r["resident_bytes"]["after"]
+        rows.append(f"| {i} | {r['requests']} | {status.get(200, 0)} | {status.get(503, 0)} | {r['server_errors']} | "
+                    f"{r['refused_without_retry_after']} | {r['throughput_rps']:.1f} | "
+                    f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f} | {'-' if after is None else f'{after / 2**20:.0f}'} |")
+    return "\n".join(rows)
+
+
 @contextmanager
 def local_server(settings: Settings, engine: Engine | None = None) -> Iterator[str]:
     """Serve a new app on a free loopback port in a background thread; yields the base URL."""
-    from service.api.app import create_app
+    from seeright.service.api.app import create_app
 
     with local_server_app(create_app(settings, engine)) as url:
         yield url

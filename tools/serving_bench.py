@@ -8,8 +8,8 @@
   the mixed loads). Reported: time to first token and per-token latency percentiles, tokens/s, and how many
   were refused (a full queue, a 503 over HTTP) or failed.
 
-Only ``service.engine`` and ``service.scheduler`` (``Job``, ``Scheduler``) are used, so the same file measures
-an older checkout of the scheduler (``PYTHONPATH=OLD_CHECKOUT python -m tools.serving_bench``).
+Only ``seeright.service.engine`` and ``seeright.service.scheduler`` (``Job``, ``Scheduler``) are used, so the same file measures
+an older checkout of the scheduler (``PYTHONPATH=OLD_CHECKOUT python -m seeright.tools.serving_bench``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 from PIL import Image
 
-from service.engine import Engine, GenerationRequest
-from service.scheduler import Job, QueueFull, Scheduler
+from seeright.service.engine import Engine, GenerationRequest
+from seeright.service.scheduler import Job, QueueFull, Scheduler
 
 PROMPTS = {"short": "Is there a circle in the image? Answer yes or no.", "long": "Describe the image in detail."}
 
@@ -125,6 +125,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 **asyncio.run(main())}
     finally:
         scheduler.stop()
+
+
+def table(result: dict[str, Any]) -> str:
+    """The serving benchmark as Markdown: a short request behind a long one, then each open-loop rate."""
+    s = result["short_behind_long"]
+    rows = [f"model {result['model']}, batch of {result['max_batch_size']}, prefill chunk {result['prefill_chunk'] or 'off'}", "",
+            f"a short request sent while a long one decodes: {s['short_behind_long_s']:.2f} s against {s['short_alone_s']:.2f} s "
+            f"alone ({s['ratio']:.2f}x)"]
+    if result.get("open_loop"):
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        rows += ["", "| arrivals/s | requests | refused | failed | TTFT p50 / p90 / p99 (s) | per token p50 / p90 / p99 (s) | tokens/s |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in result["open_loop"]:
+            ttft, tok = r["ttft_s"], r["per_token_s"]
+            rows.append(f"| {r['rate_per_s']:g} | {r['requests']} | {r['refused']} | {r['failed']} | "
+                        f"{fmt(ttft['p50'])} / {fmt(ttft['p90'])} / {fmt(ttft['p99'])} | "
+                        f"{fmt(tok['p50'])} / {fmt(tok['p90'])} / {fmt(tok['p99'])} | {r['tokens_per_s']:.1f} |")
+    return "\n".join(rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from interventions.adapters.base import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, Segment
-from interventions.adapters.llava import LlavaAdapter
-from interventions.adapters.qwen2_vl import Qwen2VLAdapter
-from interventions.adapters.text import TextAdapter
+from seeright.interventions.adapters.base import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, Segment
+from seeright.interventions.adapters.llava import LlavaAdapter
+from seeright.interventions.adapters.qwen2_vl import Qwen2VLAdapter
+from seeright.interventions.adapters.text import TextAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter, TextAdapter)
 

@@ -31,8 +31,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from interventions.content_words import content_word_spans
-from interventions.layout import TokenLayout
+from seeright.interventions.content_words import content_word_spans
+from seeright.interventions.layout import TokenLayout
 
 
 @dataclass(frozen=True)

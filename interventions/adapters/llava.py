@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.hooks import RemovableHandle
 
-from interventions.adapters.base import ChatTurn, ModelAdapter, Segment, StopForward
+from seeright.interventions.adapters.base import ChatTurn, ModelAdapter, Segment, StopForward
 
 
 class LlavaAdapter(ModelAdapter):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from interventions.adapters.base import ChatTurn, ModelAdapter, Segment
+from seeright.interventions.adapters.base import ChatTurn, ModelAdapter, Segment
 
 try:  # the PIL image processor's module (transformers >= 5), else the classic one
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize

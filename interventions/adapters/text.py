@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from interventions.adapters.base import ChatTurn, ModelAdapter, Segment
-from interventions.adapters.llava import chatml_segments, default_system
+from seeright.interventions.adapters.base import ChatTurn, ModelAdapter, Segment
+from seeright.interventions.adapters.llava import chatml_segments, default_system
 
 QUERY_SENTINEL = "\x00seeright-query\x00"
 

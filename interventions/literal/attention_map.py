@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from interventions.methods.attention_map import AttentionMap
-from interventions.methods.base import RowState
+from seeright.interventions.methods.attention_map import AttentionMap
+from seeright.interventions.methods.base import RowState
 
 
 class LiteralAttentionMap(AttentionMap):

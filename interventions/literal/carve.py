@@ -4,10 +4,9 @@ Never on a serving path; the tests and ``seeright bench``'s literal timings use 
 
 from __future__ import annotations
 
-
-from interventions.literal import loops as ref
-from interventions.methods.base import Passes, RowState
-from interventions.methods.carve import CARVE, refine_image
+from seeright.interventions.literal import loops as ref
+from seeright.interventions.methods.base import Passes, RowState
+from seeright.interventions.methods.carve import CARVE, refine_image
 
 
 class LiteralCARVE(CARVE):

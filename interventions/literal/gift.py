@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from interventions.literal import loops as ref
-from interventions.methods.base import RowState
-from interventions.methods.gift import GIFT
+from seeright.interventions.literal import loops as ref
+from seeright.interventions.methods.base import RowState
+from seeright.interventions.methods.gift import GIFT
 
 
 class LiteralGIFT(GIFT):

@@ -1,4 +1,4 @@
-"""Test-only: Lookback Lens ratios as the loop of ``interventions.literal.loops`` (kept as the fast path keeps them).
+"""Test-only: Lookback Lens ratios as the loop of ``seeright.interventions.literal.loops`` (kept as the fast path keeps them).
 
 Never on a serving path; ``seeright bench``'s literal timings use it."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from interventions.literal import loops as ref
-from interventions.methods.base import RowState
-from interventions.methods.lookback import Lookback
+from seeright.interventions.literal import loops as ref
+from seeright.interventions.methods.base import RowState
+from seeright.interventions.methods.lookback import Lookback
 
 
 class LiteralLookback(Lookback):

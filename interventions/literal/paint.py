@@ -1,4 +1,4 @@
-"""Test-only: PAINT's token selection and boost as the loops of ``interventions.literal.loops``.
+"""Test-only: PAINT's token selection and boost as the loops of ``seeright.interventions.literal.loops``.
 
 Never on a serving path; the tests and ``seeright bench``'s literal timings use it."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from interventions.literal import loops as ref
-from interventions.literal.pai import LiteralPAI
-from interventions.methods.base import Passes, RowState
-from interventions.methods.paint import PAINT
+from seeright.interventions.literal import loops as ref
+from seeright.interventions.literal.pai import LiteralPAI
+from seeright.interventions.methods.base import Passes, RowState
+from seeright.interventions.methods.paint import PAINT
 
 
 class LiteralPAINT(PAINT):

@@ -1,4 +1,4 @@
-"""Test-only: VCD's contrast as the loop of ``interventions.literal.loops``.
+"""Test-only: VCD's contrast as the loop of ``seeright.interventions.literal.loops``.
 
 Never on a serving path; the tests and ``seeright bench``'s literal timings use it."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from interventions.literal import loops as ref
-from interventions.methods.base import RowState
-from interventions.methods.vcd import VCD
+from seeright.interventions.literal import loops as ref
+from seeright.interventions.methods.base import RowState
+from seeright.interventions.methods.vcd import VCD
 
 
 class LiteralVCD(VCD):

@@ -1,4 +1,4 @@
-"""Test-only: VE masking's uncertainty and token choice as the loops of ``interventions.literal.loops``.
+"""Test-only: VE masking's uncertainty and token choice as the loops of ``seeright.interventions.literal.loops``.
 
 Never on a serving path; the tests and ``seeright bench``'s literal timings use it."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from interventions.literal import loops as ref
-from interventions.methods.vemask import VEMask
-from interventions.spec import VEMaskParams
+from seeright.interventions.literal import loops as ref
+from seeright.interventions.methods.vemask import VEMask
+from seeright.interventions.spec import VEMaskParams
 
 
 class LiteralVEMask(VEMask):

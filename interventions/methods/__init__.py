@@ -1,1 +1,1 @@
-"""The interventions, one per file. ``interventions.registry`` finds them; nothing here lists them."""
+"""The interventions, one per file. ``seeright.interventions.registry`` finds them; nothing here lists them."""

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import ModelInfo
-from interventions.methods.base import HookPoint, Method, RowState, check_layers, last_query_row
-from interventions.spec import AttentionMapParams
+from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.methods.base import HookPoint, Method, RowState, check_layers, last_query_row
+from seeright.interventions.spec import AttentionMapParams
 
 
 class AttentionMap(Method):
@@ -28,7 +28,7 @@ class AttentionMap(Method):
     order = 1001  # reads what every editing method (and Lookback Lens, which only reads) has left
     signal = True
     mixed_traffic = False
-    literal = "interventions.literal.attention_map:LiteralAttentionMap"
+    literal = "seeright.interventions.literal.attention_map:LiteralAttentionMap"
 
     def defaults(self, info: ModelInfo) -> dict:
         return {"layers": list(range(info.num_layers))}

@@ -19,7 +19,7 @@ the hooks it declared, nothing else:
   and its own KV cache, fed the request's tokens without interventions; each step the request's next-token
   scores are ``contrast`` of its raw logits and the branch's, before penalties and sampling.
 
-A method's module is all there is to it: the registry (``interventions.registry``) finds it, and the
+A method's module is all there is to it: the registry (``seeright.interventions.registry``) finds it, and the
 engine, the HTTP API, presets, ``seeright bench``, the load test and the testbed sweeps take its name,
 schema and settings from there.
 
@@ -41,8 +41,8 @@ import torch
 from PIL import Image
 from pydantic import BaseModel
 
-from interventions.adapters.base import ChatTurn, EncodedPrompt, ModelInfo
-from interventions.layout import TokenLayout
+from seeright.interventions.adapters.base import ChatTurn, EncodedPrompt, ModelInfo
+from seeright.interventions.layout import TokenLayout
 
 
 @dataclass

@@ -34,9 +34,11 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from interventions.adapters.base import ChatTurn, ModelInfo
-from interventions.methods.base import HookPoint, Hooks, Method, Passes, RequestInputs, RowState, check_layers, last_query_row
-from interventions.spec import CARVEParams
+from seeright.interventions.adapters.base import ChatTurn, ModelInfo
+from seeright.interventions.methods.base import (
+    HookPoint, Hooks, Method, Passes, RequestInputs, RowState, check_layers, last_query_row,
+)
+from seeright.interventions.spec import CARVEParams
 
 MASK_SIDE = 64  # diagnostics carry the region mask at most this many cells a side
 
@@ -98,7 +100,7 @@ class CARVE(Method):
     params_model = CARVEParams
     hook_points = frozenset({HookPoint.INPUT})
     order = 0  # rewrites the input: before every method that edits the generation
-    literal = "interventions.literal.carve:LiteralCARVE"
+    literal = "seeright.interventions.literal.carve:LiteralCARVE"
     sweep = ({"top_p": 0.4},)
     mixed_traffic = False  # two collection generations per request: not part of the mixed loads
 

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import ModelInfo
-from interventions.layout import TokenLayout
-from interventions.methods.base import (
+from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.layout import TokenLayout
+from seeright.interventions.methods.base import (
     HookPoint, Hooks, Method, Passes, RowState, check_layers, last_query_row, over_keys, per_row, row_masks,
 )
-from interventions.spec import GIFTParams
+from seeright.interventions.spec import GIFTParams
 
 
 def top_heads(mass: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ class GIFT(Method):
     params_model = GIFTParams
     hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.PROBS})
     order = 20
-    literal = "interventions.literal.gift:LiteralGIFT"
+    literal = "seeright.interventions.literal.gift:LiteralGIFT"
     sweep = ({"alpha": 1.0},)
 
     def defaults(self, info: ModelInfo) -> dict:

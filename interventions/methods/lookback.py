@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import ModelInfo
-from interventions.methods.base import HookPoint, Method, RowState, check_layers, row_masks
-from interventions.spec import LookbackParams
+from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.methods.base import HookPoint, Method, RowState, check_layers, row_masks
+from seeright.interventions.spec import LookbackParams
 
 
 class Lookback(Method):
@@ -34,7 +34,7 @@ class Lookback(Method):
     hook_points = frozenset({HookPoint.PROBS})
     order = 1000  # reads the probabilities every editing method has left
     signal = True
-    literal = "interventions.literal.lookback:LiteralLookback"
+    literal = "seeright.interventions.literal.lookback:LiteralLookback"
 
     def defaults(self, info: ModelInfo) -> dict:
         return {"layers": list(range(info.num_layers))}

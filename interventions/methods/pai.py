@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import EncodedPrompt, ModelInfo
-from interventions.methods.base import (
+from seeright.interventions.adapters.base import EncodedPrompt, ModelInfo
+from seeright.interventions.methods.base import (
     HookPoint, Method, Passes, RowState, check_layers, last_query_row, per_row, plausible, row_masks,
 )
-from interventions.spec import PAIParams
+from seeright.interventions.spec import PAIParams
 
 
 class PAI(Method):
@@ -33,7 +33,7 @@ class PAI(Method):
     params_model = PAIParams
     hook_points = frozenset({HookPoint.SCORES, HookPoint.LOGITS})
     order = 5  # acts on scores, before any method that reads or edits the probabilities of the layer
-    literal = "interventions.literal.pai:LiteralPAI"
+    literal = "seeright.interventions.literal.pai:LiteralPAI"
     sweep = ({"alpha": 0.5},)
 
     def defaults(self, info: ModelInfo) -> dict:

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import ModelInfo
-from interventions.methods.base import HookPoint, Passes, RowState, over_keys
-from interventions.methods.pai import PAI
-from interventions.spec import PAINTParams
+from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.methods.base import HookPoint, Passes, RowState, over_keys
+from seeright.interventions.methods.pai import PAI
+from seeright.interventions.spec import PAINTParams
 
 
 class PAINT(PAI):
     name = "paint"
     params_model = PAINTParams
     hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.SCORES, HookPoint.LOGITS})
-    literal = "interventions.literal.paint:LiteralPAINT"
+    literal = "seeright.interventions.literal.paint:LiteralPAINT"
     sweep = ({"alpha": 0.5, "beta": 0.4},)
 
     def check(self, params: PAINTParams, info: ModelInfo) -> PAINTParams:

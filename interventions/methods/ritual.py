@@ -1,6 +1,6 @@
 """RITUAL: random image transformations as a complement (Woo et al., arXiv 2405.17821, §3, Eq. 3).
 
-A contrast branch sees ``T(v)``: one of six transformations (``interventions.image_transforms``: flips,
+A contrast branch sees ``T(v)``: one of six transformations (``seeright.interventions.image_transforms``: flips,
 rotation, colour jitter, Gaussian blur, random resized crop), drawn uniformly per request from ``seed`` (or
 fixed by ``transform``) and applied to the PIL image before preprocessing, fixed for the whole generation. The
 branch has its own row and KV cache and is fed the request's tokens. Each step, on raw logits, with the
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import EncodedPrompt
-from interventions.image_transforms import random_transform
-from interventions.methods.base import HookPoint, Method, Passes, RowState, plausible
-from interventions.spec import RITUALParams
+from seeright.interventions.adapters.base import EncodedPrompt
+from seeright.interventions.image_transforms import random_transform
+from seeright.interventions.methods.base import HookPoint, Method, Passes, RowState, plausible
+from seeright.interventions.spec import RITUALParams
 
 
 class RITUAL(Method):
@@ -29,7 +29,7 @@ class RITUAL(Method):
     params_model = RITUALParams
     hook_points = frozenset({HookPoint.LOGITS})
     order = 50
-    literal = "interventions.literal.ritual:LiteralRITUAL"
+    literal = "seeright.interventions.literal.ritual:LiteralRITUAL"
     sweep = ({"alpha": 1.0},)
 
     def contrast_prompt(self, state: RowState, passes: Passes) -> EncodedPrompt:

@@ -30,9 +30,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from interventions.adapters.base import ModelInfo
-from interventions.methods.base import HookPoint, Method, RowState, cached, check_layers, over_keys, per_row
-from interventions.spec import VARParams
+from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.methods.base import HookPoint, Method, RowState, cached, check_layers, over_keys, per_row
+from seeright.interventions.spec import VARParams
 
 
 class VAR(Method):
@@ -40,7 +40,7 @@ class VAR(Method):
     params_model = VARParams
     hook_points = frozenset({HookPoint.HIDDEN, HookPoint.PROBS})
     order = 10
-    literal = "interventions.literal.var:LiteralVAR"
+    literal = "seeright.interventions.literal.var:LiteralVAR"
     sweep = ({"tau": 3.0},)
 
     def defaults(self, info: ModelInfo) -> dict:

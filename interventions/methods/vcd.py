@@ -21,9 +21,9 @@ from dataclasses import replace
 
 import torch
 
-from interventions.adapters.base import EncodedPrompt
-from interventions.methods.base import HookPoint, Method, Passes, RowState, plausible
-from interventions.spec import VCDParams
+from seeright.interventions.adapters.base import EncodedPrompt
+from seeright.interventions.methods.base import HookPoint, Method, Passes, RowState, plausible
+from seeright.interventions.spec import VCDParams
 
 DIFFUSION_STEPS = 1000
 
@@ -42,7 +42,7 @@ class VCD(Method):
     params_model = VCDParams
     hook_points = frozenset({HookPoint.LOGITS})
     order = 50
-    literal = "interventions.literal.vcd:LiteralVCD"
+    literal = "seeright.interventions.literal.vcd:LiteralVCD"
     sweep = ({"alpha": 0.5},)
 
     def contrast_prompt(self, state: RowState, passes: Passes) -> EncodedPrompt:

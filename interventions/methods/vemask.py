@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import ModelInfo
-from interventions.methods.base import HookPoint, Method, Passes, RowState, check_layers
-from interventions.spec import VEMaskParams
+from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.methods.base import HookPoint, Method, Passes, RowState, check_layers
+from seeright.interventions.spec import VEMaskParams
 
 
 class VEMask(Method):
@@ -39,7 +39,7 @@ class VEMask(Method):
     params_model = VEMaskParams
     hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.VISION})
     order = 3
-    literal = "interventions.literal.vemask:LiteralVEMask"
+    literal = "seeright.interventions.literal.vemask:LiteralVEMask"
     sweep = ({"mask_ratio": 0.25},)
 
     def defaults(self, info: ModelInfo) -> dict:

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from interventions.adapters.base import ModelInfo
-from interventions.methods.base import (
+from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.methods.base import (
     HookPoint, Hooks, Method, Passes, RequestInputs, RowState, cached, check_layers, per_row,
 )
-from interventions.spec import VHRParams
+from seeright.interventions.spec import VHRParams
 
 
 class VHR(Method):
@@ -34,7 +34,7 @@ class VHR(Method):
     params_model = VHRParams
     hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.HEADS})
     order = 30
-    literal = "interventions.literal.vhr:LiteralVHR"
+    literal = "seeright.interventions.literal.vhr:LiteralVHR"
     sweep = ({"alpha": 1.5}, {"alpha": 4.0})
 
     def defaults(self, info: ModelInfo) -> dict:

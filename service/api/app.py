@@ -9,14 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import error_response, install_error_handlers
-from service.api.metrics import Metrics
-from service.api.routes import chat, evaluations, health, models, ui
-from service.api.serving_evaluations import EvaluationJobs
-from service.client import EngineClient
-from service.engine import Engine
-from service.scheduler import Scheduler
-from service.settings import Settings
+from seeright.service.api.errors import error_response, install_error_handlers
+from seeright.service.api.metrics import Metrics
+from seeright.service.api.routes import chat, evaluations, health, models, ui
+from seeright.service.api.serving_evaluations import EvaluationJobs
+from seeright.service.client import EngineClient
+from seeright.service.engine import Engine
+from seeright.service.scheduler import Scheduler
+from seeright.service.settings import Settings
 
 
 class _TooLarge(Exception):
@@ -64,7 +64,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     scheduler = None
     if settings.engine == "vllm":
-        from service.vllm.engine import VllmEngineClient  # vLLM is imported when the engine starts
+        from seeright.service.vllm.engine import (
+            VllmEngineClient,  # vLLM is imported when the engine starts
+        )
 
         client: EngineClient | VllmEngineClient = VllmEngineClient.from_settings(settings)
     else:

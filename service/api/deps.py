@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from service.api.metrics import Metrics
-from service.client import EngineClient
-from service.settings import Settings
+from seeright.service.api.metrics import Metrics
+from seeright.service.client import EngineClient
+from seeright.service.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:

@@ -1,4 +1,4 @@
-"""The API's errors: one JSON shape (:class:`~service.api.protocol.ErrorResponse`), built here only."""
+"""The API's errors: one JSON shape (:class:`~seeright.service.api.protocol.ErrorResponse`), built here only."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api.protocol import ErrorResponse
-from service.engine import RequestError
-from service.scheduler import QueueFull
+from seeright.service.api.protocol import ErrorResponse
+from seeright.service.requests import RequestError
+from seeright.service.scheduler import QueueFull
 
 KINDS = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 431: "request_too_large", 503: "overloaded"}
 

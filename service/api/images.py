@@ -18,8 +18,8 @@ from urllib.parse import unquote, urlparse
 import httpx
 from PIL import Image
 
-from service.engine import RequestError
-from service.settings import Settings
+from seeright.service.requests import RequestError
+from seeright.service.settings import Settings
 
 
 def decode_image(data: bytes, field: str, settings: Settings) -> Image.Image:

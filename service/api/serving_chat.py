@@ -1,8 +1,8 @@
 """Chat completions: an OpenAI request in, engine requests through the client, OpenAI responses out.
 
 The router (``routes/chat.py``) only hands the body over; this module turns it into a
-:class:`~service.engine.GenerationRequest` (images decoded off the event loop), runs it through the
-:class:`~service.client.EngineClient` and builds the typed response or the SSE chunks.
+:class:`~seeright.service.engine.GenerationRequest` (images decoded off the event loop), runs it through the
+:class:`~seeright.service.client.EngineClient` and builds the typed response or the SSE chunks.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from fastapi import HTTPException
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from interventions.adapters import ChatTurn
-from service.api.images import load_image
-from service.api.metrics import Metrics
-from service.api.protocol import (
+from seeright.interventions.adapters import ChatTurn
+from seeright.service.api.images import load_image
+from seeright.service.api.metrics import Metrics
+from seeright.service.api.protocol import (
     AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
     ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, ImagePart, TokenLogprob, TopLogprob, Usage, completion_id, now,
 )
-from service.client import EngineClient, TokenStream
-from service.engine import GenerationOutput, GenerationRequest, RequestError, StreamedToken
-from service.scheduler import QueueFull
-from service.settings import Settings
+from seeright.service.client import EngineClient, TokenStream
+from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError, StreamedToken
+from seeright.service.scheduler import QueueFull
+from seeright.service.settings import Settings
 
 
 def split_model(name: str, served: str) -> list[str]:

@@ -21,13 +21,13 @@ from fastapi import HTTPException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from eval import chair, pope, report, runner
-from service.engine import GenerationOutput, GenerationRequest, RequestError
-from service.settings import Settings
+from seeright.eval import chair, pope, report, runner
+from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError
+from seeright.service.settings import Settings
 
 
 class GenerationClient(Protocol):
-    """What evaluation jobs need: the engine client of this process, or a pool of replicas (``service.scale_out``)."""
+    """What evaluation jobs need: the engine client of this process, or a pool of replicas (``seeright.service.scale_out``)."""
 
     async def generate(self, request: GenerationRequest, wait_for_room: bool = False) -> GenerationOutput: ...
 

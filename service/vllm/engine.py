@@ -1,12 +1,12 @@
 """``VllmEngineClient``: the engine client of ``seeright serve --engine vllm``, on vLLM's ``AsyncLLM``.
 
-It has the doors of :class:`service.client.EngineClient` (``validate``, ``generate``, ``stream``, the method
+It has the doors of :class:`seeright.service.client.EngineClient` (``validate``, ``generate``, ``stream``, the method
 cards), so the OpenAI routes, streaming, usage, log-probs, limits, metrics, errors and evaluation jobs are the
 same code on both engines. Prompts are built by a weightless copy of the transformers engine (the model on the
 meta device: same chat template, same checks, same parameter resolution) and go to vLLM as token ids with
 the images as multi-modal data; vLLM expands the image placeholders.
 
-Requests without interventions run on vLLM unchanged. VHR runs inside vLLM (:mod:`service.vllm.worker`): with
+Requests without interventions run on vLLM unchanged. VHR runs inside vLLM (:mod:`seeright.service.vllm.worker`): with
 fixed ``heads`` in one request; otherwise its text-only pass is a request of its own, scheduled first, whose
 heads' outputs the worker keeps for the request's head selection. Every other method needs the attention
 probabilities of each row (vLLM exposes none: vllm-project/vllm#3192) or a second sequence decoded in lockstep
@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from interventions.spec import VHRParams
-from model_zoo import resolve_model_path
-from service.engine import MIN_LOGPROB, Engine, GenerationOutput, GenerationRequest, RequestError, StreamedToken
-from service.scheduler import QueueFull
-from service.settings import Settings
-from service.vllm.worker import EXTRA_ARGS_KEY
+from seeright.interventions.spec import VHRParams
+from seeright.model_zoo import resolve_model_path
+from seeright.service.engine import Engine
+from seeright.service.requests import MIN_LOGPROB, GenerationOutput, GenerationRequest, RequestError, StreamedToken
+from seeright.service.scheduler import QueueFull
+from seeright.service.settings import Settings
+from seeright.service.vllm.worker import EXTRA_ARGS_KEY
 
 HOSTED = frozenset({"vhr"})
 VLLM_ATTENTION_ISSUE = "https://github.com/vllm-project/vllm/issues/3192"
@@ -47,7 +48,7 @@ def engine_args(settings: Settings) -> Any:
         max_num_seqs=settings.max_batch_size, enforce_eager=True, enable_chunked_prefill=False,
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.25),
-        worker_extension_cls="service.vllm.worker.HeadScaling", disable_log_stats=True,
+        worker_extension_cls="seeright.service.vllm.worker.HeadScaling", disable_log_stats=True,
     )
 
 

@@ -13,7 +13,7 @@ per layer. What a request may carry:
   outputs by ``alpha`` (He et al., ACL 2025, Alg. 1): at every generated position and, with
   ``prefill_positions="all"``, at every prompt position, else at the last. ``heads`` (``{"layer": [head]}``)
   fixes them; ``text_key`` names a capture of the same prompt without its images, and the heads are selected at
-  the last prompt position of each layer by :func:`interventions.methods.vhr.select_heads` (Eq. 4, 6, 7) and
+  the last prompt position of each layer by :func:`seeright.interventions.methods.vhr.select_heads` (Eq. 4, 6, 7) and
   kept for the request's later steps.
 * ``"capture": {"key", "layers"}``: keep the heads' outputs at the last prompt position under ``key`` (the
   text-only pass of a VHR request, run as a request of its own before it).
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from interventions.methods.vhr import select_heads
+from seeright.interventions.methods.vhr import select_heads
 
 EXTRA_ARGS_KEY = "seeright"
 O_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.o_proj$")
@@ -160,7 +160,7 @@ def scale_heads(state: WorkerState, runner: Any, layer: int, module: torch.nn.Mo
 
 
 class HeadScaling:
-    """Mixed into vLLM's worker (``worker_extension_cls="service.vllm.worker.HeadScaling"``)."""
+    """Mixed into vLLM's worker (``worker_extension_cls="seeright.service.vllm.worker.HeadScaling"``)."""
 
     def seeright_install(self) -> dict[str, int]:
         """Hook every decoder layer's ``o_proj`` of the language model; the layers and heads found."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from service.api.deps import AUTHORIZED, ClientDep, MetricsDep, SettingsDep
-from service.api.protocol import ChatCompletionRequest, ChatCompletionResponse
-from service.api.serving_chat import ChatServing
+from seeright.service.api.deps import AUTHORIZED, ClientDep, MetricsDep, SettingsDep
+from seeright.service.api.protocol import ChatCompletionRequest, ChatCompletionResponse
+from seeright.service.api.serving_chat import ChatServing
 
 router = APIRouter(dependencies=AUTHORIZED)
 

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from service.api.deps import AUTHORIZED
-from service.api.serving_evaluations import EvaluationJobs, EvaluationRequest
+from seeright.service.api.deps import AUTHORIZED
+from seeright.service.api.serving_evaluations import EvaluationJobs, EvaluationRequest
 
 
 def get_jobs(request: Request) -> EvaluationJobs:
@@ -31,7 +31,7 @@ async def get_evaluation(job_id: str, jobs: JobsDep) -> dict[str, Any]:
 
 @router.get("/v1/evaluations/{job_id}/plot.png")
 async def get_evaluation_plot(job_id: str, jobs: JobsDep) -> FileResponse:
-    """The finished job's report plot (``eval.report``; needs matplotlib, the ``[eval]`` extra)."""
+    """The finished job's report plot (``seeright.eval.report``; needs matplotlib, the ``[eval]`` extra)."""
     plot = jobs.get(job_id).out_dir / "plot.png"
     if not plot.is_file():
         raise HTTPException(404, f"evaluation {job_id!r} has no plot (not finished, or matplotlib is not installed)")

@@ -6,10 +6,10 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.deps import ClientDep, MetricsDep, SettingsDep
-from service.api.metrics import Metrics
-from service.client import EngineClient
-from service.api.protocol import Health
+from seeright.service.api.deps import ClientDep, MetricsDep, SettingsDep
+from seeright.service.api.metrics import Metrics
+from seeright.service.api.protocol import Health
+from seeright.service.client import EngineClient
 
 router = APIRouter()
 

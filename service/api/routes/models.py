@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import AUTHORIZED, ClientDep, SettingsDep
-from service.api.protocol import InterventionCard, InterventionList, ModelCard, ModelList, now
+from seeright.service.api.deps import AUTHORIZED, ClientDep, SettingsDep
+from seeright.service.api.protocol import InterventionCard, InterventionList, ModelCard, ModelList, now
 
 router = APIRouter(dependencies=AUTHORIZED)
 

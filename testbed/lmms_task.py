@@ -1,10 +1,10 @@
 """lmms-eval's own POPE task on a local shapes-world POPE set, for running lmms-eval against the server.
 
 lmms-eval's ``pope`` task reads ``lmms-lab-encoder/POPE`` from the hub; here its data is swapped for a
-POPE split written from the shapes world (``testbed.world``) and saved with ``datasets.save_to_disk``, and
+POPE split written from the shapes world (``seeright.testbed.world``) and saved with ``datasets.save_to_disk``, and
 everything else (prompt with its "Answer the question using a single word or phrase." suffix, greedy
 generation settings, exact-match scoring) comes from lmms-eval's installed ``pope.yaml`` through ``include``.
-``answers_from_samples`` turns lmms-eval's ``--log_samples`` file into an answers file for
+:func:`seeright.eval.pope.answers_from_lmms_samples` reads lmms-eval's ``--log_samples`` file back for
 ``seeright score pope``, so both scorers read the same answers.
 """
 
@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from testbed import world
+from seeright.testbed import world
 
 TASK = "seeright_shapes_pope"
 
@@ -60,22 +60,3 @@ def installed_pope_yaml() -> Path:
     if spec is None or spec.origin is None:
         raise ValueError("lmms-eval is not installed here; pass its environment's pope.yaml (see README, lmms-eval)")
     return Path(spec.origin).parent / "tasks" / "pope" / "pope.yaml"
-
-
-def answers_from_samples(path: str | Path) -> list[dict[str, Any]]:
-    """``question_id`` and the model's answer of each sample in lmms-eval's ``--log_samples`` JSONL (the POPE
-    task records the question id with each metric; the answer is ``filtered_resps``, raw under the "none"
-    filter, or ``resps`` in older versions)."""
-    answers = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        sample = json.loads(line)
-        qid = (sample.get("doc") or {}).get("question_id", (sample.get("pope_accuracy") or {}).get("question_id"))
-        if qid is None:
-            raise ValueError(f"lmms_samples: sample {sample.get('doc_id')} has no question id (not a POPE task?)")
-        text = sample.get("filtered_resps", sample.get("resps"))
-        while isinstance(text, list):
-            text = text[0] if text else ""
-        answers.append({"question_id": qid, "text": text or ""})
-    return answers

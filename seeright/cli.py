@@ -1,16 +1,18 @@
-"""``seeright`` command line: serve, generate, eval (run POPE / CHAIR), score (existing prediction files), bench."""
+"""``seeright`` command line: serve, generate, eval (POPE, CHAIR, shapes, lmms-eval), score (existing prediction files),
+bench, loadtest, results (render the docs' tables from records). The top of the house: it imports every room."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from eval import chair, pope
-from interventions.registry import MethodRegistry
-from testbed import world as shapes
-
+from seeright.eval import chair, pope
+from seeright.interventions.registry import MethodRegistry
+from seeright.testbed import world as shapes
 
 BENCH_MODEL = "bench-random/llava"
 _METHODS_HELP = "a method and its parameters (repeatable); methods: " + ", ".join(MethodRegistry.builtin())
@@ -29,11 +31,21 @@ def _parse_intervention(spec: str) -> tuple[str, dict]:
     return name, params
 
 
+def _record(args: argparse.Namespace, kind: str, name: str, values: object) -> None:
+    """Keep a measurement as a record under ``--results`` (``seeright.tools.records``), unless ``--no-record``."""
+    if getattr(args, "no_record", False):
+        return
+    from seeright.tools import records
+
+    path = records.write(kind, name, values, sys.argv[1:] if args.argv is None else args.argv, args.results)
+    print(f"record: {path}", file=sys.stderr)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.api.app import create_app
-    from service.settings import Settings
+    from seeright.service.api.app import create_app
+    from seeright.service.settings import Settings
 
     settings = Settings.load(
         args.config, model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
@@ -42,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vllm_max_model_len=args.max_model_len,
     )
     if args.replicas > 1 or args.ray_address:
-        from service.scale_out import serve_replicas  # the [ray] extra
+        from seeright.service.scale_out import serve_replicas  # the [ray] extra
 
         gpus = args.replica_gpus if args.replica_gpus is not None else float(settings.device.startswith("cuda"))
         serve_replicas(settings, args.replicas, args.ray_address, args.replica_cpus, gpus)
@@ -54,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from service.engine import Engine
+    from seeright.service.engine import Engine
 
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     images = [Image.open(p) for p in args.image]
@@ -67,14 +79,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from eval import report, runner
+    from seeright.eval import report, runner
 
     if args.endpoint:
-        from eval.http_client import HttpGenerator
+        from seeright.eval.http_client import HttpGenerator
 
         generator = HttpGenerator(args.endpoint, args.model, api_key=args.api_key)
     else:
-        from service.engine import Engine, EngineGenerator
+        from seeright.service.engine import Engine, EngineGenerator
 
         generator = EngineGenerator(Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype))
     spec = runner.BenchmarkSpec(
@@ -100,8 +112,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from testbed import results as shapes_results
-    from service.engine import Engine, EngineGenerator
+    from seeright.service.engine import Engine, EngineGenerator
+    from seeright.testbed import results as shapes_results
 
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     rows = shapes_results.configs(engine.methods, engine.model_config.sweeps)
@@ -117,21 +129,25 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
             log=lambda msg: print(msg, file=sys.stderr),
         )
         print(shapes_results.markdown(results))
+        _record(args, "eval-shapes", f"{args.model} seed {seed} {args.images} scenes", results)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tools import bench, serving_bench
+    from seeright.tools import bench, serving_bench
 
     if args.serving:
-        print(json.dumps(serving_bench.run(args), indent=2))
+        result = serving_bench.run(args)
+        print(json.dumps(result, indent=2))
+        _record(args, "bench-serving", args.model, result)
         return 0
     if args.engine == "vllm":
-        from tools import engine_bench
+        from seeright.tools import engine_bench
 
         model = args.model if args.model != BENCH_MODEL else engine_bench.DEFAULT_MODEL
         result = engine_bench.run(model, args.new_tokens, args.reps)
         print(json.dumps(result, indent=2) if args.json else engine_bench.table(result))
+        _record(args, "bench-vllm", model, result)
         return 0
 
     result = bench.run_bench(
@@ -139,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         memory=not args.no_memory, reference=not args.no_reference, batch_reps=args.batch_reps,
     )
     print(json.dumps(result, indent=2) if args.json else bench.table(result))
+    _record(args, "bench", args.model, result)
     return 0
 
 
@@ -146,8 +163,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     import asyncio
     from contextlib import nullcontext
 
-    from tools.loadtest import LoadConfig, local_server, run_load
-    from service.settings import Settings
+    from seeright.service.settings import Settings
+    from seeright.tools.loadtest import LoadConfig, local_server, run_load
 
     spawn = local_server(Settings(model=args.model, queue_size=args.queue_size, max_batch_size=args.max_batch_size)) if args.spawn else nullcontext(args.url)
     with spawn as url:
@@ -156,34 +173,36 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         cfg = LoadConfig(url, args.model, args.requests, args.concurrency, args.duration, args.max_tokens, args.stream_every, args.api_key)
         runs = [asyncio.run(run_load(cfg)) for _ in range(args.runs)]
     print(json.dumps(runs if args.runs > 1 else runs[0], indent=2))
+    _record(args, "loadtest", args.model, runs)
     return 0
 
 
 def cmd_lmms_pope(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tools import lmms_pope
+    from seeright.tools import lmms_pope
 
     served = args.model
     models = [served, *(f"{served}+{preset}" for preset in args.preset)]
     rows = lmms_pope.run(args.endpoint, models, args.lmms_python, Path(args.out), args.images, args.seed, args.split,
                          args.concurrency)
     print(json.dumps(rows, indent=2) if args.json else lmms_pope.markdown(rows))
+    _record(args, "lmms-pope", served, rows)
     return 0
 
 
 def cmd_score_pope(args: argparse.Namespace) -> int:
     if args.lmms_samples:
-        from eval import lmms_task
-
-        answers = lmms_task.answers_from_samples(args.lmms_samples)
+        answers = pope.answers_from_lmms_samples(args.lmms_samples)
     else:
         answers = pope.normalize_answers(pope.read_jsonl(args.answers))
     if args.questions:
         result = pope.score_llava_style(answers, args.labels, args.questions, args.parser)
     else:
         result = pope.score_by_id(answers, args.labels, args.parser)
-    print(json.dumps({"parser": args.parser, **result}, indent=2))
+    result = {"benchmark": "pope", "parser": args.parser, **result}
+    print(json.dumps(result, indent=2))
+    _record(args, "score", Path(args.lmms_samples or args.answers).name, result)
     return 0
 
 
@@ -193,15 +212,29 @@ def cmd_score_chair(args: argparse.Namespace) -> int:
         gt = chair.ground_truth_from_coco(args.coco_instances, args.coco_captions or [], scorer)
     else:
         gt = chair.load_ground_truth(args.gt, variant=args.gt_variant)
-    result = scorer.score(chair.read_captions(args.captions), gt, per_caption=args.per_caption)
+    result = {"benchmark": "chair", **scorer.score(chair.read_captions(args.captions), gt, per_caption=args.per_caption)}
     print(json.dumps(result, indent=2))
+    _record(args, "score", Path(args.captions).name, result)
     return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from seeright.tools import render
+
+    if args.action == "render":
+        for page in render.render(args.docs, args.results):
+            print(f"rendered {page}")
+        return 0
+    stale = render.check(args.docs, args.results)
+    for line in stale:
+        print(f"differs from its records: {line}", file=sys.stderr)
+    return 1 if stale else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seeright", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_serve, _add_generate, _add_eval, _add_bench, _add_loadtest, _add_score):
+    for add in (_add_serve, _add_generate, _add_eval, _add_bench, _add_loadtest, _add_score, _add_results):
         add(sub)
     return parser
 
@@ -289,10 +322,26 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     lm.add_argument("--concurrency", type=int, default=8, help="lmms-eval's num_concurrent")
     lm.add_argument("--json", action="store_true")
     lm.set_defaults(func=cmd_lmms_pope)
+    for measuring in (es, lm):
+        _add_record_options(measuring)
+
+
+def _add_record_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default=os.environ.get("SEERIGHT_RESULTS_DIR", "results"),
+                        help="folder of result records (default: results, or $SEERIGHT_RESULTS_DIR)")
+    parser.add_argument("--no-record", action="store_true", help="print the measurement only, keep no record")
+
+
+def _add_results(sub: argparse._SubParsersAction) -> None:
+    res = sub.add_parser("results", help="render the docs' result tables from the records, or check them")
+    res.add_argument("action", choices=["render", "check"])
+    res.add_argument("--docs", default="docs", help="the manual's folder")
+    res.add_argument("--results", default=os.environ.get("SEERIGHT_RESULTS_DIR", "results"), help="folder of result records")
+    res.set_defaults(func=cmd_results)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from tools import serving_bench
+    from seeright.tools import serving_bench
 
     bn = sub.add_parser("bench", help="cost of each intervention relative to a same-process baseline")
     bn.add_argument("--model", default=BENCH_MODEL,
@@ -310,6 +359,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bn.add_argument("--no-reference", action="store_true", help="skip timing the literal reference loops")
     bn.add_argument("--serving", action="store_true", help="the scheduler under load: short-behind-long, open-loop rates")
     serving_bench.add_arguments(bn)
+    _add_record_options(bn)
     bn.set_defaults(func=cmd_bench)
 
 
@@ -327,6 +377,7 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     lt.add_argument("--stream-every", type=int, default=2, help="every n-th request streams (0: none)")
     lt.add_argument("--runs", type=int, default=1, help="repeat the load, to watch memory across runs")
     lt.add_argument("--api-key")
+    _add_record_options(lt)
     lt.set_defaults(func=cmd_loadtest)
 
 
@@ -339,6 +390,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     sp.add_argument("--labels", nargs="+", required=True, help="label files, one per split (coco_pope_<split>.json)")
     sp.add_argument("--questions", help="LLaVA-style question file with 'category': group and zip in order")
     sp.add_argument("--parser", choices=sorted(pope.PARSERS), default="official")
+    _add_record_options(sp)
     sp.set_defaults(func=cmd_score_pope)
     sc = score.add_parser("chair", help="CHAIR captions JSONL (image_id, caption|text)")
     sc.add_argument("--captions", required=True)
@@ -348,11 +400,13 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--coco-captions", nargs="+", help="COCO captions_*.json whose objects join the ground truth")
     sc.add_argument("--lemmatizer", choices=["builtin", "nltk"], default="builtin")
     sc.add_argument("--per-caption", action="store_true")
+    _add_record_options(sc)
     sc.set_defaults(func=cmd_score_chair)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

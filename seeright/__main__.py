@@ -1,0 +1,7 @@
+"""``python -m seeright`` is the ``seeright`` command."""
+
+import sys
+
+from seeright.cli import main
+
+sys.exit(main())
