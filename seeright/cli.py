@@ -166,6 +166,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from seeright.service.settings import Settings
     from seeright.tools.loadtest import LoadConfig, local_server, run_load
 
+    if args.hostile:
+        return _hostile(args)
     spawn = local_server(Settings(model=args.model, queue_size=args.queue_size, max_batch_size=args.max_batch_size)) if args.spawn else nullcontext(args.url)
     with spawn as url:
         if url is None:
@@ -173,7 +175,32 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         cfg = LoadConfig(url, args.model, args.requests, args.concurrency, args.duration, args.max_tokens, args.stream_every, args.api_key)
         runs = [asyncio.run(run_load(cfg)) for _ in range(args.runs)]
     print(json.dumps(runs if args.runs > 1 else runs[0], indent=2))
-    _record(args, "loadtest", args.model, runs)
+    _record(args, "loadtest", args.label or args.model, runs)
+    return 0
+
+
+def _hostile(args: argparse.Namespace) -> int:
+    import asyncio
+    import socket
+    import tempfile
+    from contextlib import nullcontext
+
+    from seeright.tools import hostile
+
+    with tempfile.TemporaryDirectory() as images:
+        if args.spawn:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            server = hostile.spawned_server(args.model, port, Path(images))
+        else:
+            server = nullcontext(args.url)
+        with server as url:
+            if url is None:
+                raise ValueError("url: pass --url of a running server, or --spawn")
+            rows = asyncio.run(hostile.run(url, args.model, args.api_key))
+    print(hostile.table(rows))
+    _record(args, "hostile", args.label or args.model, rows)
     return 0
 
 
@@ -377,6 +404,9 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     lt.add_argument("--stream-every", type=int, default=2, help="every n-th request streams (0: none)")
     lt.add_argument("--runs", type=int, default=1, help="repeat the load, to watch memory across runs")
     lt.add_argument("--api-key")
+    lt.add_argument("--hostile", action="store_true",
+                    help="instead of load: one hostile request at a time, /health polled meanwhile (docs: Reliability)")
+    lt.add_argument("--label", help="name of the record (default: the model)")
     _add_record_options(lt)
     lt.set_defaults(func=cmd_loadtest)
 

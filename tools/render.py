@@ -66,6 +66,12 @@ def _loadtest(values: dict[str, Any] | list[dict[str, Any]]) -> str:
     return loadtest.table(values if isinstance(values, list) else [values])
 
 
+def _hostile(values: list[dict[str, Any]]) -> str:
+    from seeright.tools import hostile
+
+    return hostile.table(values)
+
+
 def _score(values: dict[str, Any]) -> str:
     from seeright.eval import report
 
@@ -104,7 +110,7 @@ def summary(root: Path | str = records.RESULTS_DIR) -> str:
 
 FORMATTERS: dict[str, Callable[[Any], str]] = {
     "bench": _bench, "bench-vllm": _bench_vllm, "bench-serving": _bench_serving, "eval-shapes": _eval_shapes,
-    "lookback-lens": _lookback_lens, "lmms-pope": _lmms_pope, "loadtest": _loadtest, "score": _score,
+    "lookback-lens": _lookback_lens, "lmms-pope": _lmms_pope, "loadtest": _loadtest, "hostile": _hostile, "score": _score,
 }
 
 
