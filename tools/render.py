@@ -21,7 +21,7 @@ from typing import Any
 
 from seeright.tools import records
 
-BLOCK = re.compile(r"(<!-- results: (?P<kind>[\w-]+) (?P<name>[^>]+?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(^<!-- results: (?P<kind>[\w-]+) (?P<name>[^>]+?) -->\n)(?P<body>.*?)(^<!-- /results -->)", re.S | re.M)
 
 
 def _bench(values: dict[str, Any]) -> str:
@@ -86,7 +86,7 @@ def summary(root: Path | str = records.RESULTS_DIR) -> str:
     pope13 = get("score", "llava-v1.5-13b.jsonl").values["splits"]
     chair7 = get("score", "llava-v1.5-7b_coco_chair_long_ans.jsonl").values["metrics"]
     smol = get("eval-shapes", "seeright/shapes-smol seed 4242 500 scenes").values["methods"]["baseline"]
-    pope = {split: smol["pope"][split]["accuracy"] for split in ("random", "adversarial")}
+    pope = {split: smol["pope"]["splits"][split]["accuracy"] for split in ("random", "adversarial")}
     lookback = get("lookback-lens", "shapes-smol-lookback-lens").values
     bench = get("bench", "bench-random/llava").values["decode_ratio"]
     mean_f1 = sum(s["f1"] for s in pope13.values()) / len(pope13)
