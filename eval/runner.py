@@ -67,15 +67,21 @@ def run_items(
     batch_size: int = 8,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    confine: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every item not yet in ``out``; return all records in item order.
 
-    ``on_batch(done, total)`` is called after each batch is on disk."""
+    ``on_batch(done, total)`` is called after each batch is on disk. With ``confine``, an image whose path resolves
+    outside that folder (a symlink out of it) is refused with a ``ValueError``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {r["key"]: r for r in read_done(out)}
     todo = [it for it in items if it.key not in done]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), disable=not progress, desc=out.stem)
     for batch in _chunks(todo, batch_size):
+        if confine is not None:
+            for it in batch:
+                if not it.image.resolve().is_relative_to(confine.resolve()):
+                    raise ValueError(f"images: {it.image.name} links outside the image folder")
         images = [Image.open(it.image).convert("RGB") for it in batch]
         texts = generator.generate([it.prompt for it in batch], images, interventions, max_new_tokens)
         with out.open("a") as f:

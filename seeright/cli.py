@@ -49,7 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings.load(
         args.config, model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-        api_keys=args.api_key or None, allowed_image_dir=args.allowed_image_dir,
+        api_key_file=args.api_key_file, metrics_require_key=args.protect_metrics or None,
+        allowed_image_dir=args.allowed_image_dir,
         allow_remote_urls=True if args.allow_remote_urls else None, engine=args.engine,
         vllm_max_model_len=args.max_model_len,
     )
@@ -274,7 +275,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--port", type=int)
     srv.add_argument("--device")
     srv.add_argument("--dtype")
-    srv.add_argument("--api-key", action="append", help="require this Bearer key (repeatable)")
+    srv.add_argument("--api-key-file", help="require a Bearer key from this file (one per line); or SEERIGHT_API_KEYS, "
+                     "a JSON list (keys on the command line would show in the process list)")
+    srv.add_argument("--protect-metrics", action="store_true", help="GET /metrics needs an API key too")
     srv.add_argument("--allowed-image-dir", help="serve local image paths from this folder only")
     srv.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     srv.add_argument("--engine", choices=["transformers", "vllm"],

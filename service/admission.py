@@ -29,6 +29,7 @@ class Admission:
     info: ModelInfo
     adapter: ModelAdapter
     passes: Passes
+    max_prompt_tokens: int | None = None  # a longer prompt (images included) is a 400 naming ``messages``
 
     def encode(self, turns: list[ChatTurn], images: list) -> EncodedPrompt:
         return self.adapter.encode(turns, images)
@@ -52,6 +53,9 @@ class Admission:
                 inp.prompt = self.encode(inp.turns, inp.images)
             except ValueError as exc:
                 raise RequestError(f"requests[{i}].messages", str(exc)) from exc
+            if self.max_prompt_tokens is not None and len(inp.prompt.input_ids) > self.max_prompt_tokens:
+                raise RequestError("messages", f"the prompt is {len(inp.prompt.input_ids)} tokens; this server takes at "
+                                   f"most {self.max_prompt_tokens}")
         for method in self.methods.values():
             users = [s for row in states for s in row if s.hooks is method]
             if users:

@@ -13,9 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from seeright.service.requests import GenerationOutput, GenerationRequest, StreamedToken
-from seeright.service.scheduler import Job, QueueFull, Scheduler
-
-ROOM_POLL_S = 0.1
+from seeright.service.scheduler import Job, Scheduler, when_room
 
 
 class TokenStream:
@@ -60,6 +58,11 @@ class EngineClient:
         self.derived_defaults = engine.derived_defaults
         self.unavailable = engine.unavailable
 
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The longest prompt the engine takes, in tokens (images included)."""
+        return self._scheduler.engine.max_prompt_tokens
+
     async def start(self) -> None:
         self._scheduler.start()
 
@@ -92,23 +95,19 @@ class EngineClient:
         """:meth:`validate_interventions` behind the async door."""
         self.validate_interventions(interventions)
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; :class:`QueueFull` when the queue is at capacity."""
-        self._scheduler.submit(job)
+    def submit(self, job: Job, background: bool = False) -> None:
+        """Queue a job; :class:`QueueFull` when the queue is at capacity (for ``background`` work, half of it)."""
+        self._scheduler.submit(job, background)
 
     async def generate(self, request: GenerationRequest, wait_for_room: bool = False) -> GenerationOutput:
-        """The request's output. A full queue raises :class:`QueueFull`, or with ``wait_for_room`` (background
-        work such as evaluation jobs, which yields to live traffic) waits until there is room."""
+        """The request's output. A full queue raises :class:`QueueFull`; with ``wait_for_room`` (background work
+        such as evaluation jobs, which yields to live traffic) it waits, backing off, until half the queue is free."""
         loop = asyncio.get_running_loop()
         job = Job(request, loop, loop.create_future())
-        while True:
-            try:
-                self.submit(job)
-                break
-            except QueueFull:
-                if not wait_for_room:
-                    raise
-                await asyncio.sleep(ROOM_POLL_S)
+        if wait_for_room:
+            await when_room(lambda: self.submit(job, background=True))
+        else:
+            self.submit(job)
         try:
             return await job.future
         except asyncio.CancelledError:

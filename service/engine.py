@@ -34,6 +34,7 @@ from seeright.service.admission import Admission, image_counts, place_rows
 from seeright.service.batching import RunningBatch
 from seeright.service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
 from seeright.service.model_configs import ModelConfig, find_model_config
+from seeright.service.stops import StopMatcher
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, RequestError, StreamedToken, add_logprobs, decoding_of, with_logprobs,
 )
@@ -67,6 +68,7 @@ class Engine(Admission):
         self.methods = methods if methods is not None else MethodRegistry.builtin()
         self.passes = EnginePasses(self)
         self.device = next(model.parameters()).device
+        self.max_prompt_tokens = context_length(model.config)
         self.dtype = next(model.parameters()).dtype
 
     # ---- loading ---------------------------------------------------------------------------------
@@ -298,13 +300,19 @@ class Engine(Admission):
                 reason = "stop"
                 break
         text = self.decode_text(tokens)
-        for s in row.stop:
-            if s in text:
-                text, reason = text[: text.index(s)], "stop"
+        cut = StopMatcher(row.stop).feed(text)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
         if reason is None:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
         diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self._provenance(s)} for s in states}
         return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+
+
+def context_length(config: Any) -> int | None:
+    """The language model's context length (``max_position_embeddings``), if its config gives one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
 
 
 def _parts(source: str) -> tuple[Any, type, Any, Any]:

@@ -31,6 +31,7 @@ from ray.exceptions import RayActorError, RaySystemError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from seeright.service.api.app import BodyLimit, create_app
+from seeright.service.api.deps import KeyRing
 from seeright.service.api.errors import error_response, install_error_handlers
 from seeright.service.api.metrics import Metrics
 from seeright.service.api.routes import evaluations
@@ -179,7 +180,7 @@ def gateway_app(settings: Settings, replicas: Any, count: int) -> FastAPI:
     """The entry point's app for ``count`` replicas: evaluation jobs (each batch ``batch_size`` items per replica),
     merged metrics and health here; every other path forwarded."""
     app = FastAPI(title="seeright gateway", version="0.1.0")
-    app.state.settings, app.state.metrics = settings, Metrics()
+    app.state.settings, app.state.metrics, app.state.keys = settings, Metrics(), KeyRing.of(settings)
     app.state.evaluations = EvaluationJobs(settings, ReplicaPool(replicas, settings.retry_after_s), engines=count)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, header_limit=settings.max_header_bytes)
     install_error_handlers(app)
@@ -256,10 +257,13 @@ def application(settings: Settings, replicas: int, replica_cpus: float = 1, repl
     if replicas < 1:
         raise RequestError("replicas", "must be at least 1")
     config = settings.model_dump(mode="json")
+    # replicas sit behind the gateway, which checks the keys: theirs never travel in Ray's deployment arguments
+    # (the gateway's do, unless they come from api_key_file, which it reads on its own node)
+    keyless = {**config, "api_keys": [], "admin_api_keys": [], "api_key_file": None}
     engine = EngineReplica.options(
         num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         max_ongoing_requests=settings.queue_size, health_check_period_s=5, health_check_timeout_s=30,
-    ).bind(config, max(1, int(replica_cpus)) if not replica_gpus else None)
+    ).bind(keyless, max(1, int(replica_cpus)) if not replica_gpus else None)
     return Gateway.bind(config, engine, replicas)
 
 

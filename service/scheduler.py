@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
 
 from seeright.service.batching import Row, RunningBatch
 from seeright.service.engine import Engine
@@ -74,17 +78,53 @@ class Job:
 _STOP = object()
 
 
+KV_MEMORY_SHARE = 0.5  # of the memory free at start, for ``max_kv_tokens: auto``
+
+
+def kv_bytes_per_token(engine: Engine) -> int:
+    """Bytes one cached token takes: keys and values of every layer's KV heads."""
+    info = engine.info
+    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * torch.finfo(engine.dtype).bits // 8
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free now on ``device`` (on a CPU: the machine's available memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_kv_budget(engine: Engine, share: float = KV_MEMORY_SHARE) -> int:
+    """``max_kv_tokens: auto``: a share of the free memory, in cached tokens of this model."""
+    return max(1, int(share * free_memory(engine.device)) // kv_bytes_per_token(engine))
+
+
+BACKOFF_S = (0.1, 2.0)  # background work waiting for room: first and longest wait between tries
+
+
+async def when_room(submit: Callable[[], None]) -> None:
+    """Call ``submit`` until it does not raise :class:`QueueFull`, waiting twice as long after each refusal."""
+    delay = BACKOFF_S[0]
+    while True:
+        try:
+            submit()
+            return
+        except QueueFull:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, BACKOFF_S[1])
+
+
 class Scheduler:
     """Owns the engine: only its worker thread runs model code."""
 
     def __init__(
         self, engine: Engine, max_batch_size: int = 8, batch_wait_s: float = 0.005, queue_size: int = 64,
-        max_kv_tokens: int | None = None, prefill_chunk: int | None = None,
+        max_kv_tokens: int | Literal["auto"] | None = None, prefill_chunk: int | None = None,
     ) -> None:
         self.engine = engine
         self.prefill_chunk = prefill_chunk
         self.max_batch_size = max_batch_size
-        self.max_kv_tokens = max_kv_tokens
+        self.max_kv_tokens = auto_kv_budget(engine) if max_kv_tokens == "auto" else max_kv_tokens
         self.batch_wait_s = batch_wait_s
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.running = 0
@@ -114,7 +154,11 @@ class Scheduler:
         self._thread.join(timeout)
         self._thread = None
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, background: bool = False) -> None:
+        """Queue ``job``; :class:`QueueFull` at capacity, or for ``background`` work (evaluation jobs) once half the
+        queue is taken: the other half stays for live traffic."""
+        if background and self.queue.qsize() >= self.queue.maxsize // 2:
+            raise QueueFull
         try:
             self.queue.put_nowait(job)
         except queue.Full as exc:

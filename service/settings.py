@@ -30,7 +30,15 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no authentication.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys (``SEERIGHT_API_KEYS`` or the YAML file; not the command line); empty = no authentication.",
+    )
+    api_key_file: Path | None = Field(None, description="A file of Bearer keys, one per line (read at start).")
+    admin_api_keys: list[str] = Field(
+        default_factory=list, description="Keys that also see and cancel every key's evaluation jobs."
+    )
+    metrics_require_key: bool = Field(False, description="GET /metrics needs an API key too.")
     allowed_image_dir: Path | None = Field(None, description="Local image paths are served only under this folder.")
     allow_remote_urls: bool = Field(False, description="Fetch http(s) image URLs (never loopback/private hosts).")
     remote_timeout_s: float = Field(10.0, gt=0)
@@ -40,16 +48,29 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(4, ge=1)
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
+    max_image_memory_bytes: int = Field(
+        2 * 1024**3, ge=1024,
+        description="Decoded images held by all requests being read, waiting or running; beyond it a 503 + Retry-After.",
+    )
     max_tokens_limit: int = Field(1024, ge=1)
+    max_stop_chars: int = Field(1000, ge=1, description="Characters of one stop string.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Prompt tokens of one request (images included); none: the model's context length."
+    )
     default_max_tokens: int = Field(256, ge=1)
 
     eval_dir: Path = Field(Path("runs/evaluations"), description="Where POST /v1/evaluations writes results.")
+    max_running_evaluations: int = Field(2, ge=1, description="Evaluation jobs queued or running at once; more is a 429.")
 
     max_batch_size: int = Field(8, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(64, ge=1)
-    max_kv_tokens: int | None = Field(
-        None, ge=1, description="KV-cache budget in token slots (prompt + max_tokens of each running row); none: rows only."
+    max_kv_tokens: int | Literal["auto"] | None = Field(
+        "auto",
+        description=(
+            "KV-cache budget in token slots (prompt + max_tokens of each running row); auto: half of the memory free "
+            "at start (the device's, or the machine's on a CPU) over the model's bytes per cached token; none: rows only."
+        ),
     )
     prefill_chunk_tokens: int | None = Field(
         None, ge=16,
@@ -67,6 +88,14 @@ class Settings(BaseSettings):
         env = cls()  # env vars and defaults
         merged = {**file_values, **env.model_dump(exclude_unset=True), **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**merged)
+
+    def keys(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Every accepted key and the admin keys among them (``api_keys``, ``api_key_file``, ``admin_api_keys``)."""
+        from_file = []
+        if self.api_key_file is not None:
+            from_file = [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
+        admins = frozenset(self.admin_api_keys)
+        return frozenset(self.api_keys) | frozenset(from_file) | admins, admins
 
     @property
     def name(self) -> str:

@@ -14,6 +14,9 @@ from collections import Counter
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from PIL import Image
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -102,13 +105,22 @@ def test_sigterm_drains_in_flight_requests_then_exits():
             proc.kill()
 
 
-def test_remote_urls_never_reach_loopback_or_private_hosts(engine):
-    with local_server(Settings(model=MODEL, allow_remote_urls=True), engine) as url:
-        for target in ("http://127.0.0.1:9/x.png", "http://localhost/x.png", "http://10.1.2.3/x.png", "http://[::1]/x.png"):
+def test_remote_urls_never_reach_loopback_or_private_hosts(engine, tmp_path):
+    from seeright.service.api.images import REMOTE_FAILED
+    from seeright.tools.loadtest import local_server_app
+
+    # a real image on loopback: a request that reached it would be answered
+    png = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(png)
+    images = FastAPI()
+    images.get("/x.png")(lambda: FileResponse(png))
+    with local_server_app(images) as image_url, local_server(Settings(model=MODEL, allow_remote_urls=True), engine) as url:
+        for target in (f"{image_url}/x.png", "http://localhost/x.png", "http://10.1.2.3/x.png", "http://[::1]/x.png",
+                       "http://100.100.100.200/x.png", "http://[2002:7f00:1::]/x.png"):
             body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": target}}, {"type": "text", "text": "hi"}]}]}
             r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
-            assert r.status_code == 400 and "non-public" in r.json()["error"]["message"], (target, r.text)
+            assert r.status_code == 400 and r.json()["error"]["message"].endswith(REMOTE_FAILED), (target, r.text)
 
 
 def test_oversized_headers_are_refused_and_the_server_keeps_serving(engine):

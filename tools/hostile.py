@@ -27,6 +27,7 @@ from PIL import Image
 from seeright.tools.loadtest import require_loopback
 
 POLL_S = 0.2
+AFTER_TIMEOUT_S = 60.0  # a plain request after the probe: a server that cannot answer it in this long is not serving
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,16 @@ async def run_probe(url: str, model: str, probe: Probe, headers: dict[str, str],
         await asyncio.sleep(POLL_S)
         stop.set()
         worst = await poller
-        after = await attacker.post("/v1/chat/completions", json=_chat(model, max_tokens=2), timeout=timeout_s)
+        try:
+            after = await attacker.post("/v1/chat/completions", json=_chat(model, max_tokens=2), timeout=AFTER_TIMEOUT_S)
+            serving = after.status_code == 200
+        except httpx.HTTPError:  # still busy with the probe, or gone
+            serving = False
     return {"probe": probe.name, "status": status, "message": message, "request_s": took,
-            "health_worst_s": worst, "serving_after": after.status_code == 200}
+            "health_worst_s": worst, "serving_after": serving}
 
 
-async def run(url: str, model: str, api_key: str | None = None, timeout_s: float = 300.0) -> list[dict[str, Any]]:
+async def run(url: str, model: str, api_key: str | None = None, timeout_s: float = 120.0) -> list[dict[str, Any]]:
     """Every probe, one after another, against the server at ``url``."""
     require_loopback(url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

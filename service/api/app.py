@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from seeright.service.api.deps import KeyRing
 from seeright.service.api.errors import error_response, install_error_handlers
+from seeright.service.api.image_memory import ImageMemory
 from seeright.service.api.metrics import Metrics
 from seeright.service.api.routes import chat, evaluations, health, models, ui
 from seeright.service.api.serving_evaluations import EvaluationJobs
@@ -73,6 +75,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         engine = engine or Engine.from_pretrained(
             settings.model, device=settings.device, dtype=settings.dtype, model_config=settings.model_config_name
         )
+        if settings.max_prompt_tokens is not None:
+            engine.max_prompt_tokens = settings.max_prompt_tokens
         scheduler = Scheduler(
             engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size, settings.max_kv_tokens,
             settings.prefill_chunk_tokens,
@@ -87,6 +91,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="seeright", version="0.1.0", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.client = settings, Metrics(), client
+    app.state.keys = KeyRing.of(settings)
+    app.state.image_memory = ImageMemory(settings.max_image_memory_bytes)
     app.state.scheduler = scheduler  # for operators' introspection; routes use the client
     app.state.evaluations = EvaluationJobs(settings, client)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, header_limit=settings.max_header_bytes)

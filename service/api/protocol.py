@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP_STRINGS = 4
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as vLLM takes it (choice i samples with seed + i)
 
 
 class ImageURL(BaseModel):
@@ -77,7 +78,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="A signed 64-bit integer.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings, as OpenAI allows.")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices, generated as rows of one batch (seed + i each).")
     stream: bool = False

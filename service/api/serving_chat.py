@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from fastapi import HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from seeright.interventions.adapters import ChatTurn
+from seeright.service.api.image_memory import ImageMemory, Reservation
 from seeright.service.api.images import load_image
 from seeright.service.api.metrics import Metrics
 from seeright.service.api.protocol import (
@@ -29,6 +31,7 @@ from seeright.service.client import EngineClient, TokenStream
 from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError, StreamedToken
 from seeright.service.scheduler import QueueFull
 from seeright.service.settings import Settings
+from seeright.service.stops import StopMatcher
 
 
 def split_model(name: str, served: str) -> list[str]:
@@ -39,9 +42,11 @@ def split_model(name: str, served: str) -> list[str]:
     return presets
 
 
-def message_turn(i: int, message: ChatMessage, images: list, fields: list[str], settings: Settings) -> ChatTurn:
-    """One message as a chat turn; its images are decoded and appended to ``images``, their part paths to
-    ``fields``."""
+def message_turn(
+    i: int, message: ChatMessage, images: list, fields: list[str], settings: Settings, reserve: Callable[[int], None] | None = None,
+) -> ChatTurn:
+    """One message as a chat turn; its images are decoded (each ``reserve``d first) and appended to ``images``, their
+    part paths to ``fields``."""
     parts = [message.content] if isinstance(message.content, str) else message.content
     texts, count = [], 0
     for j, part in enumerate(parts):
@@ -53,7 +58,7 @@ def message_turn(i: int, message: ChatMessage, images: list, fields: list[str], 
                 raise RequestError(where, "images are only allowed in user messages")
             if len(images) + 1 > settings.max_images_per_request:
                 raise RequestError("messages", f"more than {settings.max_images_per_request} images")
-            images.append(load_image(part.image_url.url, f"{where}.image_url", settings))
+            images.append(load_image(part.image_url.url, f"{where}.image_url", settings, reserve))
             fields.append(where)
             count += 1
         else:
@@ -61,13 +66,16 @@ def message_turn(i: int, message: ChatMessage, images: list, fields: list[str], 
     return ChatTurn(message.role, "\n".join(texts), count)
 
 
-def build_request(body: ChatCompletionRequest, settings: Settings, attention_maps: bool = True) -> GenerationRequest:
+def build_request(
+    body: ChatCompletionRequest, settings: Settings, attention_maps: bool = True, reserve: Callable[[int], None] | None = None,
+) -> GenerationRequest:
     """Turns, images and settings of a chat request (decodes images: call it off the event loop). With
-    ``diagnostics``, a request with an image also reads its attention map where the engine can (``attention_maps``)."""
+    ``diagnostics``, a request with an image also reads its attention map where the engine can (``attention_maps``);
+    ``reserve`` is told each image's decoded size before it is decoded."""
     presets = split_model(body.model, settings.name)
     images: list = []
     fields: list[str] = []
-    turns = [message_turn(i, message, images, fields, settings) for i, message in enumerate(body.messages)]
+    turns = [message_turn(i, message, images, fields, settings, reserve) for i, message in enumerate(body.messages)]
     if turns[-1].role != "user":
         raise RequestError("messages", "the last message must come from the user")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -75,6 +83,9 @@ def build_request(body: ChatCompletionRequest, settings: Settings, attention_map
         max_tokens = min(settings.default_max_tokens, settings.max_tokens_limit)
     if max_tokens > settings.max_tokens_limit:
         raise RequestError("max_tokens", f"{max_tokens} exceeds this server's limit of {settings.max_tokens_limit}")
+    stops = body.stop_list()
+    if any(len(stop) > settings.max_stop_chars for stop in stops):
+        raise RequestError("stop", f"a stop string is longer than this server's limit of {settings.max_stop_chars} characters")
     interventions = {name: {} for name in presets} | (body.interventions or {})
     if body.signals and body.signals.lookback:
         if "lookback" in interventions:
@@ -86,7 +97,7 @@ def build_request(body: ChatCompletionRequest, settings: Settings, attention_map
         interventions.setdefault("attention_map", {})
     return GenerationRequest(
         turns=turns, images=images, interventions=interventions, max_new_tokens=max_tokens,
-        temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop_list(), logprobs=body.logprobs,
+        temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops, logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, image_fields=tuple(fields),
     )
@@ -100,10 +111,14 @@ def choices_of(gen: GenerationRequest, n: int) -> list[GenerationRequest]:
 
 
 class DeltaText:
-    """Turns streamed token ids into text deltas, holding back a torn UTF-8 character or a stop-string prefix."""
+    """Turns streamed token ids into text deltas, holding back a torn UTF-8 character or a stop-string prefix.
+
+    Stop strings are matched by :class:`~seeright.service.stops.StopMatcher` in time proportional to the new
+    text, so a client's long stop strings cost it, not the event loop."""
 
     def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
-        self.tokenizer, self.stops = tokenizer, stops
+        self.tokenizer = tokenizer
+        self.matcher = StopMatcher(stops)
         self.ids: list[int] = []
         self.sent = 0
 
@@ -112,11 +127,8 @@ class DeltaText:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
-        for stop in self.stops:
-            if stop in text:
-                text = text[: text.index(stop)]
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        safe = len(text) - hold
+        cut = self.matcher.feed(text)
+        safe = cut if cut is not None else len(text) - self.matcher.hold
         delta = text[self.sent : safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return delta
@@ -213,37 +225,77 @@ async def _merged(streams: list[TokenStream]) -> AsyncIterator[tuple[int, Stream
                 stream.cancel()
 
 
+DISCONNECT_POLL_S = 0.5
+
+
+async def _watch(disconnected: Callable[[], Awaitable[bool]], tasks: list[asyncio.Future]) -> None:
+    """Cancel ``tasks`` (their requests leave the batch) once the client has gone."""
+    while not all(task.done() for task in tasks):
+        if await disconnected():
+            for task in tasks:
+                task.cancel()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
 class ChatServing:
     """Serves chat completions for one app: its settings, metrics and engine client."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, client: EngineClient) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, client: EngineClient, images: ImageMemory | None = None) -> None:
         self.settings, self.metrics, self.client = settings, metrics, client
+        self.images = images if images is not None else ImageMemory(settings.max_image_memory_bytes)
 
-    async def create(self, body: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
-        """Validate, queue and answer one request (a full queue raises ``QueueFull``: 503)."""
+    async def create(
+        self, body: ChatCompletionRequest, disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> Response | StreamingResponse:
+        """Validate, queue and answer one request (a full queue raises ``QueueFull``: 503). Everything whose cost
+        the client sizes (images, the prompt's tokens, log-probs, the response's JSON) runs off the event loop; a
+        non-streamed request whose client goes (``disconnected``) is cancelled."""
         started = time.perf_counter()
-        gen = await run_in_threadpool(build_request, body, self.settings, self.client.unavailable("attention_map") is None)
-        self.client.validate(gen)
-        label = "+".join(sorted(gen.interventions)) or "none"
-        for method in sorted(gen.interventions) or ["none"]:
-            self.metrics.method_requests.labels(method).inc()
-        rows = choices_of(gen, body.n)
-        if body.stream:
-            streams = self._open_streams(rows)
-            self.metrics.queue_depth.set(self.client.depth)
-            return StreamingResponse(
-                self._events(body, gen, streams, label, started), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        outs = await self._generate_all(rows)
+        held = self.images.reservation()  # the decoded images' bytes, given back when the request ends
+        try:
+            gen = await run_in_threadpool(self._prepare, body, held.take)
+            label = "+".join(sorted(gen.interventions)) or "none"
+            for method in sorted(gen.interventions) or ["none"]:
+                self.metrics.method_requests.labels(method).inc()
+            rows = choices_of(gen, body.n)
+            if body.stream:
+                streams = self._open_streams(rows)
+                self.metrics.queue_depth.set(self.client.depth)
+                events, release = self._events(body, gen, streams, label, started, held), held.release
+                held = None  # the stream gives it back when it ends (or never starts: the background task)
+                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                         background=BackgroundTask(release))
+            outs = await self._generate_all(rows, disconnected)
+        finally:
+            if held is not None:
+                held.release()
         self._record(outs, label, started)
+        content = await run_in_threadpool(self._response_json, body, outs)
+        return Response(content, media_type="application/json")
+
+    def _prepare(self, body: ChatCompletionRequest, reserve: Callable[[int], None]) -> GenerationRequest:
+        """The engine request of a chat request, checked (images decoded, the prompt's length counted)."""
+        gen = build_request(body, self.settings, self.client.unavailable("attention_map") is None, reserve)
+        limit = self.client.max_prompt_tokens
+        if limit is not None:
+            text_tokens = sum(len(self.client.tokenizer(turn.text, add_special_tokens=False)["input_ids"])
+                              for turn in gen.chat() if turn.text)
+            if text_tokens > limit:
+                raise RequestError("messages", f"the prompt's text alone is {text_tokens} tokens; this server takes "
+                                   f"at most {limit}")
+        self.client.validate(gen)
+        return gen
+
+    def _response_json(self, body: ChatCompletionRequest, outs: list[GenerationOutput]) -> bytes:
+        """The non-streamed response, serialised (log-probs are read token by token: work sized by the client)."""
         return ChatCompletionResponse(
             id=completion_id(), created=now(), model=body.model, usage=usage(outs),
             choices=[Choice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
                             logprobs=choice_logprobs(out, self.client.tokenizer), signals=choice_signals(out),
                             diagnostics=choice_diagnostics(out, body.diagnostics))
                      for i, out in enumerate(outs)],
-        )
+        ).model_dump_json().encode()
 
     def _open_streams(self, rows: list[GenerationRequest]) -> list[TokenStream]:
         """Queue every choice, or none: a full queue cancels those already queued."""
@@ -257,14 +309,20 @@ class ChatServing:
             raise
         return streams
 
-    async def _generate_all(self, rows: list[GenerationRequest]) -> list[GenerationOutput]:
+    async def _generate_all(
+        self, rows: list[GenerationRequest], disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> list[GenerationOutput]:
         tasks = [asyncio.ensure_future(self.client.generate(row)) for row in rows]
+        watcher = asyncio.ensure_future(_watch(disconnected, tasks)) if disconnected is not None else None
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
     def _record(self, outs: list[GenerationOutput], label: str, started: float) -> None:
         self.metrics.requests.labels("200").inc()
@@ -274,6 +332,16 @@ class ChatServing:
         self.metrics.queue_depth.set(self.client.depth)
 
     async def _events(
+        self, body: ChatCompletionRequest, gen: GenerationRequest, streams: list[TokenStream], label: str, started: float,
+        held: Reservation,
+    ) -> AsyncIterator[str]:
+        try:
+            async for event in self._stream_events(body, gen, streams, label, started):
+                yield event
+        finally:
+            held.release()
+
+    async def _stream_events(
         self, body: ChatCompletionRequest, gen: GenerationRequest, streams: list[TokenStream], label: str, started: float
     ) -> AsyncIterator[str]:
         """SSE chunks: each choice's role, its text deltas (each with its tokens' log-probs when asked), its finish

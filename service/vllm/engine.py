@@ -28,7 +28,7 @@ from seeright.interventions.spec import VHRParams
 from seeright.model_zoo import resolve_model_path
 from seeright.service.engine import Engine
 from seeright.service.requests import MIN_LOGPROB, GenerationOutput, GenerationRequest, RequestError, StreamedToken
-from seeright.service.scheduler import QueueFull
+from seeright.service.scheduler import QueueFull, when_room
 from seeright.service.settings import Settings
 from seeright.service.vllm.worker import EXTRA_ARGS_KEY
 
@@ -84,6 +84,7 @@ class VllmEngineClient:
         self.model_config = spec.model_config
         self.method_defaults = spec.method_defaults
         self.derived_defaults = spec.derived_defaults
+        self.max_prompt_tokens = settings.max_prompt_tokens or settings.vllm_max_model_len or spec.max_prompt_tokens
         self.llm: Any = None
         self._installed = False
         self._inflight = 0
@@ -149,8 +150,10 @@ class VllmEngineClient:
         self.validate_interventions(interventions)
 
     # ---- generation --------------------------------------------------------------------------------
-    def _reserve(self) -> None:
-        if self._inflight >= self.settings.queue_size + self.settings.max_batch_size:
+    def _reserve(self, background: bool = False) -> None:
+        """Take a slot; background work (evaluation jobs) leaves half of the queue to live traffic."""
+        capacity = self.settings.queue_size + self.settings.max_batch_size
+        if self._inflight >= (capacity - self.settings.queue_size // 2 if background else capacity):
             raise QueueFull
         self._inflight += 1
 
@@ -161,8 +164,14 @@ class VllmEngineClient:
         return VllmTokenStream(self, request)
 
     async def generate(self, request: GenerationRequest, wait_for_room: bool = False) -> GenerationOutput:
-        """The request's output (``wait_for_room`` is accepted for the client protocol: vLLM queues itself)."""
-        stream = self.stream(request)
+        """The request's output; with ``wait_for_room`` (evaluation jobs) it waits for a slot as the transformers
+        engine's client does, backing off, leaving half the queue to live traffic."""
+        self.validate(request)
+        if wait_for_room:
+            await when_room(lambda: self._reserve(background=True))
+        else:
+            self._reserve()
+        stream = VllmTokenStream(self, request)
         async for _ in stream:
             pass
         assert stream.output is not None

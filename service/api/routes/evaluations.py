@@ -7,7 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from seeright.service.api.deps import AUTHORIZED
+from starlette.concurrency import run_in_threadpool
+
+from seeright.service.api.deps import AUTHORIZED, CallerDep
 from seeright.service.api.serving_evaluations import EvaluationJobs, EvaluationRequest
 
 
@@ -20,24 +22,33 @@ router = APIRouter(dependencies=AUTHORIZED)
 
 
 @router.post("/v1/evaluations", status_code=202)
-async def create_evaluation(body: EvaluationRequest, jobs: JobsDep) -> dict[str, Any]:
-    return (await jobs.create(body)).view()
+async def create_evaluation(body: EvaluationRequest, jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
+    """Start (or resume) a job owned by the caller's key; 429 with ``Retry-After`` when too many run."""
+    return await run_in_threadpool((await jobs.create(body, caller.id)).view)
 
 
 @router.get("/v1/evaluations/{job_id}")
-async def get_evaluation(job_id: str, jobs: JobsDep) -> dict[str, Any]:
-    return jobs.get(job_id).view()
+async def get_evaluation(job_id: str, jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
+    return await run_in_threadpool(jobs.get(job_id, caller).view)
+
+
+@router.delete("/v1/evaluations/{job_id}")
+async def cancel_evaluation(job_id: str, jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
+    """Stop the job between two batches (its results file keeps whole batches; posting it again resumes it)."""
+    return await run_in_threadpool(jobs.cancel(job_id, caller).view)
 
 
 @router.get("/v1/evaluations/{job_id}/plot.png")
-async def get_evaluation_plot(job_id: str, jobs: JobsDep) -> FileResponse:
+async def get_evaluation_plot(job_id: str, jobs: JobsDep, caller: CallerDep) -> FileResponse:
     """The finished job's report plot (``seeright.eval.report``; needs matplotlib, the ``[eval]`` extra)."""
-    plot = jobs.get(job_id).out_dir / "plot.png"
+    plot = jobs.get(job_id, caller).out_dir / "plot.png"
     if not plot.is_file():
         raise HTTPException(404, f"evaluation {job_id!r} has no plot (not finished, or matplotlib is not installed)")
     return FileResponse(plot)
 
 
 @router.get("/v1/evaluations")
-async def list_evaluations(jobs: JobsDep) -> dict[str, Any]:
-    return {"object": "list", "data": [job.view() for job in jobs.jobs.values()]}
+async def list_evaluations(jobs: JobsDep, caller: CallerDep) -> dict[str, Any]:
+    """The caller's jobs (an admin key: every job)."""
+    views = await run_in_threadpool(lambda: [job.view() for job in jobs.visible(caller)])
+    return {"object": "list", "data": views}

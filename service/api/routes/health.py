@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from seeright.service.api.deps import ClientDep, MetricsDep, SettingsDep
+from seeright.service.api.deps import ClientDep, MetricsDep, SettingsDep, authorize
 from seeright.service.api.metrics import Metrics
 from seeright.service.api.protocol import Health
 from seeright.service.client import EngineClient
@@ -26,5 +26,8 @@ def exposition(metrics: Metrics, client: EngineClient) -> bytes:
 
 
 @router.get("/metrics")
-async def metrics(metrics: MetricsDep, client: ClientDep) -> Response:
+async def metrics(request: Request, settings: SettingsDep, metrics: MetricsDep, client: ClientDep) -> Response:
+    """Prometheus metrics; behind the API keys when the operator asks (``metrics_require_key``)."""
+    if settings.metrics_require_key:
+        authorize(request)
     return Response(exposition(metrics, client), media_type=CONTENT_TYPE_LATEST)
