@@ -9,8 +9,12 @@ parameters the same way from a seeded ``random.Random`` instead of torch's globa
   hue shift ~ U(-0.5, 0.5), applied in a random order (PIL's ImageEnhance, as torchvision does on PIL images;
   hue as torchvision's PIL path: the H channel of HSV shifted by ``hue * 255`` with uint8 wrap-around);
 * ``gaussian_blur``: ``GaussianBlur(13, sigma=(1.5, 2.0))``: a 13-tap separable kernel, reflect padding;
-* ``resized_crop``: ``RandomResizedCrop(size of the image)``: area scale ~ U(0.08, 1), log-aspect ~
-  U(log 3/4, log 4/3), ten tries, else a centre crop, resized back bilinearly.
+* ``resized_crop``: ``RandomResizedCrop(size=336)`` in the release (LLaVA-1.5): area scale ~ U(0.08, 1),
+  log-aspect ~ U(log 3/4, log 4/3), ten tries, else a centre crop, resized bilinearly to a ``square x square``
+  image, the square LLaVA's processor then takes whole (its centre crop cuts nothing). ``square`` is the processor's
+  crop side (:attr:`ModelInfo.square_image`). Qwen2-VL's processor crops nothing and keeps the aspect ratio
+  (dynamic resolution), so there the equivalent is the crop resized back to the image's own size: what the model
+  sees is then the crop, whole, at the resolution the original would get.
 """
 
 from __future__ import annotations
@@ -84,9 +88,10 @@ def crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
+def resized_crop(image: Image.Image, rng: random.Random, square: int | None = None) -> Image.Image:
     left, top, w, h = crop_box(*image.size, rng)
-    return image.crop((left, top, left + w, top + h)).resize(image.size, Image.Resampling.BILINEAR)
+    size = (square, square) if square else image.size
+    return image.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BILINEAR)
 
 
 TRANSFORMS: dict[str, Callable[[Image.Image, random.Random], Image.Image]] = {
@@ -95,8 +100,11 @@ TRANSFORMS: dict[str, Callable[[Image.Image, random.Random], Image.Image]] = {
 }
 
 
-def random_transform(image: Image.Image, name: str, seed: int) -> tuple[str, Image.Image]:
-    """``name`` (or, for "random", one of the six drawn uniformly) applied to ``image``, seeded by ``seed``."""
+def random_transform(image: Image.Image, name: str, seed: int, square: int | None = None) -> tuple[str, Image.Image]:
+    """``name`` (or, for "random", one of the six drawn uniformly) applied to ``image``, seeded by ``seed``; a crop
+    comes out ``square x square`` where the model's processor takes square images (``resized_crop``)."""
     rng = random.Random(seed)
     chosen = rng.choice(sorted(TRANSFORMS)) if name == "random" else name
+    if chosen == "resized_crop":
+        return chosen, resized_crop(image.convert("RGB"), rng, square)
     return chosen, TRANSFORMS[chosen](image.convert("RGB"), rng)

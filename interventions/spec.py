@@ -130,6 +130,15 @@ class PAINTParams(PAIParams):
     summary_iqr: float = Field(
         1.5, ge=0, description="Summary tokens: [CLS] attention above Q3 + this * IQR in LLaVA's feature layer."
     )
+    preset: Literal["release_chair"] | None = Field(
+        None,
+        description=(
+            "Named settings of the release: 'release_chair' is its CHAIR script (modPAI/modpai_eval.sh: alpha 0.9, "
+            "beta 0.3, CFG on with gamma 1.1); values given beside it still win. Without a preset the defaults are "
+            "the release's argparse defaults (alpha 0.7, beta 0.3, CFG off), what its code runs unless a script says "
+            "otherwise; its POPE script cannot be read as a setting (it calls the patch with one argument too few)."
+        ),
+    )
 
 
 class VCDParams(MethodParams):
@@ -208,6 +217,23 @@ class LookbackParams(MethodParams):
         ),
     )
     detector_bias: float = Field(0.0, description="The detector's intercept b.")
+    detector_convention: Literal["hallucinated", "factual"] | None = Field(
+        None,
+        description=(
+            "What the detector's positive class is: 'hallucinated' (seeright's testbed detectors, label 1 = "
+            "hallucinated) or 'factual' (the release's classifiers, step03_lookback_lens.py: label 1 = not "
+            "hallucinated, so the sigmoid is P(factual) and the probability returned is its complement). Required "
+            "with detector_weights: weights read the wrong way round would invert every score."
+        ),
+    )
+    window: int = Field(
+        8, ge=1, le=256,
+        description=(
+            "Tokens whose ratios are averaged for each token's score: the release's sliding window of 8 "
+            "(step03_lookback_lens.py, convert_to_token_level); 1 scores each token alone. As in the release, a "
+            "token with fewer than window - 1 scored tokens before it gets no score (null)."
+        ),
+    )
 
 
 class AttentionMapParams(MethodParams):

@@ -121,8 +121,10 @@ class Admission:
             method, given = self.methods[name], interventions[name] or {}
             if not isinstance(given, dict):
                 raise RequestError(f"interventions.{name}", "parameters must be an object")
+            preset = method.presets.get(given.get("preset"), {})  # an unknown name fails the field's own validation
             try:
-                resolved[name] = method.check(method.params_model(**{**self.method_defaults(name), **_given(given)}), self.info)
+                values = {**self.method_defaults(name), **preset, **_given(given)}
+                resolved[name] = method.check(method.params_model(**values), self.info)
             except ValidationError as exc:
                 err = exc.errors()[0]
                 where = ".".join(str(x) for x in err["loc"])

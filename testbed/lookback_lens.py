@@ -135,7 +135,8 @@ def run(engine: Engine, train_seed: int, test_seed: int, n_images: int) -> dict[
         "auroc": round(auroc(scores, yt), 4), "auroc_interval95": round(auroc_interval(scores, yt, groups), 4),
         "mean_ratio_auroc": round(auroc(mean_ratio, yt), 4),
         "mean_ratio_auroc_interval95": round(auroc_interval(mean_ratio, yt, groups), 4),
-        "detector": {"weights": w.round(6).tolist(), "bias": round(b, 6), "layers": engine.info.num_layers,
+        "detector": {"weights": w.round(6).tolist(), "bias": round(b, 6), "convention": "hallucinated",
+                     "layers": engine.info.num_layers,
                      "heads": engine.info.num_heads, "positive": "hallucinated object mention",
                      "features": "mean lookback ratio over the mention's tokens' query rows, [layer][head] flattened"},
     }

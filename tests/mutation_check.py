@@ -56,6 +56,12 @@ MUTATIONS = [
     ("CARVE requery=refined ignored", M + "carve.py",
      'images = [image, refined] if state.params.requery == "original_and_refined" else [refined]',
      "images = [image, refined]"),
+    ("Lookback convention inverted (a release classifier read as P(hallucinated))", M + "lookback.py",
+     'return 1 - positive if p.detector_convention == "factual" else positive', "return positive"),
+    ("RITUAL crop resized to the original size (LLaVA's processor then cuts its edges)",
+     "interventions/image_transforms.py", "size = (square, square) if square else image.size", "size = image.size"),
+    ("Lookback scores one token, not the sliding window", M + "lookback.py",
+     "positive = torch.sigmoid(torch.stack(window).mean(0) @ weights", "positive = torch.sigmoid(window[-1] @ weights"),
 ]
 
 

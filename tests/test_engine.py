@@ -67,6 +67,7 @@ def test_no_state_leaks_between_requests(images):
         ({"ritual": {"transform": "invert"}}, "interventions.ritual.transform"),
         ({"vcd": {}, "ritual": {}}, "interventions"),
         ({"lookback": {"detector_weights": [1.0, 2.0]}}, "interventions.lookback"),
+        ({"lookback": {"detector_weights": [0.5] * 48}}, "interventions.lookback"),  # no detector_convention
         ({"vemask": {"mask_ratio": 1}}, "interventions.vemask.mask_ratio"),
         ({"vemask": {"epsilon": 0}}, "interventions.vemask.epsilon"),
         ({"vemask": {"mask_layers": [1]}}, "interventions.vemask"),

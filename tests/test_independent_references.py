@@ -5,6 +5,7 @@ parameter branch, with VAR's rho at 0.2 and 0.8 where its two conventions differ
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from conftest import QUESTIONS, make_image
 from independent_reference import (
@@ -132,3 +133,57 @@ def test_attention_edit_composes_with_logit_contrast(pair):
     assert fast.token_ids == expected.tokens
     np.testing.assert_allclose(fast.logprobs, expected.logprobs, atol=TOLERANCE, rtol=0)
     assert expected.tokens != vcd_only.tokens or np.abs(np.array(expected.logprobs) - vcd_only.logprobs).max() > 1e-3
+
+
+@pytest.mark.parametrize(("convention", "window"), [("hallucinated", 1), ("factual", 3), ("hallucinated", 8)])
+def test_lookback_detector_scores_as_the_release_slides_them(pair, convention: str, window: int) -> None:
+    """A detector's scores from the returned ratio matrices, written out: each token from the ``window``-th on gets
+    the logistic regression on the mean of the last ``window`` tokens' flattened ``[L, H]`` rows
+    (``step03_lookback_lens.py``, ``convert_to_token_level``), as P(hallucinated): the complement of the sigmoid for a
+    release classifier (label 1 = factual); earlier tokens get none."""
+    engine, _ = pair
+    info = engine.info
+    rng = np.random.default_rng(window)
+    weights, bias = rng.normal(size=info.num_layers * info.num_heads), 0.3
+    params = {"features": True, "detector_weights": weights.tolist(), "detector_bias": bias,
+              "detector_convention": convention, "window": window}
+    out = engine.generate_batch([GenerationRequest(prompt=QUESTION, images=[make_image(2)], max_new_tokens=12,
+                                                   interventions={"lookback": params})])[0]
+    signal = out.diagnostics["lookback"]
+    rows = [np.asarray(f, dtype=np.float64).ravel() for f in signal["features"]]
+    expected = []
+    for t in range(len(rows)):
+        if t + 1 < window:
+            expected.append(None)
+            continue
+        p = 1 / (1 + np.exp(-(np.mean(rows[t + 1 - window : t + 1], axis=0) @ weights + bias)))
+        expected.append(1 - p if convention == "factual" else p)
+    got = signal["hallucination_probability"]
+    assert [g is None for g in got] == [e is None for e in expected] and len(got) == len(rows) > window
+    assert [g for g in got if g is not None] == pytest.approx([e for e in expected if e is not None], abs=1e-5)
+
+
+def test_ritual_crop_is_the_releases_square_on_llava_and_the_whole_crop_on_qwen() -> None:
+    """RITUAL's ``resized_crop`` on a non-square image, written out as the release's ``RandomResizedCrop(size=S)``:
+    the crop box from the same draws (area, aspect, position), resized bilinearly to S x S, where S is the side
+    LLaVA's processor centre-crops to, so the processor keeps all of it; on Qwen2-VL (no crop) the crop comes back
+    at the image's size. The branch's pixels are the processor's pixels of that image."""
+    import random
+
+    from PIL import Image
+
+    from seeright.interventions import image_transforms as tf
+
+    image = make_image(3, (60, 40))
+    for model, square in (("tiny-random/llava", True), ("tiny-random/qwen2-vl", False)):
+        engine = Engine.from_pretrained(model)
+        side = engine.info.square_image
+        assert (side is not None) is square
+        left, top, w, h = tf.crop_box(*image.size, random.Random(7))  # the seed RITUAL gives the first image
+        size = (side, side) if square else image.size
+        expected = image.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BILINEAR)
+        request = GenerationRequest(prompt=QUESTION, images=[image], interventions={"ritual": {"transform": "resized_crop", "seed": 7}})
+        inputs, states = engine.admit([request])
+        branch = states[0][0].data["contrast_prompt"]
+        wanted = engine.encode(inputs[0].turns, [expected])
+        assert torch.equal(branch.images["pixel_values"], wanted.images["pixel_values"])

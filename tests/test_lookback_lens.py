@@ -55,6 +55,9 @@ def test_a_small_run_and_the_shipped_detector_in_the_signal():
                                                    max_new_tokens=20, interventions={"lookback": {"features": True}})])[0]
     signal = out.diagnostics["lookback"]
     shipped = engine.resolve_params({"lookback": {}})["lookback"]
-    expected = [torch.sigmoid(torch.tensor(np.asarray(f).ravel() @ np.asarray(shipped.detector_weights) + shipped.detector_bias)).item()
-                for f in signal["features"]]
-    assert signal["hallucination_probability"] == pytest.approx(expected, abs=1e-5) and len(expected) == len(out.token_ids) - 1
+    rows, w = [np.asarray(f).ravel() for f in signal["features"]], shipped.window  # the release's sliding window
+    expected = [torch.sigmoid(torch.tensor(np.mean(rows[t + 1 - w : t + 1], axis=0) @ np.asarray(shipped.detector_weights)
+                                           + shipped.detector_bias)).item() for t in range(w - 1, len(rows))]
+    got = signal["hallucination_probability"]
+    assert shipped.detector_convention == "hallucinated" and got[: w - 1] == [None] * (w - 1)
+    assert got[w - 1 :] == pytest.approx(expected, abs=1e-5) and len(got) == len(out.token_ids) - 1

@@ -106,6 +106,6 @@ def test_ships_its_own_lookback_lens_detector(smol):
     assert len(params.detector_weights) == 30 * 9
     scene = shapes.generate_scenes(1, seed=6)[0]
     out = smol.generate(shapes.CAPTION_PROMPT, image=shapes.render(scene, 6), max_new_tokens=8,
-                        interventions={"lookback": {}})
+                        interventions={"lookback": {"window": 1}})
     probs = out.diagnostics["lookback"]["hallucination_probability"]
     assert len(probs) == len(out.token_ids) - 1 and all(0 < p < 1 for p in probs)

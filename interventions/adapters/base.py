@@ -81,6 +81,7 @@ class ModelInfo:
     hidden_size: int
     vision_cls_token: bool = False  # the vision tower has a [CLS] token (CLIP in LLaVA; not Qwen2-VL)
     vision_layers: int = 0  # tower layers up to the one the LLM reads, where their attention can be masked; else 0
+    square_image: int | None = None  # the side of the square the processor centre-crops to (LLaVA's CLIP: 336); else None
 
 
 class ModelAdapter(ABC):
@@ -123,6 +124,7 @@ class ModelAdapter(ABC):
             hidden_size=cfg.hidden_size,
             vision_cls_token=self.cls_token,
             vision_layers=self.maskable_vision_layers,
+            square_image=self.square_image,
         )
 
     @property
@@ -175,6 +177,17 @@ class ModelAdapter(ABC):
         """Vision-tower layers up to the one whose features the model takes, where :meth:`mask_vision_attention`
         can mask patches; 0 where this adapter cannot."""
         return 0
+
+    @property
+    def square_image(self) -> int | None:
+        """The side of the square the image processor centre-crops every image to, or None where it keeps the
+        aspect ratio (Qwen2-VL's dynamic resolution)."""
+        processor = self.image_processor
+        if processor is None or not getattr(processor, "do_center_crop", False):
+            return None
+        crop = processor.crop_size
+        height, width = (crop.height, crop.width) if hasattr(crop, "height") else (crop["height"], crop["width"])
+        return int(height) if height == width else None
 
     def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """Outputs ``[n_images, tokens, D]`` of the tower's ``layers`` for normalised ``pixel_values``,

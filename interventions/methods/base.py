@@ -170,8 +170,9 @@ class Method(Hooks):
 
     Defaults of a request's parameters, lowest first: the fields of ``params_model``, then
     :meth:`defaults` (rules derived from the model, e.g. layers scaled to its depth, for fields the
-    model config leaves unset), then the model's config entry (``configs/models/*.yaml``), then the
-    request. ``GET /v1/interventions`` shows the result for the served model.
+    model config leaves unset), then the model's config entry (``configs/models/*.yaml``), then the named
+    preset the request asks for (``presets``: settings a release ran, e.g. PAINT's CHAIR script), then the
+    request's own values. ``GET /v1/interventions`` shows the result for the served model.
     """
 
     name: ClassVar[str]
@@ -182,6 +183,7 @@ class Method(Hooks):
     sweep: ClassVar[tuple[dict[str, Any], ...]] = ()  # settings the testbed tables run besides the defaults
     mixed_traffic: ClassVar[bool] = True  # part of the mixed loads of ``seeright bench`` and ``loadtest``
     signal: ClassVar[bool] = False  # reads the forward and edits nothing (Lookback Lens): no testbed row
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named settings of a release (``"preset": NAME``), over the defaults
 
     @property
     def edits_generation(self) -> bool:

@@ -15,8 +15,12 @@ generated token comes from the prefill, where nothing was generated yet: ratios 
 Diagnostics: ``mean_ratio`` (over layers, heads and tokens), ``per_token`` (mean over layers and heads, one
 per token from the second), with ``features`` the per-token ``[L, H]`` matrices a Lookback Lens detector
 takes (mean over a span of tokens, flattened), and with a detector (``detector_weights``, by default the
-model's shipped one) each token's ``hallucination_probability``: the detector on that token's row alone. Cost: attention probabilities of one row per sequence in every
-read layer at each decode step.
+model's shipped one) each token's ``hallucination_probability``: the detector on the mean of the last ``window``
+tokens' rows (the release's sliding window, 8 by default; ``null`` until a window is full, as the release scores no
+earlier token). The release's classifiers are fitted with label 1 = *not* hallucinated, so their sigmoid is
+P(factual); seeright's testbed detectors use 1 = hallucinated. ``detector_convention`` says which a detector is
+(``factual``: the complement is returned), and weights without it are refused. Cost: attention probabilities of one
+row per sequence in every read layer at each decode step.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class Lookback(Method):
                                  f"{info.num_heads} heads ({info.num_layers * info.num_heads})")
             if layers != list(range(info.num_layers)):
                 raise ValueError("layers: a detector reads every layer")
+            if params.detector_convention is None:
+                raise ValueError("detector_convention: say what the detector's positive class is: 'hallucinated' (label "
+                                 "1 = hallucinated, seeright's detectors) or 'factual' (label 1 = not hallucinated, the "
+                                 "release's classifiers)")
         return params.model_copy(update={"layers": layers})
 
     def probs_from(self, state: RowState, layer: int, step: int) -> int | None:
@@ -84,6 +92,18 @@ class Lookback(Method):
         if state.params.features:
             state.diagnostics.setdefault("features", []).append(matrix)
         if state.params.detector_weights is not None:
-            weights = torch.tensor(state.params.detector_weights, device=matrix.device, dtype=matrix.dtype)
-            logit = matrix.flatten() @ weights + state.params.detector_bias
-            state.diagnostics.setdefault("hallucination_probability", []).append(torch.sigmoid(logit))
+            state.diagnostics.setdefault("hallucination_probability", []).append(Lookback.score(state, matrix))
+
+    @staticmethod
+    def score(state: RowState, matrix: torch.Tensor) -> torch.Tensor | None:
+        """The detector on the mean of the last ``window`` tokens' ``[L, H]`` rows, as P(hallucinated)."""
+        p = state.params
+        window = state.data.setdefault("window", [])
+        window.append(matrix.flatten())
+        if len(window) > p.window:
+            window.pop(0)
+        if len(window) < p.window:
+            return None
+        weights = torch.tensor(p.detector_weights, device=matrix.device, dtype=matrix.dtype)
+        positive = torch.sigmoid(torch.stack(window).mean(0) @ weights + p.detector_bias)
+        return 1 - positive if p.detector_convention == "factual" else positive

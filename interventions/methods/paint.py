@@ -32,6 +32,7 @@ class PAINT(PAI):
     hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.SCORES, HookPoint.LOGITS})
     literal = "seeright.interventions.literal.paint:LiteralPAINT"
     sweep = ({"alpha": 0.5, "beta": 0.4},)
+    presets = {"release_chair": {"alpha": 0.9, "beta": 0.3, "cfg": True, "gamma": 1.1}}  # modPAI/modpai_eval.sh
 
     def check(self, params: PAINTParams, info: ModelInfo) -> PAINTParams:
         if not info.vision_cls_token:

@@ -35,7 +35,7 @@ class RITUAL(Method):
     def contrast_prompt(self, state: RowState, passes: Passes) -> EncodedPrompt:
         p, images, names = state.params, [], []
         for i, image in enumerate(state.request.images):
-            name, transformed = random_transform(image, p.transform, p.seed + i)
+            name, transformed = random_transform(image, p.transform, p.seed + i, passes.info.square_image)
             images.append(transformed)
             names.append(name)
         state.diagnostics["transform"] = names
