@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server", allow_abbrev=False)
     srv.add_argument("--model", help="model id or folder (default seeright/shapes-smol)")
     srv.add_argument("--config", help="YAML settings file (see configs/server.example.yaml)")
     srv.add_argument("--host")

@@ -34,10 +34,10 @@ from seeright.service.admission import Admission, image_counts, place_rows
 from seeright.service.batching import RunningBatch
 from seeright.service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
 from seeright.service.model_configs import ModelConfig, find_model_config
-from seeright.service.stops import StopMatcher
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, RequestError, StreamedToken, add_logprobs, decoding_of, with_logprobs,
 )
+from seeright.service.stops import StopMatcher
 
 __all__ = ["Engine", "EngineGenerator", "GenerationOutput", "GenerationRequest", "RequestError", "StreamedToken"]
 

@@ -72,7 +72,8 @@ def field_strategy(
         high = bounds.get("le", bounds.get("lt", centre * 2))
         if "le" not in bounds and "lt" not in bounds:
             low, high = max(low, centre / 4), centre * 2
-        return st.floats(low, high, exclude_min="gt" in bounds and low == bounds["gt"], allow_nan=False)
+        return st.floats(low, high, exclude_min="gt" in bounds and low == bounds["gt"],
+                         exclude_max="lt" in bounds and high == bounds["lt"], allow_nan=False)
     return None
 
 

@@ -65,45 +65,38 @@ class VEMask(Method):
         })
 
     def prepare(self, states: list[RowState], passes: Passes) -> None:
-        groups: dict[tuple, list[RowState]] = {}  # requests whose attacks differ only in their seed run together
+        # One attack per request, never a batch of several requests' images: PGD follows sign(gradient), which turns
+        # the last-bit differences of a batched kernel into different pixels, so a request's mask would depend on
+        # its batch-mates (the batch-mate property test found it: CARVE + VE masking rows at epsilon 1).
         for state in states:
-            p = state.params
-            key = (p.pgd_steps, p.epsilon, p.step_size, p.random_start, p.attack_layer, tuple(p.deviation_layers))
-            groups.setdefault(key, []).append(state)
-        for group in groups.values():
-            pixels = [s.request.prompt.images["pixel_values"] for s in group]
-            for state, (clean, attacked) in zip(group, self.attack(passes, pixels, [s.params for s in group])):
-                deviation = self.deviation(clean, attacked, state.params)
-                masked = self.select(deviation, state.params)  # [n_images, patches]
-                keep = torch.ones((masked.shape[0], passes.info.vision_layers, masked.shape[1]), dtype=torch.bool)
-                keep[:, state.params.mask_layers] = ~masked[:, None, :]
-                state.data["keep"] = keep
-                state.diagnostics["masked_tokens"] = [m.nonzero().flatten() for m in masked]
-                state.diagnostics["deviation_max"] = deviation.amax(-1)
+            clean, attacked = self.attack(passes, state.request.prompt.images["pixel_values"], state.params)
+            deviation = self.deviation(clean, attacked, state.params)
+            masked = self.select(deviation, state.params)  # [n_images, patches]
+            keep = torch.ones((masked.shape[0], passes.info.vision_layers, masked.shape[1]), dtype=torch.bool)
+            keep[:, state.params.mask_layers] = ~masked[:, None, :]
+            state.data["keep"] = keep
+            state.diagnostics["masked_tokens"] = [m.nonzero().flatten() for m in masked]
+            state.diagnostics["deviation_max"] = deviation.amax(-1)
 
     def vision_keep(self, state: RowState) -> torch.Tensor | None:
         return state.data.get("keep")
 
     @staticmethod
     def attack(
-        passes: Passes, pixel_values: list[torch.Tensor], params: list[VEMaskParams]
-    ) -> list[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
-        """Per request, the tower's outputs ``[n_images, tokens, D]`` (float32) at the deviation layers for its
-        clean and its PGD-attacked images. The requests share every attack setting but the seed; their images run
-        as one batch, and each image's gradient is that of its own MSE (the loss sums per-image means)."""
-        p = params[0]
-        counts = [len(v) for v in pixel_values]
+        passes: Passes, pixel_values: torch.Tensor, p: VEMaskParams
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """One request's tower outputs ``[n_images, tokens, D]`` (float32) at the deviation layers, for its clean
+        and its PGD-attacked images; each image's gradient is that of its own MSE (the loss sums per-image means)."""
         layers = sorted({*p.deviation_layers, p.attack_layer})
         with torch.inference_mode(False), torch.enable_grad():  # the engine admits requests in inference mode
             mean, std = (t.view(1, -1, 1, 1) for t in passes.pixel_stats())
-            pixels = torch.cat([v.detach().clone().float().cpu() for v in pixel_values])
+            pixels = pixel_values.detach().clone().float().cpu()
             x = pixels * std + mean  # [0, 1] pixels
             with torch.no_grad():
                 clean = {l: h.detach().float() for l, h in passes.vision_states(pixels, layers).items()}
             delta = torch.zeros_like(x)
             if p.random_start:
-                noise = torch.cat([torch.rand(v.shape, generator=torch.Generator().manual_seed(q.seed), dtype=torch.float32)
-                                   for v, q in zip(pixel_values, params)])
+                noise = torch.rand(pixels.shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
                 delta = (noise * 2 - 1) * p.epsilon
             delta = (x + delta).clamp(0, 1) - x
             for _ in range(p.pgd_steps):
@@ -115,11 +108,8 @@ class VEMask(Method):
                 delta = (x + delta).clamp(0, 1) - x
             with torch.no_grad():
                 attacked = passes.vision_states((x + delta - mean) / std, p.deviation_layers)
-        split = lambda t: t.detach().float().cpu().split(counts)  # noqa: E731
-        clean_parts = {l: split(clean[l]) for l in p.deviation_layers}
-        attacked_parts = {l: split(attacked[l]) for l in p.deviation_layers}
-        return [({l: clean_parts[l][i] for l in p.deviation_layers}, {l: attacked_parts[l][i] for l in p.deviation_layers})
-                for i in range(len(pixel_values))]
+        return ({l: clean[l].detach().float().cpu() for l in p.deviation_layers},
+                {l: attacked[l].detach().float().cpu() for l in p.deviation_layers})
 
     @staticmethod
     def deviation(clean: dict[int, torch.Tensor], attacked: dict[int, torch.Tensor], p: VEMaskParams) -> torch.Tensor:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from fastapi import HTTPException
-from starlette.concurrency import run_in_threadpool
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import run_in_threadpool
 
 from seeright.eval import chair, pope, report, runner
 from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError

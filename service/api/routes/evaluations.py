@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
-
 from starlette.concurrency import run_in_threadpool
 
 from seeright.service.api.deps import AUTHORIZED, CallerDep
