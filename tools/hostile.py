@@ -55,6 +55,8 @@ def _chat(model: str, text: str = "Describe the image.", image: str | None = Non
 PROBES = (
     Probe("streamed n=4 with four 100,000-character stop strings", "POST", "/v1/chat/completions",
           lambda m: _chat(m, stream=True, n=4, temperature=1.0, max_tokens=64, stop=[c * 100_000 for c in "abcd"])),
+    Probe("streamed n=4 with four 1,000-character stop strings (the limit), 256 tokens", "POST", "/v1/chat/completions",
+          lambda m: _chat(m, stream=True, n=4, temperature=1.0, max_tokens=256, stop=[c * 1_000 for c in "abcd"])),
     Probe("n=16, max_tokens=512, logprobs with top_logprobs=20", "POST", "/v1/chat/completions",
           lambda m: _chat(m, n=16, max_tokens=512, temperature=1.0, logprobs=True, top_logprobs=20)),
     Probe('evaluation with "split": ["random"] x 1000', "POST", "/v1/evaluations",
