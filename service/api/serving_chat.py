@@ -145,21 +145,27 @@ def usage(outs: list[GenerationOutput]) -> Usage:
 CONTEXT_TOKENS = 4  # tokens before a token decoded with it, so that its text is what it adds to the answer
 
 
-def _token(tokenizer: Any, token_id: int, before: Sequence[int] = ()) -> tuple[str, list[int]]:
-    """The token's text where it stands, after ``before``: what it adds to the decoded answer (a SentencePiece
-    token decoded alone loses its leading space, so the pieces would not add up to the text)."""
+def _texts(tokenizer: Any, token_ids: Sequence[int], before: Sequence[int] = ()) -> list[tuple[str, list[int]]]:
+    """Each token's text where it would stand after ``before`` (what it adds to the decoded answer: a SentencePiece
+    token decoded alone loses its leading space, so the pieces would not add up to the text), and its bytes. The
+    context is decoded once for all the step's alternatives."""
     window = list(before[-CONTEXT_TOKENS:])
     head = tokenizer.decode(window) if window else ""
-    full = tokenizer.decode([*window, token_id])
-    text = full[len(head):] if window and full.startswith(head) else tokenizer.decode([token_id])
-    return text, list(text.encode("utf-8"))
+    texts = []
+    for token_id in token_ids:
+        full = tokenizer.decode([*window, token_id])
+        text = full[len(head):] if window and full.startswith(head) else tokenizer.decode([token_id])
+        texts.append((text, list(text.encode("utf-8"))))
+    return texts
 
 
 def token_logprob(tokenizer: Any, token: StreamedToken, before: Sequence[int] = ()) -> TokenLogprob:
     """A token's log-prob entry; its text and its alternatives' read in context (``before``: the tokens before it)."""
-    text, raw = _token(tokenizer, token.id, before)
-    top = [TopLogprob(token=tt, logprob=lp, bytes=tb) for tid, lp in token.top or [] for tt, tb in [_token(tokenizer, tid, before)]]
-    return TokenLogprob(token=text, logprob=token.logprob, bytes=raw, top_logprobs=top)
+    top = token.top or []
+    (text, raw), *alternatives = _texts(tokenizer, [token.id, *(tid for tid, _ in top)], before)
+    return TokenLogprob(token=text, logprob=token.logprob, bytes=raw, top_logprobs=[
+        TopLogprob(token=tt, logprob=lp, bytes=tb) for (tt, tb), (_, lp) in zip(alternatives, top)
+    ])
 
 
 SIGNAL_KEYS = ("mean_ratio", "per_token", "features", "hallucination_probability")
