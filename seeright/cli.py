@@ -44,7 +44,7 @@ def _record(args: argparse.Namespace, kind: str, name: str, values: object) -> N
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from seeright.service.api.app import create_app
+    from seeright.service.api.app import create_app, freeze_heap
     from seeright.service.settings import Settings
 
     settings = Settings.load(
@@ -60,7 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gpus = args.replica_gpus if args.replica_gpus is not None else float(settings.device.startswith("cuda"))
         serve_replicas(settings, args.replicas, args.ray_address, args.replica_cpus, gpus)
         return 0
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=60)
+    app = create_app(settings)
+    freeze_heap()
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=60)
     return 0
 
 

@@ -14,6 +14,7 @@ import base64
 import io
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,28 +73,26 @@ PROBES = (
 )
 
 
-async def _poll_health(client: httpx.AsyncClient, stop: asyncio.Event) -> float:
-    """Poll ``/health`` until ``stop``; the worst latency seen."""
-    worst = 0.0
-    while not stop.is_set():
-        start = time.perf_counter()
-        try:
-            await client.get("/health", timeout=120)
-        except httpx.HTTPError:
-            pass
-        worst = max(worst, time.perf_counter() - start)
-        try:
-            await asyncio.wait_for(stop.wait(), POLL_S)
-        except asyncio.TimeoutError:
-            pass
-    return worst
+def _poll_health(url: str, stop: threading.Event, worst: list[float]) -> None:
+    """Poll ``/health`` every ``POLL_S`` until ``stop``, keeping the worst latency in ``worst[0]``. It runs in a
+    thread of its own, so that reading the probe's response in this process cannot delay it."""
+    with httpx.Client(base_url=url) as client:
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                client.get("/health", timeout=120)
+            except httpx.HTTPError:
+                pass
+            worst[0] = max(worst[0], time.perf_counter() - start)
+            stop.wait(POLL_S)
 
 
 async def run_probe(url: str, model: str, probe: Probe, headers: dict[str, str], timeout_s: float) -> dict[str, Any]:
     """Send one probe while polling ``/health``; then check that a plain request still gets its answer."""
-    async with httpx.AsyncClient(base_url=url, headers=headers) as attacker, httpx.AsyncClient(base_url=url) as other:
-        stop = asyncio.Event()
-        poller = asyncio.ensure_future(_poll_health(other, stop))
+    stop, worst = threading.Event(), [0.0]
+    poller = threading.Thread(target=_poll_health, args=(url, stop, worst), daemon=True)
+    poller.start()
+    async with httpx.AsyncClient(base_url=url, headers=headers) as attacker:
         await asyncio.sleep(POLL_S)
         start = time.perf_counter()
         try:
@@ -106,14 +105,14 @@ async def run_probe(url: str, model: str, probe: Probe, headers: dict[str, str],
         took = time.perf_counter() - start
         await asyncio.sleep(POLL_S)
         stop.set()
-        worst = await poller
+        poller.join()
         try:
             after = await attacker.post("/v1/chat/completions", json=_chat(model, max_tokens=2), timeout=AFTER_TIMEOUT_S)
             serving = after.status_code == 200
         except httpx.HTTPError:  # still busy with the probe, or gone
             serving = False
     return {"probe": probe.name, "status": status, "message": message, "request_s": took,
-            "health_worst_s": worst, "serving_after": serving}
+            "health_worst_s": worst[0], "serving_after": serving}
 
 
 async def run(url: str, model: str, api_key: str | None = None, timeout_s: float = 120.0) -> list[dict[str, Any]]:

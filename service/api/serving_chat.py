@@ -294,14 +294,17 @@ class ChatServing:
         return gen
 
     def _response_json(self, body: ChatCompletionRequest, outs: list[GenerationOutput]) -> bytes:
-        """The non-streamed response, serialised (log-probs are read token by token: work sized by the client)."""
-        return ChatCompletionResponse(
-            id=completion_id(), created=now(), model=body.model, usage=usage(outs),
-            choices=[Choice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
-                            logprobs=choice_logprobs(out, self.client.tokenizer), signals=choice_signals(out),
-                            diagnostics=choice_diagnostics(out, body.diagnostics))
-                     for i, out in enumerate(outs)],
-        ).model_dump_json().encode()
+        """The non-streamed response, serialised (log-probs are read token by token: work sized by the client).
+        Each choice is built and serialised on its own: pydantic holds the GIL for the whole of one call, and one
+        call over sixteen choices of 512 tokens with 20 alternatives each would stall the event loop."""
+        head = ChatCompletionResponse(id=completion_id(), created=now(), model=body.model, usage=usage(outs), choices=[])
+        choices = [
+            Choice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                   logprobs=choice_logprobs(out, self.client.tokenizer), signals=choice_signals(out),
+                   diagnostics=choice_diagnostics(out, body.diagnostics)).model_dump_json()
+            for i, out in enumerate(outs)
+        ]
+        return (head.model_dump_json(exclude={"choices"})[:-1] + ',"choices":[' + ",".join(choices) + "]}").encode()
 
     def _open_streams(self, rows: list[GenerationRequest]) -> list[TokenStream]:
         """Queue every choice, or none: a full queue cancels those already queued."""
