@@ -142,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.serving:
         result = serving_bench.run(args)
         print(json.dumps(result, indent=2))
-        _record(args, "bench-serving", args.model, result)
+        _record(args, "bench-serving", args.label or args.model, result)
         return 0
     if args.engine == "vllm":
         from seeright.tools import engine_bench
@@ -391,6 +391,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bn.add_argument("--no-reference", action="store_true", help="skip timing the literal reference loops")
     bn.add_argument("--serving", action="store_true", help="the scheduler under load: short-behind-long, open-loop rates")
     serving_bench.add_arguments(bn)
+    bn.add_argument("--label", help="--serving: name of the record (default: the model)")
     _add_record_options(bn)
     bn.set_defaults(func=cmd_bench)
 

@@ -3,6 +3,10 @@
 * **Short behind long**: a ``--short-tokens`` request sent ``--delay`` seconds after a ``--long-tokens``
   request starts, against the same short request alone (medians of ``--reps``). Continuous batching keeps
   the ratio near 1; a scheduler that runs batches to completion makes the short one wait for the long one.
+* **Joiners**: a plain streamed caption of ``--joiner-stream-tokens`` tokens runs alone; ``--joiner-delay``
+  seconds after it starts, one ``--short-tokens`` request joins, plain or with one method (``--joiners``). Reported
+  per joiner: the running stream's median gap between tokens and its longest gap (the freeze a streaming client
+  sees while the newcomer's prefill and method passes run), and their ratio.
 * **Open loop**: requests arrive at a fixed rate whatever the server does (``--rate`` per second, for
   ``--requests``), a mix of short answers and long captions, with and without interventions (the methods of
   the mixed loads). Reported: time to first token and per-token latency percentiles, tokens/s, and how many
@@ -77,6 +81,21 @@ async def short_behind_long(scheduler: Scheduler, short_tokens: int, long_tokens
     return {"short_alone_s": a, "short_behind_long_s": b, "ratio": b / a}
 
 
+async def joiner(
+    scheduler: Scheduler, method: str | None, stream_tokens: int, join_tokens: int, delay: float, seed: int = 0,
+) -> dict[str, Any]:
+    """One plain stream, one request joining it after ``delay`` (plain, or with ``method`` at its defaults)."""
+    running = asyncio.ensure_future(_send(scheduler, _request("long", stream_tokens, 200 + seed)))
+    await asyncio.sleep(delay)
+    joined = await _send(scheduler, _request("short", join_tokens, seed, {method: {}} if method else None))
+    stream = await running
+    gaps = [b - a for a, b in zip(stream.tokens, stream.tokens[1:])]
+    after = [b - a for a, b in zip(stream.tokens, stream.tokens[1:]) if b >= joined.sent]  # gaps once it joined
+    median, longest = statistics.median(gaps), max(after or [0.0])
+    return {"joiner": method or "plain", "stream_tokens": len(stream.tokens), "joined_s": joined.done - joined.sent,
+            "median_gap_s": median, "longest_gap_s": longest, "ratio": longest / median, "status": joined.status}
+
+
 def _percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p90": None, "p99": None}
@@ -117,6 +136,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         async def main() -> dict[str, Any]:
             await _send(scheduler, _request("short", 2, 0))  # warm-up
             result = {"short_behind_long": await short_behind_long(scheduler, args.short_tokens, args.long_tokens, args.delay, args.reps)}
+            if args.joiners is not None:
+                names = [None, *(args.joiners or engine.runnable())]
+                result["joiners"] = [
+                    await joiner(scheduler, name, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay, i)
+                    for i, name in enumerate(names)
+                ]
             for rate in args.rate:
                 result.setdefault("open_loop", []).append(await open_loop(scheduler, rate, args.requests, methods, args.long_tokens))
             return result
@@ -142,6 +167,12 @@ def table(result: dict[str, Any]) -> str:
             rows.append(f"| {r['rate_per_s']:g} | {r['requests']} | {r['refused']} | {r['failed']} | "
                         f"{fmt(ttft['p50'])} / {fmt(ttft['p90'])} / {fmt(ttft['p99'])} | "
                         f"{fmt(tok['p50'])} / {fmt(tok['p90'])} / {fmt(tok['p99'])} | {r['tokens_per_s']:.1f} |")
+    if result.get("joiners"):
+        rows += ["", "| the request that joins a running stream | stream tokens | longest gap in the stream | median gap | x median |",
+                 "|---|---|---|---|---|"]
+        for r in result["joiners"]:
+            rows.append(f"| {r['joiner']} | {r['stream_tokens']} | {r['longest_gap_s']:.2f} s | {r['median_gap_s'] * 1000:.0f} ms | "
+                        f"{r['ratio']:.0f}x |")
     return "\n".join(rows)
 
 
@@ -156,6 +187,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=0,
                         help="prompt tokens a plain request prefills per decode step (0: whole prompts, the default)")
     parser.add_argument("--methods", nargs="*", help="methods of the open-loop mix (default: the registry's mixed loads)")
+    parser.add_argument("--joiners", nargs="*", metavar="METHOD",
+                        help="measure a plain stream's longest gap while a request joins: plain, then with each METHOD "
+                             "(no METHOD: every method the model runs)")
+    parser.add_argument("--joiner-stream-tokens", type=int, default=120, help="tokens of the running stream")
+    parser.add_argument("--joiner-delay", type=float, default=1.5, help="seconds after the stream starts that one joins")
 
 
 def main() -> None:
