@@ -10,6 +10,7 @@ settings; a batch with contrast branches runs in a running batch instead.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
 )
@@ -112,9 +114,12 @@ class Engine(Admission):
         return cls(model, tokenizer, processor, model_id_or_path, _model_config(model_id_or_path, source, config, model_config))
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save model, tokenizer and image processor so that ``from_pretrained(path)`` reloads them."""
+        """Save model, tokenizer and image processor so that ``from_pretrained(path)`` reloads them. The vision tower
+        is written in the hub's layout (``vision_tower.vision_model.*``, as ``llava-hf`` checkpoints are), which
+        transformers 5 reads back and vLLM's LLaVA loader requires (:func:`hub_layout`)."""
         path = Path(path)
         self.model.save_pretrained(path)
+        hub_layout(path)
         self.tokenizer.save_pretrained(path)
         if self.adapter.image_processor is not None:
             self.adapter.image_processor.save_pretrained(path)
@@ -307,6 +312,26 @@ class Engine(Admission):
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
         diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self._provenance(s)} for s in states}
         return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+
+
+FLAT_TOWER = re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)(embeddings|encoder|pre_layrnorm|post_layernorm)\.")
+
+
+def hub_layout(folder: Path) -> None:
+    """Rename a saved CLIP tower's weights from transformers 5's flat ``vision_tower.embeddings...`` to the hub's
+    ``vision_tower.vision_model.embeddings...`` in every safetensors shard (and the shard index). transformers 5 maps
+    the hub layout back when it loads (its ``CLIPVisionModel`` prefix rule); vLLM 0.32's LLaVA loader reads only it.
+    Other towers (Qwen2-VL's ``visual``) are left as they are."""
+    rename = lambda key: FLAT_TOWER.sub(lambda m: f"{m[1] or ''}vision_tower.vision_model.{m[2]}.", key)  # noqa: E731
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if any(rename(k) != k for k in tensors):
+            save_file({rename(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def context_length(config: Any) -> int | None:

@@ -112,6 +112,16 @@ def test_saved_folder_reloads_through_the_same_path(tmp_path, images, name):
     assert [o.token_ids for o in reloaded.generate_batch(reqs)] == [o.token_ids for o in engine.generate_batch(reqs)]
 
 
+def test_a_saved_llava_tower_is_in_the_hub_layout(tmp_path):
+    """What vLLM's LLaVA loader reads (``vision_tower.vision_model.*``, as llava-hf checkpoints), and what reloads."""
+    from safetensors import safe_open
+
+    Engine.from_pretrained("tiny-random/llava").save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        tower = [k for k in saved.keys() if "vision_tower" in k]
+    assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+
+
 def test_sampling_is_seeded_per_row(llava, images):
     req = GenerationRequest(prompt="hi", images=[images[0]], temperature=1.0, top_p=0.9, seed=7, max_new_tokens=10)
     other = GenerationRequest(prompt="hi", images=[images[0]], temperature=1.0, seed=8, max_new_tokens=10)
