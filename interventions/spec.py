@@ -111,10 +111,10 @@ class PAIParams(MethodParams):
         False,
         description=(
             "The release's CFG branch: a text-only prompt with its own KV cache; scores gamma (s - u) + u of the "
-            "two log-softmaxes. Off in the release's argparse, on in every README command: off here by default."
+            "two log-softmaxes. Off in the release's argparse, on in every command of the release's README: off here by default."
         ),
     )
-    gamma: float = Field(1.1, ge=0, le=10, description="CFG strength (README commands: 1.1; argparse default 2).")
+    gamma: float = Field(1.1, ge=0, le=10, description="CFG strength (the release's README commands: 1.1; argparse default 2).")
     cfg_cutoff: float = Field(0.1, gt=0, le=1, description="CFG plausibility: drop tokens with p < cfg_cutoff * max p.")
 
 

@@ -349,7 +349,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     lm.add_argument("--lmms-python", required=True, help="python of the environment lmms-eval is installed in")
     lm.add_argument("--out", required=True, help="folder for the task (lmms-eval --include_path), its runs and samples")
     lm.add_argument("--images", type=int, default=100, help="scenes (about 4 questions each)")
-    lm.add_argument("--seed", type=int, default=shapes.DEFAULT_SEED + 1, help="scene seed (default: not the README table's)")
+    lm.add_argument("--seed", type=int, default=shapes.DEFAULT_SEED + 1, help="scene seed (default: not the testbed table's)")
     lm.add_argument("--split", choices=pope.SPLITS, default="adversarial")
     lm.add_argument("--concurrency", type=int, default=8, help="lmms-eval's num_concurrent")
     lm.add_argument("--json", action="store_true")

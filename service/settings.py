@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         None, ge=16,
         description=(
             "Prompt tokens a plain request prefills per decode step while others decode (lower per-token tail, "
-            "higher time to first token; README, Serving engine); none: whole prompts."
+            "higher time to first token; docs/engines.md); none: whole prompts."
         ),
     )
     retry_after_s: int = Field(1, ge=1)

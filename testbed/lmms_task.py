@@ -58,5 +58,5 @@ def installed_pope_yaml() -> Path:
     """The POPE task file of the lmms-eval installed beside seeright (found without importing lmms-eval)."""
     spec = importlib.util.find_spec("lmms_eval")
     if spec is None or spec.origin is None:
-        raise ValueError("lmms-eval is not installed here; pass its environment's pope.yaml (see README, lmms-eval)")
+        raise ValueError("lmms-eval is not installed here; pass its environment's pope.yaml (see docs/evaluation.md, lmms-eval)")
     return Path(spec.origin).parent / "tasks" / "pope" / "pope.yaml"

@@ -1,7 +1,7 @@
 """Train a small LLaVA on the shapes world (``testbed/world.py``), on a CPU, from a fixed seed.
 
 ``python -m seeright.testbed.train`` writes ``model_zoo/shapes-llava`` (the packaged
-``seeright/shapes-llava``) with its training log. The recipe, and what mattered (README, "Shapes testbed"):
+``seeright/shapes-llava``) with its training log. The recipe, and what mattered (docs/testbed.md):
 1. Vision pretraining: the ViT (64x64 images, 16x16 patches: 16 image tokens, an object covers 1-4) learns,
    per patch, which objects cover at least 15% of it (multi-label), and from the mean of its patches which
    objects are present. Image tokens then carry object identity before the language model sees them.

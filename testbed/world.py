@@ -43,7 +43,7 @@ COLORS = {
     "purple": (150, 60, 190), "orange": (240, 130, 30),
 }
 SIZE = 64
-DEFAULT_SEED = 1234  # the benchmark whose scores the README reports
+DEFAULT_SEED = 1234  # the benchmark whose scores the manual reports (docs/testbed.md)
 CAPTION_PROMPT = "Describe the image."  # the training captions' prompt, also the CHAIR prompt
 
 

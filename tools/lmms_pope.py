@@ -5,7 +5,7 @@ For each model id (the served model and its ``+preset`` ids), runs ``python -m l
 :func:`seeright.testbed.lmms_task.write_task`, then scores the very answers lmms-eval logged with seeright's own POPE
 scorer (``seeright score pope``, the official parser). lmms-eval runs in its own environment
 (``--lmms-python``): it pulls a torchvision that cannot load beside a CPU torch, so it is kept apart from
-the server's (README, "lmms-eval").
+the server's (docs/evaluation.md, "lmms-eval against the server").
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the row's image tokens, however many images it has (the release assumes one 576-
 system text). The release edits a float16 ``z`` after the clamp to ``finfo.min``; here ``z`` is float32.
 
 CFG branch (``cfg``, the release's ``CFG.py::CFGLogits``, off by default as in its argparse, on with
-gamma 1.1 in every README command): a text-only prompt (the chat template without the image) runs as a
+gamma 1.1 in every command of the release's README): a text-only prompt (the chat template without the image) runs as a
 contrast branch with its own row and KV cache and without the attention edit; with ``s = log_softmax(l)``
 and ``u = log_softmax(l_text)`` the scores are ``gamma * (s - u) + u``, at -inf where
 ``s < log(cfg_cutoff) + max s``.

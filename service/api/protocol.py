@@ -96,7 +96,7 @@ class ChatCompletionRequest(BaseModel):
         False,
         description=(
             "Return each method's diagnostics with each choice (``choices[i].diagnostics``; streamed: its finish chunk) "
-            "and, for a request with an image, where the model looked: ``attention_map`` (README, Diagnostics)."
+            "and, for a request with an image, where the model looked: ``attention_map`` (docs/playground.md, diagnostics)."
         ),
     )
     user: str | None = None
