@@ -198,9 +198,13 @@ def run_benchmark(
     interventions: dict[str, dict],
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    confine: Path | None = None,
+    gt: chair.GroundTruth | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) one method on one benchmark; its metrics."""
+    """Run (or resume) one method on one benchmark; its metrics (``confine``: see :func:`run_items`; ``gt``: CHAIR's
+    ground truth when the caller holds it already)."""
     records = run_items(
-        benchmark_items(spec), generator, out, interventions, spec.new_tokens, spec.batch_size, progress, on_batch
+        benchmark_items(spec), generator, out, interventions, spec.new_tokens, spec.batch_size, progress, on_batch,
+        confine,
     )
-    return score_records(spec, records)
+    return score_records(spec, records, gt)

@@ -247,9 +247,8 @@ async def _watch(disconnected: Callable[[], Awaitable[bool]], tasks: list[asynci
 class ChatServing:
     """Serves chat completions for one app: its settings, metrics and engine client."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, client: EngineClient, images: ImageMemory | None = None) -> None:
-        self.settings, self.metrics, self.client = settings, metrics, client
-        self.images = images if images is not None else ImageMemory(settings.max_image_memory_bytes)
+    def __init__(self, settings: Settings, metrics: Metrics, client: EngineClient, images: ImageMemory) -> None:
+        self.settings, self.metrics, self.client, self.images = settings, metrics, client, images
 
     async def create(
         self, body: ChatCompletionRequest, disconnected: Callable[[], Awaitable[bool]] | None = None

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from seeright.eval import chair, pope, report, runner
+from seeright.service.api.deps import Caller
 from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError
 from seeright.service.settings import Settings
 
@@ -134,6 +135,10 @@ class EvaluationJob:
     def active(self) -> bool:
         return self.status in ("queued", "running", "cancelling")
 
+    def visible_to(self, caller: Caller) -> bool:
+        """An admin sees every job; any other key its own."""
+        return caller.admin or self.owner == caller.id
+
     def view(self) -> dict[str, Any]:
         """The job as the API shows it; reads the results file only when it grew (call off the event loop)."""
         size = self.results.stat().st_size if self.results.is_file() else 0
@@ -164,11 +169,8 @@ def _run(job: EvaluationJob, generator: ClientGenerator) -> None:
         def progress(done: int, total: int) -> None:
             job.done, job.total = done, total
 
-        records = runner.run_items(
-            runner.benchmark_items(job.spec), generator, job.results, job.request.interventions, job.spec.new_tokens,
-            job.spec.batch_size, progress=False, on_batch=progress, confine=job.spec.images,
-        )
-        metrics = runner.score_records(job.spec, records, job.gt)
+        metrics = runner.run_benchmark(job.spec, generator, job.results, job.request.interventions, progress=False,
+                                       on_batch=progress, confine=job.spec.images, gt=job.gt)
         label = "+".join(sorted(job.request.interventions)) or "baseline"
         report.write_report(job.out_dir, job.request.benchmark, {label: metrics})  # metrics.json, report.md, plot.png
         job.status = "completed"
@@ -268,17 +270,17 @@ class EvaluationJobs:
         threading.Thread(target=_run, args=(job, generator), name=job_id, daemon=True).start()
         return job
 
-    def visible(self, caller: Any) -> list[EvaluationJob]:
+    def visible(self, caller: Caller) -> list[EvaluationJob]:
         """The jobs ``caller`` may see: its own, or every job for an admin."""
-        return [job for job in self.jobs.values() if caller.admin or job.owner == caller.id]
+        return [job for job in self.jobs.values() if job.visible_to(caller)]
 
-    def get(self, job_id: str, caller: Any) -> EvaluationJob:
+    def get(self, job_id: str, caller: Caller) -> EvaluationJob:
         job = self.jobs.get(job_id)
-        if job is None or not (caller.admin or job.owner == caller.id):
+        if job is None or not job.visible_to(caller):
             raise HTTPException(404, f"evaluation {job_id!r} not found (post it again to resume a job from disk)")
         return job
 
-    def cancel(self, job_id: str, caller: Any) -> EvaluationJob:
+    def cancel(self, job_id: str, caller: Caller) -> EvaluationJob:
         """Stop a job between two batches; its results file keeps the whole batches written so far."""
         job = self.get(job_id, caller)
         if job.active:
