@@ -276,20 +276,26 @@ def keep_mask(
     return mask if mask.dtype == torch.bool else mask == 0
 
 
-def eager_scores(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    keep: torch.Tensor | None,
-    scaling: float,
-) -> torch.Tensor:
+def eager_scores(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """Pre-softmax attention in float32, ``QK^T * scaling + mask`` (eager attention's math; masked keys at
-    the float32 minimum)."""
-    key = repeat_kv(key, module.num_key_value_groups)
+    the float32 minimum); ``key`` already has a head per query head."""
     scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
     return scores
+
+
+def edited_attention(
+    groups: list[Group], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None,
+    keep: torch.Tensor | None, scaling: float, layer: int, step: int, q0: int,
+) -> torch.Tensor | None:
+    """Attention with the methods' edits, for query rows ``q0:``: scores, each group's ``edit_scores``, softmax,
+    each group's ``edit_probs``, then the weighted values ``[n, q - q0, H, d]`` (None without ``value``: rows
+    that are only read). ``query`` ``[n, H, q - q0, d]``, ``key``/``value`` ``[n, H, T, d]`` (a head per query
+    head). Both engines' runtimes call it (:mod:`seeright.service.vllm.worker`)."""
+    scores = _edit(groups, "edit_scores", eager_scores(query, key, keep, scaling), layer, step, q0)
+    probs = _edit(groups, "edit_probs", torch.softmax(scores, dim=-1), layer, step, q0)
+    return None if value is None else torch.matmul(probs.to(value.dtype), value).transpose(1, 2)
 
 
 def _edit(groups: list[Group], what: str, tensor: torch.Tensor, layer: int, step: int, q0: int) -> torch.Tensor:
@@ -353,12 +359,11 @@ def seeright_attention(
         own = whole.index_select(0, plan.rows)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     keep = keep_mask(attention_mask, plan.rows, q0, q_len, kv_len, device)
-    scores = _edit(plan.groups, "edit_scores", eager_scores(module, pick(query)[:, :, q0:], pick(key), keep, scaling),
-                   layer, ctx.step, q0)
-    probs = _edit(plan.groups, "edit_probs", torch.softmax(scores, dim=-1), layer, ctx.step, q0)
-    if plan.any_write:
-        values = repeat_kv(pick(value), module.num_key_value_groups)
-        new = torch.matmul(probs.to(values.dtype), values).transpose(1, 2)  # [n, q', H, d]
+    groups = module.num_key_value_groups
+    values = repeat_kv(pick(value), groups) if plan.any_write else None
+    new = edited_attention(plan.groups, pick(query)[:, :, q0:], repeat_kv(pick(key), groups), values, keep, scaling,
+                           layer, ctx.step, q0)  # [n, q', H, d]
+    if new is not None:
         if own is None:
             own = new.contiguous()
         else:

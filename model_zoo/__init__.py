@@ -14,7 +14,9 @@ inside the package.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 PACKAGED_MODELS = {"seeright/shapes-llava": "shapes-llava", "seeright/shapes-smol": "shapes-smol"}
@@ -27,13 +29,24 @@ def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
     from seeright.model_zoo.tiny_random import TINY_MODELS
 
     if model_id in ASSEMBLED_MODELS:
-        from pathlib import Path
-
         from seeright.model_zoo import shapes_smol
 
         return shapes_smol.build(Path(resolve_model_path(model_id)))
     build = TINY_MODELS.get(model_id)
     return None if build is None else build()
+
+
+def built_in(model_id: str) -> bool:
+    """Whether seeright builds ``model_id`` in code or assembles it at load time (no transformers folder of its own)."""
+    from seeright.model_zoo.tiny_random import TINY_MODELS
+
+    return model_id in ASSEMBLED_MODELS or model_id in TINY_MODELS
+
+
+def export_dir(model_id: str) -> Path:
+    """Where a built-in model's exported folder lives in the cache (``SEERIGHT_CACHE``, default ``~/.cache/seeright``)."""
+    root = Path(os.environ.get("SEERIGHT_CACHE", "~/.cache/seeright")).expanduser()
+    return root / "exports" / model_id.replace("/", "--")
 
 
 def resolve_model_path(model_id_or_path: str) -> str:

@@ -66,6 +66,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Save a model as a folder both engines load (the vision tower in the hub layout vLLM reads)."""
+    from seeright.service.engine import Engine
+
+    Engine.from_pretrained(args.model, dtype=args.dtype).save_pretrained(args.folder)
+    print(args.folder)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -283,7 +292,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--allowed-image-dir", help="serve local image paths from this folder only")
     srv.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (public hosts only)")
     srv.add_argument("--engine", choices=["transformers", "vllm"],
-                     help="transformers (default: every method) or vllm (the [vllm] extra: plain traffic and VHR)")
+                     help="transformers (default: every method) or vllm (the [vllm] extra: the methods its worker hosts)")
     srv.add_argument("--max-model-len", type=int, help="--engine vllm: context length (default: the model's)")
     srv.add_argument("--replicas", type=int, default=1,
                      help="engine replicas on Ray Serve behind one endpoint (needs the [ray] extra; 1: no Ray)")
@@ -295,6 +304,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser("export", help="save a model (e.g. a built-in one) as a folder vLLM and transformers load")
+    exp.add_argument("model", help="model id or folder")
+    exp.add_argument("folder", help="the folder to write")
+    exp.add_argument("--dtype", default="float32")
+    exp.set_defaults(func=cmd_export)
+
     gen = sub.add_parser("generate", help="answer one prompt about images")
     gen.add_argument("--model", default="seeright/shapes-smol")
     gen.add_argument("--prompt", required=True)
@@ -377,9 +392,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     bn = sub.add_parser("bench", help="cost of each intervention relative to a same-process baseline")
     bn.add_argument("--model", default=BENCH_MODEL,
-                    help=f"default {BENCH_MODEL}; with --engine vllm: a text model (seeright/smollm2-135m-instruct)")
+                    help=f"default {BENCH_MODEL}; with --engine vllm: seeright/shapes-smol")
     bn.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                    help="vllm: plain tokens/s of both engines at batch 1 and 8, and the cost of the head-scaling hook")
+                    help="vllm: both engines on the default model with an image: plain tokens/s, each hosted method's "
+                         "per-token cost, the idle hooks' cost, plain rows beside method rows")
     bn.add_argument("--new-tokens", type=int, default=64)
     bn.add_argument("--reps", type=int, default=5, help="timed rounds of single requests")
     bn.add_argument("--batch-reps", type=int, default=3, help="timed rounds of the batch-of-8 runs")

@@ -50,7 +50,7 @@ class Admission:
                 method.rewrite(users, self.passes)
         for i, inp in enumerate(inputs):
             try:
-                inp.prompt = self.encode(inp.turns, inp.images)
+                inp.prompt = self.passes.encode(inp.turns, inp.images)
             except ValueError as exc:
                 raise RequestError(f"requests[{i}].messages", str(exc)) from exc
             if self.max_prompt_tokens is not None and len(inp.prompt.input_ids) > self.max_prompt_tokens:

@@ -284,7 +284,7 @@ class Engine(Admission):
             )
         return out.sequences.cpu(), stops, prompt_len, out.logits
 
-    def _provenance(self, state: RowState) -> dict[str, Any]:
+    def provenance(self, state: RowState) -> dict[str, Any]:
         """The parameters a row ran with, the model config they came from and which were derived."""
         name = state.hooks.name
         return {"params": state.params.model_dump(), "model_config": self.model_config.name, "derived": self.derived_defaults(name)}
@@ -310,7 +310,7 @@ class Engine(Admission):
             text, reason = text[:cut], "stop"
         if reason is None:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
-        diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self._provenance(s)} for s in states}
+        diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self.provenance(s)} for s in states}
         return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
 
 

@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="Name clients use; default: the model id.")
     model_config_name: str | None = Field(None, description="configs/models/<name>.yaml to use for defaults.")
     engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="transformers: every method (the reference); vllm: vLLM's engine, VHR inside it."
+        "transformers", description="transformers: every method (the reference); vllm: vLLM's engine, the methods its worker hosts."
     )
     vllm_max_model_len: int | None = Field(None, ge=16, description="--engine vllm: context length; none: the model's.")
     vllm_tensor_parallel_size: int = Field(1, ge=1, description="--engine vllm: GPUs per model.")

@@ -1,15 +1,16 @@
-"""``seeright bench --engine vllm``: the vLLM engine against the transformers engine on one text model.
+"""``seeright bench --engine vllm``: the vLLM engine beside the transformers engine, on the default vision-language
+model with an image, in one run on the same machine.
 
-Reported, in one run on the same machine:
+* plain greedy decoding throughput (generated tokens per second of wall time) of each engine at batch 1 and 8;
+* per method the worker hosts, its decode time per token over plain decoding on the same engine, for both engines
+  (the time between a request's first and last streamed token over the tokens between them: prefill and
+  analysis passes excluded), at batch 1;
+* the cost of the idle hooks on vLLM (installed, no request using them) per token, against the same vLLM engine
+  before they were installed;
+* plain rows' tokens/s per row in a vLLM batch of 8 whose other half carries methods, against a batch of 8 plain
+  rows (both with the hooks installed).
 
-* plain greedy decoding throughput (generated tokens per second of wall time) of each engine at batch 1 (one
-  request at a time) and batch 8 (eight at once), and vLLM's over the transformers engine's;
-* the cost of the head-scaling hook on vLLM, per generated token: with the hooks installed but no request
-  using them (every request's cost on ``--engine vllm``), and with every request scaling heads (VHR with fixed
-  heads, half the heads of every layer), both against the same vLLM engine before the hooks were installed.
-
-Each figure is the median of ``reps`` rounds. Prompts are fixed; rows stop at EOS or ``new_tokens``, and only
-tokens actually generated count.
+Each figure is the median of ``reps`` rounds; rows stop at EOS or ``new_tokens``.
 """
 
 from __future__ import annotations
@@ -22,31 +23,39 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
-from seeright.model_zoo import builtin_model, resolve_model_path
+from PIL import Image
+
 from seeright.service.engine import Engine, GenerationRequest
 
-DEFAULT_MODEL = "seeright/smollm2-135m-instruct"
+DEFAULT_MODEL = "seeright/shapes-smol"
 BATCHES = (1, 8)
-PROMPTS = (
-    "Write a short story about a lighthouse keeper.", "Explain how a bicycle works.", "List some facts about the moon.",
-    "Describe a busy market in the morning.", "What makes a good cup of tea?", "Tell me about the history of maps.",
-    "How do bees make honey?", "Describe a walk through a forest in autumn.",
-)
+PROMPTS = ("Describe the image.", "What shapes are there?", "Name the colours in the image.", "Describe the image in detail.")
+METHODS = ("var", "vhr", "gift", "pai", "carve", "lookback")  # what the vLLM worker hosts (not_hosted is None)
+
+
+def _image() -> Image.Image:
+    return Image.open(resources.files("seeright.service") / "ui" / "examples" / "shapes-1.png").convert("RGB")
 
 
 def _requests(batch: int, new_tokens: int, interventions: dict[str, Any] | None = None) -> list[GenerationRequest]:
-    return [GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], max_new_tokens=new_tokens, interventions=interventions or {})
-            for i in range(batch)]
+    image = _image()
+    return [GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], images=[image], max_new_tokens=new_tokens,
+                              interventions=interventions or {}) for i in range(batch)]
 
 
 def _median_rate(runs: list[tuple[int, float]]) -> float:
     return statistics.median(tokens / seconds for tokens, seconds in runs)
 
 
-def _transformers(model: str, new_tokens: int, reps: int) -> dict[int, float]:
+def _per_token(times: list[float]) -> float | None:
+    """Seconds per decoded token from a request's token arrival times (first token, i.e. prefill, excluded)."""
+    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+
+
+def _transformers(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
     engine = Engine.from_pretrained(model)
     engine.generate_batch(_requests(1, 4))  # warm-up
     rates = {}
@@ -57,9 +66,17 @@ def _transformers(model: str, new_tokens: int, reps: int) -> dict[int, float]:
             outs = engine.generate_batch(_requests(batch, new_tokens))
             runs.append((sum(len(o.token_ids) for o in outs), time.perf_counter() - start))
         rates[batch] = _median_rate(runs)
+    per_token = {}
+    for name in (None, *METHODS):
+        samples = []
+        for _ in range(reps):
+            times: list[float] = []
+            engine.generate_batch(_requests(1, new_tokens, {name: {}} if name else None), on_token=lambda row, tok: times.append(time.perf_counter()))
+            samples.append(_per_token(times))
+        per_token[name or "plain"] = statistics.median(x for x in samples if x is not None)
     del engine
     gc.collect()
-    return rates
+    return {"rates": rates, "per_token": per_token}
 
 
 async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
@@ -67,28 +84,40 @@ async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
     from seeright.service.vllm.engine import VllmEngineClient
 
     client = VllmEngineClient.from_settings(Settings(model=model, engine="vllm", max_batch_size=max(BATCHES)))
-    info = client.spec.info
-    heads = {str(layer): list(range(0, info.num_heads, 2)) for layer in range(info.num_layers)}
     await client.start(install=False)
 
-    async def rate(batch: int, interventions: dict[str, Any] | None = None) -> tuple[float, float]:
+    async def rate(requests: list[GenerationRequest], plain_only: bool = False) -> float:
         runs = []
         for _ in range(reps):
             start = time.perf_counter()
-            outs = await asyncio.gather(*(client.generate(r) for r in _requests(batch, new_tokens, interventions)))
-            runs.append((sum(len(o.token_ids) for o in outs), time.perf_counter() - start))
-        tokens = statistics.median(t for t, _ in runs)
-        return _median_rate(runs), tokens
+            outs = await asyncio.gather(*(client.generate(r) for r in requests))
+            runs.append((sum(len(o.token_ids) for o, r in zip(outs, requests) if not (plain_only and r.interventions)),
+                         time.perf_counter() - start))
+        return _median_rate(runs)
+
+    async def per_token(interventions: dict[str, Any] | None) -> float:
+        samples = []
+        for _ in range(reps):
+            times = []
+            async for _ in client.stream(_requests(1, new_tokens, interventions)[0]):
+                times.append(time.perf_counter())
+            samples.append(_per_token(times))
+        return statistics.median(x for x in samples if x is not None)
 
     try:
         await client.generate(_requests(1, 4)[0])  # warm-up
-        plain = {b: await rate(b) for b in BATCHES}
+        plain = {b: await rate(_requests(b, new_tokens)) for b in BATCHES}
+        plain_token = await per_token(None)
         await client.install()
-        idle = {b: await rate(b) for b in BATCHES}
-        scaled = {b: await rate(b, {"vhr": {"heads": heads, "alpha": 2.0}}) for b in BATCHES}
+        idle = {b: await rate(_requests(b, new_tokens)) for b in BATCHES}
+        methods = {"plain": await per_token(None), **{name: await per_token({name: {}}) for name in METHODS}}
+        half = [r if i % 2 == 0 else _requests(1, new_tokens, {METHODS[i // 2 % len(METHODS)]: {}})[0]
+                for i, r in enumerate(_requests(8, new_tokens))]
+        mixed = await rate(half, plain_only=True)
     finally:
         await client.stop()
-    return {"plain": plain, "hooks_idle": idle, "vhr_fixed_heads": scaled}
+    return {"plain": plain, "plain_per_token_before_hooks": plain_token, "hooks_idle": idle, "per_token": methods,
+            "mixed_plain_rows_tokens_per_s": mixed}
 
 
 @contextmanager
@@ -105,39 +134,55 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def run(model: str = DEFAULT_MODEL, new_tokens: int = 64, reps: int = 3) -> dict[str, Any]:
-    """Both engines on ``model`` (a folder vLLM can load: built-in random models are saved to a temporary one)."""
-    import tempfile
+def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict[str, Any]:
+    """Both engines on ``model`` (a built-in model is exported to a folder vLLM loads, as ``serve`` does)."""
+    from seeright.service.vllm.engine import vllm_folder
 
-    with tempfile.TemporaryDirectory() as tmp, _stdout_to_stderr():
-        if builtin_model(model) is not None:
-            Engine.from_pretrained(model).save_pretrained(Path(tmp))
-            model = tmp
-        hf = _transformers(resolve_model_path(model), new_tokens, reps)
+    with _stdout_to_stderr():
+        folder = vllm_folder(model)
+        hf = _transformers(folder, new_tokens, reps)
         vllm = asyncio.run(_vllm(model, new_tokens, reps))
-    rows = {}
-    for batch in BATCHES:
-        plain, _ = vllm["plain"][batch]
-        per_token = lambda r: 1000 / r  # noqa: E731 - ms of wall time per generated token (batch-wide)
-        rows[batch] = {
-            "transformers_tokens_per_s": hf[batch], "vllm_tokens_per_s": plain, "vllm_over_transformers": plain / hf[batch],
-            "hook_idle_ms_per_token": per_token(vllm["hooks_idle"][batch][0]) - per_token(plain),
-            "hook_vhr_ms_per_token": per_token(vllm["vhr_fixed_heads"][batch][0]) - per_token(plain),
-            "vllm_hooks_idle_tokens_per_s": vllm["hooks_idle"][batch][0],
-            "vllm_vhr_tokens_per_s": vllm["vhr_fixed_heads"][batch][0],
-        }
-    return {"model": model, "new_tokens": new_tokens, "reps": reps, "batches": rows}
+    batches = {
+        batch: {"transformers_tokens_per_s": hf["rates"][batch], "vllm_tokens_per_s": vllm["plain"][batch],
+                "vllm_hooks_idle_tokens_per_s": vllm["hooks_idle"][batch]}
+        for batch in BATCHES
+    }
+    for row in batches.values():
+        row["vllm_over_transformers"] = row["vllm_tokens_per_s"] / row["transformers_tokens_per_s"]
+        row["hooks_idle_cost"] = row["vllm_tokens_per_s"] / row["vllm_hooks_idle_tokens_per_s"] - 1
+    methods = {
+        name: {"transformers_over_plain": hf["per_token"][name] / hf["per_token"]["plain"],
+               "vllm_over_plain": vllm["per_token"][name] / vllm["per_token"]["plain"],
+               "vllm_ms_per_token": 1000 * vllm["per_token"][name], "transformers_ms_per_token": 1000 * hf["per_token"][name]}
+        for name in METHODS
+    }
+    mixed = (vllm["mixed_plain_rows_tokens_per_s"] / 4) / (vllm["hooks_idle"][8] / 8)  # per plain row, same hooked engine
+    return {"model": model, "new_tokens": new_tokens, "reps": reps, "batches": batches, "methods": methods,
+            "plain_ms_per_token": {"transformers": 1000 * hf["per_token"]["plain"], "vllm": 1000 * vllm["per_token"]["plain"]},
+            "mixed_half_plain_rows_over_all_plain": mixed}
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"model {result['model']}, up to {result['new_tokens']} new tokens, median of {result['reps']}",
-        "| batch | transformers tok/s | vLLM tok/s | vLLM / transformers | hook idle, ms/token | VHR hook, ms/token |",
+        f"model {result['model']} with an image, up to {result['new_tokens']} new tokens, median of {result['reps']}",
+        "",
+        "| batch | transformers tok/s | vLLM tok/s | vLLM / transformers | vLLM, hooks idle | idle hooks' cost |",
         "|---|---|---|---|---|---|",
     ]
     for batch, row in result["batches"].items():
-        lines.append(
-            f"| {batch} | {row['transformers_tokens_per_s']:.1f} | {row['vllm_tokens_per_s']:.1f} | "
-            f"{row['vllm_over_transformers']:.2f}x | {row['hook_idle_ms_per_token']:+.3f} | {row['hook_vhr_ms_per_token']:+.3f} |"
-        )
+        lines.append(f"| {batch} | {row['transformers_tokens_per_s']:.1f} | {row['vllm_tokens_per_s']:.1f} | "
+                     f"{row['vllm_over_transformers']:.2f}x | {row['vllm_hooks_idle_tokens_per_s']:.1f} | {100 * row['hooks_idle_cost']:+.1f}% |")
+    plain = result["plain_ms_per_token"]
+    lines += [
+        "",
+        f"Decode time per token over plain decoding on the same engine, batch 1 (plain: transformers "
+        f"{plain['transformers']:.1f} ms, vLLM {plain['vllm']:.1f} ms):",
+        "",
+        "| method | transformers | vLLM | vLLM ms/token |",
+        "|---|---|---|---|",
+    ]
+    for name, row in result["methods"].items():
+        lines.append(f"| {name} | {row['transformers_over_plain']:.2f}x | {row['vllm_over_plain']:.2f}x | {row['vllm_ms_per_token']:.1f} |")
+    lines += ["", f"Plain rows' tokens/s per row in a vLLM batch of 8 whose other half carries methods, over 8 plain rows: "
+              f"{result['mixed_half_plain_rows_over_all_plain']:.2f}x"]
     return "\n".join(lines)

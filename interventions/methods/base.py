@@ -184,6 +184,7 @@ class Method(Hooks):
     mixed_traffic: ClassVar[bool] = True  # part of the mixed loads of ``seeright bench`` and ``loadtest``
     signal: ClassVar[bool] = False  # reads the forward and edits nothing (Lookback Lens): no testbed row
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named settings of a release (``"preset": NAME``), over the defaults
+    tower_passes: ClassVar[bool] = False  # its analysis runs the vision tower alone (``Passes.cls_attention``, ``vision_states``)
 
     @property
     def edits_generation(self) -> bool:

@@ -30,6 +30,7 @@ class PAINT(PAI):
     name = "paint"
     params_model = PAINTParams
     hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.SCORES, HookPoint.LOGITS})
+    tower_passes = True
     literal = "seeright.interventions.literal.paint:LiteralPAINT"
     sweep = ({"alpha": 0.5, "beta": 0.4},)
     presets = {"release_chair": {"alpha": 0.9, "beta": 0.3, "cfg": True, "gamma": 1.1}}  # modPAI/modpai_eval.sh

@@ -38,6 +38,7 @@ class VEMask(Method):
     name = "vemask"
     params_model = VEMaskParams
     hook_points = frozenset({HookPoint.ANALYSIS, HookPoint.VISION})
+    tower_passes = True
     order = 3
     literal = "seeright.interventions.literal.vemask:LiteralVEMask"
     sweep = ({"mask_ratio": 0.25},)

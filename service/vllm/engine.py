@@ -6,49 +6,91 @@ same code on both engines. Prompts are built by a weightless copy of the transfo
 meta device: same chat template, same checks, same parameter resolution) and go to vLLM as token ids with
 the images as multi-modal data; vLLM expands the image placeholders.
 
-Requests without interventions run on vLLM unchanged. VHR runs inside vLLM (:mod:`seeright.service.vllm.worker`): with
-fixed ``heads`` in one request; otherwise its text-only pass is a request of its own, scheduled first, whose
-heads' outputs the worker keeps for the request's head selection. Every other method needs the attention
-probabilities of each row (vLLM exposes none: vllm-project/vllm#3192) or a second sequence decoded in lockstep
-(the contrastive methods), and is refused with a 400 that names the transformers engine.
+Requests without interventions run on vLLM unchanged. A request with interventions is admitted as on the
+transformers engine (:meth:`~seeright.service.admission.Admission.admit`: binding, input rewriting, encoding,
+analysis passes), with the passes run as vLLM requests (:mod:`seeright.service.vllm.passes`); its method states
+then travel with it to the worker, which runs the methods' hooks on its rows (:mod:`seeright.service.vllm.worker`),
+and come back with their diagnostics when it ends. What the worker does not host yet is a 400 that names the
+reason (:func:`not_hosted`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import asyncio
+import secrets
+import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 
-from seeright.interventions.spec import VHRParams
-from seeright.model_zoo import resolve_model_path
-from seeright.service.engine import Engine
+from seeright.interventions.adapters import ChatTurn
+from seeright.interventions.methods.base import HookPoint, Method, RowState
+from seeright import __version__
+from seeright.model_zoo import built_in, export_dir, resolve_model_path
+from seeright.service.engine import Engine, to_python
 from seeright.service.requests import MIN_LOGPROB, GenerationOutput, GenerationRequest, RequestError, StreamedToken
 from seeright.service.scheduler import QueueFull, when_room
 from seeright.service.settings import Settings
+from seeright.service.vllm.passes import VllmPasses
+from seeright.service.vllm.transport import pack_states, unpack_states
 from seeright.service.vllm.worker import EXTRA_ARGS_KEY
 
-HOSTED = frozenset({"vhr"})
-VLLM_ATTENTION_ISSUE = "https://github.com/vllm-project/vllm/issues/3192"
+WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN, HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
+
+
+def not_hosted(method: Method, params: Any | None = None) -> str | None:
+    """Why the vLLM worker cannot run ``method`` (with ``params``; at its defaults when None), or None."""
+    if HookPoint.VISION in method.hook_points or method.tower_passes:
+        return ("it runs the vision tower on its own (analysis passes or masked tower attention), which the vLLM "
+                "engine does not host yet: use the transformers engine (seeright serve --engine transformers)")
+    contrasts = method.contrasts(params if params is not None else method.params_model())
+    if contrasts:
+        return ("it decodes a contrast branch in lockstep with the request, which the vLLM engine does not host yet: "
+                "use the transformers engine (seeright serve --engine transformers)")
+    missing = method.hook_points - WORKER_POINTS - {HookPoint.LOGITS}
+    if missing:
+        return f"the vLLM worker has no {sorted(p.value for p in missing)} hook point"
+    return None
+
+
+def vllm_folder(model_id: str) -> str:
+    """A folder vLLM loads for ``model_id``: the folder or hub id itself, or, for a model seeright builds in code
+    (the default ``seeright/shapes-smol``, the random test models), its export in the cache, written once per
+    seeright version by :meth:`Engine.save_pretrained` (the vision tower in the hub layout vLLM reads)."""
+    if not built_in(model_id):
+        return resolve_model_path(model_id)
+    folder = export_dir(model_id) / __version__
+    if not (folder / "config.json").exists():
+        partial = folder.with_name(f"{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+        Engine.from_pretrained(model_id).save_pretrained(partial)
+        if folder.exists():  # another process exported it meanwhile
+            shutil.rmtree(partial)
+        else:
+            partial.replace(folder)
+    return str(folder)
+
+
+class EngineFailure(RuntimeError):
+    """The worker could not run a request's methods exactly (a preempted request recomputed in one forward)."""
 
 
 def engine_args(settings: Settings) -> Any:
-    """vLLM's engine arguments: eager (the hooks run in Python), prompts never split across steps (a request's
-    head selection sees its whole prompt in one forward), our worker extension."""
+    """vLLM's engine arguments: eager (the hooks run in Python), prompts never split across steps (step 0 of a
+    request with methods is its whole prompt), our worker extension."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     max_len = settings.vllm_max_model_len
     return AsyncEngineArgs(
-        model=resolve_model_path(settings.model), served_model_name=[settings.name], dtype=settings.dtype,
+        model=vllm_folder(settings.model), served_model_name=[settings.name], dtype=settings.dtype,
         max_model_len=max_len, max_num_batched_tokens=max(max_len or 0, 2048) if max_len else None,
         max_num_seqs=settings.max_batch_size, enforce_eager=True, enable_chunked_prefill=False,
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.25),
-        worker_extension_cls="seeright.service.vllm.worker.HeadScaling", disable_log_stats=True,
+        worker_extension_cls="seeright.service.vllm.worker.HookPoints", disable_log_stats=True,
     )
 
 
@@ -88,10 +130,11 @@ class VllmEngineClient:
         self.llm: Any = None
         self._installed = False
         self._inflight = 0
+        self._key = secrets.token_bytes(32)  # signs the method states the workers accept
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngineClient:
-        return cls(settings, Engine.weightless(settings.model, settings.model_config_name))
+        return cls(settings, Engine.weightless(vllm_folder(settings.model), settings.model_config_name))
 
     async def start(self, install: bool = True) -> None:
         """Start vLLM (and, unless told not to, hook its workers: ``seeright bench`` times vLLM without them)."""
@@ -102,9 +145,11 @@ class VllmEngineClient:
             await self.install()
 
     async def install(self) -> None:
-        """Put the head-scaling hooks into every worker (once)."""
+        """Put the hook points into every worker (once); admission's passes become vLLM requests."""
         if not self._installed:
-            await self.llm.collective_rpc("seeright_install")
+            await self.llm.collective_rpc("seeright_install", args=(self._key,))
+            self.spec.passes = VllmPasses(self.spec.encode, self.spec.info, self.spec.eos_token_ids(), self._pass,
+                                          asyncio.get_running_loop())
             self._installed = True
 
     async def stop(self) -> None:
@@ -122,22 +167,19 @@ class VllmEngineClient:
         return self._inflight
 
     def unavailable(self, name: str) -> str | None:
-        """Why method ``name`` cannot run on this engine (or on this model), or None."""
-        if name not in HOSTED:
-            return (f"runs on the transformers engine only (seeright serve --engine transformers): it needs "
-                    f"{'a second sequence decoded in lockstep' if self.methods[name].contrasts(self.methods[name].params_model()) else 'the attention probabilities of each row'}, "
-                    f"which vLLM does not expose ({VLLM_ATTENTION_ISSUE})")
-        return self.spec.unavailable(name)
+        """Why method ``name`` cannot run on this engine (or on this model) at its defaults, or None."""
+        return not_hosted(self.methods[name]) or self.spec.unavailable(name)
 
     # ---- checks ------------------------------------------------------------------------------------
     def validate_interventions(self, interventions: dict[str, dict[str, Any]]) -> None:
-        for name in sorted(set(interventions) & set(self.methods) - HOSTED):
-            raise RequestError(f"interventions.{name}", f"not on the vLLM engine: {self.unavailable(name)}")
         resolved = self.spec.resolve_params(interventions)
-        vhr = resolved.get("vhr")
-        if vhr is not None and vhr.heads is None and self.settings.vllm_tensor_parallel_size > 1:
-            raise RequestError("interventions.vhr.heads", "head selection reads all heads of a layer: with tensor "
-                               "parallelism > 1 the vLLM engine takes fixed heads only")
+        for name, params in resolved.items():
+            reason = not_hosted(self.methods[name], params)
+            if reason is not None:
+                raise RequestError(f"interventions.{name}", f"not on the vLLM engine: {reason}")
+        if resolved and self.settings.vllm_tensor_parallel_size > 1:
+            raise RequestError("interventions", "the methods read every head of a layer: with tensor parallelism > 1 "
+                               "the vLLM engine runs requests without interventions only")
 
     def validate(self, request: GenerationRequest) -> None:
         self.validate_interventions(request.interventions)
@@ -177,15 +219,43 @@ class VllmEngineClient:
         assert stream.output is not None
         return stream.output
 
-    def _prompt(self, request: GenerationRequest, images: bool = True) -> dict[str, Any]:
+    def _prompt(self, turns: list[ChatTurn], images: Sequence[Image.Image]) -> dict[str, Any]:
         """Token ids of the chat as the transformers engine builds it, one placeholder per image (vLLM expands
         them), with the images as multi-modal data."""
-        turns = request.chat() if images else [t.without_images() for t in request.chat()]
         text = "".join(s.text for s in self.spec.adapter.segments(turns))
         prompt: dict[str, Any] = {"prompt_token_ids": self.tokenizer(text)["input_ids"]}
-        if images and request.images:
-            prompt["multi_modal_data"] = {"image": list(request.images)}
+        if images:
+            prompt["multi_modal_data"] = {"image": list(images)}
         return prompt
+
+    def _with_states(self, prompt: dict[str, Any], states: Sequence[RowState]) -> tuple[str, dict[str, Any]]:
+        """A key for the request's states and the worker's arguments; the prompt gets a salt of its own, so that it
+        never shares prefix-cache blocks with requests computed under other edits (nor reads cached ones)."""
+        key = uuid.uuid4().hex
+        prompt["cache_salt"] = key
+        return key, {"key": key, "states": pack_states(states, self._key)}
+
+    async def _collect(self, key: str) -> list[RowState]:
+        """The request's states as the worker's hooks left them; :class:`EngineFailure` if they failed."""
+        payload = (await self.llm.collective_rpc("seeright_collect", args=(key,)))[0]
+        if payload is None:
+            raise EngineFailure("the vLLM worker kept no states for this request")
+        status, *states = unpack_states(payload, self._key)
+        if status.data["error"] is not None:
+            raise EngineFailure(f"the vLLM worker could not run this request's methods exactly: {status.data['error']}")
+        return states
+
+    async def _pass(self, turns: list[ChatTurn], images: list[Image.Image], states: Sequence[RowState],
+                    max_tokens: int) -> tuple[list[int], list[RowState]]:
+        """A method's extra pass (:class:`VllmPasses`): a greedy request carrying ``states``; its tokens and the
+        states as the worker left them."""
+        prompt = self._prompt(turns, images)
+        key, extra = self._with_states(prompt, states)
+        sampling = self._sampling(GenerationRequest(max_new_tokens=max_tokens), extra)
+        tokens: list[int] = []
+        async for out in self._outputs(prompt, sampling):
+            tokens.extend(out.outputs[0].token_ids)
+        return tokens, await self._collect(key)
 
     def _sampling(self, request: GenerationRequest, extra: dict[str, Any] | None) -> Any:
         from vllm import SamplingParams
@@ -199,22 +269,6 @@ class VllmEngineClient:
             repetition_penalty=request.repetition_penalty, stop_token_ids=self.spec.eos_token_ids(),
             output_kind=RequestOutputKind.DELTA, extra_args={EXTRA_ARGS_KEY: extra} if extra else None,
         )
-
-    async def _head_args(self, request: GenerationRequest) -> dict[str, Any] | None:
-        """The worker's arguments for the request's VHR (after its text-only pass, when heads are selected)."""
-        if "vhr" not in request.interventions:
-            return None
-        params: VHRParams = self.spec.resolve_params({"vhr": request.interventions["vhr"]})["vhr"]
-        vhr: dict[str, Any] = {"alpha": params.alpha, "layers": params.layers, "prefill_positions": params.prefill_positions}
-        if params.heads is not None:
-            vhr["heads"] = {str(layer): heads for layer, heads in params.heads.items()}
-            return {"vhr": vhr}
-        key = uuid.uuid4().hex
-        capture = self._sampling(GenerationRequest(max_new_tokens=1), {"capture": {"key": key, "layers": params.layers}})
-        async for _ in self.llm.generate(self._prompt(request, images=False), capture, f"seeright-text-{key}"):
-            pass
-        vhr.update(text_key=key, outlier_filter=params.outlier_filter)
-        return {"vhr": vhr}
 
     async def _outputs(self, prompt: dict[str, Any], sampling: Any) -> AsyncIterator[Any]:
         """vLLM's outputs of one request; a request vLLM refuses (a prompt too long for ``max_model_len``) is a 400."""
@@ -232,11 +286,16 @@ class VllmEngineClient:
         if request.interventions and not self._installed:
             raise RuntimeError("the vLLM workers are not hooked (start(install=True))")
         start = time.perf_counter()
-        extra = await self._head_args(request)
-        prompt = self._prompt(request)
-        if extra is not None:  # never share prefix-cache blocks with requests computed under other edits
-            fixed = "text_key" not in extra["vhr"]
-            prompt["cache_salt"] = hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest() if fixed else uuid.uuid4().hex
+        key, extra, states = None, None, []
+        if request.interventions:
+            inputs, rows = await asyncio.to_thread(self.spec.admit, [request])
+            states = rows[0]
+            for state in states:
+                state.layout = inputs[0].prompt.layout
+            prompt = self._prompt(inputs[0].turns, inputs[0].images)
+            key, extra = self._with_states(prompt, states)
+        else:
+            prompt = self._prompt(request.chat(), request.images)
         prepared = time.perf_counter()
         token_ids: list[int] = []
         logprobs: list[float] = []
@@ -256,11 +315,14 @@ class VllmEngineClient:
             text += done.text
             if done.finish_reason is not None:
                 reason = "length" if done.finish_reason == "length" else "stop"
+        diagnostics = {}
+        if key is not None:
+            diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self.spec.provenance(s)} for s in await self._collect(key)}
         end = time.perf_counter()
         stream.output = GenerationOutput(
             text=text, token_ids=token_ids, prompt_tokens=prompt_tokens, finish_reason=reason,
             timings={"prepare_s": prepared - start, "generate_s": end - prepared, "total_s": end - start},
-            diagnostics={name: {"engine": "vllm"} for name in request.interventions},
+            diagnostics=diagnostics,
             logprobs=logprobs if request.logprobs else None,
             top_logprobs=tops if request.logprobs and request.top_logprobs else None,
         )

@@ -1,25 +1,30 @@
-"""Worker side of the vLLM engine path: per-request head scaling (VHR) inside vLLM's flat token batch.
+"""vLLM's worker as a second runtime of the hook points: the methods' own hooks on rows of vLLM's flat batch.
 
 vLLM runs every scheduled token of every running request as one flat batch ``[T, hidden]``; the tokens of the
 persistent batch's i-th request are ``query_start_loc[i]:query_start_loc[i + 1]``, and its first one sits at
-position ``num_computed_tokens[i]``. :class:`HeadScaling` is a ``worker_extension_cls``: ``seeright_install``
-(called once through ``collective_rpc``) puts a pre-hook on each decoder layer's ``o_proj``, whose input is the
-heads' outputs ``[T, H * d]``. At the first hooked layer of every forward the hook maps tokens to requests and
-reads each request's ``SamplingParams.extra_args["seeright"]`` (the OpenAI server fills ``extra_args`` from a
-request's ``vllm_xargs``); requests without it are untouched, and a forward without any costs one Python call
-per layer. What a request may carry:
+position ``num_computed_tokens[i]``. :class:`HookPoints` is a ``worker_extension_cls``: ``seeright_install``
+(called once through ``collective_rpc``) hooks every decoder layer of the language model, and at the first
+layer of each forward the runtime maps tokens to the requests whose ``SamplingParams.extra_args["seeright"]``
+carry method states (:mod:`seeright.service.vllm.transport`). Requests without them are untouched: vLLM's own
+attention kernel, no copy; a forward without any costs a Python call per hooked module.
 
-* ``"vhr": {"alpha", "layers", "prefill_positions", "heads" | "text_key", "outlier_filter"}``: scale the heads'
-  outputs by ``alpha`` (He et al., ACL 2025, Alg. 1): at every generated position and, with
-  ``prefill_positions="all"``, at every prompt position, else at the last. ``heads`` (``{"layer": [head]}``)
-  fixes them; ``text_key`` names a capture of the same prompt without its images, and the heads are selected at
-  the last prompt position of each layer by :func:`seeright.interventions.methods.vhr.select_heads` (Eq. 4, 6, 7) and
-  kept for the request's later steps.
-* ``"capture": {"key", "layers"}``: keep the heads' outputs at the last prompt position under ``key`` (the
-  text-only pass of a VHR request, run as a request of its own before it).
+For a request with states, each hook point calls the methods' own code (:mod:`seeright.interventions.runtime`'s
+plans and :func:`~seeright.interventions.runtime.edited_attention`), one request at a time (``n = 1``):
 
-Exactness needs the whole prompt in one forward (the engine disables chunked prefill) and eager execution (CUDA
-graphs would replay without the hooks). Head selection reads all heads of a layer: tensor parallelism 1 only.
+* HIDDEN: a pre-hook on each decoder layer hands the residual stream entering it (vLLM defers the residual add
+  into the next layer's norm: ``hidden + residual``) to ``observe_hidden``.
+* SCORES / PROBS: a forward hook on each layer's attention takes the request's queries, keys and values (after
+  the rotary embedding) and, where a method asks for probabilities, recomputes its output explicitly with the
+  edits. The keys and values of earlier steps come from a copy kept for these requests only (every layer, from
+  the prefill on), so the explicit attention never reads a backend's paged cache layout.
+* HEADS: a pre-hook on each ``o_proj`` hands the heads' outputs to ``edit_heads``.
+
+Step 0 is the forward that holds the request's whole prompt (the engine runs method requests without chunked
+prefill and without prefix-cache hits); step ``k`` the forward of its ``k``-th generated token. A forward that
+does not fit this (a preempted request recomputed in one forward, speculative tokens) cannot replay per-step
+edits: the request's states are marked failed and its output is refused by the engine client, never returned
+silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
+than ``MAX_UNCLAIMED`` finished requests wait.
 """
 
 from __future__ import annotations
@@ -32,151 +37,267 @@ from typing import Any
 
 import torch
 
-from seeright.interventions.methods.vhr import select_heads
+from seeright.interventions.methods.base import Hooks, RowState
+from seeright.interventions.runtime import ForwardContext, edited_attention
+from seeright.service.vllm.transport import pack_states, unpack_states
 
 EXTRA_ARGS_KEY = "seeright"
-O_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.o_proj$")
-MAX_CAPTURES = 1024  # captures whose request never came (a cancelled client) are dropped oldest first
+DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
+MAX_UNCLAIMED = 1024
 
 
 @dataclass
-class RowPlan:
-    """One request's tokens in this forward: the flat slice, the position of its first token, its prompt."""
+class Tracked:
+    """One request's states in the worker, its keys and values where it needs explicit attention, its failure."""
 
+    context: ForwardContext
     request_id: str
+    prompt_len: int
+    keeps_kv: bool
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H_kv, capacity, d]
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    stored: dict[int, int] = field(default_factory=dict)  # layer -> positions kept
+    error: str | None = None
+
+    @property
+    def states(self) -> list[RowState]:
+        return list(self.context.rows[0])
+
+
+@dataclass
+class Slice:
+    """A tracked request's tokens in this forward."""
+
+    tracked: Tracked
     start: int
     end: int
     first_position: int
-    prompt_len: int
-    args: dict[str, Any]
 
-    def last_prompt_index(self) -> int | None:
-        """Flat index of the request's last prompt token if it is in this forward, else None."""
-        offset = self.prompt_len - 1 - self.first_position
-        return self.start + offset if 0 <= offset < self.end - self.start else None
+
+def _asks_probs(state: RowState) -> bool:
+    return type(state.hooks).probs_from is not Hooks.probs_from
 
 
 @dataclass
-class WorkerState:
-    """What the hooks keep between forwards; requests that left the batch are dropped at the next forward."""
+class WorkerRuntime:
+    """What the hooks keep between forwards."""
 
-    num_heads: int  # this rank's heads
+    runner: Any
+    key: bytes
+    num_heads: int
+    num_kv_heads: int
     head_dim: int
-    first_head: int  # global index of this rank's first head
+    scaling: float
     first_layer: int
-    rows: list[RowPlan] = field(default_factory=list)
-    captured: OrderedDict[str, dict[int, torch.Tensor]] = field(default_factory=OrderedDict)
-    selected: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # each request's heads per layer
+    tracked: dict[str, Tracked] = field(default_factory=dict)
+    finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
+    rows: list[Slice] = field(default_factory=list)
+
+    # ---- planning --------------------------------------------------------------------------------
+    def plan(self, num_tokens: int) -> None:
+        """The tracked requests of this forward and their token slices (none for a dummy or profiling forward,
+        whose tokens are not the persistent batch's)."""
+        runner, batch = self.runner, self.runner.input_batch
+        self._retire(runner)
+        self.rows = []
+        n = batch.num_reqs
+        if n == 0:
+            return
+        starts = runner.query_start_loc.cpu[: n + 1].tolist()
+        if starts[-1] > num_tokens:
+            return
+        for i, request_id in enumerate(batch.req_ids[:n]):
+            request = runner.requests.get(request_id)
+            params = getattr(request, "sampling_params", None)
+            args = ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY)
+            if not args:
+                continue
+            tracked = self.tracked.get(args["key"])
+            if tracked is None:
+                tracked = self.tracked[args["key"]] = self._track(args, request_id, request.num_prompt_tokens)
+            row = Slice(tracked, starts[i], starts[i + 1], int(batch.num_computed_tokens_cpu[i]))
+            if tracked.error is None:
+                tracked.error = self._step(row)
+            if tracked.error is None:
+                self.rows.append(row)
+
+    def _track(self, args: dict[str, Any], request_id: str, prompt_len: int) -> Tracked:
+        try:
+            states = unpack_states(args["states"], self.key)
+        except ValueError as exc:
+            return Tracked(ForwardContext([[]]), request_id, prompt_len, keeps_kv=False, error=str(exc))
+        tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states))
+        layout = next((s.layout for s in states if s.layout is not None), None)
+        if layout is not None and layout.length != prompt_len:
+            tracked.error = (f"vLLM's prompt has {prompt_len} tokens, the layout the methods were prepared on "
+                             f"{layout.length}: this model's prompt processing differs between the engines")
+        return tracked
+
+    @staticmethod
+    def _step(row: Slice) -> str | None:
+        """Set the request's step for this forward, or say why this forward cannot be replayed exactly."""
+        tracked, length = row.tracked, row.end - row.start
+        if tracked.context.step == -1 and row.first_position == 0 and length == tracked.prompt_len:
+            tracked.context.step = 0
+            return None
+        step = row.first_position - tracked.prompt_len + 1
+        if length == 1 and step == tracked.context.step + 1 and step > 0:
+            tracked.context.step = step
+            return None
+        return (f"a forward of {length} tokens from position {row.first_position} (prompt {tracked.prompt_len}): a "
+                "recomputed (preempted) or partly cached request cannot replay its per-step edits")
+
+    def _retire(self, runner: Any) -> None:
+        """Requests that left vLLM wait for their client's ``collect``, the oldest dropped past ``MAX_UNCLAIMED``."""
+        for key in [k for k, t in self.tracked.items() if t.request_id not in runner.requests]:
+            self.finished[key] = self.tracked.pop(key)
+        while len(self.finished) > MAX_UNCLAIMED:
+            self.finished.popitem(last=False)
+
+    def collect(self, key: str) -> bytes | None:
+        """A finished request's states (diagnostics, analysis results) and failure, signed; None if unknown."""
+        tracked = self.finished.pop(key, None) or self.tracked.pop(key, None)
+        if tracked is None:
+            return None
+        return pack_states([RowState(hooks=Hooks(), data={"error": tracked.error}), *tracked.states], self.key)
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def on_layer(self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decoder layer pre-hook: plan at the first layer; hand the residual stream to HIDDEN hooks."""
+        hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
+        if layer == self.first_layer:
+            self.plan(hidden.shape[0])
+        if not self.rows:
+            return
+        residual = args[2] if len(args) > 2 else kwargs.get("residual")
+        stream = None
+        for row in self.rows:
+            ctx = row.tracked.context
+            if row.tracked.error is not None:
+                continue
+            groups = ctx.groups("hidden", layer, hidden.device)
+            if not groups:
+                continue
+            if stream is None:
+                stream = hidden if residual is None else hidden + residual
+            for g in groups:
+                g.hooks.observe_hidden(layer, stream[row.start:row.end][None], g.states, ctx.step)
+
+    def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Attention forward hook: keep the keys and values of tracked requests that need them; recompute the
+        attention of those whose methods ask for probabilities in this layer, with the edits."""
+        if not self.rows:
+            return None
+        query, key, value = args[:3]
+        edited = None
+        for row in self.rows:
+            tracked, ctx = row.tracked, row.tracked.context
+            if not tracked.keeps_kv or tracked.error is not None:
+                continue
+            kept = self._keep(tracked, layer, key[row.start:row.end], value[row.start:row.end], row.first_position)
+            if kept is None:
+                continue
+            keys, values = kept
+            plan = ctx.probs_plan(layer, query.device)
+            if plan is None:
+                continue
+            q0, length = plan.q0, row.end - row.start
+            q = query[row.start + q0:row.end].view(length - q0, self.num_heads, self.head_dim).transpose(0, 1)[None]
+            total = keys.shape[1]
+            keep = None
+            if ctx.step == 0:
+                positions = torch.arange(q0, length, device=query.device)
+                keep = (torch.arange(total, device=query.device)[None, :] <= positions[:, None])[None, None]
+            groups = self.num_heads // self.num_kv_heads
+            k = keys[None].repeat_interleave(groups, dim=1)
+            v = values[None].repeat_interleave(groups, dim=1) if plan.any_write else None
+            new = edited_attention(plan.groups, q, k, v, keep, self.scaling, layer, ctx.step, q0)
+            if new is None or not bool(plan.write[0]):
+                continue
+            first = max(q0, int(plan.starts[0]))
+            if edited is None:
+                edited = output.clone()
+            edited[row.start + first:row.end] = new[0, first - q0:].reshape(row.end - row.start - first, -1).to(output.dtype)
+        return edited
+
+    def _keep(
+        self, tracked: Tracked, layer: int, key: torch.Tensor, value: torch.Tensor, first: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Append this forward's keys/values ``[t, H_kv * d]`` to the request's copy; all of them ``[H_kv, T, d]``
+        (None, and the request failed, if the copy has a gap)."""
+        t = key.shape[0]
+        key = key.reshape(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        value = value.reshape(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        stored = tracked.stored.get(layer, 0)
+        if stored != first:
+            tracked.error = f"kept {stored} positions of layer {layer}, the forward starts at {first}"
+            return None
+        buf_k, buf_v = tracked.keys.get(layer), tracked.values.get(layer)
+        if buf_k is None or buf_k.shape[1] < first + t:
+            capacity = first + t + 256
+            grown_k, grown_v = key.new_empty(self.num_kv_heads, capacity, self.head_dim), value.new_empty(self.num_kv_heads, capacity, self.head_dim)
+            if buf_k is not None:
+                grown_k[:, :first], grown_v[:, :first] = buf_k[:, :first], buf_v[:, :first]
+            tracked.keys[layer], tracked.values[layer] = buf_k, buf_v = grown_k, grown_v
+        buf_k[:, first:first + t], buf_v[:, first:first + t] = key, value
+        tracked.stored[layer] = first + t
+        return buf_k[:, :first + t], buf_v[:, :first + t]
+
+    def on_heads(self, layer: int, module: torch.nn.Module, args: tuple) -> tuple | None:
+        """``o_proj`` pre-hook: the heads' outputs ``[t, H * d]`` of each tracked request to HEADS hooks."""
+        if not self.rows:
+            return None
+        x = args[0]
+        edited = None
+        for row in self.rows:
+            ctx = row.tracked.context
+            if row.tracked.error is not None:
+                continue
+            groups = ctx.groups("heads", layer, x.device)
+            if not groups:
+                continue
+            if edited is None:
+                edited = x.clone()
+            heads = edited[row.start:row.end].view(1, row.end - row.start, self.num_heads, self.head_dim)
+            for g in groups:
+                heads = g.hooks.edit_heads(layer, heads, g.states, ctx.step)
+            edited[row.start:row.end] = heads.reshape(row.end - row.start, -1)
+        return None if edited is None else (edited, *args[1:])
 
 
-def plan_rows(runner: Any, num_tokens: int) -> list[RowPlan]:
-    """The requests of this forward that carry seeright arguments, with their token slices (none for a dummy
-    or profiling forward, whose tokens are not the persistent batch's)."""
-    batch = runner.input_batch
-    n = batch.num_reqs
-    if n == 0:
-        return []
-    starts = runner.query_start_loc.cpu[: n + 1].tolist()
-    if starts[-1] > num_tokens:
-        return []
-    rows = []
-    for i, request_id in enumerate(batch.req_ids[:n]):
-        request = runner.requests.get(request_id)
-        params = getattr(request, "sampling_params", None)
-        args = ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY)
-        if args:
-            rows.append(RowPlan(request_id, starts[i], starts[i + 1], int(batch.num_computed_tokens_cpu[i]),
-                                request.num_prompt_tokens, args))
-    return rows
+def _language_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The language model's decoder layers by index (vision towers' layers left out)."""
+    return {
+        int(m.group(1)): module for name, module in model.named_modules()
+        if (m := DECODER_LAYER.search(name)) and "vision" not in name and "visual" not in name
+        and hasattr(module, "self_attn") and hasattr(module.self_attn, "attn")
+    }
 
 
-def _forget_finished(state: WorkerState, runner: Any) -> None:
-    for request_id in [r for r in state.selected if r not in runner.requests]:
-        del state.selected[request_id]
+class HookPoints:
+    """Mixed into vLLM's worker (``worker_extension_cls="seeright.service.vllm.worker.HookPoints"``)."""
 
-
-def _chosen_heads(state: WorkerState, row: RowPlan, vhr: dict[str, Any], layer: int, heads: torch.Tensor) -> torch.Tensor | None:
-    """``[H_local]`` bool: the request's heads at ``layer``, fixed or selected at its last prompt position, kept
-    for its later forwards (None while they cannot be selected yet)."""
-    done = state.selected.setdefault(row.request_id, {})
-    if layer in done:
-        return done[layer]
-    if "heads" in vhr:
-        chosen = torch.zeros(state.num_heads, dtype=torch.bool, device=heads.device)
-        local = [h - state.first_head for h in vhr["heads"].get(str(layer), []) if 0 <= h - state.first_head < state.num_heads]
-        chosen[local] = True
-        done[layer] = chosen
-        return chosen
-    last = row.last_prompt_index()
-    text = state.captured.get(vhr["text_key"], {}).get(layer)
-    if last is None or text is None:
-        return None
-    flags = torch.tensor([bool(vhr.get("outlier_filter", True))], device=heads.device)
-    chosen, _ = select_heads(heads[last].float()[None], text.to(heads.device)[None], flags)
-    done[layer] = chosen[0]
-    if all(int(l) in done for l in vhr["layers"]):
-        state.captured.pop(vhr["text_key"], None)
-    return done[layer]
-
-
-def _capture(state: WorkerState, row: RowPlan, capture: dict[str, Any], layer: int, heads: torch.Tensor) -> None:
-    last = row.last_prompt_index()
-    if last is None or layer not in capture["layers"]:
-        return
-    state.captured.setdefault(capture["key"], {})[layer] = heads[last].float().clone()
-    while len(state.captured) > MAX_CAPTURES:
-        state.captured.popitem(last=False)
-
-
-def scale_heads(state: WorkerState, runner: Any, layer: int, module: torch.nn.Module, args: tuple) -> tuple | None:
-    """The ``o_proj`` pre-hook: each request's scaling on its own tokens, everything else unchanged."""
-    x = args[0]
-    if layer == state.first_layer:
-        state.rows = plan_rows(runner, x.shape[0])
-        _forget_finished(state, runner)
-    if not state.rows:
-        return None
-    heads = x.reshape(x.shape[0], state.num_heads, state.head_dim)
-    factor = None
-    for row in state.rows:
-        if "capture" in row.args:
-            _capture(state, row, row.args["capture"], layer, heads)
-        vhr = row.args.get("vhr")
-        if not vhr or layer not in vhr["layers"]:
-            continue
-        chosen = _chosen_heads(state, row, vhr, layer, heads)
-        if chosen is None or not bool(chosen.any()):
-            continue
-        first_scaled = 0 if vhr["prefill_positions"] == "all" else row.prompt_len - 1
-        lo = row.start + max(0, first_scaled - row.first_position)
-        if lo >= row.end:
-            continue
-        if factor is None:
-            factor = torch.ones(x.shape[0], state.num_heads, dtype=x.dtype, device=x.device)
-        factor[lo:row.end, chosen] = float(vhr["alpha"])
-    if factor is None:
-        return None
-    return ((heads * factor[:, :, None]).view_as(x), *args[1:])
-
-
-class HeadScaling:
-    """Mixed into vLLM's worker (``worker_extension_cls="seeright.service.vllm.worker.HeadScaling"``)."""
-
-    def seeright_install(self) -> dict[str, int]:
-        """Hook every decoder layer's ``o_proj`` of the language model; the layers and heads found."""
-        from vllm.distributed import get_tensor_model_parallel_rank
-
+    def seeright_install(self, key: bytes) -> dict[str, int]:
+        """Hook every decoder layer of the language model (once); ``key`` signs the states this worker accepts."""
+        if getattr(self, "_seeright", None) is not None:
+            return {"layers": len(self._seeright_layers)}
         runner = self.model_runner  # type: ignore[attr-defined]
         config = self.vllm_config  # type: ignore[attr-defined]
-        local_heads = config.model_config.get_num_attention_heads(config.parallel_config)
-        layers = {
-            int(m.group(1)): module for name, module in runner.get_model().named_modules()
-            if (m := O_PROJ.search(name)) and "vision" not in name and "visual" not in name
-        }
+        layers = _language_layers(runner.get_model())
         if not layers:
-            raise RuntimeError("no decoder layer with self_attn.o_proj found: this architecture is not hooked")
-        state = WorkerState(local_heads, config.model_config.get_head_size(), get_tensor_model_parallel_rank() * local_heads, min(layers))
-        for layer, module in layers.items():
-            module.register_forward_pre_hook(partial(scale_heads, state, runner, layer))
-        self._seeright_state = state
-        return {"layers": len(layers), "heads": local_heads * config.parallel_config.tensor_parallel_size}
+            raise RuntimeError("no decoder layer with self_attn.attn found: this architecture is not hooked")
+        attn = layers[min(layers)].self_attn.attn
+        runtime = WorkerRuntime(
+            runner, key, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_size,
+            scaling=float(attn.impl.scale), first_layer=min(layers),
+        )
+        for index, layer in layers.items():
+            layer.register_forward_pre_hook(partial(runtime.on_layer, index), with_kwargs=True)
+            layer.self_attn.attn.register_forward_hook(partial(runtime.on_attention, index))
+            layer.self_attn.o_proj.register_forward_pre_hook(partial(runtime.on_heads, index))
+        self._seeright, self._seeright_layers = runtime, layers
+        return {"layers": len(layers), "heads": attn.num_heads * config.parallel_config.tensor_parallel_size}
+
+    def seeright_collect(self, key: str) -> bytes | None:
+        """The states of a finished request (:meth:`WorkerRuntime.collect`)."""
+        return self._seeright.collect(key)

@@ -1,0 +1,83 @@
+"""The methods' extra passes (:class:`~seeright.interventions.methods.base.Passes`) as requests to vLLM.
+
+Admission (:meth:`seeright.service.admission.Admission.admit`) runs in a thread of its own; when a method's
+``rewrite`` or ``prepare`` asks for a prefill or a greedy generation, each prompt becomes a vLLM request that
+carries the pass's states (a capture hook, the method's own hooks) to the worker, and the call waits for its
+result on the event loop: the tokens, and the states as the hooks left them (what they captured, the layout
+they ran on). A pass runs every layer (vLLM cannot stop a forward after a given layer); its result is the same.
+
+Prompts go to vLLM with one placeholder per image and the images themselves, as vLLM expects; ``encode``
+remembers each prompt's chat and images for that, the admission's own prompt included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from seeright.interventions.adapters import ChatTurn, EncodedPrompt, ModelInfo
+from seeright.interventions.methods.base import RowState
+
+Run = Callable[[list[ChatTurn], list[Image.Image], Sequence[RowState], int], Awaitable[tuple[list[int], list[RowState]]]]
+
+
+class VllmPasses:
+    """Passes on vLLM for one engine client: ``run(turns, images, states, max_tokens)`` is its greedy request."""
+
+    def __init__(self, encode: Callable[[list[ChatTurn], list[Image.Image]], EncodedPrompt], info: ModelInfo,
+                 eos: list[int], run: Run, loop: asyncio.AbstractEventLoop) -> None:
+        self.info = info
+        self._encode, self._eos, self._run, self._loop = encode, eos, run, loop
+        self._sources: dict[int, tuple[weakref.ref, list[ChatTurn], list[Image.Image]]] = {}
+
+    def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
+        prompt = self._encode(turns, images)
+        self._sources = {k: v for k, v in self._sources.items() if v[0]() is not None}
+        self._sources[id(prompt)] = (weakref.ref(prompt), list(turns), list(images))
+        return prompt
+
+    def source(self, prompt: EncodedPrompt) -> tuple[list[ChatTurn], list[Image.Image]]:
+        """The chat and images ``prompt`` was encoded from (by :meth:`encode`)."""
+        ref, turns, images = self._sources.get(id(prompt), (None, [], []))
+        if ref is None or ref() is not prompt:
+            raise RuntimeError("a pass got a prompt that was not encoded by these passes")
+        return turns, images
+
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos)
+
+    def prefill(self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], stop_after_layer: int | None) -> None:
+        self._passes(prompts, rows, 1)
+
+    def greedy(self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], max_new_tokens: int) -> list[list[int]]:
+        return self._passes(prompts, rows, max_new_tokens)
+
+    def _passes(self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], max_tokens: int) -> list[list[int]]:
+        """Every prompt as a request of its own, all at once; each row's states take what the worker's hooks left."""
+        for prompt, states in zip(prompts, rows):
+            for state in states:
+                state.layout = prompt.layout
+
+        async def run_all() -> list[tuple[list[int], list[RowState]]]:
+            return await asyncio.gather(*(self._run(*self.source(p), states, max_tokens) for p, states in zip(prompts, rows)))
+
+        results = asyncio.run_coroutine_threadsafe(run_all(), self._loop).result()
+        for states, (_, back) in zip(rows, results):
+            for state, returned in zip(states, back):
+                state.data, state.diagnostics, state.layout = returned.data, returned.diagnostics, returned.layout
+        return [tokens for tokens, _ in results]
+
+    # the vision tower's own passes: the methods that need them are refused on this engine before admission
+    def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("the vLLM engine runs no vision-tower pass of its own")
+
+    def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, Any]:
+        raise NotImplementedError("the vLLM engine runs no vision-tower pass of its own")
+
+    def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("the vLLM engine runs no vision-tower pass of its own")
