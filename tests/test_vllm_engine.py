@@ -191,8 +191,9 @@ def test_openai_routes_on_vllm(served, hf):
 
 def test_an_image_with_a_method_and_diagnostics_through_the_openai_route(served, hf, image):
     import base64
+    from pathlib import Path
 
-    png = base64.b64encode(open("examples/shapes.png", "rb").read()).decode()
+    png = base64.b64encode(Path("examples/shapes.png").read_bytes()).decode()
     content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
                {"type": "text", "text": PROMPTS[0]}]
     body = {"model": served.app.state.settings.name, "messages": [{"role": "user", "content": content}], "max_tokens": 12,

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from seeright import __version__
 from seeright.interventions.adapters import ChatTurn
 from seeright.interventions.methods.base import HookPoint, Method, RowState
-from seeright import __version__
 from seeright.model_zoo import built_in, export_dir, resolve_model_path
 from seeright.service.engine import Engine, to_python
 from seeright.service.requests import MIN_LOGPROB, GenerationOutput, GenerationRequest, RequestError, StreamedToken
