@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from seeright.interventions.methods.base import Hooks, RowState
-from seeright.interventions.runtime import ForwardContext, edited_attention
+from seeright.interventions.runtime import ForwardContext, Group, edited_attention
 from seeright.service.vllm.transport import pack_states, unpack_states
 
 EXTRA_ARGS_KEY = "seeright"
@@ -162,6 +163,12 @@ class WorkerRuntime:
         return pack_states([RowState(hooks=Hooks(), data={"error": tracked.error}), *tracked.states], self.key)
 
     # ---- hooks -----------------------------------------------------------------------------------
+    def _wanting(self, wanted: str, layer: int, device: torch.device) -> Iterator[tuple[Slice, list[Group]]]:
+        """This forward's live rows whose hooks want ``wanted`` ("hidden" or "heads") in ``layer``, with those groups."""
+        for row in self.rows:
+            if row.tracked.error is None and (groups := row.tracked.context.groups(wanted, layer, device)):
+                yield row, groups
+
     def on_layer(self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Decoder layer pre-hook: plan at the first layer; hand the residual stream to HIDDEN hooks."""
         hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
@@ -171,17 +178,11 @@ class WorkerRuntime:
             return
         residual = args[2] if len(args) > 2 else kwargs.get("residual")
         stream = None
-        for row in self.rows:
-            ctx = row.tracked.context
-            if row.tracked.error is not None:
-                continue
-            groups = ctx.groups("hidden", layer, hidden.device)
-            if not groups:
-                continue
+        for row, groups in self._wanting("hidden", layer, hidden.device):
             if stream is None:
                 stream = hidden if residual is None else hidden + residual
             for g in groups:
-                g.hooks.observe_hidden(layer, stream[row.start:row.end][None], g.states, ctx.step)
+                g.hooks.observe_hidden(layer, stream[row.start:row.end][None], g.states, row.tracked.context.step)
 
     def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """Attention forward hook: keep the keys and values of tracked requests that need them; recompute the
@@ -249,18 +250,12 @@ class WorkerRuntime:
             return None
         x = args[0]
         edited = None
-        for row in self.rows:
-            ctx = row.tracked.context
-            if row.tracked.error is not None:
-                continue
-            groups = ctx.groups("heads", layer, x.device)
-            if not groups:
-                continue
+        for row, groups in self._wanting("heads", layer, x.device):
             if edited is None:
                 edited = x.clone()
             heads = edited[row.start:row.end].view(1, row.end - row.start, self.num_heads, self.head_dim)
             for g in groups:
-                heads = g.hooks.edit_heads(layer, heads, g.states, ctx.step)
+                heads = g.hooks.edit_heads(layer, heads, g.states, row.tracked.context.step)
             edited[row.start:row.end] = heads.reshape(row.end - row.start, -1)
         return None if edited is None else (edited, *args[1:])
 
