@@ -11,8 +11,8 @@ active it installs the hooks that context's methods need, and only those:
   (VHR);
 * a pre-hook on the language model that counts forwards (step 0 is the prefill);
 * for analysis passes, a hook that ends the forward after the last layer they read;
-* where a row masks patches in the vision tower (VE masking), the adapter's attention-mask hooks on the
-  tower's layers, with every other row's images left unmasked.
+* where a row masks image tokens in the vision tower (VE masking), the adapter's hooks on the tower's
+  layers (attention outputs zeroed or keys hidden), with every other row's images left unmasked.
 
 The attention function runs SDPA for the rows of the batch that need no attention probabilities in this
 layer, and recomputes eagerly the rows that do, for their needed query rows only (at decode one row per
@@ -109,17 +109,19 @@ class ForwardContext:
         # hooks act in their declared order in every layer, not in the order the batch's rows bring them
         self._members = dict(sorted(members.items(), key=lambda item: item[1][0].order))
 
-    def vision_keep(self) -> torch.Tensor | None:
-        """``[images of the batch, layers, patches]``: each row's :meth:`Hooks.vision_keep`, all True for the
-        images of rows that mask nothing; None when no row masks (or the forward sees no images)."""
+    def vision_masks(self) -> dict[str, torch.Tensor]:
+        """Per mask target, ``[images of the batch, layers, tokens]``: the rows' :meth:`Hooks.vision_mask` of that
+        target, all True for the images of rows that mask nothing there; empty when no row masks (or the forward
+        sees no images)."""
         if self.image_counts is None:
-            return None
-        masks = [next((m for s in states if (m := s.hooks.vision_keep(s)) is not None), None) for states in self.rows]
-        shape = next((m.shape[1:] for m in masks if m is not None), None)
-        if shape is None:
-            return None
-        return torch.cat([m if m is not None else torch.ones((n, *shape), dtype=torch.bool)
-                          for m, n in zip(masks, self.image_counts) if n])
+            return {}
+        masks = [next((m for s in states if (m := s.hooks.vision_mask(s)) is not None), None) for states in self.rows]
+        out = {}
+        for target in sorted({m.target for m in masks if m is not None}):
+            shape = next(m.keep.shape[1:] for m in masks if m is not None and m.target == target)
+            out[target] = torch.cat([m.keep if m is not None and m.target == target else torch.ones((n, *shape), dtype=torch.bool)
+                                     for m, n in zip(masks, self.image_counts) if n])
+        return out
 
     def groups(self, wanted: str, layer: int, device: torch.device) -> list[Group]:
         """Groups whose hooks want ``wanted`` ("heads" or "hidden") in this layer at this step."""
@@ -204,9 +206,8 @@ class Runtime:
             handles += [layer.register_forward_pre_hook(self._make_hidden_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
         if context.stop_after_layer is not None:
             handles.append(layers[context.stop_after_layer].register_forward_hook(self._stop))
-        keep = context.vision_keep()
-        if keep is not None:
-            handles += self.adapter.mask_vision_attention(keep)
+        for target, keep in context.vision_masks().items():
+            handles += self.adapter.mask_vision_attention(keep, target)
         self.context = context
         try:
             yield context

@@ -172,32 +172,56 @@ class VEMaskParams(MethodParams):
     """Masking visual tokens of high epistemic uncertainty in the vision encoder (Seo et al., NeurIPS 2025,
     arXiv 2510.09008, "On Epistemic Uncertainty of Visual Tokens for Object Hallucinations in LVLMs").
 
-    The paper's hyperparameter values were not in the material this project could read (no code release was
-    found); every default below is ours and says so. Layer indices count the vision tower's layers from 0."""
+    Defaults are the official release's (``joohoonlee/Epistemic``, read through the patches and run log of
+    ``PayalThangamma/region-vlm-uncertainty``: ``patches/attack_rohe.patch`` for the CLIP attack's argparse,
+    ``patches/eval_caption_rohe.patch`` for the uncertainty map and threshold, ``logs/run_14_eval_caption_smoke.out``
+    for "k_sig: 1.1 10 Masked layers: 12~17"); each field says where a value could not be read. Layer indices count
+    the vision tower's layers from 0; on a tower of another depth the layer defaults scale. ``"preset": "fast"``
+    runs 20 PGD steps instead of 200 (docs/methods.md has its measured effect on the testbed)."""
 
-    pgd_steps: int = Field(5, ge=1, le=100, description="PGD iterations of the attack (Eq. 1). Default ours.")
-    epsilon: float = Field(
-        2 / 255, gt=0, le=1, description="L-inf bound of the perturbation, in [0, 1] pixel units. Default ours (2/255)."
+    preset: Literal["fast"] | None = Field(
+        None, description="'fast': the release's method with 20 PGD steps instead of 200; values given beside it still win."
     )
-    step_size: float = Field(0.5 / 255, gt=0, le=1, description="PGD step, in [0, 1] pixel units. Default ours (0.5/255).")
-    random_start: bool = Field(True, description="Start PGD from uniform noise in [-epsilon, epsilon] (seeded).")
+    pgd_steps: int = Field(200, ge=1, le=1000, description="PGD iterations of the attack (Eq. 1). Release: 200 for CLIP (attack.py --steps).")
+    epsilon: float = Field(
+        3 / 255, gt=0, le=1, description="L-inf bound of the perturbation, [0, 1] pixel units. Release: 3 of 255 (attack.py --epsilon)."
+    )
+    step_size: float = Field(1 / 255, gt=0, le=1, description="PGD step, [0, 1] pixel units. Release: 1 of 255 (attack.py --alpha).")
+    random_start: bool = Field(
+        True, description="Start PGD from uniform noise in [-epsilon, epsilon] (seeded). The release's loop is not readable: ours."
+    )
     seed: int = Field(0, ge=0, description="Seed of the random start, so that a request's answer repeats.")
     attack_layer: int | None = Field(
         None, json_schema_extra=VISION_LAYERS,
-        description="Tower layer whose output features the attack pushes apart (MSE); default the layer the LLM reads.",
+        description="Tower layer whose output features the attack pushes apart (MSE, Eq. 1); default the layer the LLM reads.",
     )
     deviation_layers: list[int] | None = Field(
         None, json_schema_extra=VISION_LAYERS,
-        description="Early layers i..j-1 whose per-token deviation is the uncertainty; default the first eighth.",
+        description=(
+            "Early layers i..j-1 whose deviations make the uncertainty map. Default the first 10 of 24 (the release's "
+            "log prints 10 layers; that they are the first ones follows the paper's 'early layers')."
+        ),
     )
     mask_layers: list[int] | None = Field(
         None, json_schema_extra=VISION_LAYERS,
-        description="Middle layers where uncertain tokens are masked as attention keys; default the middle third.",
+        description="Middle layers where uncertain tokens are masked. Default 12..17 of 24 (the release's log: 'Masked layers: 12~17').",
     )
-    mask_ratio: float = Field(0.1, gt=0, lt=1, description="Fraction of patch tokens masked (most uncertain first). Default ours.")
-    threshold: float | None = Field(
-        None, gt=0,
-        description="Instead of mask_ratio: mask tokens whose deviation z-score (over the image's patches) exceeds this.",
+    threshold: float = Field(
+        1.1, ge=0,
+        description="k: a token is uncertain where its uncertainty >= mean + k * std over the image's tokens (population std). Release: k_sig 1.1.",
+    )
+    mask_ratio: float | None = Field(
+        None, gt=0, lt=1, description="Instead of the threshold: mask this fraction of the tokens, most uncertain first (not the release's rule).",
+    )
+    include_cls: bool = Field(
+        True, description="[CLS] takes part in the statistics and can be masked, as in the release (its map covers all 577 tokens).",
+    )
+    mask_target: Literal["outputs", "keys"] = Field(
+        "outputs",
+        description=(
+            "'outputs': the uncertain tokens' attention outputs are zeroed, M * softmax(QK^T)V before the output "
+            "projection (the paper's Fig. 5); 'keys': no token attends to them (pre-softmax -inf columns)."
+        ),
     )
 
 

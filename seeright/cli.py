@@ -141,7 +141,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
             log=lambda msg: print(msg, file=sys.stderr),
         )
         print(shapes_results.markdown(results))
-        _record(args, "eval-shapes", f"{args.model} seed {seed} {args.images} scenes", results)
+        rows_run = f" rows {', '.join(args.only)}" if args.only else ""  # a partial table is a record of its own
+        _record(args, "eval-shapes", f"{args.model} seed {seed} {args.images} scenes{rows_run}", results)
     return 0
 
 

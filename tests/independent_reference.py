@@ -485,10 +485,10 @@ def _tower_states(tower: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.T
     return tower(pixels, output_hidden_states=True).hidden_states
 
 
-def vemask_patches(tower: torch.nn.Module, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, p: Any) -> list[list[int]]:
-    """Masked patch indices per image: PGD (sign steps, L-inf ball, [0, 1] pixel box) maximising the MSE of
-    the attack layer's output, then each patch's per-token MSE averaged over the deviation layers; the top
-    floor(ratio * N) (stable order) or the z-scores above the threshold."""
+def vemask_map(tower: torch.nn.Module, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, p: Any) -> list[np.ndarray]:
+    """The uncertainty map per image ([CLS] first): PGD (sign steps, L-inf ball, [0, 1] pixel box) maximising the
+    MSE of the attack layer's output; then the release's map (per layer, token L2 deviation over the layer's
+    maximum, averaged over the deviation layers)."""
     mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
     x = pixels * std + mean
     with torch.no_grad():
@@ -507,17 +507,32 @@ def vemask_patches(tower: torch.nn.Module, pixels: torch.Tensor, mean: torch.Ten
         attacked = _tower_states(tower, (x + delta - mean) / std)
     out = []
     for i in range(pixels.shape[0]):
-        dev = np.mean([((attacked[l + 1][i] - clean[l + 1][i]) ** 2).mean(-1).double().numpy() for l in p.deviation_layers], axis=0)[1:]
-        if p.threshold is not None:
-            z = (dev - dev.mean()) / dev.std(ddof=1)
-            out.append([int(j) for j in np.nonzero(z > p.threshold)[0]])
-        else:
-            out.append(sorted(int(j) for j in np.argsort(-dev, kind="stable")[: max(1, int(p.mask_ratio * len(dev)))]))
+        maps = []
+        for l in p.deviation_layers:
+            norm = np.linalg.norm((attacked[l + 1][i] - clean[l + 1][i]).double().numpy(), axis=-1)
+            maps.append(norm / norm.max() if norm.max() > 0 else np.zeros_like(norm))
+        out.append(np.mean(maps, axis=0))
     return out
 
 
-def _masked_tower_states(tower: torch.nn.Module, pixels: torch.Tensor, masked: list[list[int]], layers: list[int]) -> tuple:
-    """The tower's hidden states with attention written out, patches ``masked[i]`` of image i at -inf as keys in ``layers``."""
+def vemask_tokens(tower: torch.nn.Module, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, p: Any) -> list[list[int]]:
+    """Masked token indices per image ([CLS] = 0): U >= mean + k * population std, or the top floor(ratio * N),
+    over [CLS] and the patches (the patches only without ``include_cls``)."""
+    out = []
+    for u in vemask_map(tower, pixels, mean, std, p):
+        first = 0 if p.include_cls else 1
+        cand = u[first:]
+        if p.mask_ratio is not None:
+            chosen = np.argsort(-cand, kind="stable")[: max(1, int(p.mask_ratio * len(cand)))]
+        else:
+            chosen = np.nonzero(cand >= cand.mean() + p.threshold * cand.std())[0]
+        out.append(sorted(int(j) + first for j in chosen))
+    return out
+
+
+def _masked_tower_states(tower: torch.nn.Module, pixels: torch.Tensor, masked: list[list[int]], layers: list[int], target: str) -> tuple:
+    """The tower's hidden states with attention written out; in ``layers``, tokens ``masked[i]`` of image i get
+    a zero attention output (``target="outputs"``: M * softmax(QK^T)V, Fig. 5) or -inf key columns ("keys")."""
     vision = getattr(tower, "vision_model", tower)  # transformers 4 nests the transformer, 5 does not
     h = vision.pre_layrnorm(vision.embeddings(pixels))
     states = [h]
@@ -527,11 +542,16 @@ def _masked_tower_states(tower: torch.nn.Module, pixels: torch.Tensor, masked: l
         split = lambda proj: proj(x).view(n, t, attn.num_heads, -1).transpose(1, 2)  # noqa: E731
         q, k, v = split(attn.q_proj), split(attn.k_proj), split(attn.v_proj)
         scores = (q @ k.transpose(-1, -2)).float() * attn.scale
-        if l in layers:
-            for i, patches in enumerate(masked):
-                scores[i, :, :, [1 + j for j in patches]] = float("-inf")
-        out = torch.softmax(scores, dim=-1).to(v.dtype) @ v
-        h = h + attn.out_proj(out.transpose(1, 2).reshape(n, t, width))
+        if l in layers and target == "keys":
+            for i, tokens in enumerate(masked):
+                scores[i, :, :, tokens] = float("-inf")
+        out = (torch.softmax(scores, dim=-1).to(v.dtype) @ v).transpose(1, 2).reshape(n, t, width)
+        if l in layers and target == "outputs":
+            rows = torch.ones(n, t, 1, dtype=out.dtype)
+            for i, tokens in enumerate(masked):
+                rows[i, tokens] = 0
+            out = out * rows
+        h = h + attn.out_proj(out)
         h = h + layer.mlp(layer.layer_norm2(h))
         states.append(h)
     return tuple(states)
@@ -541,11 +561,11 @@ def vemask_generate(ref: ReferenceModel, prompt: Prompt, mean: torch.Tensor, std
     """Greedy decoding with the tower's hidden states replaced by the masked forward's."""
     tower = ref.model.model.vision_tower
     pixels = prompt.inputs["pixel_values"].float()
-    masked = vemask_patches(tower, pixels, mean, std, p)
+    masked = vemask_tokens(tower, pixels, mean, std, p)
 
     def replace(module, args, output):
         with torch.no_grad():
-            output.hidden_states = _masked_tower_states(tower, pixels, masked, p.mask_layers)
+            output.hidden_states = _masked_tower_states(tower, pixels, masked, p.mask_layers, p.mask_target)
         return output
 
     handle = tower.register_forward_hook(replace)

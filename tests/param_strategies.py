@@ -18,7 +18,8 @@ from pydantic.fields import FieldInfo
 
 from seeright.interventions.methods.base import Method
 
-MAX_PASS_STEPS = 4  # CARVE's collection tokens, VE masking's PGD steps
+MAX_PASS_STEPS = 4  # CARVE's collection tokens, VE masking's PGD steps: drawn always, never above this
+PASS_STEPS = ("collect_tokens", "pgd_steps")
 
 
 def _bounds(info: FieldInfo) -> dict[str, float]:
@@ -61,12 +62,13 @@ def field_strategy(
     bounds = _bounds(info)
     if kind is int:
         low, high = bounds.get("ge", bounds.get("gt", 0)), bounds.get("le", 64)
-        if name in ("collect_tokens", "pgd_steps"):
+        if name in PASS_STEPS:
             high = min(high, MAX_PASS_STEPS)
         return st.integers(int(low), int(high))
     if kind is float:
-        if default is None and info.default is None:  # an optional alternative (VE masking's threshold)
-            return st.none() | st.floats(0.5, 3.0)
+        if default is None and info.default is None:  # an optional alternative (VE masking's mask_ratio)
+            low, high = bounds.get("ge", bounds.get("gt", 0.5)), bounds.get("le", bounds.get("lt", 3.0))
+            return st.none() | st.floats(low, high, exclude_min="gt" in bounds, exclude_max="lt" in bounds, allow_nan=False)
         centre = float(default if default is not None else info.default)
         low = bounds.get("ge", bounds.get("gt", centre / 4))
         high = bounds.get("le", bounds.get("lt", centre * 2))
@@ -85,6 +87,6 @@ def method_params(
     params = {}
     for name, info in method.params_model.model_fields.items():
         strategy = field_strategy(name, info, defaults.get(name), num_layers, vision_layers)
-        if strategy is not None and draw(st.booleans()):
+        if strategy is not None and (name in PASS_STEPS or draw(st.booleans())):  # never a default's 200 PGD steps
             params[name] = draw(strategy)
     return params

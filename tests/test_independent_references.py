@@ -11,7 +11,7 @@ from conftest import QUESTIONS, make_image
 from independent_reference import (
     Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_boost,
     pai_cfg_generate, pai_generate, paint_generate, paint_tokens, ritual_generate, var_generate, vcd_generate,
-    vcd_noised, vemask_generate, vhr_generate,
+    vcd_noised, vemask_generate, vemask_map, vhr_generate,
 )
 
 from seeright.interventions.adapters import ChatTurn
@@ -27,7 +27,8 @@ CASES = [
     ("pai", {"cfg": True, "gamma": 2.0, "cfg_cutoff": 0.3, "alpha": 0.5}),
     ("paint", {}), ("paint", {"alpha": 0.4, "beta": 0.9, "local_token_ratio": 0.5, "summary_iqr": 0.3}),
     ("vemask", {}), ("vemask", {"mask_ratio": 0.5, "pgd_steps": 2, "epsilon": 0.05, "step_size": 0.02, "seed": 4}),
-    ("vemask", {"threshold": 1.0, "random_start": False}),
+    ("vemask", {"threshold": 1.0, "random_start": False, "pgd_steps": 7}),
+    ("vemask", {"mask_target": "keys", "include_cls": False, "preset": "fast"}), ("vemask", {"mask_ratio": 0.9, "pgd_steps": 3}),
     ("vcd", {}), ("vcd", {"alpha": 0.5, "beta": 0.2, "noise_step": 999, "seed": 3}),
     ("ritual", {"transform": "horizontal_flip"}), ("ritual", {"transform": "vertical_flip", "alpha": 1.0, "beta": 0.3}),
     ("var", {"rho": 0.2}), ("var", {"rho": 0.8}), ("var", {"rho": 0.8, "p": 0.9}),
@@ -98,12 +99,7 @@ def reference_run(engine: Engine, ref: ReferenceModel, name: str, params, image)
     return ref.greedy(tokenised(engine, [ChatTurn("user", QUESTION, len(images))], images), NEW_TOKENS)
 
 
-@pytest.mark.parametrize("name,given", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in g.items()) or 'defaults'}" for n, g in CASES])
-def test_generation_matches_independent_reference(pair, name, given):
-    engine, ref = pair
-    image = make_image(3)
-    if engine.unavailable(name):  # PAINT on a tower without [CLS]: refused by name (test_methods)
-        return
+def check_against_reference(engine: Engine, ref: ReferenceModel, name: str, given: dict, image) -> None:
     params = engine.resolve_params({name: given})[name]
     fast = engine.generate_batch([GenerationRequest(prompt=QUESTION, images=[image], interventions={name: given},
                                                     max_new_tokens=NEW_TOKENS, logprobs=True)])[0]
@@ -114,6 +110,28 @@ def test_generation_matches_independent_reference(pair, name, given):
     steps = min(len(plain.logprobs), len(expected.logprobs))
     moved = np.abs(np.array(expected.logprobs[:steps]) - np.array(plain.logprobs[:steps])).max()
     assert moved > 1e-3 or expected.tokens != plain.tokens  # the method acts on this input: a no-op cannot pass
+
+
+@pytest.mark.parametrize("name,given", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in g.items()) or 'defaults'}" for n, g in CASES])
+def test_generation_matches_independent_reference(pair, name, given):
+    engine, ref = pair
+    if engine.unavailable(name):  # PAINT on a tower without [CLS], VE masking on a packed tower: refused by name (test_methods)
+        return
+    check_against_reference(engine, ref, name, given, make_image(3))
+
+
+def test_vemask_threshold_is_the_releases_population_std(pair):
+    """k placed between the most uncertain token's z-scores under the population and the sample std: the release's
+    rule (population std, ``>=``) masks that token and the other reading would not, so the answers differ."""
+    engine, ref = pair
+    if engine.unavailable("vemask"):
+        return
+    image, given = make_image(3), {"pgd_steps": 3}
+    params = engine.resolve_params({"vemask": given})["vemask"]
+    prompt = tokenised(engine, [ChatTurn("user", QUESTION, 1)], [image])
+    u = vemask_map(ref.model.model.vision_tower, prompt.inputs["pixel_values"].float(), *engine.adapter.pixel_stats(), params)[0]
+    between = ((u.max() - u.mean()) / u.std() + (u.max() - u.mean()) / u.std(ddof=1)) / 2
+    check_against_reference(engine, ref, "vemask", {**given, "threshold": float(between)}, image)
 
 
 def test_attention_edit_composes_with_logit_contrast(pair):

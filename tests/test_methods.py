@@ -77,7 +77,10 @@ def test_lookback_matches_literal(engine, images, monkeypatch):
 
 
 # ---- VE masking ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("given", [{"mask_ratio": 0.3, "pgd_steps": 3}, {"threshold": 0.8, "random_start": False}])
+@pytest.mark.parametrize("given", [
+    {"pgd_steps": 3}, {"mask_ratio": 0.3, "pgd_steps": 3}, {"threshold": 0.8, "random_start": False, "pgd_steps": 4},
+    {"include_cls": False, "mask_target": "keys", "pgd_steps": 2},
+])
 def test_vemask_matches_literal(llava, images, monkeypatch, given):
     method = llava.methods["vemask"]
     attacks, selections = spy(monkeypatch, method, "attack"), spy(monkeypatch, method, "select")
@@ -86,24 +89,25 @@ def test_vemask_matches_literal(llava, images, monkeypatch, given):
     per_request = [(params, result) for (_, _, params), result in attacks]
     # one attack per request: a batched PGD would let batch-mates' kernel rounding flip its sign steps
     assert len(attacks) == len(per_request) == len(selections) == len(outs) == 2
-    for (p, (clean, attacked)), ((deviation, _), masked), out in zip(per_request, selections, outs):
+    for (p, (clean, attacked)), ((uncertainty, _), masked), out in zip(per_request, selections, outs):
         assert max(float((attacked[l] - clean[l]).abs().max()) for l in p.deviation_layers) > 0  # the attack moved them
-        expected = literal.deviation(clean, attacked, p)
-        torch.testing.assert_close(deviation.double(), expected, atol=1e-12, rtol=1e-5)
+        expected = literal.uncertainty(clean, attacked, p)
+        torch.testing.assert_close(uncertainty.double(), expected, atol=1e-12, rtol=1e-5)
         assert torch.equal(masked, literal.select(expected, p)) and masked.any()
         assert out.diagnostics["vemask"]["masked_tokens"] == [m.nonzero().flatten().tolist() for m in masked]
 
 
-def test_vision_masks_act_in_their_layer_and_image_only(llava, images):
-    """The adapter's hooks mask a patch as a key in the layers and images ``keep`` says, nothing else."""
+@pytest.mark.parametrize("target", ["outputs", "keys"])
+def test_vision_masks_act_in_their_layer_and_image_only(llava, images, target):
+    """The adapter's hooks mask a token in the layers and images ``keep`` says, nothing else."""
     adapter = llava.adapter
     pixels = torch.cat([llava.encode([ChatTurn("user", "hi", 1)], [im]).images["pixel_values"] for im in images[:2]])
     tower = adapter.model.model.vision_tower
     with torch.no_grad():
         stock = tower(pixels, output_hidden_states=True).hidden_states
-        keep = torch.ones((2, len(stock) - 1, stock[0].shape[1] - 1), dtype=torch.bool)
-        keep[1, 1, 3] = False  # image 1, layer 1, patch 3
-        handles = adapter.mask_vision_attention(keep)
+        keep = torch.ones((2, len(stock) - 1, stock[0].shape[1]), dtype=torch.bool)
+        keep[1, 1, 3] = False  # image 1, layer 1, token 3
+        handles = adapter.mask_vision_attention(keep, target)
         try:
             masked = tower(pixels, output_hidden_states=True).hidden_states
         finally:
@@ -112,7 +116,11 @@ def test_vision_masks_act_in_their_layer_and_image_only(llava, images):
     assert len(handles) == 1
     torch.testing.assert_close(masked[1], stock[1], rtol=0, atol=0)  # layer 0 untouched
     torch.testing.assert_close(masked[2][0], stock[2][0], rtol=0, atol=0)  # image 0 untouched
-    assert (masked[2][1] - stock[2][1]).abs().max() > 1e-4
+    moved = (masked[2][1] - stock[2][1]).abs().amax(-1)
+    if target == "outputs":  # only token 3's own row changes in that layer: the others still read it as a key
+        assert moved[3] > 1e-4 and float(moved[torch.arange(moved.shape[0]) != 3].max()) == 0
+    else:  # every query stops reading token 3
+        assert float(moved[torch.arange(moved.shape[0]) != 3].min()) > 0
 
 
 def test_vemask_is_refused_by_name_where_the_tower_cannot_be_masked(engine):

@@ -175,7 +175,7 @@ class ModelAdapter(ABC):
     @property
     def maskable_vision_layers(self) -> int:
         """Vision-tower layers up to the one whose features the model takes, where :meth:`mask_vision_attention`
-        can mask patches; 0 where this adapter cannot."""
+        can mask tokens; 0 where this adapter cannot."""
         return 0
 
     @property
@@ -199,10 +199,11 @@ class ModelAdapter(ABC):
         p = self.image_processor
         return torch.tensor(p.image_mean, dtype=torch.float32), torch.tensor(p.image_std, dtype=torch.float32)
 
-    def mask_vision_attention(self, keep: torch.Tensor) -> list[RemovableHandle]:
-        """Hooks that mask, in each vision-tower layer ``l``, the key columns of the patches where
-        ``keep[image, l]`` is False, for every image of the next tower forward (``keep``: ``[images, layers,
-        patches]``). The caller removes them."""
+    def mask_vision_attention(self, keep: torch.Tensor, target: str) -> list[RemovableHandle]:
+        """Hooks that mask, in each vision-tower layer ``l``, the tokens where ``keep[image, l]`` is False, for
+        every image of the next tower forward (``keep``: ``[images, layers, tokens]``, [CLS] first where the
+        tower has one): ``target="outputs"`` zeroes their attention outputs before the output projection,
+        ``"keys"`` adds ``finfo.min`` to their key columns. The caller removes them."""
         raise ValueError(f"the {self.family} adapter cannot mask its vision tower's attention")
 
     def prefill_positions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,27 +95,33 @@ class LlavaAdapter(ModelAdapter):
                 handle.remove()
         return out
 
-    def mask_vision_attention(self, keep: torch.Tensor) -> list[RemovableHandle]:
-        """A pre-hook per layer with masked patches adds ``finfo.min`` to their key columns (the [CLS] column and
-        every query row untouched) through the attention mask CLIP passes to its attention function."""
+    def mask_vision_attention(self, keep: torch.Tensor, target: str) -> list[RemovableHandle]:
+        """Per layer that masks a token: ``"outputs"``, a pre-hook on ``out_proj`` that zeroes the masked tokens'
+        rows of ``softmax(QK^T)V``; ``"keys"``, a pre-hook on the attention that adds ``finfo.min`` to their key
+        columns through the attention mask CLIP passes to its attention function."""
         handles = []
         for layer, block in enumerate(self.vision_encoder.layers[: keep.shape[1]]):
-            columns = keep[:, layer]
-            if bool(columns.all()):
+            tokens = keep[:, layer]  # [images, tokens]
+            if bool(tokens.all()):
                 continue
-            columns = torch.cat([columns.new_ones((columns.shape[0], 1)), columns], dim=1)  # the [CLS] column first
+            if target == "outputs":
+                def zero_rows(module: torch.nn.Module, args: tuple, tokens: torch.Tensor = tokens) -> tuple:
+                    rows = args[0]  # [images, tokens, width]
+                    return (rows * tokens.to(rows.device, rows.dtype)[:, :, None], *args[1:])
 
-            def hook(module: torch.nn.Module, args: tuple, kwargs: dict, columns: torch.Tensor = columns) -> tuple:
+                handles.append(block.self_attn.out_proj.register_forward_pre_hook(zero_rows))
+                continue
+
+            def hide_keys(module: torch.nn.Module, args: tuple, kwargs: dict, columns: torch.Tensor = tokens) -> tuple:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                tokens = hidden.shape[1]
                 bias = torch.zeros(columns.shape, dtype=hidden.dtype, device=hidden.device)
                 bias = bias.masked_fill(~columns.to(hidden.device), torch.finfo(hidden.dtype).min)
-                bias = bias[:, None, None, :].expand(-1, 1, tokens, -1)
+                bias = bias[:, None, None, :].expand(-1, 1, hidden.shape[1], -1)
                 given = kwargs.get("attention_mask")
                 kwargs["attention_mask"] = bias if given is None else given + bias
                 return args, kwargs
 
-            handles.append(block.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+            handles.append(block.self_attn.register_forward_pre_hook(hide_keys, with_kwargs=True))
         return handles
 
     def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

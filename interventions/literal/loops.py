@@ -57,28 +57,31 @@ def paint_boost(scores: torch.Tensor, local: list[int], summary: list[int], alph
 
 
 # ---- VE masking ----------------------------------------------------------------------------------------
-def vemask_deviation(clean: list[torch.Tensor], attacked: list[torch.Tensor]) -> list[float]:
-    """Per patch of one image: the mean over layers of sum_d (f'_d - f_d)^2 / D, from per-layer [tokens, D]
-    features whose first token is [CLS] (skipped)."""
+def vemask_uncertainty(clean: list[torch.Tensor], attacked: list[torch.Tensor]) -> list[float]:
+    """Per token of one image ([CLS] first): the mean over layers of sqrt(sum_d (f'_d - f_d)^2), each divided by
+    that layer's largest over the tokens (0 when no token moved), from per-layer [tokens, D] features."""
     tokens, dims = clean[0].shape
-    out = []
-    for t in range(1, tokens):
-        total = 0.0
-        for f, g in zip(clean, attacked):
-            total += sum((float(g[t, d]) - float(f[t, d])) ** 2 for d in range(dims)) / dims
-        out.append(total / len(clean))
-    return out
+    total = [0.0] * tokens
+    for f, g in zip(clean, attacked):
+        norms = [math.sqrt(sum((float(g[t, d]) - float(f[t, d])) ** 2 for d in range(dims))) for t in range(tokens)]
+        top = max(norms)
+        for t in range(tokens):
+            total[t] += norms[t] / top if top > 0 else 0.0
+    return [v / len(clean) for v in total]
 
 
-def vemask_select(deviation: list[float], ratio: float, threshold: float | None) -> list[int]:
-    """Masked patches: z-score (sample std) above ``threshold``, else the top floor(ratio * N) (at least one),
-    ties to the lower index."""
-    n = len(deviation)
-    if threshold is not None:
-        mean = sum(deviation) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in deviation) / (n - 1))
-        return [j for j in range(n) if (deviation[j] - mean) / max(std, 1e-12) > threshold]
-    return sorted(sorted(range(n), key=lambda j: (-deviation[j], j))[: max(1, int(ratio * n))])
+def vemask_select(uncertainty: list[float], k: float, ratio: float | None, include_cls: bool) -> list[int]:
+    """Masked token indices ([CLS] = 0): among the candidates ([CLS] only if ``include_cls``), those with
+    U >= mean + k * std (population std), or the top floor(ratio * N) (at least one, ties to the lower index)."""
+    first = 0 if include_cls else 1
+    candidates = list(range(first, len(uncertainty)))
+    values = [uncertainty[t] for t in candidates]
+    if ratio is not None:
+        order = sorted(range(len(values)), key=lambda j: (-values[j], j))[: max(1, int(ratio * len(values)))]
+        return sorted(candidates[j] for j in order)
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return [t for t, v in zip(candidates, values) if v >= mean + k * std]
 
 
 # ---- Lookback Lens -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Test-only: VE masking's uncertainty and token choice as the loops of ``seeright.interventions.literal.loops``.
+"""Test-only: VE masking's uncertainty map and token choice as the loops of ``seeright.interventions.literal.loops``.
 
 Never on a serving path; the tests and ``seeright bench``'s literal timings use it."""
 
@@ -13,16 +13,16 @@ from seeright.interventions.spec import VEMaskParams
 
 class LiteralVEMask(VEMask):
     @staticmethod
-    def deviation(clean: dict[int, torch.Tensor], attacked: dict[int, torch.Tensor], p: VEMaskParams) -> torch.Tensor:
+    def uncertainty(clean: dict[int, torch.Tensor], attacked: dict[int, torch.Tensor], p: VEMaskParams) -> torch.Tensor:
         layers = p.deviation_layers
         return torch.tensor([
-            ref.vemask_deviation([clean[l][i] for l in layers], [attacked[l][i] for l in layers])
+            ref.vemask_uncertainty([clean[l][i] for l in layers], [attacked[l][i] for l in layers])
             for i in range(clean[layers[0]].shape[0])
         ], dtype=torch.float64)
 
     @staticmethod
-    def select(deviation: torch.Tensor, p: VEMaskParams) -> torch.Tensor:
-        masked = torch.zeros(deviation.shape, dtype=torch.bool)
-        for i, row in enumerate(deviation.tolist()):
-            masked[i, ref.vemask_select(row, p.mask_ratio, p.threshold)] = True
+    def select(uncertainty: torch.Tensor, p: VEMaskParams) -> torch.Tensor:
+        masked = torch.zeros(uncertainty.shape, dtype=torch.bool)
+        for i, row in enumerate(uncertainty.tolist()):
+            masked[i, ref.vemask_select(row, p.threshold, p.mask_ratio, p.include_cls)] = True
         return masked

@@ -12,8 +12,8 @@ the hooks it declared, nothing else:
 * ``edit_scores(layer, scores, states, step, q0)`` (:attr:`HookPoint.SCORES`): pre-softmax attention logits.
 * ``edit_probs(layer, probs, states, step, q0)`` (:attr:`HookPoint.PROBS`): post-softmax attention rows.
 * ``edit_heads(layer, heads, states, step)``   (:attr:`HookPoint.HEADS`): per-head outputs before ``o_proj``.
-* ``vision_keep(state)`` (:attr:`HookPoint.VISION`): which of the request's image patches each layer of the
-  vision tower may attend to (VE masking); the other rows' images are untouched.
+* ``vision_mask(state)`` (:attr:`HookPoint.VISION`): which of the request's image tokens each layer of the
+  vision tower masks, and how (:class:`VisionMask`, VE masking); the other rows' images are untouched.
 * ``contrast_prompt(state, passes)`` and ``contrast(scores, branch, state)`` (:attr:`HookPoint.LOGITS`): the
   request gets a contrast branch, a second row with its own prompt (a noised or transformed image, or none)
   and its own KV cache, fed the request's tokens without interventions; each step the request's next-token
@@ -43,6 +43,16 @@ from pydantic import BaseModel
 
 from seeright.interventions.adapters.base import ChatTurn, EncodedPrompt, ModelInfo
 from seeright.interventions.layout import TokenLayout
+
+
+@dataclass(frozen=True)
+class VisionMask:
+    """One request's mask in the vision tower: ``keep`` ``[n_images, vision layers, tokens]`` bool over the
+    tower's tokens ([CLS] first where it has one), False where layer ``l`` masks token ``t``; ``target`` says
+    how: ``"outputs"`` zeroes the token's attention output, ``"keys"`` hides it as a key from every query."""
+
+    target: str
+    keep: torch.Tensor
 
 
 @dataclass
@@ -80,7 +90,7 @@ class HookPoint(enum.Enum):
     PROBS = "probs"  # edit_probs(): post-softmax attention rows
     HEADS = "heads"  # edit_heads(): per-head outputs before o_proj
     LOGITS = "logits"  # contrast(): next-token scores against a contrast branch of the request's own
-    VISION = "vision"  # vision_keep(): patches masked as keys in the vision tower's self-attention
+    VISION = "vision"  # vision_mask(): image tokens masked in the vision tower's self-attention
 
 
 EDITING_POINTS = frozenset({HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS, HookPoint.VISION})
@@ -154,9 +164,8 @@ class Hooks:
     def observe_hidden(self, layer: int, hidden: torch.Tensor, states: list[RowState], step: int) -> None:
         """See the residual stream ``[n, q, D]`` entering decoder layer ``layer``."""
 
-    def vision_keep(self, state: RowState) -> torch.Tensor | None:
-        """``[n_images, vision layers, patches]`` bool: the patches each vision-tower layer may attend to for
-        this row's images (False: masked as a key), or None to leave the tower alone."""
+    def vision_mask(self, state: RowState) -> VisionMask | None:
+        """How this row's images are masked in the vision tower, or None to leave the tower alone."""
         return None
 
     def wants(self, what: str, state: RowState, layer: int, step: int) -> bool:

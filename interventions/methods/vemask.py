@@ -1,28 +1,29 @@
 """VE masking: visual tokens of high epistemic uncertainty masked in the vision encoder (Seo et al., NeurIPS
-2025, arXiv 2510.09008, §4 and Fig. 1).
+2025, arXiv 2510.09008, §4, Fig. 1 and Fig. 5), as the official release runs it.
 
-Uncertainty (the paper's proxy, Eq. 1): a PGD attack on additive image noise ``delta`` maximises the MSE
-between the vision encoder's features of the clean and the attacked image,
+Uncertainty proxy (Eq. 1): a PGD attack on additive image noise ``delta`` maximises the MSE between the vision
+encoder's features of the clean and the attacked image,
 
     delta <- clip_eps(delta + step_size * sign(grad_delta MSE(f(x + delta), f(x)))),   pgd_steps times,
 
 in [0, 1] pixel space (``x + delta`` kept in [0, 1], then normalised as the processor does), from a seeded
-uniform start in ``[-epsilon, epsilon]``. ``f`` is the output of ``attack_layer`` (default the layer the LLM
-reads). A patch's uncertainty is its deviation in the early layers i..j-1 (``deviation_layers``): the mean
-over those layers of the per-token MSE ``mean_d (f_l(x + delta) - f_l(x))^2``.
+uniform start in ``[-epsilon, epsilon]``; ``f`` is the output of ``attack_layer`` (default the layer the LLM
+reads). The release attacks offline and saves the attacked image as a PNG, so its deltas are whole pixel levels;
+here the attack runs on the processed pixels at admission and keeps them in float.
 
-Masking: the most uncertain ``mask_ratio`` of the patches (or those whose deviation z-score exceeds
-``threshold``) are masked as attention keys (pre-softmax ``finfo.min``) in the middle layers
-(``mask_layers``) of the tower's self-attention, for every query; the [CLS] token is never masked. The
-language model is untouched.
+Uncertainty map (the release's caption evaluation): for each deviation layer ``l`` (the early layers i..j-1),
+each token's L2 deviation ``||f_l(x + delta)_t - f_l(x)_t||`` divided by that layer's largest, then averaged
+over the layers: ``U_t = mean_l n_l(t)``. A token is uncertain where ``U_t >= mean(U) + k * std(U)`` (population
+std, ``threshold`` = k); [CLS] is a token like the others (``include_cls``).
 
-The paper's hyperparameter values were not in the material available to this project (no code release was
-found): every default is ours and the parameter docs say so. LLaVA only: Qwen2-VL's tower packs all images
-into one variable-length attention, which the adapter does not mask (a request is refused with a 400).
+Masking (Fig. 5): in the middle layers (``mask_layers``) each uncertain token's attention output is zeroed,
+``M * softmax(QK^T) V`` before the output projection, so its residual stream skips those attention updates;
+``mask_target="keys"`` instead hides it as a key from every query. The language model is untouched. LLaVA only:
+Qwen2-VL's tower packs all images into one variable-length attention, which the adapter does not mask (400).
 
 Cost: at admission, one clean tower pass, ``pgd_steps`` forward + backward passes up to ``attack_layer``
-(under ``torch.enable_grad``, this request's images only) and one attacked pass; the generation's own
-prefill and decode cost what a plain request's do.
+(under ``torch.enable_grad``, this request's images only) and one attacked pass; the generation's own prefill
+and decode cost what a plain request's do. ``"preset": "fast"`` cuts the attack to 20 steps.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ from __future__ import annotations
 import torch
 
 from seeright.interventions.adapters.base import ModelInfo
-from seeright.interventions.methods.base import HookPoint, Method, Passes, RowState, check_layers
+from seeright.interventions.methods.base import HookPoint, Method, Passes, RowState, VisionMask, check_layers
 from seeright.interventions.spec import VEMaskParams
+
+RELEASE_DEPTH = 24  # CLIP ViT-L/14-336, LLaVA-1.5's tower: the depth the release's layer numbers are for
+RELEASE_DEVIATION_LAYERS = 10  # "k_sig: 1.1 10" in the release's log
+RELEASE_MASK_LAYERS = range(12, 18)  # "Masked layers: 12~17"
 
 
 class VEMask(Method):
@@ -41,17 +46,20 @@ class VEMask(Method):
     tower_passes = True
     order = 3
     literal = "seeright.interventions.literal.vemask:LiteralVEMask"
-    sweep = ({"mask_ratio": 0.25},)
+    sweep = ({"preset": "fast"}, {"mask_target": "keys"})
+    presets = {"fast": {"pgd_steps": 20}}
 
     def defaults(self, info: ModelInfo) -> dict:
-        depth = info.vision_layers
+        depth = info.vision_layers  # maskable layers: up to the one the LLM reads (23 of LLaVA-1.5's 24)
         if not depth:
             return {}
-        return {
-            "attack_layer": depth - 1,
-            "deviation_layers": list(range(max(1, round(depth / 8)))),
-            "mask_layers": list(range(depth // 3, max(depth // 3 + 1, 2 * depth // 3))),
-        }
+        if depth > RELEASE_MASK_LAYERS[-1]:
+            deviation, masked = range(RELEASE_DEVIATION_LAYERS), RELEASE_MASK_LAYERS
+        else:  # a smaller tower: the same fractions of its depth
+            first = depth * RELEASE_MASK_LAYERS[0] // RELEASE_DEPTH
+            deviation = range(max(1, round(depth * RELEASE_DEVIATION_LAYERS / RELEASE_DEPTH)))
+            masked = range(first, max(first + 1, depth * (RELEASE_MASK_LAYERS[-1] + 1) // RELEASE_DEPTH))
+        return {"attack_layer": depth - 1, "deviation_layers": list(deviation), "mask_layers": list(masked)}
 
     def check(self, params: VEMaskParams, info: ModelInfo) -> VEMaskParams:
         if not info.vision_layers:
@@ -70,17 +78,18 @@ class VEMask(Method):
         # the last-bit differences of a batched kernel into different pixels, so a request's mask would depend on
         # its batch-mates (the batch-mate property test found it: CARVE + VE masking rows at epsilon 1).
         for state in states:
-            clean, attacked = self.attack(passes, state.request.prompt.images["pixel_values"], state.params)
-            deviation = self.deviation(clean, attacked, state.params)
-            masked = self.select(deviation, state.params)  # [n_images, patches]
+            p = state.params
+            clean, attacked = self.attack(passes, state.request.prompt.images["pixel_values"], p)
+            uncertainty = self.uncertainty(clean, attacked, p)
+            masked = self.select(uncertainty, p)  # [n_images, tokens], [CLS] first
             keep = torch.ones((masked.shape[0], passes.info.vision_layers, masked.shape[1]), dtype=torch.bool)
-            keep[:, state.params.mask_layers] = ~masked[:, None, :]
-            state.data["keep"] = keep
+            keep[:, p.mask_layers] = ~masked[:, None, :]
+            state.data["mask"] = VisionMask(p.mask_target, keep)
             state.diagnostics["masked_tokens"] = [m.nonzero().flatten() for m in masked]
-            state.diagnostics["deviation_max"] = deviation.amax(-1)
+            state.diagnostics["uncertainty_max"] = uncertainty.amax(-1)
 
-    def vision_keep(self, state: RowState) -> torch.Tensor | None:
-        return state.data.get("keep")
+    def vision_mask(self, state: RowState) -> VisionMask | None:
+        return state.data.get("mask")
 
     @staticmethod
     def attack(
@@ -113,17 +122,27 @@ class VEMask(Method):
                 {l: attacked[l].detach().float().cpu() for l in p.deviation_layers})
 
     @staticmethod
-    def deviation(clean: dict[int, torch.Tensor], attacked: dict[int, torch.Tensor], p: VEMaskParams) -> torch.Tensor:
-        """Each patch's uncertainty ``[n_images, patches]``: per-token MSE, averaged over the deviation layers."""
-        per_layer = [((attacked[l] - clean[l]) ** 2).mean(-1) for l in p.deviation_layers]  # [n, tokens]
-        return torch.stack(per_layer).mean(0)[:, 1:]  # the patches ([CLS] first in the tower)
+    def uncertainty(clean: dict[int, torch.Tensor], attacked: dict[int, torch.Tensor], p: VEMaskParams) -> torch.Tensor:
+        """``U [n_images, tokens]`` ([CLS] first): per layer, each token's L2 deviation over the layer's largest
+        (0 where nothing moved), averaged over the deviation layers."""
+        per_layer = []
+        for l in p.deviation_layers:
+            norm = (attacked[l] - clean[l]).norm(dim=-1)  # [n, tokens]
+            top = norm.amax(-1, keepdim=True)
+            per_layer.append(torch.where(top > 0, norm / top.clamp_min(torch.finfo(norm.dtype).tiny), 0.0))
+        return torch.stack(per_layer).mean(0)
 
     @staticmethod
-    def select(deviation: torch.Tensor, p: VEMaskParams) -> torch.Tensor:
-        """Patches to mask, ``[n_images, patches]`` bool: top ``mask_ratio`` (ties to the lower index) or z-score > ``threshold``."""
-        if p.threshold is not None:
-            z = (deviation - deviation.mean(-1, keepdim=True)) / deviation.std(-1, keepdim=True).clamp_min(1e-12)
-            return z > p.threshold
-        k = max(1, int(p.mask_ratio * deviation.shape[-1]))
-        top = torch.argsort(-deviation, dim=-1, stable=True)[:, :k]
-        return torch.zeros_like(deviation, dtype=torch.bool).scatter_(-1, top, True)
+    def select(uncertainty: torch.Tensor, p: VEMaskParams) -> torch.Tensor:
+        """Tokens to mask, ``[n_images, tokens]`` bool ([CLS] first, never chosen unless ``include_cls``):
+        ``U >= mean + k * std`` over the candidates, or their top ``mask_ratio`` (ties to the lower index)."""
+        first = 0 if p.include_cls else 1
+        scores = uncertainty[:, first:]
+        if p.mask_ratio is not None:
+            k = max(1, int(p.mask_ratio * scores.shape[-1]))
+            top = torch.argsort(-scores, dim=-1, stable=True)[:, :k]
+            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        else:
+            bar = scores.mean(-1, keepdim=True) + p.threshold * scores.std(-1, correction=0, keepdim=True)
+            chosen = scores >= bar
+        return torch.cat([chosen.new_zeros((chosen.shape[0], first)), chosen], dim=-1)
