@@ -134,6 +134,10 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"only: unknown rows {unknown}; have {[label for label, _ in rows]}")
         rows = tuple(c for c in rows if c[0] in args.only)
+    if args.row:  # settings of one's own (a sweep on a development seed): run beside --only's rows, or alone
+        extra = tuple(shapes_results.parse_row(label) for label in args.row)
+        engine.resolve_params({name: given for _, row in extra for name, given in row.items()})  # a typo fails here
+        rows = (*(rows if args.only else (("baseline", {}),)), *extra)
     for seed in args.seed:  # several seeds: one folder each
         out = Path(args.out) / f"seed{seed}" if len(args.seed) > 1 else Path(args.out)
         results = shapes_results.run(
@@ -141,7 +145,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
             log=lambda msg: print(msg, file=sys.stderr),
         )
         print(shapes_results.markdown(results))
-        rows_run = f" rows {', '.join(args.only)}" if args.only else ""  # a partial table is a record of its own
+        chosen = [*(args.only or []), *(args.row or [])]
+        rows_run = f" rows {', '.join(chosen)}" if chosen else ""  # a partial table is a record of its own
         _record(args, "eval-shapes", f"{args.model} seed {seed} {args.images} scenes{rows_run}", results)
     return 0
 
@@ -353,6 +358,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     help="benchmark seeds (a fresh seed = fresh scenes); several: DIR/seedS each")
     es.add_argument("--images", type=int, default=500, help="scenes in the benchmark")
     es.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows (labels as in the table, e.g. baseline)")
+    es.add_argument("--row", action="append", metavar="'METHOD KEY=VALUE ...'",
+                    help="also run this setting (repeatable; e.g. 'gift alpha=2'); without --only, beside the baseline only")
     es.add_argument("--batch-size", type=int, default=32)
     es.add_argument("--device", default="cpu")
     es.add_argument("--dtype", default="float32")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from seeright.eval import pope, report, runner
 from seeright.testbed import world as shapes
@@ -28,6 +29,19 @@ def configs(methods: Any, sweeps: Mapping[str, Any] | None = None) -> tuple[tupl
     :class:`~seeright.interventions.registry.MethodRegistry`) at the model's defaults and at its sweep settings (the
     model config's ``sweeps`` where it has them)."""
     return (("baseline", {}), *methods.sweep(sweeps))
+
+
+def parse_row(label: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """``"gift alpha=2 content_words=all"`` -> ``(label, {"gift": {"alpha": 2, "content_words": "all"}})``: values
+    read as YAML scalars or lists (``layers=[10,11]``); the label is kept as given."""
+    name, *pairs = label.split()
+    given = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"row: {pair!r} in {label!r} is not KEY=VALUE")
+        given[key] = yaml.safe_load(value)
+    return label, {name: given}
 
 
 def specs(bench: Path, batch_size: int) -> dict[str, runner.BenchmarkSpec]:
