@@ -260,6 +260,25 @@ class LookbackParams(MethodParams):
     )
 
 
+class LookbackDecodingParams(MethodParams):
+    """Lookback Lens Guided Decoding (Chuang et al., EMNLP 2024, §4; release ``step04_run_decoding.py`` and its
+    patched ``generation/utils.py``): each chunk of the answer is sampled ``candidates`` times and the candidate
+    the Lookback detector scores least hallucinated is kept."""
+
+    chunk_tokens: int = Field(8, ge=1, le=64, description="Tokens per chunk. Release: --chunk_size 8 in the README's commands.")
+    candidates: int = Field(8, ge=2, le=16, description="Candidates sampled per chunk. Release: --num_candidates 8.")
+    temperature: float = Field(0.9, gt=0, le=2, description="Candidates' sampling temperature. Release: step04's --temperature 0.9.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Candidates' nucleus. Release: step04's --top_p 0.95 (its top_k 0 is off).")
+    seed: int = Field(0, ge=0, description="Seed of the candidates' sampling: candidate i draws from seed * 65536 + i.")
+    detector_weights: list[float] | None = Field(
+        None, description="The Lookback Lens over the mean of a candidate's L x H ratio rows; default the model's shipped detector.",
+    )
+    detector_bias: float = Field(0.0, description="The detector's intercept b.")
+    detector_convention: Literal["hallucinated", "factual"] | None = Field(
+        None, description="The detector's positive class, as for lookback.detector_convention (required with detector_weights).",
+    )
+
+
 class AttentionMapParams(MethodParams):
     """Where the model looked: each generated token's attention over each image's patch grid (read-only)."""
 

@@ -66,9 +66,11 @@ class Admission:
                     state.data["contrast_prompt"] = state.hooks.contrast_prompt(state, self.passes)
         return inputs, states
 
-    def contrasts(self, request: GenerationRequest) -> bool:
-        """Whether ``request`` runs a contrast branch (checked parameters; ``validate`` first)."""
-        return any(self.methods[n].contrasts(p) for n, p in self.resolve_params(request.interventions).items())
+    def takes_rows(self, request: GenerationRequest) -> bool:
+        """Whether ``request`` decodes with rows besides its own: a contrast branch or candidates (checked
+        parameters; ``validate`` first)."""
+        return any(self.methods[n].contrasts(p) or self.methods[n].candidates(p) > 1
+                   for n, p in self.resolve_params(request.interventions).items())
 
     def validate(self, request: GenerationRequest) -> None:
         """Check a request's images, interventions and decoding settings without running the model."""
@@ -141,6 +143,10 @@ class Admission:
         if len(contrasting) > 1:
             raise RequestError("interventions", f"{' and '.join(contrasting)} each contrast the output logits with a "
                                "branch of their own and do not compose; choose one")
+        guiding = [n for n, params in resolved.items() if self.methods[n].candidates(params) > 1]
+        if guiding and contrasting:
+            raise RequestError("interventions", f"{guiding[0]} samples candidate rows and {contrasting[0]} contrasts the "
+                               "logits with a branch row; they do not compose; choose one")
         editing = frozenset(n for n in resolved if self.methods[n].edits_generation)
         states = []
         for name, params in resolved.items():

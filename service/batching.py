@@ -18,7 +18,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from copy import deepcopy
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -27,10 +28,10 @@ from transformers import DynamicCache
 
 from seeright.interventions.adapters import EncodedPrompt, ModelAdapter
 from seeright.interventions.adapters.base import StopForward
-from seeright.interventions.methods.base import RequestInputs, RowState
+from seeright.interventions.methods.base import HookPoint, RequestInputs, RowState
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.service.admission import image_counts, place_rows
-from seeright.service.decoding import RowDecoding, apply_penalties, top_p_filter
+from seeright.service.decoding import RowDecoding, apply_penalties, sample
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, streamed_token,
 )
@@ -77,22 +78,28 @@ class Row:
     prepared: float = 0.0
     branch: Row | None = None  # the request's contrast branch (HookPoint.LOGITS), a row of its own
     contrast: RowState | None = None  # the state whose method combines the two rows' logits
-    parent: Row | None = None  # set on a branch row: the request it belongs to
+    parent: Row | None = None  # set on a branch or candidate row: the request it belongs to
+    candidates: list[Row] = field(default_factory=list)  # the request's other candidate rows (HookPoint.CANDIDATES)
+    guide: int | None = None  # index in ``states`` of the method that keeps one candidate per chunk
+    chunk: list[StreamedToken] = field(default_factory=list)  # a candidate's tokens of the current chunk
+    chunk_rows: int = 0  # decode forwards that made them (their ratio rows)
+    open: bool = True  # a candidate still sampling its chunk (not at EOS, chunk end or budget)
 
     @property
     def slots(self) -> int:
-        """Cache slots this request can grow to: its prompt and its whole token budget (its branch's too)."""
+        """Cache slots this request can grow to: its prompt and its whole token budget (its branch's and
+        candidates' too)."""
         own = len(self.prompt.input_ids) + self.decoding.max_new_tokens
-        return own + (self.branch.slots if self.branch is not None else 0)
+        return own * (1 + len(self.candidates)) + (self.branch.slots if self.branch is not None else 0)
 
     @property
     def width(self) -> int:
-        """Batch rows this request takes (two with a contrast branch)."""
-        return 1 + (self.branch is not None)
+        """Batch rows this request takes (two with a contrast branch, one per candidate)."""
+        return len(self.members())
 
     def members(self) -> list[Row]:
-        """The request's rows in the batch: itself and its branch."""
-        return [self] if self.branch is None else [self, self.branch]
+        """The request's rows in the batch: itself, its candidates and its branch."""
+        return [self, *self.candidates, *([] if self.branch is None else [self.branch])]
 
     @property
     def cached(self) -> int:
@@ -178,7 +185,24 @@ class RunningBatch:
             row.contrast = next((s for s in row.states if "contrast_prompt" in s.data), None)
             if row.contrast is not None:
                 row.branch = Row(row.request, row.contrast.data["contrast_prompt"], [], row.decoding, parent=row)
+            row.guide = next((i for i, s in enumerate(row.states) if HookPoint.CANDIDATES in s.hooks.hook_points), None)
+            if row.guide is not None:
+                self._candidates(row)
         return rows
+
+    def _candidates(self, row: Row) -> None:
+        """The request's candidate rows: the same prompt, copies of its states, the guiding method's sampling, and
+        a sampler each (candidate i draws from ``seed * 65536 + i``; the request's own row is candidate 0)."""
+        guide = row.states[row.guide]
+        p = guide.params
+        row.decoding = replace(row.decoding, temperature=p.temperature, top_p=p.top_p)
+        row.candidates = [
+            Row(row.request, row.prompt, [replace(s, data=dict(s.data), diagnostics=dict(s.diagnostics)) for s in row.states],
+                row.decoding, parent=row, guide=row.guide)
+            for _ in range(1, guide.hooks.candidates(p))
+        ]
+        for i, member in enumerate([row, *row.candidates]):
+            member.generator = torch.Generator(device=self.engine.device).manual_seed(p.seed * 65536 + i)
 
     def join(self, rows: list[Row]) -> None:
         """Prefill prepared rows (and their contrast branches) together, one forward of these rows alone,
@@ -205,7 +229,7 @@ class RunningBatch:
         self._take(rows, out.logits[:, -1])
 
     def _chunkable(self, row: Row) -> bool:
-        return not row.states and row.branch is None and len(row.prompt.input_ids) > self.prefill_chunk
+        return not row.states and len(row.members()) == 1 and len(row.prompt.input_ids) > self.prefill_chunk
 
     def _chunked(self, row: Row) -> ChunkedPrefill:
         """The row's merged input embeddings, read where the model hands them to its language model."""
@@ -307,21 +331,24 @@ class RunningBatch:
                 out = engine.model(input_ids=ids, attention_mask=self.mask, position_ids=position_ids, cache=self.cache,
                                    use_cache=True)
         self.positions = self.positions + 1
-        return self._take(self.rows, out.logits[:, -1])
+        return self._take(self.rows, out.logits[:, -1], decoded=True)
 
-    def _take(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
+    def _take(self, rows: list[Row], logits: torch.Tensor, decoded: bool = False) -> list[Row]:
         """Choose each request's next token (against its contrast branch's logits, if it has one), stream
-        it, feed it to its branch too, and drop the rows that are done. Returns the finished requests."""
+        it, feed it to its branch too, and drop the rows that are done; a request with candidates samples each
+        and, at a chunk's end, keeps one. Returns the finished requests."""
         at = {id(row): i for i, row in enumerate(rows)}
         for row, scores in zip(rows, logits):
             if row.parent is not None:
                 continue
             if row.cancelled():
                 row.reason = "cancelled"
+            elif row.candidates:
+                self._sample_candidates(row, logits, at, decoded)
             else:
                 self._advance(row, scores, None if row.branch is None else logits[at[id(row.branch)]])
-            if row.branch is not None:
-                row.branch.reason = row.reason
+            for member in row.members()[1:]:
+                member.reason = row.reason
         finished = [row for row in self.rows if row.reason is not None]
         if finished:
             self._drop(finished)
@@ -342,6 +369,63 @@ class RunningBatch:
             row.branch.tokens.append(token)
         row.reason = self._stop_reason(row, token)
 
+    def _sample_candidates(self, row: Row, logits: torch.Tensor, at: dict[int, int], decoded: bool) -> None:
+        """One token for each of the request's open candidates (a closed one repeats its last token, drawing
+        nothing); once none is open, the guiding method keeps one chunk, which is streamed."""
+        members = [row, *row.candidates]
+        chunk_tokens = row.states[row.guide].params.chunk_tokens
+        for member in members:
+            if not member.open:
+                member.tokens.append(member.tokens[-1])  # keeps its cache in step with the others'; never kept
+                continue
+            scores = logits[at[id(member)]]
+            token = self._choose(member, scores)
+            member.tokens.append(token)
+            member.chunk.append(streamed_token(token, scores, row.request))
+            member.chunk_rows += decoded
+            member.open = not (token in self.eos or len(member.chunk) == chunk_tokens
+                               or len(member.tokens) >= member.decoding.max_new_tokens)
+        if any(member.open for member in members):
+            return
+        guide = row.states[row.guide].hooks
+        kept = members[guide.choose([m.states[row.guide] for m in members], [[t.id for t in m.chunk] for m in members],
+                                    [m.chunk_rows for m in members])]
+        chunk, steps = kept.chunk, max(len(m.chunk) for m in members)  # a candidate closed at EOS repeats it after
+        self._adopt(members, kept)
+        row.tokens = row.tokens[: len(row.tokens) - steps]
+        for streamed in chunk:
+            row.tokens.append(streamed.id)
+            if row.request.logprobs:
+                row.streamed.append(streamed)
+            if row.on_token is not None:
+                row.on_token(streamed)
+            row.reason = self._stop_reason(row, streamed.id)
+            if row.reason is not None:
+                return
+        if len(chunk) < chunk_tokens:  # the release stops on a short chunk
+            row.reason = "stop"
+            return
+        for member in members:
+            member.chunk, member.chunk_rows, member.open = [], 0, True
+            guide.start_chunk(member.states[row.guide])
+
+    def _adopt(self, members: list[Row], kept: Row) -> None:
+        """Every candidate row takes ``kept``'s cache row, mask, position, tokens and method states."""
+        index = {id(r): i for i, r in enumerate(self.rows)}
+        source = index[id(kept)]
+        others = [m for m in members if m is not kept]
+        target = torch.tensor([index[id(m)] for m in others], device=self.mask.device)
+        with torch.inference_mode():
+            for layer in self.cache.layers:
+                layer.keys.index_copy_(0, target, layer.keys[source].expand(len(others), *layer.keys.shape[1:]).clone())
+                layer.values.index_copy_(0, target, layer.values[source].expand(len(others), *layer.values.shape[1:]).clone())
+            self.mask[target] = self.mask[source].clone()
+            self.positions[target] = self.positions[source].clone()
+        for member in others:
+            member.tokens = list(kept.tokens)
+            for mine, theirs in zip(member.states, kept.states):
+                mine.data, mine.diagnostics = deepcopy(theirs.data), deepcopy(theirs.diagnostics)
+
     def _choose(self, row: Row, scores: torch.Tensor) -> int:
         decoding = row.decoding
         if decoding.penalized:
@@ -350,8 +434,7 @@ class RunningBatch:
             scores = apply_penalties(scores, generated, seen, decoding)
         if not decoding.sampled:
             return int(scores.argmax())
-        logits = top_p_filter(scores.float() / decoding.temperature, decoding.top_p)
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=row.generator))
+        return int(sample(scores, decoding, row.generator))
 
     def _stop_reason(self, row: Row, token: int) -> str | None:
         if token in self.eos:

@@ -60,7 +60,17 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = logits.sort(descending=True)
     cumulative = sorted_logits.softmax(-1).cumsum(-1)
     drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+    drop[..., 0] = False  # and the top token always (a top_p below float32's smallest is 0 there)
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def sample(scores: torch.Tensor, row: RowDecoding, generator: torch.Generator | None) -> torch.Tensor:
+    """One token ``[1]`` drawn from ``scores`` at the row's temperature and top-p. The scores are shifted to a
+    maximum of 0 before the temperature divides them, so a tiny temperature gives the argmax instead of inf / inf."""
+    scores = scores.float()
+    temperature = max(row.temperature, torch.finfo(torch.float32).tiny)  # a denormal is 0 in float32
+    logits = top_p_filter((scores - scores.max()) / temperature, row.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
 class RowSampler(LogitsProcessor):
@@ -86,8 +96,7 @@ class RowSampler(LogitsProcessor):
             seen = input_ids[b]  # left padding repeats the pad id, which a repetition penalty may touch: harmless
             scores[b] = apply_penalties(scores[b], input_ids[b, self.prompt_length :], seen, self.rows[b])
         for b, gen in self.generators.items():
-            logits = top_p_filter(scores[b].float() / self.rows[b].temperature, self.rows[b].top_p)
-            token = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+            token = sample(scores[b], self.rows[b], gen)
             scores[b] = float("-inf")
             scores[b, token] = 0.0
         return scores

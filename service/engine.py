@@ -149,10 +149,11 @@ class Engine(Admission):
 
         Rows are run grouped by their methods (requests without interventions first), so that the rows
         a layer edits form one contiguous block of the batch; a batch in which some request has a contrast
-        branch runs in a running batch (``_generate_running``); outputs and callbacks keep the caller's order.
+        branch or candidates runs in a running batch (``_generate_running``); outputs and callbacks keep the
+        caller's order.
         """
         order = sorted(range(len(requests)), key=lambda i: (bool(requests[i].interventions), sorted(requests[i].interventions)))
-        run = self._generate_running if any(self.contrasts(r) for r in requests) else self._generate_rows
+        run = self._generate_running if any(self.takes_rows(r) for r in requests) else self._generate_rows
         outputs = run(
             [requests[i] for i in order],
             None if on_token is None else (lambda row, token: on_token(order[row], token)),
@@ -196,7 +197,7 @@ class Engine(Admission):
         on_token: Callable[[int, int], None] | None,
         cancelled: Callable[[int], bool] | None,
     ) -> list[GenerationOutput]:
-        """A batch with contrast branches: ``model.generate`` has no room for a second row per request, so the
+        """A batch with contrast branches or candidates: ``model.generate`` has no room for more rows per request, so the
         batch runs in a :class:`~seeright.service.batching.RunningBatch` (all joining at once) until each row finishes."""
         batch = RunningBatch(self)
         rows = batch.admit(

@@ -573,3 +573,69 @@ def vemask_generate(ref: ReferenceModel, prompt: Prompt, mean: torch.Tensor, std
         return ref.greedy(prompt, max_new_tokens)
     finally:
         handle.remove()
+
+
+# ---- Lookback Lens guided decoding (Chuang et al., EMNLP 2024, §4; release generation/utils.py) -------------
+def _nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Temperature, then the smallest set of tokens whose mass reaches top_p (the token crossing it kept), then
+    one multinomial draw from the candidate's own generator."""
+    scaled = (logits - logits.max()) / temperature
+    probs = torch.softmax(scaled, -1)
+    order = torch.argsort(scaled, descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    mass = 0.0
+    for j in order.tolist():
+        if mass >= top_p:
+            break
+        keep[j] = True
+        mass += float(probs[j])
+    kept = torch.softmax(scaled.masked_fill(~keep, float("-inf")), -1)
+    return int(torch.multinomial(kept, 1, generator=generator))
+
+
+def lookback_decoding_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> Run:
+    """Chunks of ``chunk_tokens``: each of ``candidates`` samplers (seeded ``seed * 65536 + i``, kept across chunks)
+    continues the kept answer until the chunk is full, EOS or the budget; a candidate's features are the mean over
+    its decode forwards of LR[l, h] = mean(attention on image) / (that + mean(attention on generated tokens)) of the
+    last row; the kept candidate has the lowest P(hallucinated) (detector logits within 1e-5 tie, the first wins; the
+    first when all chunks agree)."""
+    image, length = prompt.image_positions, len(prompt.ids)
+    weights = np.asarray(p.detector_weights, dtype=np.float64)
+    samplers = [torch.Generator().manual_seed(p.seed * 65536 + i) for i in range(p.candidates)]
+    run = Run()
+    while len(run.tokens) < max_new_tokens:
+        chunks = []
+        for sampler in samplers:
+            tokens, logprobs, rows = [], [], []
+            while len(tokens) < p.chunk_tokens and len(run.tokens) + len(tokens) < max_new_tokens:
+                per_layer: dict[int, np.ndarray] = {}
+
+                def read(layer: int, probs: torch.Tensor) -> torch.Tensor:
+                    last = probs[:, -1].double().numpy()  # [H, T]
+                    a_img = last[:, image].mean(-1)
+                    a_new = last[:, length:].mean(-1) if last.shape[-1] > length else np.full(len(last), np.nan)
+                    per_layer[layer] = a_img / (a_img + a_new)
+                    return probs
+
+                with ref.hooks(edit=read):
+                    logits = ref.forward(prompt, run.tokens + tokens)
+                if run.tokens + tokens:  # a decode forward (the prompt's own forward has no generated tokens)
+                    rows.append(np.concatenate([per_layer[l] for l in sorted(per_layer)]))
+                token = _nucleus_sample(logits, p.temperature, p.top_p, sampler)
+                tokens.append(token)
+                logprobs.append(float(logits.log_softmax(-1)[token]))
+                if token in ref.eos:
+                    break
+            chunks.append((tokens, logprobs, rows))
+        if all(c[0] == chunks[0][0] for c in chunks) or not all(c[2] for c in chunks):
+            kept = 0
+        else:
+            z = np.array([np.mean(rows, axis=0) @ weights + p.detector_bias for _, _, rows in chunks])
+            worse = z if p.detector_convention == "hallucinated" else -z
+            kept = int(np.flatnonzero(worse <= worse.min() + 1e-5)[0])  # logits within 1e-5 tie; the first wins
+        tokens, logprobs, _ = chunks[kept]
+        run.tokens += tokens
+        run.logprobs += logprobs
+        if tokens[-1] in ref.eos or len(tokens) < p.chunk_tokens:
+            break
+    return run

@@ -69,6 +69,9 @@ def rows(draw: st.DrawFn, engine: Engine, pool: list[str]) -> dict:
     contrasting = [n for n, p in interventions.items() if engine.methods[n].contrasts(engine.resolve_params({n: p})[n])]
     for name in contrasting[1:]:  # two contrast branches in one request are refused (tested elsewhere)
         del interventions[name]
+    if contrasting:  # candidates beside a contrast branch are refused too
+        for name in [n for n, p in interventions.items() if engine.methods[n].candidates(engine.resolve_params({n: p})[n]) > 1]:
+            del interventions[name]
     return {
         "prompt": draw(st.sampled_from(QUESTIONS)),
         "image": draw(st.integers(0, 5)),

@@ -130,6 +130,18 @@ def test_sampling_is_seeded_per_row(llava, images):
     assert llava.generate_batch([other])[0].token_ids != a
 
 
+@pytest.mark.parametrize("tiny", [{"temperature": 1e-30}, {"temperature": 5e-324}, {"top_p": 1e-50}])
+def test_a_tiny_temperature_or_top_p_samples_the_argmax(llava, images, tiny):
+    """Scores over a denormal temperature are inf / inf (NaN) unless shifted first, and a top_p that is 0 in float32
+    dropped every token: the draw is now the argmax, on the static path and in the running batch (a guided-decoding
+    request samples there)."""
+    greedy = llava.generate("hi", image=images[0], max_new_tokens=6).token_ids
+    decoding = {"temperature": 1.0, **tiny} if "top_p" in tiny else tiny  # top_p alone keeps the top token
+    assert llava.generate("hi", image=images[0], max_new_tokens=6, seed=1, **decoding).token_ids == greedy
+    guided = {"lookback_decoding": {"candidates": 2, "chunk_tokens": 3, **decoding}}
+    assert llava.generate("hi", image=images[0], max_new_tokens=6, interventions=guided).token_ids == greedy
+
+
 def test_stop_strings_and_token_budget(llava, images):
     base = llava.generate("hi", image=images[0], max_new_tokens=12)
     assert base.finish_reason == "length" and len(base.token_ids) == 12

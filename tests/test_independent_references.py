@@ -11,7 +11,7 @@ from conftest import QUESTIONS, make_image
 from independent_reference import (
     Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_boost,
     pai_cfg_generate, pai_generate, paint_generate, paint_tokens, ritual_generate, var_generate, vcd_generate,
-    vcd_noised, vemask_generate, vemask_map, vhr_generate,
+    lookback_decoding_generate, vcd_noised, vemask_generate, vemask_map, vhr_generate,
 )
 
 from seeright.interventions.adapters import ChatTurn
@@ -37,6 +37,8 @@ CASES = [
     ("gift", {}), ("gift", {"content_words": "all"}), ("gift", {"saliency_pass": "separate", "head_fraction": 0.25}),
     ("carve", {}), ("carve", {"steps": "first"}), ("carve", {"requery": "refined"}),
     ("carve", {"steps": "first", "requery": "refined", "top_p": 0.4}),
+    ("lookback_decoding", {}), ("lookback_decoding", {"candidates": 4, "chunk_tokens": 3, "seed": 7, "temperature": 0.6}),
+    ("lookback_decoding", {"chunk_tokens": 1, "top_p": 0.5, "detector_convention": "factual"}),
 ]
 
 
@@ -77,6 +79,8 @@ def reference_run(engine: Engine, ref: ReferenceModel, name: str, params, image)
     if name == "vemask":
         mean, std = engine.adapter.pixel_stats()
         return vemask_generate(ref, tokenised(engine, turns, [image]), mean, std, params, NEW_TOKENS)
+    if name == "lookback_decoding":
+        return lookback_decoding_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "vcd":
         return vcd_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "ritual":

@@ -76,6 +76,35 @@ def test_lookback_matches_literal(engine, images, monkeypatch):
         assert out.diagnostics["lookback"]["per_token"] == pytest.approx(means, abs=1e-6)
 
 
+# ---- Lookback Lens guided decoding ---------------------------------------------------------------------
+@pytest.mark.parametrize("given", [{}, {"candidates": 4, "chunk_tokens": 3, "detector_convention": "factual"}])
+def test_lookback_decoding_matches_literal(engine, images, given):
+    """The ratio rows and the choice written as loops give the same chunks, the same picks and the same answers
+    (the literal engine is a model of its own: an engine claims its model's attention modules)."""
+    literal = engine.methods.with_methods(engine.methods.literal("lookback_decoding"))
+    slow_engine = Engine.from_pretrained(engine.model_id, methods=literal)
+    fast = run(engine, images, {"lookback_decoding": given}, n=2, max_new_tokens=7, logprobs=True)
+    slow = run(slow_engine, images, {"lookback_decoding": given}, n=2, max_new_tokens=7, logprobs=True)
+    for a, b in zip(fast, slow):
+        assert a.token_ids == b.token_ids
+        chunks_a, chunks_b = a.diagnostics["lookback_decoding"]["chunks"], b.diagnostics["lookback_decoding"]["chunks"]
+        assert [c["kept"] for c in chunks_a] == [c["kept"] for c in chunks_b]
+        for x, y in zip(chunks_a, chunks_b):
+            assert x.get("hallucination_probability") == pytest.approx(y.get("hallucination_probability"), abs=1e-5)
+    assert any(c["kept"] for out in fast for c in out.diagnostics["lookback_decoding"]["chunks"])  # not always the first
+
+
+def test_lookback_decoding_streams_only_kept_chunks(llava, images):
+    """What a client streams is the answer: the kept chunks' tokens, each once, in order."""
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    outs = llava.generate_batch(
+        [GenerationRequest(prompt=q, images=[im], interventions={"lookback_decoding": {}}, max_new_tokens=6)
+         for q, im in zip(QUESTIONS[:2], images[:2])],
+        on_token=lambda row, token: streamed[row].append(token),
+    )
+    assert [streamed[0], streamed[1]] == [outs[0].token_ids, outs[1].token_ids]
+
+
 # ---- VE masking ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("given", [
     {"pgd_steps": 3}, {"mask_ratio": 0.3, "pgd_steps": 3}, {"threshold": 0.8, "random_start": False, "pgd_steps": 4},
@@ -509,7 +538,7 @@ def test_attention_map_equals_a_stock_eager_forward(family, layers, images):
 def test_attention_map_matches_literal(llava, images):
     literal = llava.methods.with_methods(llava.methods.literal("attention_map"))
     fast_out = run(llava, images, {"attention_map": {"layers": [0, 3, 5]}}, n=2)
-    engine = Engine(llava.model, llava.tokenizer, llava.adapter.image_processor, "tiny-random/llava", llava.model_config, literal)
+    engine = Engine.from_pretrained("tiny-random/llava", methods=literal)  # a model of its own: an engine claims its model's attention
     slow_out = run(engine, images, {"attention_map": {"layers": [0, 3, 5]}}, n=2)
     for fast, slow in zip(fast_out, slow_out):
         np.testing.assert_allclose(fast.diagnostics["attention_map"]["maps"], slow.diagnostics["attention_map"]["maps"], atol=1e-6)

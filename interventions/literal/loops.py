@@ -97,6 +97,30 @@ def lookback_ratios(row: torch.Tensor, image: list[int], first_new: int) -> list
     return out
 
 
+def guided_choice(
+    features: list[list[list[float]]], chunks: list[list[int]], weights: list[float], bias: float, convention: str,
+    tie: float = 1e-5,
+) -> tuple[int, list[float] | None]:
+    """Lookback-guided decoding's pick among candidates: ``features[i]`` candidate i's flattened ratio rows of the
+    chunk. The first candidate when all chunks are equal or one has no rows; else the one whose mean row scores
+    the lowest P(hallucinated) (the detector's logit, negated for a 'factual' detector), the first of those within
+    ``tie`` of the lowest.
+    Returns the pick and each candidate's P(hallucinated)."""
+    if all(c == chunks[0] for c in chunks) or not all(features):
+        return 0, None
+    probabilities, logits = [], []
+    for rows in features:
+        mean = [sum(row[j] for row in rows) / len(rows) for j in range(len(weights))]
+        z = sum(w * x for w, x in zip(weights, mean)) + bias
+        positive = 1 / (1 + math.exp(-z))
+        logits.append(z)
+        probabilities.append(positive if convention == "hallucinated" else 1 - positive)
+    badness = [z if convention == "hallucinated" else -z for z in logits]
+    lowest = min(badness)
+    best = next(i for i, value in enumerate(badness) if value <= lowest + tie)
+    return best, probabilities
+
+
 # ---- contrast branches (VCD, RITUAL, PAI's CFG) --------------------------------------------------------
 def _plausible(values: list[float], own: list[float], beta: float) -> torch.Tensor:
     """-inf where p_own(y) < beta * max p_own, computed from probabilities (softmax written out)."""

@@ -14,6 +14,9 @@ the hooks it declared, nothing else:
 * ``edit_heads(layer, heads, states, step)``   (:attr:`HookPoint.HEADS`): per-head outputs before ``o_proj``.
 * ``vision_mask(state)`` (:attr:`HookPoint.VISION`): which of the request's image tokens each layer of the
   vision tower masks, and how (:class:`VisionMask`, VE masking); the other rows' images are untouched.
+* ``candidates(params)``, ``start_chunk(state)`` and ``choose(states, chunks, rows)`` (:attr:`HookPoint.CANDIDATES`):
+  the request decodes as several sampled rows, a chunk at a time; after each chunk the method keeps one candidate,
+  whose cache row, tokens and states every candidate then takes (Lookback Lens guided decoding).
 * ``contrast_prompt(state, passes)`` and ``contrast(scores, branch, state)`` (:attr:`HookPoint.LOGITS`): the
   request gets a contrast branch, a second row with its own prompt (a noised or transformed image, or none)
   and its own KV cache, fed the request's tokens without interventions; each step the request's next-token
@@ -91,9 +94,10 @@ class HookPoint(enum.Enum):
     HEADS = "heads"  # edit_heads(): per-head outputs before o_proj
     LOGITS = "logits"  # contrast(): next-token scores against a contrast branch of the request's own
     VISION = "vision"  # vision_mask(): image tokens masked in the vision tower's self-attention
+    CANDIDATES = "candidates"  # candidates() rows sample each chunk; choose() keeps one (guided decoding)
 
 
-EDITING_POINTS = frozenset({HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS, HookPoint.VISION})
+EDITING_POINTS = frozenset({HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS, HookPoint.VISION, HookPoint.CANDIDATES})
 PASS_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS})
 
 
@@ -211,6 +215,18 @@ class Method(Hooks):
     def contrast(self, scores: torch.Tensor, branch: torch.Tensor, state: RowState) -> torch.Tensor:
         """The request's next-token scores ``[V]`` from its raw logits and its branch's (float32)."""
         raise NotImplementedError(f"{self.name} declares no contrast branch")
+
+    def candidates(self, params: BaseModel) -> int:
+        """Rows a request with these parameters decodes as (:attr:`HookPoint.CANDIDATES`): 1 = its own only."""
+        return 1
+
+    def start_chunk(self, state: RowState) -> None:
+        """A candidate's state at the start of a chunk (:attr:`HookPoint.CANDIDATES`)."""
+
+    def choose(self, states: list[RowState], chunks: list[list[int]], rows: list[int]) -> int:
+        """Which candidate's chunk the request keeps (:attr:`HookPoint.CANDIDATES`): ``states[i]`` is candidate
+        i's state of this method, ``chunks[i]`` its chunk's tokens, ``rows[i]`` the decode forwards that made them."""
+        raise NotImplementedError(f"{self.name} declares no candidates")
 
     @property
     def runs_passes(self) -> bool:

@@ -64,14 +64,7 @@ class Lookback(Method):
         return True
 
     def edit_probs(self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
-        row = probs[:, :, -1]  # [n, H, T]: the new token's attention
-        total = row.shape[-1]
-        image = row_masks(states, total, row.device, "image").float()
-        lengths = torch.tensor([s.layout.length for s in states], device=row.device)
-        new = (torch.arange(total, device=row.device)[None, :] >= lengths[:, None]).float()
-        a_img = (row * image[:, None]).sum(-1) / image.sum(-1, keepdim=True)
-        a_new = (row * new[:, None]).sum(-1) / new.sum(-1, keepdim=True)
-        ratio = a_img / (a_img + a_new)  # [n, H]
+        ratio = lookback_ratios(probs[:, :, -1], states)  # [n, H]
         for r, state in enumerate(states):
             self.record(state, layer, ratio[r])
         return probs
@@ -107,3 +100,15 @@ class Lookback(Method):
         weights = torch.tensor(p.detector_weights, device=matrix.device, dtype=matrix.dtype)
         positive = torch.sigmoid(torch.stack(window).mean(0) @ weights + p.detector_bias)
         return 1 - positive if p.detector_convention == "factual" else positive
+
+
+def lookback_ratios(row: torch.Tensor, states: list[RowState]) -> torch.Tensor:
+    """``LR [n, H]`` from the new token's attention rows ``[n, H, T]``: the mean over the image tokens over that
+    plus the mean over the generated tokens (the row's own prompt ``layout.length`` on)."""
+    total = row.shape[-1]
+    image = row_masks(states, total, row.device, "image").float()
+    lengths = torch.tensor([s.layout.length for s in states], device=row.device)
+    new = (torch.arange(total, device=row.device)[None, :] >= lengths[:, None]).float()
+    a_img = (row * image[:, None]).sum(-1) / image.sum(-1, keepdim=True)
+    a_new = (row * new[:, None]).sum(-1) / new.sum(-1, keepdim=True)
+    return a_img / (a_img + a_new)

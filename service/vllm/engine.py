@@ -51,6 +51,9 @@ def not_hosted(method: Method, params: Any | None = None) -> str | None:
     if contrasts:
         return ("it decodes a contrast branch in lockstep with the request, which the vLLM engine does not host yet: "
                 "use the transformers engine (seeright serve --engine transformers)")
+    if HookPoint.CANDIDATES in method.hook_points:
+        return ("it samples candidate rows a chunk at a time and keeps one (each candidate then takes the kept one's "
+                "KV cache), which the vLLM engine does not host yet: use the transformers engine")
     missing = method.hook_points - WORKER_POINTS - {HookPoint.LOGITS}
     if missing:
         return f"the vLLM worker has no {sorted(p.value for p in missing)} hook point"
