@@ -603,6 +603,7 @@ def lookback_decoding_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_
     weights = np.asarray(p.detector_weights, dtype=np.float64)
     samplers = [torch.Generator().manual_seed(p.seed * 65536 + i) for i in range(p.candidates)]
     run = Run()
+    run.chunk_probabilities = []  # per chunk, each candidate's P(hallucinated) (None where nothing was scored)
     while len(run.tokens) < max_new_tokens:
         chunks = []
         for sampler in samplers:
@@ -629,10 +630,12 @@ def lookback_decoding_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_
             chunks.append((tokens, logprobs, rows))
         if all(c[0] == chunks[0][0] for c in chunks) or not all(c[2] for c in chunks):
             kept = 0
+            run.chunk_probabilities.append(None)
         else:
             z = np.array([np.mean(rows, axis=0) @ weights + p.detector_bias for _, _, rows in chunks])
             worse = z if p.detector_convention == "hallucinated" else -z
             kept = int(np.flatnonzero(worse <= worse.min() + 1e-5)[0])  # logits within 1e-5 tie; the first wins
+            run.chunk_probabilities.append((1 / (1 + np.exp(-worse))).tolist())
         tokens, logprobs, _ = chunks[kept]
         run.tokens += tokens
         run.logprobs += logprobs

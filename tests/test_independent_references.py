@@ -38,6 +38,7 @@ CASES = [
     ("carve", {}), ("carve", {"steps": "first"}), ("carve", {"requery": "refined"}),
     ("carve", {"steps": "first", "requery": "refined", "top_p": 0.4}),
     ("lookback_decoding", {}), ("lookback_decoding", {"candidates": 4, "chunk_tokens": 3, "seed": 7, "temperature": 0.6}),
+    ("lookback_decoding", {"candidates": 6, "chunk_tokens": 4, "seed": 3, "detector_convention": "factual"}),
     ("lookback_decoding", {"chunk_tokens": 1, "top_p": 0.5, "detector_convention": "factual"}),
 ]
 
@@ -114,6 +115,11 @@ def check_against_reference(engine: Engine, ref: ReferenceModel, name: str, give
     steps = min(len(plain.logprobs), len(expected.logprobs))
     moved = np.abs(np.array(expected.logprobs[:steps]) - np.array(plain.logprobs[:steps])).max()
     assert moved > 1e-3 or expected.tokens != plain.tokens  # the method acts on this input: a no-op cannot pass
+    if name == "lookback_decoding":  # every chunk's scores, not only the picks they led to
+        chunks = fast.diagnostics[name]["chunks"]
+        assert len(chunks) == len(expected.chunk_probabilities)
+        for got, want in zip(chunks, expected.chunk_probabilities):
+            assert got.get("hallucination_probability") == (None if want is None else pytest.approx(want, abs=1e-4))
 
 
 @pytest.mark.parametrize("name,given", CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in g.items()) or 'defaults'}" for n, g in CASES])
