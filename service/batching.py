@@ -198,7 +198,7 @@ class RunningBatch:
         row.decoding = replace(row.decoding, temperature=p.temperature, top_p=p.top_p)
         row.candidates = [
             Row(row.request, row.prompt, [replace(s, data=dict(s.data), diagnostics=dict(s.diagnostics)) for s in row.states],
-                row.decoding, parent=row, guide=row.guide)
+                row.decoding, parent=row)
             for _ in range(1, guide.hooks.candidates(p))
         ]
         for i, member in enumerate([row, *row.candidates]):
@@ -416,11 +416,8 @@ class RunningBatch:
         others = [m for m in members if m is not kept]
         target = torch.tensor([index[id(m)] for m in others], device=self.mask.device)
         with torch.inference_mode():
-            for layer in self.cache.layers:
-                layer.keys.index_copy_(0, target, layer.keys[source].expand(len(others), *layer.keys.shape[1:]).clone())
-                layer.values.index_copy_(0, target, layer.values[source].expand(len(others), *layer.values.shape[1:]).clone())
-            self.mask[target] = self.mask[source].clone()
-            self.positions[target] = self.positions[source].clone()
+            for tensor in (*(t for layer in self.cache.layers for t in (layer.keys, layer.values)), self.mask, self.positions):
+                tensor[target] = tensor[source].clone()  # a clone: the source row must not alias the rows written
         for member in others:
             member.tokens = list(kept.tokens)
             for mine, theirs in zip(member.states, kept.states):

@@ -15,11 +15,7 @@ class LiteralLookbackDecoding(LookbackDecoding):
     def edit_probs(self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
         for r, state in enumerate(states):
             ratios = ref.lookback_ratios(probs[r, :, -1], state.layout.image_positions.tolist(), state.layout.length)
-            current = state.data.setdefault("layers", [])
-            current.append(torch.tensor(ratios, dtype=torch.float32))
-            if len(current) == state.data["num_layers"]:
-                state.data.setdefault("rows", []).append(torch.stack(current))
-                state.data["layers"] = []
+            self.record(state, torch.tensor(ratios, dtype=torch.float32))
         return probs
 
     def choose(self, states: list[RowState], chunks: list[list[int]], rows: list[int]) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from seeright.interventions.adapters.base import ModelInfo
-from seeright.interventions.methods.base import HookPoint, Method, RequestInputs, RowState
+from seeright.interventions.methods.base import HookPoint, Method, RowState
 from seeright.interventions.methods.lookback import lookback_ratios
 from seeright.interventions.spec import LookbackDecodingParams
 
@@ -57,12 +57,6 @@ class LookbackDecoding(Method):
             raise ValueError("detector_convention: say what the detector's positive class is: 'hallucinated' or 'factual'")
         return params
 
-    def new_state(self, params: LookbackDecodingParams, info: ModelInfo, request: RequestInputs,
-                  companions: frozenset[str] = frozenset()) -> RowState:
-        state = super().new_state(params, info, request, companions)
-        state.data["num_layers"] = info.num_layers  # the detector reads every layer
-        return state
-
     def candidates(self, params: LookbackDecodingParams) -> int:
         return params.candidates
 
@@ -75,12 +69,17 @@ class LookbackDecoding(Method):
     def edit_probs(self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
         ratio = lookback_ratios(probs[:, :, -1], states)  # [n, H]
         for r, state in enumerate(states):
-            current = state.data.setdefault("layers", [])
-            current.append(ratio[r])
-            if len(current) == state.data["num_layers"]:  # every layer read
-                state.data.setdefault("rows", []).append(torch.stack(current))  # one token's [L, H]
-                state.data["layers"] = []
+            self.record(state, ratio[r])
         return probs
+
+    @staticmethod
+    def record(state: RowState, ratios: torch.Tensor) -> None:
+        """Keep one layer's ``[H]`` ratios; once every layer is read (the detector's L x H), the token's ``[L, H]`` row."""
+        current = state.data.setdefault("layers", [])
+        current.append(ratios)
+        if len(current) * len(ratios) == len(state.params.detector_weights):
+            state.data.setdefault("rows", []).append(torch.stack(current))
+            state.data["layers"] = []
 
     @staticmethod
     def start_chunk(state: RowState) -> None:
@@ -97,10 +96,10 @@ class LookbackDecoding(Method):
             weights = torch.tensor(p.detector_weights, dtype=torch.float32)
             z = torch.stack([torch.stack(s.data["rows"][:n]).float().mean(0).flatten().cpu() @ weights + p.detector_bias
                              for s, n in zip(states, rows)])
-            badness = z if p.detector_convention == "hallucinated" else -z
-            kept = int((badness <= badness.min() + TIE).nonzero()[0])  # the first of the (numerically) best
+            z = z if p.detector_convention == "hallucinated" else -z  # the logit of P(hallucinated)
+            kept = int((z <= z.min() + TIE).nonzero()[0])  # the first of the (numerically) best
         record = {"kept": kept, "tokens": len(chunks[kept])}
         if z is not None:
-            record["hallucination_probability"] = torch.sigmoid(z if p.detector_convention == "hallucinated" else -z)
+            record["hallucination_probability"] = torch.sigmoid(z)
         states[kept].diagnostics.setdefault("chunks", []).append(record)  # the kept state becomes every candidate's
         return kept
