@@ -12,7 +12,9 @@ active it installs the hooks that context's methods need, and only those:
 * a pre-hook on the language model that counts forwards (step 0 is the prefill);
 * for analysis passes, a hook that ends the forward after the last layer they read;
 * where a row masks image tokens in the vision tower (VE masking), the adapter's hooks on the tower's
-  layers (attention outputs zeroed or keys hidden), with every other row's images left unmasked.
+  layers (attention outputs zeroed or keys hidden), with every other row's images left unmasked;
+* where a row carries a LoRA adapter, forward hooks that add its low-rank delta to its own rows of each adapted
+  linear layer (:mod:`seeright.interventions.lora`).
 
 The attention function runs SDPA for the rows of the batch that need no attention probabilities in this
 layer, and recomputes eagerly the rows that do, for their needed query rows only (at decode one row per
@@ -40,6 +42,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from seeright.interventions.adapters.base import StopForward
+from seeright.interventions.lora import Lora, lora_hooks, row_modules
 from seeright.interventions.methods.base import Hooks
 
 if TYPE_CHECKING:
@@ -86,7 +89,8 @@ class ProbsPlan:
 
 @dataclass
 class ForwardContext:
-    """Per-row states for one batched forward or generation; ``rows[b]`` holds row b's states.
+    """Per-row states for one batched forward or generation; ``rows[b]`` holds row b's states and ``loras[b]``
+    (when given) its LoRA adapter.
 
     What hooks want may depend on the layer and on whether the step is the prefill (step 0), nothing
     else; plans are therefore computed once per layer for the prefill and once for all decode steps.
@@ -96,6 +100,7 @@ class ForwardContext:
     stop_after_layer: int | None = None
     step: int = -1
     image_counts: Sequence[int] | None = None  # images per row, in the order the vision tower sees them (prefills)
+    loras: Sequence[Lora | None] = ()
     _members: dict[int, tuple[Hooks, list[int], list[RowState]]] = field(default_factory=dict, init=False)
     _plans: dict[tuple, Any] = field(default_factory=dict, init=False)
 
@@ -108,6 +113,11 @@ class ForwardContext:
                 row_states.append(state)
         # hooks act in their declared order in every layer, not in the order the batch's rows bring them
         self._members = dict(sorted(members.items(), key=lambda item: item[1][0].order))
+
+    @property
+    def idle(self) -> bool:
+        """No row has a method or an adapter: the forward needs no hook (stock generation)."""
+        return not any(self.rows) and not any(lora is not None for lora in self.loras) and self.stop_after_layer is None
 
     def vision_masks(self) -> dict[str, torch.Tensor]:
         """Per mask target, ``[images of the batch, layers, tokens]``: the rows' :meth:`Hooks.vision_mask` of that
@@ -191,6 +201,7 @@ class Runtime:
         model.set_attn_implementation({"text_config": ATTENTION_NAME})
         for layer in adapter.decoder_layers:
             setattr(layer.self_attn, RUNTIME_ATTR, self)
+        self.lora_modules = row_modules(model, adapter.language_model)
 
     @contextmanager
     def activate(self, context: ForwardContext) -> Iterator[ForwardContext]:
@@ -208,6 +219,7 @@ class Runtime:
             handles.append(layers[context.stop_after_layer].register_forward_hook(self._stop))
         for target, keep in context.vision_masks().items():
             handles += self.adapter.mask_vision_attention(keep, target)
+        handles += lora_hooks(self.lora_modules, context.loras)
         self.context = context
         try:
             yield context

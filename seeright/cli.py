@@ -52,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key_file=args.api_key_file, metrics_require_key=args.protect_metrics or None,
         allowed_image_dir=args.allowed_image_dir,
         allow_remote_urls=True if args.allow_remote_urls else None, engine=args.engine,
-        vllm_max_model_len=args.max_model_len,
+        vllm_max_model_len=args.max_model_len, adapters=_adapters(args.adapter),
+        runtime_adapters=True if args.runtime_adapters else None,
     )
     if args.replicas > 1 or args.ray_address:
         from seeright.service.scale_out import serve_replicas  # the [ray] extra
@@ -64,6 +65,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     freeze_heap()
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=60)
     return 0
+
+
+def _adapters(given: list[str]) -> dict[str, str] | None:
+    """``--adapter NAME=PATH`` flags as a name -> folder table (None when none is given: the YAML file's stand)."""
+    table = {}
+    for item in given:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--adapter {item!r}: expected NAME=PATH")
+        table[name] = path
+    return table or None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -300,6 +312,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--engine", choices=["transformers", "vllm"],
                      help="transformers (default: every method) or vllm (the [vllm] extra: the methods its worker hosts)")
     srv.add_argument("--max-model-len", type=int, help="--engine vllm: context length (default: the model's)")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                     help="serve the PEFT LoRA adapter folder PATH as model NAME (repeatable)")
+    srv.add_argument("--runtime-adapters", action="store_true",
+                     help="open POST /v1/load_lora_adapter and /v1/unload_lora_adapter (to admin keys)")
     srv.add_argument("--replicas", type=int, default=1,
                      help="engine replicas on Ray Serve behind one endpoint (needs the [ray] extra; 1: no Ray)")
     srv.add_argument("--ray-address", help="join this Ray cluster (e.g. HEAD:6379) instead of starting a local one")

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from seeright.interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo
+from seeright.interventions.lora import Lora
 from seeright.interventions.methods.base import Passes, RequestInputs, RowState
 from seeright.interventions.registry import MethodRegistry
 from seeright.service.model_configs import ModelConfig
@@ -29,6 +30,7 @@ class Admission:
     info: ModelInfo
     adapter: ModelAdapter
     passes: Passes
+    loras: dict[str, Lora]  # LoRA adapters by name (a request's ``adapter``)
     max_prompt_tokens: int | None = None  # a longer prompt (images included) is a 400 naming ``messages``
 
     def encode(self, turns: list[ChatTurn], images: list) -> EncodedPrompt:
@@ -39,7 +41,7 @@ class Admission:
         method). Each request's inputs (with its encoded prompt) and its rows' method states."""
         for r in requests:
             self._check_images(r)
-        inputs = [RequestInputs(turns=r.chat(), images=list(r.images)) for r in requests]
+        inputs = [RequestInputs(turns=r.chat(), images=list(r.images), lora=self.lora_of(r)) for r in requests]
         states = [self.bind(r.interventions, inp) for r, inp in zip(requests, inputs)]
         self._decoding_checks(requests)
         for inp, row in zip(inputs, states):
@@ -66,6 +68,15 @@ class Admission:
                     state.data["contrast_prompt"] = state.hooks.contrast_prompt(state, self.passes)
         return inputs, states
 
+    def lora_of(self, request: GenerationRequest) -> Lora | None:
+        """The request's LoRA adapter (read once, at admission: unloading it later leaves the request its copy)."""
+        if request.adapter is None:
+            return None
+        lora = self.loras.get(request.adapter)
+        if lora is None:
+            raise RequestError("model", f"no adapter {request.adapter!r} is loaded; loaded: {sorted(self.loras)}")
+        return lora
+
     def takes_rows(self, request: GenerationRequest) -> bool:
         """Whether ``request`` decodes with rows besides its own: a contrast branch or candidates (checked
         parameters; ``validate`` first)."""
@@ -75,6 +86,7 @@ class Admission:
     def validate(self, request: GenerationRequest) -> None:
         """Check a request's images, interventions and decoding settings without running the model."""
         self._check_images(request)
+        self.lora_of(request)
         self.bind(request.interventions, RequestInputs(turns=request.chat(), images=list(request.images)))
         self._decoding_checks([request])
 
@@ -185,6 +197,11 @@ def place_rows(prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowStat
             state.layout = prompt.layout.shifted(length - len(prompt.input_ids))
 
 
+def row_loras(rows: Sequence[Sequence[RowState]]) -> list[Lora | None]:
+    """Each row's LoRA adapter: the one its states' request carries (analysis passes run on the adapted model)."""
+    return [next((s.request.lora for s in states if s.request is not None), None) for states in rows]
+
+
 def image_counts(prompts: Sequence[EncodedPrompt]) -> list[int]:
     """Images per prompt, in the order a batch of ``prompts`` hands them to the vision tower."""
     return [len(p.layout.image_spans) for p in prompts]
@@ -194,7 +211,3 @@ def _given(params: dict[str, Any] | None) -> dict[str, Any]:
     """Parameters that are set (``None`` means "the default")."""
     return {k: v for k, v in (params or {}).items() if v is not None}
 
-
-def _given(params: dict[str, Any] | None) -> dict[str, Any]:
-    """Parameters that are set (``None`` means "the default")."""
-    return {k: v for k, v in (params or {}).items() if v is not None}

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from seeright.interventions.adapters import EncodedPrompt, ModelAdapter
 from seeright.interventions.adapters.base import StopForward
+from seeright.interventions.lora import Lora
 from seeright.interventions.methods.base import HookPoint, RequestInputs, RowState
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.service.admission import image_counts, place_rows
@@ -71,6 +72,7 @@ class Row:
     on_token: Callable[[StreamedToken], None] | None = None
     cancelled: Callable[[], bool] = lambda: False
     generator: torch.Generator | None = None
+    lora: Lora | None = None  # the request's LoRA adapter (its branch's and candidates' too)
     tokens: list[int] = field(default_factory=list)
     streamed: list[StreamedToken] = field(default_factory=list)  # with log-probs, when the request asked
     reason: str | None = None
@@ -177,14 +179,15 @@ class RunningBatch:
             inputs, states = self.engine.admit(requests)
         rows = [
             Row(r, inp.prompt, s, decoding_of(r), None if on_token is None else on_token[i],
-                (lambda: False) if cancelled is None else cancelled[i], started=started, prepared=time.perf_counter())
+                (lambda: False) if cancelled is None else cancelled[i], lora=inp.lora, started=started,
+                prepared=time.perf_counter())
             for i, (r, inp, s) in enumerate(zip(requests, inputs, states))
         ]
         for row in rows:
             row.generator = _generator(row.decoding, self.engine.device)
             row.contrast = next((s for s in row.states if "contrast_prompt" in s.data), None)
             if row.contrast is not None:
-                row.branch = Row(row.request, row.contrast.data["contrast_prompt"], [], row.decoding, parent=row)
+                row.branch = Row(row.request, row.contrast.data["contrast_prompt"], [], row.decoding, lora=row.lora, parent=row)
             row.guide = next((i for i, s in enumerate(row.states) if HookPoint.CANDIDATES in s.hooks.hook_points), None)
             if row.guide is not None:
                 self._candidates(row)
@@ -198,7 +201,7 @@ class RunningBatch:
         row.decoding = replace(row.decoding, temperature=p.temperature, top_p=p.top_p)
         row.candidates = [
             Row(row.request, row.prompt, [replace(s, data=dict(s.data), diagnostics=dict(s.diagnostics)) for s in row.states],
-                row.decoding, parent=row)
+                row.decoding, lora=row.lora, parent=row)
             for _ in range(1, guide.hooks.candidates(p))
         ]
         for i, member in enumerate([row, *row.candidates]):
@@ -221,8 +224,8 @@ class RunningBatch:
             place_rows(prompts, states)
             position_ids, positions = engine.adapter.prefill_positions(batch)
             cache = DynamicCache()
-            context = ForwardContext(states, image_counts=image_counts(prompts))
-            active = engine.runtime.activate(context) if any(states) else nullcontext()
+            context = ForwardContext(states, image_counts=image_counts(prompts), loras=[row.lora for row in rows])
+            active = nullcontext() if context.idle else engine.runtime.activate(context)
             with active:
                 out = engine.model(**batch, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         self._merge(rows, cache, batch["attention_mask"], positions)
@@ -261,7 +264,9 @@ class RunningBatch:
             job.row.reason = "cancelled"
             return [job.row]
         end = min(job.done + self.prefill_chunk, job.embeds.shape[1])
-        with torch.inference_mode():
+        runtime = self.engine.runtime
+        active = nullcontext() if job.row.lora is None else runtime.activate(ForwardContext([[]], loras=[job.row.lora]))
+        with torch.inference_mode(), active:
             out = self.engine.model(
                 inputs_embeds=job.embeds[:, job.done : end], attention_mask=torch.ones((1, end), dtype=torch.long,
                 device=job.embeds.device), position_ids=job.position_ids[..., job.done : end], cache=job.cache,
@@ -309,8 +314,8 @@ class RunningBatch:
             pad = width - row.cached
             for state in row.states:
                 state.layout = row.prompt.layout.shifted(pad)
-        states = [row.states for row in self.rows]
-        self.context = ForwardContext(states, step=0) if any(states) else None
+        context = ForwardContext([row.states for row in self.rows], step=0, loras=[row.lora for row in self.rows])
+        self.context = None if context.idle else context
 
     # ---- decoding ------------------------------------------------------------------------------------
     def step(self) -> list[Row]:

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from seeright.interventions.lora import Lora, LoraError
 from seeright.service.requests import GenerationOutput, GenerationRequest, StreamedToken
 from seeright.service.scheduler import Job, Scheduler, when_room
 
@@ -57,6 +58,25 @@ class EngineClient:
         self.method_defaults = engine.method_defaults
         self.derived_defaults = engine.derived_defaults
         self.unavailable = engine.unavailable
+        self._adapter_lock = asyncio.Lock()
+
+    @property
+    def adapters(self) -> dict[str, Lora]:
+        """The LoRA adapters being served, by name."""
+        return self._scheduler.engine.loras
+
+    async def load_adapter(self, name: str, path: str, max_rank: int, max_adapters: int) -> None:
+        """Read a PEFT LoRA folder (off the event loop) and serve it as model ``name``; a
+        :class:`~seeright.interventions.lora.LoraError` names what is wrong."""
+        async with self._adapter_lock:  # one load at a time: two of one name must not both pass the name check
+            if name not in self.adapters and len(self.adapters) >= max_adapters:
+                raise LoraError("lora_name", f"{max_adapters} adapters are loaded (this server's max_adapters); unload one first")
+            await asyncio.to_thread(self._scheduler.engine.load_lora, name, path, max_rank)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` (KeyError if none); requests already admitted finish with it."""
+        async with self._adapter_lock:
+            self._scheduler.engine.unload_lora(name)
 
     @property
     def max_prompt_tokens(self) -> int | None:

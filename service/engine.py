@@ -28,11 +28,12 @@ from seeright.interventions.adapters import (
     ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo, TextAdapter, adapter_class_for,
 )
 from seeright.interventions.adapters.base import StopForward
+from seeright.interventions.lora import Lora, LoraError, read_peft_lora
 from seeright.interventions.methods.base import RowState
 from seeright.interventions.registry import MethodRegistry
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.model_zoo import builtin_model, resolve_model_path
-from seeright.service.admission import Admission, image_counts, place_rows
+from seeright.service.admission import Admission, image_counts, place_rows, row_loras
 from seeright.service.batching import RunningBatch
 from seeright.service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
 from seeright.service.model_configs import ModelConfig, find_model_config
@@ -72,6 +73,7 @@ class Engine(Admission):
         self.device = next(model.parameters()).device
         self.max_prompt_tokens = context_length(model.config)
         self.dtype = next(model.parameters()).dtype
+        self.loras: dict[str, Lora] = {}
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -82,10 +84,12 @@ class Engine(Admission):
         dtype: str | torch.dtype = "float32",
         model_config: str | None = None,
         methods: MethodRegistry | None = None,
+        loras: dict[str, str | Path] | None = None,
+        max_lora_rank: int = 64,
     ) -> Engine:
         """Load a built-in model of ``model_zoo`` (tiny random models, ``seeright/shapes-llava``), a local
-        folder or a hub id (llava-hf LLaVA, Qwen2-VL, Qwen2.5-VL). ``methods`` defaults to the built-in
-        registry plus installed plug-ins."""
+        folder or a hub id (llava-hf LLaVA, Qwen2-VL, Qwen2.5-VL), and the PEFT LoRA folders of ``loras`` (name ->
+        path). ``methods`` defaults to the built-in registry plus installed plug-ins."""
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
         source = resolve_model_path(model_id_or_path)
         built = builtin_model(model_id_or_path)
@@ -97,7 +101,10 @@ class Engine(Admission):
         if torch_dtype != "auto":
             model = model.to(dtype=torch_dtype)
         model = model.to(device)
-        return cls(model, tokenizer, processor, model_id_or_path, _model_config(model_id_or_path, source, model.config, model_config), methods)
+        engine = cls(model, tokenizer, processor, model_id_or_path, _model_config(model_id_or_path, source, model.config, model_config), methods)
+        for name, path in (loras or {}).items():
+            engine.load_lora(name, path, max_lora_rank)
+        return engine
 
     @classmethod
     def weightless(cls, model_id_or_path: str, model_config: str | None = None) -> Engine:
@@ -124,6 +131,26 @@ class Engine(Admission):
         if self.adapter.image_processor is not None:
             self.adapter.image_processor.save_pretrained(path)
         (path / SEERIGHT_FILE).write_text(json.dumps({"model_config": self.model_config.name}))
+
+    # ---- LoRA adapters -----------------------------------------------------------------------------
+    def load_lora(self, name: str, path: str | Path, max_rank: int = 64) -> Lora:
+        """Read a PEFT LoRA folder for this model and serve it as ``name`` (a request's ``adapter``); a
+        :class:`~seeright.interventions.lora.LoraError` names what is wrong. Safe beside a running scheduler: the
+        name table is replaced, never edited, and each request holds the adapter it was admitted with."""
+        if not name or "+" in name or name == self.model_id:
+            raise LoraError("lora_name", f"{name!r}: an adapter needs a name of its own without '+' (it is a model id)")
+        if name in self.loras:
+            raise LoraError("lora_name", f"an adapter {name!r} is already loaded; unload it first")
+        lora = read_peft_lora(path, name, self.runtime.lora_modules, max_rank, self.device, self.dtype,
+                              [n for n, _ in self.model.named_modules()])
+        self.loras = {**self.loras, name: lora}
+        return lora
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving adapter ``name`` (a KeyError if none); requests already admitted keep it to their end."""
+        if name not in self.loras:
+            raise KeyError(name)
+        self.loras = {k: v for k, v in self.loras.items() if k != name}
 
     # ---- public generation API -------------------------------------------------------------------
     def generate(
@@ -177,7 +204,7 @@ class Engine(Admission):
             rows = [decoding_of(r) for r in requests]
             want_logprobs = any(r.logprobs for r in requests)
             sequences, stops, prompt_len, logits = self._generate(
-                [inp.prompt for inp in inputs], states, rows, on_token, cancelled, want_logprobs
+                [inp.prompt for inp in inputs], states, rows, on_token, cancelled, want_logprobs, [inp.lora for inp in inputs]
             )
         done = time.perf_counter()
         timings = {"prepare_s": prepared - start, "generate_s": done - prepared, "total_s": done - start}
@@ -240,7 +267,8 @@ class Engine(Admission):
         """One batched forward with ``rows``' hooks, stopped after ``stop_after_layer`` (analysis passes)."""
         batch = self.collate(prompts)
         place_rows(prompts, rows)
-        with self.runtime.activate(ForwardContext(rows, stop_after_layer=stop_after_layer, image_counts=image_counts(prompts))):
+        context = ForwardContext(rows, stop_after_layer=stop_after_layer, image_counts=image_counts(prompts), loras=row_loras(rows))
+        with self.runtime.activate(context):
             try:
                 self.model(**batch, use_cache=False)
             except StopForward:
@@ -262,14 +290,18 @@ class Engine(Admission):
         on_token: Callable[[int, int], None] | None,
         cancelled: Callable[[int], bool] | None,
         output_logits: bool = False,
+        loras: Sequence[Lora | None] | None = None,
     ) -> tuple[torch.Tensor, RowStops, int, tuple[torch.Tensor, ...] | None]:
+        """Batched ``model.generate`` with each row's hooks and LoRA adapter (by default the one its states' request
+        carries: an analysis pass runs on the adapted model of the request it serves)."""
         batch = self.collate(prompts)
         place_rows(prompts, rows)
         prompt_len = batch["input_ids"].shape[1]
         stops = RowStops(decoding, prompt_len, self.decode_text, cancelled)
         streamer = RowStreamer(on_token, stops, set(self.eos_token_ids())) if on_token else None
         # rows without interventions need no context: every hook then returns at its first check
-        active = self.runtime.activate(ForwardContext(rows, image_counts=image_counts(prompts))) if any(rows) else nullcontext()
+        context = ForwardContext(rows, image_counts=image_counts(prompts), loras=loras if loras is not None else row_loras(rows))
+        active = nullcontext() if context.idle else self.runtime.activate(context)
         with active:
             out = self.model.generate(
                 **batch,

@@ -47,6 +47,7 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    adapter: str | None = None  # a loaded LoRA adapter's name (``Engine.load_lora``); none: the base model
     image_fields: tuple[str, ...] = ()  # where each image came from (e.g. "messages[0].content[1]"), for errors
 
     def image_field(self, i: int) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import torch
@@ -127,8 +127,9 @@ class ReplicaPool:
     """The evaluation jobs' client over the replicas: each item goes to a replica picked by Ray Serve's router;
     an item whose replica died is sent again (after ``Retry-After``), so a job loses and repeats nothing."""
 
-    def __init__(self, handle: Any, retry_after_s: int) -> None:
+    def __init__(self, handle: Any, retry_after_s: int, adapters: Collection[str] = ()) -> None:
         self.handle, self.retry_after_s = handle, retry_after_s
+        self.adapters = adapters  # every replica loads the settings' adapters at start (run-time loading is refused)
 
     async def _call(self, method: str, *args: Any) -> Any:
         for _ in range(POOL_RETRIES):
@@ -182,7 +183,8 @@ def gateway_app(settings: Settings, replicas: Any, count: int) -> FastAPI:
     merged metrics and health here; every other path forwarded."""
     app = FastAPI(title="seeright gateway", version="0.1.0")
     app.state.settings, app.state.metrics, app.state.keys = settings, Metrics(), KeyRing.of(settings)
-    app.state.evaluations = EvaluationJobs(settings, ReplicaPool(replicas, settings.retry_after_s), engines=count)
+    app.state.evaluations = EvaluationJobs(settings, ReplicaPool(replicas, settings.retry_after_s, list(settings.adapters)),
+                                           engines=count)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, header_limit=settings.max_header_bytes)
     install_error_handlers(app)
     app.include_router(evaluations.router)
@@ -197,6 +199,12 @@ def gateway_app(settings: Settings, replicas: Any, count: int) -> FastAPI:
             return await asyncio.to_thread(lambda: replicas.broadcast(method).results())
         except UNAVAILABLE as exc:
             raise ReplicaUnavailable(f"a replica was lost while answering ({type(exc).__name__}); retry") from exc
+
+    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/unload_lora_adapter")
+    async def adapters_fixed() -> JSONResponse:
+        return error_response(501, "adapters cannot be loaded or unloaded at run time across replicas; give them at start "
+                              "(--adapter NAME=PATH or the settings' adapters)")
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -25,6 +25,16 @@ class Settings(BaseSettings):
         None, gt=0, le=1,
         description="--engine vllm: share of device memory vLLM takes (of CPU memory on a CPU); none: 0.9 on a GPU, 0.25 on a CPU.",
     )
+    adapters: dict[str, Path] = Field(
+        default_factory=dict,
+        description="LoRA adapters served beside the model, name -> PEFT adapter folder (``--adapter NAME=PATH``); a "
+        "request picks one by its ``model`` (``NAME`` or ``NAME+preset``).",
+    )
+    max_lora_rank: int = Field(64, ge=1, description="The highest LoRA rank an adapter may have.")
+    max_adapters: int = Field(16, ge=1, description="Adapters loaded at once (each holds its weights on the device).")
+    runtime_adapters: bool = Field(
+        False, description="POST /v1/load_lora_adapter and /v1/unload_lora_adapter are open (to admin keys).",
+    )
     device: str = "cpu"
     dtype: str = "float32"
     host: str = "127.0.0.1"

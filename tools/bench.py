@@ -2,7 +2,8 @@
 
 All timing runs happen in one process, interleaved (baseline, then each registered method, baseline, ...),
 after warm-up rounds; each figure is the median over repetitions. Per-token decode time is the time
-between the first and the last streamed token divided by the tokens in between; request time covers
+between the first and the last streamed token divided by the tokens in between (guided decoding streams a chunk
+at a time, so a median gap would read zero); request time covers
 everything from the request to its last token (extra passes included). The baseline is the same
 engine with no intervention (its hooks return at their first check); its own cost over stock
 ``transformers`` generation is reported as ``runtime_overhead`` for the built-in models.
@@ -14,14 +15,18 @@ profiler (each op's allocated-minus-freed bytes, in order). Both count tensors, 
 
 from __future__ import annotations
 
+import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 from torch.profiler import ProfilerActivity, profile
 
 from seeright.interventions.registry import MethodRegistry
@@ -64,17 +69,71 @@ def timed(engine: Engine, requests: list[GenerationRequest]) -> tuple[float, lis
     return time.perf_counter() - start, stamps, outs
 
 
-def one(engine: Engine, name: str, image: Image.Image, new_tokens: int) -> Run:
+def one(engine: Engine, name: str, image: Image.Image, new_tokens: int, adapter: str | None = None) -> Run:
     interventions = {} if name == "none" else {name: {}}
-    req = GenerationRequest(prompt=PROMPT, images=[image], interventions=interventions, max_new_tokens=new_tokens)
+    req = GenerationRequest(prompt=PROMPT, images=[image], interventions=interventions, max_new_tokens=new_tokens,
+                            adapter=adapter)
     wall, stamps, outs = timed(engine, [req])
     return Run(wall, token_gap(stamps[0]), len(outs[0].token_ids))
 
 
 def token_gap(stamps: list[float]) -> float:
-    """Median time between consecutive streamed tokens (robust to the odd slow step)."""
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return statistics.median(gaps) if gaps else float("nan")
+    """Time per token after the first: from the first streamed token to the last, over the tokens in between."""
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_lora(engine: Engine, folder: Path, rank: int = 16, seed: int = 0, scale: float = 0.05) -> Path:
+    """A random LoRA adapter in PEFT's file layout (without PEFT) on every attention and MLP linear layer of the
+    engine's language model: ``A ~ N(0, 1/in)``, ``B ~ N(0, scale^2)``, ``lora_alpha = 2r``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, linear in engine.runtime.lora_modules.items():
+        if name.rsplit(".", 1)[-1] in LORA_TARGETS:
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator) / linear.in_features ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=generator) * scale
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGETS),
+              "bias": "none", "base_model_name_or_path": engine.model_id, "task_type": "CAUSAL_LM"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def adapter_costs(engine: Engine, image: Image.Image, new_tokens: int, reps: int, warmup: int, rank: int = 16) -> dict[str, float]:
+    """What LoRA adapters cost (rank ``rank`` on every attention and MLP layer): an adapter row's decode time per
+    token and request time over a base row's, and the tokens/s of a batch of 8 rows on 4 adapters (two rows each)
+    over the same batch on the base model."""
+    names = [f"bench-lora-{i}" for i in range(4)]
+    with tempfile.TemporaryDirectory() as folder:
+        for i, name in enumerate(names):
+            engine.load_lora(name, write_random_lora(engine, Path(folder) / name, rank, seed=i), max_rank=rank)
+    runs: dict[str, list[Run]] = {"base": [], "adapter": []}
+    tps: dict[str, list[float]] = {"base": [], "adapters": []}
+    try:
+        for rep in range(warmup + reps):
+            for kind, adapter in (("base", None), ("adapter", names[0])):
+                run = one(engine, "none", image, new_tokens, adapter)
+                if rep >= warmup:
+                    runs[kind].append(run)
+            for kind, row_adapters in (("base", [None] * 8), ("adapters", [names[i % 4] for i in range(8)])):
+                batch = [GenerationRequest(prompt=PROMPT, images=[image], max_new_tokens=new_tokens, adapter=a) for a in row_adapters]
+                wall, _, outs = timed(engine, batch)
+                if rep >= warmup:
+                    tps[kind].append(sum(len(o.token_ids) for o in outs) / wall)
+    finally:
+        for name in names:
+            engine.unload_lora(name)
+    return {
+        "rank": rank,
+        "decode_ratio": median([r.decode_s_per_token for r in runs["adapter"]]) / median([r.decode_s_per_token for r in runs["base"]]),
+        "request_ratio": median([r.request_s for r in runs["adapter"]]) / median([r.request_s for r in runs["base"]]),
+        "batch_tokens_per_s": median(tps["adapters"]),
+        "batch_vs_base_ratio": median(tps["adapters"]) / median(tps["base"]),
+    }
 
 
 def stock_run(model: torch.nn.Module, engine: Engine, image: Image.Image, new_tokens: int) -> Run:
@@ -185,6 +244,7 @@ def run_bench(
             "request_ratio": request["none"] / median([r.request_s for r in runs["stock"]]),
         }
     result["batch"] = batch_throughput(engine, image, new_tokens, batch_reps, warmup, runs)
+    result["adapters"] = adapter_costs(engine, image, new_tokens, batch_reps, warmup)
     if memory:
         result.update(memory_ratios(engine, image, new_tokens))
     if reference:
@@ -238,6 +298,11 @@ def table(result: dict[str, Any]) -> str:
     rows += ["", f"batch of 8, mixed methods: {b['mixed_tokens_per_s']:.1f} tok/s = {b['mixed_vs_uniform_ratio']:.3f}x the same "
              f"batch without methods, {b['mixed_vs_sequential_ratio']:.2f}x the 8 requests one by one "
              f"(batching alone, no methods: {b['uniform_vs_sequential_ratio']:.2f}x)"]
+    if "adapters" in result:
+        a = result["adapters"]
+        rows.append(f"LoRA adapters (rank {a['rank']}, every attention and MLP layer): an adapter row {a['decode_ratio']:.3f}x a "
+                    f"base row per token, {a['request_ratio']:.3f}x per request; a batch of 8 rows on 4 adapters "
+                    f"{a['batch_vs_base_ratio']:.3f}x the tokens/s of the same batch on the base model")
     if "runtime_overhead" in result:
         o = result["runtime_overhead"]
         rows.append(f"seeright without interventions vs stock generate: {o['decode_ratio']:.3f}x per token, {o['request_ratio']:.3f}x per request")

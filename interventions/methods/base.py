@@ -45,6 +45,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from seeright.interventions.adapters.base import ChatTurn, EncodedPrompt, ModelInfo
+from seeright.interventions.lora import Lora
 from seeright.interventions.layout import TokenLayout
 
 
@@ -65,6 +66,7 @@ class RequestInputs:
     turns: list[ChatTurn]
     images: list[Image.Image]
     prompt: EncodedPrompt | None = None
+    lora: Lora | None = None  # the LoRA adapter the request runs on: its analysis passes use it too
 
 
 @dataclass

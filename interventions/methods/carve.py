@@ -126,7 +126,7 @@ class CARVE(Method):
             for key, text in (("task", question), ("general", state.params.general_instruction)):
                 turns = [*(t.without_images() for t in state.request.turns[:-1]), ChatTurn("user", text + state.params.collect_suffix, 1)]
                 prompts.append(passes.encode(turns, state.request.images))
-                rows.append([RowState(hooks=collector, params=state.params, data={"maps": [], "key": key})])
+                rows.append([RowState(hooks=collector, params=state.params, request=state.request, data={"maps": [], "key": key})])
         generated = passes.greedy(prompts, rows, max(s.params.collect_tokens for s in states))
         eos = set(passes.eos_token_ids())
         for i, state in enumerate(states):

@@ -97,7 +97,7 @@ class GIFT(Method):
         if not separate:
             return
         capture = _GazeCapture()
-        rows = [[RowState(hooks=capture, params=s.params)] for s in separate]
+        rows = [[RowState(hooks=capture, params=s.params, request=s.request)] for s in separate]
         stop = max(s.params.saliency_layers[-1] for s in separate)
         passes.prefill([s.request.prompt for s in separate], rows, stop_after_layer=stop)
         for state, row in zip(separate, rows):

@@ -72,7 +72,7 @@ class VHR(Method):
         for state in states:
             turns = [t.without_images() for t in state.request.turns]
             prompts.append(passes.encode(turns, []))
-            rows.append([RowState(hooks=capture, params=state.params)])
+            rows.append([RowState(hooks=capture, params=state.params, request=state.request)])
         passes.prefill(prompts, rows, stop_after_layer=max(s.params.layers[-1] for s in states))
         for state, row in zip(states, rows):
             state.data["text_heads"] = row[0].data["text_heads"]

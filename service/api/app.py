@@ -14,7 +14,7 @@ from seeright.service.api.deps import KeyRing
 from seeright.service.api.errors import error_response, install_error_handlers
 from seeright.service.api.image_memory import ImageMemory
 from seeright.service.api.metrics import Metrics
-from seeright.service.api.routes import chat, evaluations, health, models, ui
+from seeright.service.api.routes import adapters, chat, evaluations, health, models, ui
 from seeright.service.api.serving_evaluations import EvaluationJobs
 from seeright.service.client import EngineClient
 from seeright.service.engine import Engine
@@ -87,6 +87,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         )
         if settings.max_prompt_tokens is not None:
             engine.max_prompt_tokens = settings.max_prompt_tokens
+        for name, path in settings.adapters.items():
+            if name not in engine.loras:
+                engine.load_lora(name, path, settings.max_lora_rank)
         scheduler = Scheduler(
             engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size, settings.max_kv_tokens,
             settings.prefill_chunk_tokens,
@@ -107,7 +110,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.evaluations = EvaluationJobs(settings, client)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, header_limit=settings.max_header_bytes)
     install_error_handlers(app)
-    for router in (chat.router, models.router, evaluations.router, health.router, ui.router):
+    for router in (chat.router, models.router, adapters.router, evaluations.router, health.router, ui.router):
         app.include_router(router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")
     return app

@@ -10,7 +10,7 @@ from seeright.service.api.protocol import ErrorResponse
 from seeright.service.requests import RequestError
 from seeright.service.scheduler import QueueFull
 
-KINDS = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 431: "request_too_large", 503: "overloaded"}
+KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "request_too_large", 431: "request_too_large", 503: "overloaded"}
 
 
 def error_response(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -246,6 +246,24 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "seeright"
+    root: str | None = Field(None, description="An adapter's folder (as vLLM lists LoRA adapters).")
+    parent: str | None = Field(None, description="An adapter's base model.")
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's ``POST /v1/load_lora_adapter`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=200)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's ``POST /v1/unload_lora_adapter`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=200)
+    lora_int_id: int | None = None  # accepted for vLLM clients; names identify adapters here
 
 
 class ModelList(BaseModel):

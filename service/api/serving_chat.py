@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
-from fastapi import HTTPException
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +22,7 @@ from seeright.interventions.adapters import ChatTurn
 from seeright.service.api.image_memory import ImageMemory, Reservation
 from seeright.service.api.images import load_image
 from seeright.service.api.metrics import Metrics
+from seeright.service.api.model_ids import split_model
 from seeright.service.api.protocol import (
     AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage, Choice,
     ChoiceLogprobs, ChunkChoice, Delta, ErrorResponse, ImagePart, TokenLogprob, TopLogprob, Usage, completion_id, now,
@@ -32,14 +32,6 @@ from seeright.service.requests import GenerationOutput, GenerationRequest, Reque
 from seeright.service.scheduler import QueueFull
 from seeright.service.settings import Settings
 from seeright.service.stops import StopMatcher
-
-
-def split_model(name: str, served: str) -> list[str]:
-    """``served+preset+preset`` -> the presets; 404 for a model this server does not serve."""
-    base, *presets = name.split("+")
-    if base != served:
-        raise HTTPException(404, f"model: {base!r} is not served here; this server serves {served!r}")
-    return presets
 
 
 def message_turn(
@@ -68,11 +60,12 @@ def message_turn(
 
 def build_request(
     body: ChatCompletionRequest, settings: Settings, attention_maps: bool = True, reserve: Callable[[int], None] | None = None,
+    adapters: Collection[str] = (),
 ) -> GenerationRequest:
     """Turns, images and settings of a chat request (decodes images: call it off the event loop). With
     ``diagnostics``, a request with an image also reads its attention map where the engine can (``attention_maps``);
-    ``reserve`` is told each image's decoded size before it is decoded."""
-    presets = split_model(body.model, settings.name)
+    ``reserve`` is told each image's decoded size before it is decoded; ``adapters`` are the LoRA adapters served."""
+    adapter, presets = split_model(body.model, settings.name, adapters)
     images: list = []
     fields: list[str] = []
     turns = [message_turn(i, message, images, fields, settings, reserve) for i, message in enumerate(body.messages)]
@@ -100,6 +93,7 @@ def build_request(
         temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stops, logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, image_fields=tuple(fields),
+        adapter=adapter,
     )
 
 
@@ -281,7 +275,7 @@ class ChatServing:
 
     def _prepare(self, body: ChatCompletionRequest, reserve: Callable[[int], None]) -> GenerationRequest:
         """The engine request of a chat request, checked (images decoded, the prompt's length counted)."""
-        gen = build_request(body, self.settings, self.client.unavailable("attention_map") is None, reserve)
+        gen = build_request(body, self.settings, self.client.unavailable("attention_map") is None, reserve, self.client.adapters)
         limit = self.client.max_prompt_tokens
         if limit is not None:
             text_tokens = sum(len(self.client.tokenizer(turn.text, add_special_tokens=False)["input_ids"])

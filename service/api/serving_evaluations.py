@@ -18,7 +18,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from seeright.eval import chair, pope, report, runner
 from seeright.service.api.deps import Caller
+from seeright.service.api.model_ids import split_model
 from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError
 from seeright.service.settings import Settings
 
@@ -43,11 +44,18 @@ class GenerationClient(Protocol):
 
     async def check_interventions(self, interventions: dict[str, dict[str, Any]]) -> None: ...
 
+    @property
+    def adapters(self) -> Collection[str]: ...
+
 
 class EvaluationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     benchmark: Literal["pope", "chair"]
+    model: str | None = Field(
+        None, max_length=400,
+        description="The served model or one of its LoRA adapters, presets allowed (``NAME+vcd``); default: the base model.",
+    )
     images: str = Field(".", max_length=4096, description="Image folder, relative to the server's allowed image folder.")
     split: list[Literal["random", "popular", "adversarial"]] = Field(
         default_factory=lambda: list(pope.SPLITS), min_length=1, max_length=len(pope.SPLITS)
@@ -82,8 +90,10 @@ class ClientGenerator:
     requests go through the same client and scheduler as chat requests and wait for room behind them. Once
     ``cancelled`` is set, the batch in flight is dropped and no new batch starts."""
 
-    def __init__(self, client: GenerationClient, loop: asyncio.AbstractEventLoop, cancelled: threading.Event) -> None:
-        self.client, self.loop, self.cancelled = client, loop, cancelled
+    def __init__(
+        self, client: GenerationClient, loop: asyncio.AbstractEventLoop, cancelled: threading.Event, adapter: str | None = None,
+    ) -> None:
+        self.client, self.loop, self.cancelled, self.adapter = client, loop, cancelled, adapter
 
     def generate(self, prompts: Sequence[str], images: Sequence[Image.Image], interventions: dict, max_new_tokens: int) -> list[str]:
         if self.cancelled.is_set():
@@ -91,7 +101,8 @@ class ClientGenerator:
 
         async def run() -> list[str]:
             requests = [
-                GenerationRequest(prompt=p, images=[im], interventions=interventions, max_new_tokens=max_new_tokens)
+                GenerationRequest(prompt=p, images=[im], interventions=interventions, max_new_tokens=max_new_tokens,
+                                  adapter=self.adapter)
                 for p, im in zip(prompts, images)
             ]
             outs = await asyncio.gather(*(self.client.generate(r, wait_for_room=True) for r in requests))
@@ -194,7 +205,9 @@ def _image_folder(settings: Settings, relative: str) -> Path:
     return images
 
 
-def _first_request(body: EvaluationRequest, spec: runner.BenchmarkSpec, items: list[runner.EvalItem]) -> GenerationRequest:
+def _first_request(
+    body: EvaluationRequest, spec: runner.BenchmarkSpec, items: list[runner.EvalItem], adapter: str | None,
+) -> GenerationRequest:
     """The first item as a request, to check as a chat request is checked; images must stay in their folder."""
     if not items:
         raise RequestError("images", "the benchmark has no items for this folder and split")
@@ -205,7 +218,7 @@ def _first_request(body: EvaluationRequest, spec: runner.BenchmarkSpec, items: l
         raise RequestError("images", f"{first.image.name} links outside the image folder")
     with Image.open(first.image) as image:
         return GenerationRequest(prompt=first.prompt, images=[image.convert("RGB")], interventions=body.interventions,
-                                 max_new_tokens=spec.new_tokens)
+                                 max_new_tokens=spec.new_tokens, adapter=adapter)
 
 
 class EvaluationJobs:
@@ -222,7 +235,7 @@ class EvaluationJobs:
             self._ground_truth[path] = chair.load_ground_truth(path)
         return self._ground_truth[path]
 
-    def _prepare(self, body: EvaluationRequest) -> tuple[runner.BenchmarkSpec, list[runner.EvalItem], Any, GenerationRequest]:
+    def _prepare(self, body: EvaluationRequest, adapter: str | None) -> tuple[runner.BenchmarkSpec, list[runner.EvalItem], Any, GenerationRequest]:
         """Files and checks (a thread's work): the folder, the items, CHAIR's ground truth, the first request."""
         settings = self.settings
         images = _image_folder(settings, body.images)
@@ -240,10 +253,13 @@ class EvaluationJobs:
             if unknown:
                 raise RequestError("images", f"{unknown[0]} (and {len(unknown) - 1} more) have no CHAIR ground truth: "
                                    "COCO val2014 file names (COCO_val2014_000000123456.jpg) of annotated images only")
-        return spec, items, gt, _first_request(body, spec, items)
+        return spec, items, gt, _first_request(body, spec, items, adapter)
 
     async def create(self, body: EvaluationRequest, owner: str = "anonymous") -> EvaluationJob:
         settings = self.settings
+        adapter, presets = split_model(body.model or settings.name, settings.name, self.client.adapters)
+        if presets:
+            body = body.model_copy(update={"interventions": {name: {} for name in presets} | body.interventions})
         job_id = _job_id(owner, settings.name, body)
         existing = self.jobs.get(job_id)
         if existing is not None and existing.status in ("queued", "running", "completed"):
@@ -255,7 +271,7 @@ class EvaluationJobs:
         self.jobs[job_id] = job  # taken before the first await: a second identical POST gets this job, not a twin
         try:
             await self.client.check_interventions(body.interventions)
-            job.spec, items, job.gt, first = await run_in_threadpool(self._prepare, body)
+            job.spec, items, job.gt, first = await run_in_threadpool(self._prepare, body, adapter)
             await self.client.check(first)
         except BaseException:
             if existing is not None:
@@ -266,7 +282,7 @@ class EvaluationJobs:
         job.total = len(items)
         job.out_dir.mkdir(parents=True, exist_ok=True)
         (job.out_dir / "request.json").write_text(body.model_dump_json(indent=2))
-        generator = ClientGenerator(self.client, asyncio.get_running_loop(), job.cancelled)
+        generator = ClientGenerator(self.client, asyncio.get_running_loop(), job.cancelled, adapter)
         threading.Thread(target=_run, args=(job, generator), name=job_id, daemon=True).start()
         return job
 

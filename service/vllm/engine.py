@@ -29,8 +29,10 @@ from PIL import Image
 
 from seeright import __version__
 from seeright.interventions.adapters import ChatTurn
+from seeright.interventions.lora import Lora, LoraError
 from seeright.interventions.methods.base import HookPoint, Method, RowState
 from seeright.model_zoo import built_in, export_dir, resolve_model_path
+from seeright.service.admission import row_loras
 from seeright.service.engine import Engine, to_python
 from seeright.service.requests import MIN_LOGPROB, GenerationOutput, GenerationRequest, RequestError, StreamedToken
 from seeright.service.scheduler import QueueFull, when_room
@@ -94,7 +96,22 @@ def engine_args(settings: Settings) -> Any:
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.25),
         worker_extension_cls="seeright.service.vllm.worker.HookPoints", disable_log_stats=True,
+        **lora_args(settings),
     )
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
+
+
+def lora_args(settings: Settings) -> dict[str, Any]:
+    """vLLM's multi-LoRA settings when the server serves adapters (given at start, or loadable at run time): the
+    smallest rank vLLM accepts at or above ``max_lora_rank``, ``max_adapters`` held in CPU memory, as many in one
+    batch as it has rows."""
+    if not settings.adapters and not settings.runtime_adapters:
+        return {}
+    rank = next((r for r in VLLM_LORA_RANKS if r >= settings.max_lora_rank), VLLM_LORA_RANKS[-1])
+    return {"enable_lora": True, "max_lora_rank": rank, "max_loras": min(settings.max_adapters, settings.max_batch_size),
+            "max_cpu_loras": settings.max_adapters}
 
 
 class VllmTokenStream:
@@ -134,10 +151,41 @@ class VllmEngineClient:
         self._installed = False
         self._inflight = 0
         self._key = secrets.token_bytes(32)  # signs the method states the workers accept
+        self._lora_ids: dict[Lora, int] = {}  # vLLM's id of each adapter loaded (a reload of a name gets a new one)
+        self._adapter_lock = asyncio.Lock()
+        for name, path in settings.adapters.items():
+            self._add_lora(name, str(path))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngineClient:
         return cls(settings, Engine.weightless(vllm_folder(settings.model), settings.model_config_name))
+
+    # ---- LoRA adapters -----------------------------------------------------------------------------
+    @property
+    def adapters(self) -> dict[str, Lora]:
+        """The LoRA adapters being served, by name (checked against the model's shapes; vLLM loads their weights)."""
+        return self.spec.loras
+
+    def _add_lora(self, name: str, path: str) -> None:
+        lora = self.spec.load_lora(name, path, self.settings.max_lora_rank)  # the checks, on meta tensors: no weights kept
+        self._lora_ids[lora] = len(self._lora_ids) + 1
+
+    async def load_adapter(self, name: str, path: str, max_rank: int, max_adapters: int) -> None:
+        """Check a PEFT LoRA folder and serve it as model ``name``; vLLM reads its weights on first use."""
+        async with self._adapter_lock:
+            if name not in self.adapters and len(self.adapters) >= max_adapters:
+                raise LoraError("lora_name", f"{max_adapters} adapters are loaded (this server's max_adapters); unload one first")
+            await asyncio.to_thread(self._add_lora, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name``; requests already running keep it (vLLM's adapter cache evicts it when it needs room)."""
+        async with self._adapter_lock:
+            self.spec.unload_lora(name)
+
+    def _lora_request(self, lora: Lora | None) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        return None if lora is None else LoRARequest(lora.name, self._lora_ids[lora], lora.path)
 
     async def start(self, install: bool = True) -> None:
         """Start vLLM (and, unless told not to, hook its workers: ``seeright bench`` times vLLM without them)."""
@@ -256,7 +304,7 @@ class VllmEngineClient:
         key, extra = self._with_states(prompt, states)
         sampling = self._sampling(GenerationRequest(max_new_tokens=max_tokens), extra)
         tokens: list[int] = []
-        async for out in self._outputs(prompt, sampling):
+        async for out in self._outputs(prompt, sampling, row_loras([states])[0]):
             tokens.extend(out.outputs[0].token_ids)
         return tokens, await self._collect(key)
 
@@ -273,10 +321,12 @@ class VllmEngineClient:
             output_kind=RequestOutputKind.DELTA, extra_args={EXTRA_ARGS_KEY: extra} if extra else None,
         )
 
-    async def _outputs(self, prompt: dict[str, Any], sampling: Any) -> AsyncIterator[Any]:
-        """vLLM's outputs of one request; a request vLLM refuses (a prompt too long for ``max_model_len``) is a 400."""
+    async def _outputs(self, prompt: dict[str, Any], sampling: Any, lora: Lora | None) -> AsyncIterator[Any]:
+        """vLLM's outputs of one request (on ``lora``, if given); a request vLLM refuses (a prompt too long for
+        ``max_model_len``) is a 400."""
         try:
-            async for out in self.llm.generate(prompt, sampling, f"seeright-{uuid.uuid4().hex}"):
+            async for out in self.llm.generate(prompt, sampling, f"seeright-{uuid.uuid4().hex}",
+                                               lora_request=self._lora_request(lora)):
                 yield out
         except RequestError:
             raise
@@ -290,6 +340,7 @@ class VllmEngineClient:
             raise RuntimeError("the vLLM workers are not hooked (start(install=True))")
         start = time.perf_counter()
         key, extra, states = None, None, []
+        lora = self.spec.lora_of(request)  # read once: an unload while it runs leaves it its adapter
         if request.interventions:
             inputs, rows = await asyncio.to_thread(self.spec.admit, [request])
             states = rows[0]
@@ -304,7 +355,7 @@ class VllmEngineClient:
         logprobs: list[float] = []
         tops: list[list[tuple[int, float]]] = []
         text, reason, prompt_tokens = "", "length", len(prompt["prompt_token_ids"])
-        async for out in self._outputs(prompt, self._sampling(request, extra)):
+        async for out in self._outputs(prompt, self._sampling(request, extra), lora):
             if out.prompt_token_ids is not None:
                 prompt_tokens = len(out.prompt_token_ids)
             done = out.outputs[0]

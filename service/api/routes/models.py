@@ -1,4 +1,5 @@
-"""``GET /v1/models`` (the model and its presets) and ``GET /v1/interventions`` (schemas and defaults)."""
+"""``GET /v1/models`` (the model, its presets and its LoRA adapters) and ``GET /v1/interventions`` (schemas and
+defaults)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ router = APIRouter(dependencies=AUTHORIZED)
 @router.get("/v1/models")
 async def models(settings: SettingsDep, client: ClientDep) -> ModelList:
     ids = [settings.name] + [f"{settings.name}+{name}" for name in client.methods if client.unavailable(name) is None]
-    return ModelList(data=[ModelCard(id=i, created=now()) for i in ids])
+    adapters = [ModelCard(id=name, created=now(), root=lora.path, parent=settings.name) for name, lora in client.adapters.items()]
+    return ModelList(data=[ModelCard(id=i, created=now()) for i in ids] + adapters)
 
 
 @router.get("/v1/interventions", response_model_by_alias=True)
