@@ -139,7 +139,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from seeright.service.engine import Engine, EngineGenerator
     from seeright.testbed import results as shapes_results
 
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, loras=_adapters(args.adapter))
     rows = shapes_results.configs(engine.methods, engine.model_config.sweeps)
     if args.only:
         unknown = sorted(set(args.only) - {label for label, _ in rows})
@@ -149,6 +149,10 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     if args.row:  # settings of one's own (a sweep on a development seed): run beside --only's rows, or alone
         extra = tuple(shapes_results.parse_row(label) for label in args.row)
         engine.resolve_params({name: given for _, row in extra for name, given in row.items()})  # a typo fails here
+        for label, _ in extra:
+            adapter = shapes_results.row_adapter(label)
+            if adapter is not None and adapter not in engine.loras:
+                raise ValueError(f"row {label!r}: no adapter {adapter!r} (give it with --adapter {adapter}=PATH)")
         rows = (*(rows if args.only else (("baseline", {}),)), *extra)
     for seed in args.seed:  # several seeds: one folder each
         out = Path(args.out) / f"seed{seed}" if len(args.seed) > 1 else Path(args.out)
@@ -376,6 +380,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     es.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows (labels as in the table, e.g. baseline)")
     es.add_argument("--row", action="append", metavar="'METHOD KEY=VALUE ...'",
                     help="also run this setting (repeatable; e.g. 'gift alpha=2'); without --only, beside the baseline only")
+    es.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                    help="load a PEFT LoRA adapter; rows '@NAME' and '@NAME METHOD ...' run on it")
     es.add_argument("--batch-size", type=int, default=32)
     es.add_argument("--device", default="cpu")
     es.add_argument("--dtype", default="float32")

@@ -391,16 +391,23 @@ def _model_config(model_id: str, source: str, config: Any, chosen: str | None) -
 
 
 class EngineGenerator:
-    """The evaluation runner's generator (``seeright.eval.runner.Generator``) over an in-process engine (greedy)."""
+    """The evaluation runner's generator (``seeright.eval.runner.Generator``) over an in-process engine (greedy), on
+    the base model or one LoRA adapter."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, adapter: str | None = None) -> None:
         self.engine = engine
+        self.adapter = adapter
+
+    def on_adapter(self, adapter: str) -> EngineGenerator:
+        """The same generator on a loaded LoRA adapter."""
+        return EngineGenerator(self.engine, adapter)
 
     def generate(
         self, prompts: Sequence[str], images: Sequence[Image.Image], interventions: dict, max_new_tokens: int
     ) -> list[str]:
         requests = [
-            GenerationRequest(prompt=p, images=[im], interventions=interventions, max_new_tokens=max_new_tokens)
+            GenerationRequest(prompt=p, images=[im], interventions=interventions, max_new_tokens=max_new_tokens,
+                              adapter=self.adapter)
             for p, im in zip(prompts, images)
         ]
         return [out.text for out in self.engine.generate_batch(requests)]

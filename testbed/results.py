@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from seeright.eval import pope, report, runner
+from seeright.eval import chair, pope, report, runner
 from seeright.testbed import world as shapes
 
 
@@ -31,10 +31,22 @@ def configs(methods: Any, sweeps: Mapping[str, Any] | None = None) -> tuple[tupl
     return (("baseline", {}), *methods.sweep(sweeps))
 
 
+def row_adapter(label: str) -> str | None:
+    """The LoRA adapter a row runs on: ``"@sentinel vcd"`` runs VCD on adapter ``sentinel`` (None: the base model)."""
+    first = label.split()[0] if label.split() else ""
+    return first[1:] if first.startswith("@") else None
+
+
 def parse_row(label: str) -> tuple[str, dict[str, dict[str, Any]]]:
     """``"gift alpha=2 content_words=all"`` -> ``(label, {"gift": {"alpha": 2, "content_words": "all"}})``: values
-    read as YAML scalars or lists (``layers=[10,11]``); the label is kept as given."""
-    name, *pairs = label.split()
+    read as YAML scalars or lists (``layers=[10,11]``); the label is kept as given. A first word ``@NAME`` names the
+    row's LoRA adapter (:func:`row_adapter`): ``"@sentinel"`` alone is the adapter without a method."""
+    words = label.split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    if not words:
+        return label, {}
+    name, *pairs = words
     given = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -105,6 +117,36 @@ def paired_gain(records: list[dict[str, Any]], base: list[dict[str, Any]], round
     return {"points": round(float(100 * delta.sum() / counts.sum()), 2), "interval95": round(float(high - low) / 2, 2)}
 
 
+def chair_counts(spec: runner.BenchmarkSpec, records: list[dict[str, Any]]) -> dict[int, np.ndarray]:
+    """Per image: [hallucinated caption 0/1, hallucinated mentions, mentions, recalled objects, ground-truth objects],
+    the sums CHAIR_S, CHAIR_I and recall are ratios of."""
+    scorer = chair.ChairScorer(lemmatizer=spec.lemmatizer, synonyms=spec.synonyms.read_text() if spec.synonyms else None)
+    gt = chair.load_ground_truth(spec.gt)
+    scored = scorer.score([{"image_id": r["image_id"], "caption": r["text"]} for r in records], gt, per_caption=True)
+    return {c["image_id"]: np.array([bool(c["mscoco_hallucinated_words"]), len(c["mscoco_hallucinated_words"]),
+                                     len(c["mscoco_generated_words"]), c["metrics"]["Recall"] * len(c["mscoco_gt_words"]),
+                                     len(c["mscoco_gt_words"])], dtype=float)
+            for c in scored["captions"]}
+
+
+def chair_paired_gain(counts: dict[int, np.ndarray], base: dict[int, np.ndarray], rounds: int = 1000) -> dict[str, dict[str, float]]:
+    """CHAIR_S, CHAIR_I and recall minus the baseline's on the same images, in points, with 95% half-widths from a
+    bootstrap over images that resamples both runs together (paired)."""
+    images = sorted(counts)
+    mine, theirs = np.stack([counts[i] for i in images]), np.stack([base[i] for i in images])
+    draws = np.random.default_rng(0).integers(0, len(images), size=(rounds, len(images)))
+
+    def metrics(table: np.ndarray) -> np.ndarray:  # [..., 5] sums -> [..., 3] percentages
+        return 100 * np.stack([table[..., 0] / len(images), table[..., 1] / np.maximum(table[..., 2], 1),
+                               table[..., 3] / np.maximum(table[..., 4], 1)], -1)
+
+    observed = metrics(mine.sum(0)) - metrics(theirs.sum(0))
+    boot = metrics(mine[draws].sum(1)) - metrics(theirs[draws].sum(1))
+    low, high = np.percentile(boot, [2.5, 97.5], axis=0)
+    return {name: {"points": round(float(observed[k]), 2), "interval95": round(float(high[k] - low[k]) / 2, 2)}
+            for k, name in enumerate(("CHAIR_S", "CHAIR_I", "Recall"))}
+
+
 def run(
     generator: runner.Generator,
     out: Path,
@@ -115,19 +157,23 @@ def run(
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Every row (see :func:`configs`) on both benchmarks; the results, also written to ``out``."""
+    """Every row (see :func:`configs`) on both benchmarks; the results, also written to ``out``. A row labelled
+    ``@NAME ...`` runs on LoRA adapter NAME (``generator.on_adapter(NAME)``)."""
     bench = out / "benchmark"
     counts = shapes.write_benchmark(bench, n_images, seed)
     results: dict[str, Any] = {"seed": seed, "images": n_images, "questions": counts, "methods": {}}
     runs = out / "runs" / f"seed{seed}-images{n_images}"  # resumed only by the same benchmark
     pope_records: dict[str, list[dict[str, Any]]] = {}
+    chair_by_image: dict[str, dict[int, np.ndarray]] = {}
     for label, interventions in rows:
         start = time.perf_counter()
         row: dict[str, Any] = {}
+        adapter = row_adapter(label)
+        row_generator = generator if adapter is None else generator.on_adapter(adapter)  # type: ignore[attr-defined]
         for name, spec in specs(bench, batch_size).items():
             path = runs / label.replace(" ", "_").replace("=", "-") / f"{name}.jsonl"
             records = runner.run_items(
-                runner.benchmark_items(spec), generator, path, interventions, spec.new_tokens, spec.batch_size, progress
+                runner.benchmark_items(spec), row_generator, path, interventions, spec.new_tokens, spec.batch_size, progress
             )
             row[name] = runner.score_records(spec, records)
             if name == "pope":
@@ -135,6 +181,10 @@ def run(
                 pope_records[label] = records
                 if "baseline" in pope_records:
                     row["pope"]["gain_vs_baseline"] = paired_gain(records, pope_records["baseline"])
+            else:
+                chair_by_image[label] = chair_counts(spec, records)
+                if "baseline" in chair_by_image:
+                    row["chair"]["gain_vs_baseline"] = chair_paired_gain(chair_by_image[label], chair_by_image["baseline"])
         row["seconds"] = round(time.perf_counter() - start, 1)
         results["methods"][label] = row
         log(f"{label}: {row['seconds']} s")
@@ -150,6 +200,9 @@ def markdown(results: dict[str, Any]) -> str:
     for split in splits:
         header += [f"{split} acc", f"{split} F1", f"{split} yes%"]
     header += list(report.CHAIR_COLUMNS) + ["POPE acc vs baseline (paired 95%)"]
+    paired_chair = any("gain_vs_baseline" in row["chair"] for row in results["methods"].values())
+    if paired_chair:  # records from before CHAIR's paired intervals have none
+        header += ["CHAIR_S / CHAIR_I / Recall vs baseline (paired 95%)"]
     rows = []
     for label, row in results["methods"].items():
         cells = [label]
@@ -159,6 +212,10 @@ def markdown(results: dict[str, Any]) -> str:
         cells += [f"{row['chair'][c]:.1f}" for c in report.CHAIR_COLUMNS]
         gain = row["pope"].get("gain_vs_baseline")
         cells.append("-" if gain is None or label == "baseline" else f"{gain['points']:+.1f} ±{gain['interval95']:.1f}")
+        if paired_chair:
+            gains = row["chair"].get("gain_vs_baseline")
+            cells.append("-" if gains is None or label == "baseline" else " / ".join(
+                f"{gains[k]['points']:+.1f} ±{gains[k]['interval95']:.1f}" for k in ("CHAIR_S", "CHAIR_I", "Recall")))
         rows.append(cells)
     n = results["questions"]
     base = results["methods"].get("baseline")

@@ -69,3 +69,22 @@ def test_the_evaluation_runner_loads_and_scores_the_shapes_benchmarks(tmp_path):
     records = runner.run_items(runner.benchmark_items(chair_spec), generator, tmp_path / "chair.jsonl", {}, 8, progress=False)
     assert len(records) == 12 and records[0]["prompt"] == "Describe the image."
     assert runner.score_records(chair_spec, records)["n"] == 12
+
+
+def test_chair_paired_gains_are_the_metric_differences_with_intervals(tmp_path):
+    from seeright.eval import runner
+    from seeright.testbed import results
+
+    shapes.write_benchmark(tmp_path, n_images=30, seed=13)
+    spec = results.specs(tmp_path, batch_size=8)["chair"]
+    scenes = shapes.generate_scenes(30, seed=13)
+    truth = [{"image_id": s.image_id, "text": shapes.caption(s)} for s in scenes]
+    noisy = [{"image_id": s.image_id, "text": shapes.caption(s) + (" There is a red crescent." if i % 3 == 0 else "")}
+             for i, s in enumerate(scenes)]
+    gains = results.chair_paired_gain(results.chair_counts(spec, noisy), results.chair_counts(spec, truth))
+    want, base = runner.score_records(spec, noisy), runner.score_records(spec, truth)
+    for metric in ("CHAIR_S", "CHAIR_I", "Recall"):
+        assert abs(gains[metric]["points"] - (want[metric] - base[metric])) < 0.01
+    assert gains["CHAIR_S"]["interval95"] > 0 and gains["Recall"]["interval95"] >= 0
+    same = results.chair_paired_gain(results.chair_counts(spec, truth), results.chair_counts(spec, truth))
+    assert all(g == {"points": 0.0, "interval95": 0.0} for g in same.values())

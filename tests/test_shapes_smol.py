@@ -4,6 +4,7 @@ interventions off equals stock generation through SmolLM2's own chat template.""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,3 +110,27 @@ def test_ships_its_own_lookback_lens_detector(smol):
                         interventions={"lookback": {"window": 1}})
     probs = out.diagnostics["lookback"]["hallucination_probability"]
     assert len(probs) == len(out.token_ids) - 1 and all(0 < p < 1 for p in probs)
+
+
+def test_the_shipped_sentinel_adapter_loads_and_is_served_per_row(smol):
+    """``model_zoo/shapes-smol-sentinel`` (``python -m seeright.testbed.train_sentinel``) is a PEFT folder of this
+    model: it loads, and a row on it beside a base row changes only its own answer."""
+    import seeright.model_zoo
+    from seeright.service.engine import GenerationRequest
+
+    folder = Path(seeright.model_zoo.__file__).parent / "shapes-smol-sentinel"
+    training = json.loads((folder / "training.json").read_text())
+    assert training["settings"]["model"] == MODEL and training["counts"]["pairs"] > 0
+    lora = smol.load_lora("sentinel-test", folder)
+    try:
+        assert lora.rank == training["settings"]["rank"]
+        scenes = shapes.generate_scenes(4, seed=5)
+        requests = [GenerationRequest(prompt=shapes.CAPTION_PROMPT, images=[shapes.render(s, 5)], max_new_tokens=24,
+                                      logprobs=True, adapter=adapter) for s in scenes for adapter in (None, "sentinel-test")]
+        together = smol.generate_batch(requests)
+        alone = [smol.generate_batch([r])[0] for r in requests]
+        assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+        base, adapted = together[0::2], together[1::2]
+        assert any(a.logprobs != b.logprobs for a, b in zip(adapted, base))
+    finally:
+        smol.unload_lora("sentinel-test")
