@@ -157,8 +157,7 @@ def train(engine: Engine, pairs: list[Pair], prompts: dict[int, EncodedPrompt], 
     from peft import LoraConfig, get_peft_model  # the [train] extra
 
     model = get_peft_model(engine.model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                                                    target_modules=LANGUAGE_MODEL, base_model_name_or_path=args.model))
-    model.base_model_name_or_path = args.model
+                                                    target_modules=LANGUAGE_MODEL))
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -236,6 +235,8 @@ def main() -> None:
     weights = out / "adapter_model.safetensors"  # shipped in float16 (half the bytes; served in the model's dtype)
     save_file({k: v.half() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
     (out / "README.md").unlink(missing_ok=True)  # PEFT's blank model card
+    config = json.loads((out / "adapter_config.json").read_text())  # PEFT records the model's path, None for a built model
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": args.model}, indent=2))
     examples = [{**asdict(p), "text": {k: engine.tokenizer.decode(getattr(p, k)) for k in ("context", "win", "lose")}}
                 for p in pairs[:5]]
     (out / "training.json").write_text(json.dumps({"settings": vars(args), "counts": counts, "history": history,
