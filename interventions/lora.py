@@ -4,9 +4,10 @@ A PEFT adapter folder (``adapter_config.json`` and ``adapter_model.safetensors``
 into a :class:`Lora`: for each adapted ``nn.Linear`` of the language model, ``A`` ``[r, in]`` and ``B`` ``[out, r]``
 with the scale folded into ``B`` (Hu et al., 2021, eq. 3: ``h = W0 x + (alpha / r) B A x``; rsLoRA's
 ``alpha / sqrt(r)`` with ``use_rslora``). :func:`lora_hooks` installs, for one forward, a forward hook on every
-adapted module that adds ``x A^T B^T`` to the output rows of the batch rows that carry that adapter: rows are
-gathered per adapter and multiplied in one batched product each; rows without an adapter are never touched, so
-they keep the base model's output bit for bit.
+adapted module that adds ``x A^T B^T`` to the output rows of the batch rows that carry that adapter: the adapted
+rows and their adapters' weights (stacked by :class:`LoraStacks`) are gathered and multiplied in two batched
+products for all adapters at once; rows without an adapter are never touched, so they keep the base model's output
+bit for bit.
 
 Only the language model's linear layers and its output head are served (their batch dimension is the batch's
 rows); an adapter of the vision tower or projector (whose batch is the images) is refused, as are DoRA, bias
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +55,6 @@ class Lora:
     rank: int
     base_model: str | None
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
-
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
-        """``x A^T B^T`` for ``module`` (None when this adapter leaves it alone)."""
-        pair = self.weights.get(module)
-        if pair is None:
-            return None
-        a, b = pair
-        return torch.matmul(torch.matmul(x, a.t()), b.t())
 
 
 def row_modules(model: nn.Module, language_model: nn.Module) -> dict[str, nn.Linear]:
@@ -185,31 +179,94 @@ def _pattern(pattern: Any, module: str, default: float) -> Any:
     return default
 
 
-def lora_hooks(modules: Mapping[str, nn.Linear], loras: Sequence[Lora | None]) -> list[RemovableHandle]:
+class LoraStacks:
+    """Adapters stacked per module for gathered products, kept for the last few sets of adapters a batch carried
+    (a running batch keeps its set for many steps): ``A`` ``[G, R, in]`` and ``B`` ``[G, out, R]`` of the set's G
+    adapters, zero-padded to their largest rank R there (a padded rank, or a module an adapter leaves alone, adds
+    exact zeros)."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._sets: OrderedDict[tuple[Lora, ...], dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = OrderedDict()
+
+    def of(self, loras: tuple[Lora, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The (lazily filled) per-module stacks of ``loras``; the least recently used set is dropped."""
+        stacks = self._sets.pop(loras, None)
+        if stacks is None:
+            stacks = {}
+            while len(self._sets) >= self.capacity:
+                self._sets.popitem(last=False)
+        self._sets[loras] = stacks
+        return stacks
+
+    def forget(self, lora: Lora) -> None:
+        """Drop every set that holds ``lora`` (it was unloaded)."""
+        for key in [key for key in self._sets if lora in key]:
+            del self._sets[key]
+
+    @staticmethod
+    def stack(loras: tuple[Lora, ...], module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pairs = [lora.weights.get(module) for lora in loras]
+        present = [pair for pair in pairs if pair is not None]
+        if not present:
+            return None
+        rank = max(a.shape[0] for a, _ in present)
+        a0, b0 = present[0]
+        a_stack = a0.new_zeros(len(loras), rank, a0.shape[1])
+        b_stack = b0.new_zeros(len(loras), b0.shape[0], rank)
+        for g, pair in enumerate(pairs):
+            if pair is not None:
+                a, b = pair
+                a_stack[g, : a.shape[0]] = a
+                b_stack[g, :, : b.shape[1]] = b
+        return a_stack, b_stack
+
+
+def lora_hooks(
+    modules: Mapping[str, nn.Linear], loras: Sequence[Lora | None], stacks: LoraStacks | None = None,
+) -> list[RemovableHandle]:
     """Forward hooks adding each row's adapter delta to its rows of every adapted module's output, for one forward
-    whose batch row b carries ``loras[b]``; none when no row has an adapter."""
-    groups: dict[int, tuple[Lora, list[int]]] = {}
+    whose batch row b carries ``loras[b]``; none when no row has an adapter.
+
+    Per module, the adapted rows ``x_n`` ``[T, in]`` are multiplied with their own adapter's stacked weights in two
+    batched products, ``(x_n A_{g(n)}^T) B_{g(n)}^T`` for all n at once (the gathered BGMV of Punica / S-LoRA);
+    rows without an adapter are left as they are."""
+    distinct: dict[Lora, int] = {}
+    rows: list[int] = []
+    slots: list[int] = []
     for b, lora in enumerate(loras):
         if lora is not None:
-            groups.setdefault(id(lora), (lora, []))[1].append(b)
-    if not groups:
+            rows.append(b)
+            slots.append(distinct.setdefault(lora, len(distinct)))
+    if not rows:
         return []
-    plan = [(lora, rows, rows == list(range(rows[0], rows[-1] + 1))) for lora, rows in groups.values()]
-    indices: dict[torch.device, list[torch.Tensor]] = {}
-    adapted = set().union(*(lora.weights for lora, _, _ in plan))
+    adapters = tuple(distinct)
+    stacked = (stacks or LoraStacks(1)).of(adapters)
+    every_row = len(rows) == len(loras)
+    one_per_slot = slots == list(range(len(adapters)))
+    indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    adapted = set().union(*(lora.weights for lora in adapters))
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if name not in stacked:
+                stacked[name] = LoraStacks.stack(adapters, name)
+            pair = stacked[name]
+            if pair is None:
+                return output
+            a, b = pair
             x = args[0]
-            rows_of = indices.setdefault(x.device, [torch.tensor(rows, device=x.device) for _, rows, _ in plan])
-            for (lora, rows, contiguous), index in zip(plan, rows_of):
-                if contiguous:
-                    delta = lora.delta(name, x[rows[0] : rows[-1] + 1])
-                else:
-                    delta = lora.delta(name, x.index_select(0, index))
-                if delta is not None:
-                    output = output.index_add(0, index, delta.to(output.dtype))
-            return output
+            if x.device not in indices:
+                indices[x.device] = (torch.tensor(rows, device=x.device), torch.tensor(slots, device=x.device))
+            row_index, slot_index = indices[x.device]
+            if not every_row:
+                x = x.index_select(0, row_index)
+            if not one_per_slot:
+                a, b = a.index_select(0, slot_index), b.index_select(0, slot_index)
+            flat = x.reshape(len(rows), -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+            delta = delta.reshape(*x.shape[:-1], delta.shape[-1]).to(output.dtype)
+            return output + delta if every_row else output.index_add(0, row_index, delta)
 
         return hook
 

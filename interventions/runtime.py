@@ -42,7 +42,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from seeright.interventions.adapters.base import StopForward
-from seeright.interventions.lora import Lora, lora_hooks, row_modules
+from seeright.interventions.lora import Lora, LoraStacks, lora_hooks, row_modules
 from seeright.interventions.methods.base import Hooks
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ class Runtime:
         for layer in adapter.decoder_layers:
             setattr(layer.self_attn, RUNTIME_ATTR, self)
         self.lora_modules = row_modules(model, adapter.language_model)
+        self.lora_stacks = LoraStacks()
 
     @contextmanager
     def activate(self, context: ForwardContext) -> Iterator[ForwardContext]:
@@ -219,7 +220,7 @@ class Runtime:
             handles.append(layers[context.stop_after_layer].register_forward_hook(self._stop))
         for target, keep in context.vision_masks().items():
             handles += self.adapter.mask_vision_attention(keep, target)
-        handles += lora_hooks(self.lora_modules, context.loras)
+        handles += lora_hooks(self.lora_modules, context.loras, self.lora_stacks)
         self.context = context
         try:
             yield context

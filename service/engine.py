@@ -150,6 +150,7 @@ class Engine(Admission):
         """Stop serving adapter ``name`` (a KeyError if none); requests already admitted keep it to their end."""
         if name not in self.loras:
             raise KeyError(name)
+        self.runtime.lora_stacks.forget(self.loras[name])
         self.loras = {k: v for k, v in self.loras.items() if k != name}
 
     # ---- public generation API -------------------------------------------------------------------

@@ -27,14 +27,16 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """Adapter folders per (family, config), and a second adapter per family (``other``, another seed and rank)."""
+    """Adapter folders per (family, config), and a second adapter per family (``other``: another seed, rank and
+    fewer modules, so a gathered product pads both the rank and the modules it leaves alone)."""
     root = tmp_path_factory.mktemp("adapters")
     out = {}
     for family in FAMILIES:
         slug = family.replace("/", "-")
         for name, config in CONFIGS.items():
             out[family, name] = peft_adapter(family, root / f"{slug}-{name}", **config)
-        out[family, "other"] = peft_adapter(family, root / f"{slug}-other", seed=1, r=6, lora_alpha=4)
+        out[family, "other"] = peft_adapter(family, root / f"{slug}-other", seed=1, r=6, lora_alpha=4,
+                                            target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
     return out
 
 
