@@ -56,6 +56,10 @@ class Lora:
     base_model: str | None
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
 
 def row_modules(model: nn.Module, language_model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers whose batch dimension is the batch's rows: the language model's and the output head."""
@@ -180,17 +184,24 @@ def _pattern(pattern: Any, module: str, default: float) -> Any:
 
 
 class LoraStacks:
-    """Adapters stacked per module for gathered products, kept for the last few sets of adapters a batch carried
-    (a running batch keeps its set for many steps): ``A`` ``[G, R, in]`` and ``B`` ``[G, out, R]`` of the set's G
-    adapters, zero-padded to their largest rank R there (a padded rank, or a module an adapter leaves alone, adds
-    exact zeros)."""
+    """Adapter weights stacked per module for gathered products, kept for the last few arrangements of adapters
+    a batch had (a running batch keeps one for many steps): ``A^T`` ``[N, in, R]`` and ``B^T`` ``[N, R, out]``,
+    zero-padded to the largest rank R there (a padded rank, or a module an adapter leaves alone, adds exact zeros).
 
-    def __init__(self, capacity: int = 4) -> None:
+    While the rows' copies fit ``max_row_bytes``, N is the adapted rows (each row's adapter copied once for every
+    step); past that, N is the distinct adapters and each forward gathers the rows' weights per module."""
+
+    def __init__(self, capacity: int = 4, max_row_bytes: int = 128 << 20) -> None:
         self.capacity = capacity
+        self.max_row_bytes = max_row_bytes
         self._sets: OrderedDict[tuple[Lora, ...], dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = OrderedDict()
 
+    def per_row(self, rows: Sequence[Lora]) -> bool:
+        """Whether the adapted rows ``rows`` get copies of their own (else their adapters are gathered per step)."""
+        return sum(lora.nbytes for lora in rows) <= self.max_row_bytes
+
     def of(self, loras: tuple[Lora, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
-        """The (lazily filled) per-module stacks of ``loras``; the least recently used set is dropped."""
+        """The (lazily filled) per-module stacks of ``loras``; the least recently used arrangement is dropped."""
         stacks = self._sets.pop(loras, None)
         if stacks is None:
             stacks = {}
@@ -200,26 +211,28 @@ class LoraStacks:
         return stacks
 
     def forget(self, lora: Lora) -> None:
-        """Drop every set that holds ``lora`` (it was unloaded)."""
+        """Drop every arrangement that holds ``lora`` (it was unloaded)."""
         for key in [key for key in self._sets if lora in key]:
             del self._sets[key]
 
     @staticmethod
     def stack(loras: tuple[Lora, ...], module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        pairs = [lora.weights.get(module) for lora in loras]
-        present = [pair for pair in pairs if pair is not None]
+        """``(A^T, B^T)`` of ``module`` for each of ``loras``, or None when none of them adapts it."""
+        pairs = {lora: lora.weights.get(module) for lora in loras}
+        present = [pair for pair in pairs.values() if pair is not None]
         if not present:
             return None
         rank = max(a.shape[0] for a, _ in present)
         a0, b0 = present[0]
-        a_stack = a0.new_zeros(len(loras), rank, a0.shape[1])
-        b_stack = b0.new_zeros(len(loras), b0.shape[0], rank)
-        for g, pair in enumerate(pairs):
+        a_t = a0.new_zeros(len(loras), a0.shape[1], rank)
+        b_t = b0.new_zeros(len(loras), rank, b0.shape[0])
+        for n, lora in enumerate(loras):
+            pair = pairs[lora]
             if pair is not None:
                 a, b = pair
-                a_stack[g, : a.shape[0]] = a
-                b_stack[g, :, : b.shape[1]] = b
-        return a_stack, b_stack
+                a_t[n, :, : a.shape[0]] = a.t()
+                b_t[n, : b.shape[1]] = b.t()
+        return a_t, b_t
 
 
 def lora_hooks(
@@ -229,43 +242,40 @@ def lora_hooks(
     whose batch row b carries ``loras[b]``; none when no row has an adapter.
 
     Per module, the adapted rows ``x_n`` ``[T, in]`` are multiplied with their own adapter's stacked weights in two
-    batched products, ``(x_n A_{g(n)}^T) B_{g(n)}^T`` for all n at once (the gathered BGMV of Punica / S-LoRA);
-    rows without an adapter are left as they are."""
-    distinct: dict[Lora, int] = {}
-    rows: list[int] = []
-    slots: list[int] = []
-    for b, lora in enumerate(loras):
-        if lora is not None:
-            rows.append(b)
-            slots.append(distinct.setdefault(lora, len(distinct)))
+    batched products, ``(x_n A_n^T) B_n^T`` for all n at once (the gathered BGMV of Punica / S-LoRA); rows without
+    an adapter are left as they are."""
+    rows = [b for b, lora in enumerate(loras) if lora is not None]
     if not rows:
         return []
-    adapters = tuple(distinct)
-    stacked = (stacks or LoraStacks(1)).of(adapters)
+    stacks = stacks or LoraStacks(1)
+    arrangement = tuple(loras[b] for b in rows)
+    distinct = tuple(dict.fromkeys(arrangement))
+    gathered = not stacks.per_row(arrangement) and len(distinct) < len(arrangement)
+    keyed = distinct if gathered else arrangement
+    stacked = stacks.of(keyed)
+    slots = [distinct.index(lora) for lora in arrangement]
     every_row = len(rows) == len(loras)
-    one_per_slot = slots == list(range(len(adapters)))
     indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-    adapted = set().union(*(lora.weights for lora in adapters))
+    adapted = set().union(*(lora.weights for lora in distinct))
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             if name not in stacked:
-                stacked[name] = LoraStacks.stack(adapters, name)
+                stacked[name] = LoraStacks.stack(keyed, name)
             pair = stacked[name]
             if pair is None:
                 return output
-            a, b = pair
+            a_t, b_t = pair
             x = args[0]
             if x.device not in indices:
                 indices[x.device] = (torch.tensor(rows, device=x.device), torch.tensor(slots, device=x.device))
             row_index, slot_index = indices[x.device]
+            if gathered:
+                a_t, b_t = a_t.index_select(0, slot_index), b_t.index_select(0, slot_index)
             if not every_row:
                 x = x.index_select(0, row_index)
-            if not one_per_slot:
-                a, b = a.index_select(0, slot_index), b.index_select(0, slot_index)
             flat = x.reshape(len(rows), -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-            delta = delta.reshape(*x.shape[:-1], delta.shape[-1]).to(output.dtype)
+            delta = torch.bmm(torch.bmm(flat, a_t), b_t).reshape(*x.shape[:-1], b_t.shape[-1]).to(output.dtype)
             return output + delta if every_row else output.index_add(0, row_index, delta)
 
         return hook

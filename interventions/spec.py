@@ -279,6 +279,35 @@ class LookbackDecodingParams(MethodParams):
     )
 
 
+class AGSERParams(MethodParams):
+    """Attention-guided self-reflection (Liu et al., arXiv 2501.09997): a zero-shot hallucination score from
+    re-asking the attentive and the non-attentive part of the query."""
+
+    layers: list[int] | None = Field(None, description="Layers whose attention (summed over heads) is averaged; default all.")
+    attention_from: Literal["prompt_end", "answer"] = Field(
+        "prompt_end",
+        description=(
+            "Whose attention ranks the query: the last prompt token's (the row that produces the first answer token; "
+            "the paper's) or the mean over that row and every answer token's row."
+        ),
+    )
+    attentive_fraction: float = Field(
+        2 / 3, gt=0, lt=1, description="Share of the query's units in the attentive query (the paper's top 2/3); the rest are non-attentive."
+    )
+    unit: Literal["word", "token"] = Field(
+        "word", description="What is ranked and kept: whitespace words (a word's tokens' attention summed) or tokens."
+    )
+    image: Literal["whole", "split"] = Field(
+        "whole",
+        description=(
+            "The image in the sub-queries: 'whole' in both (the query's text is split, as in the paper), or 'split' "
+            "like the text: the attentive query sees only its top image tokens, the non-attentive the others (the "
+            "rest hidden as keys in every layer)."
+        ),
+    )
+    lam: float = Field(1.0, ge=0, description="The score is lam * r_attentive - r_non_attentive (the paper's lambda, 1).")
+
+
 class AttentionMapParams(MethodParams):
     """Where the model looked: each generated token's attention over each image's patch grid (read-only)."""
 

@@ -29,7 +29,7 @@ from seeright.interventions.adapters import (
 )
 from seeright.interventions.adapters.base import StopForward
 from seeright.interventions.lora import Lora, LoraError, read_peft_lora
-from seeright.interventions.methods.base import RowState
+from seeright.interventions.methods.base import Answer, HookPoint, RowState
 from seeright.interventions.registry import MethodRegistry
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.model_zoo import builtin_model, resolve_model_path
@@ -209,10 +209,10 @@ class Engine(Admission):
             )
         done = time.perf_counter()
         timings = {"prepare_s": prepared - start, "generate_s": done - prepared, "total_s": done - start}
+        ended = [(sequences[b, prompt_len:].tolist()[: stops.length[b] or rows[b].max_new_tokens], stops.reason[b], rows[b],
+                  inputs[b].prompt, states[b]) for b in range(len(requests))]
         outputs = []
-        for b, request in enumerate(requests):
-            tokens = sequences[b, prompt_len:].tolist()[: stops.length[b] or rows[b].max_new_tokens]
-            out = self.finish(tokens, stops.reason[b], rows[b], inputs[b].prompt, states[b], timings)
+        for b, (request, out) in enumerate(zip(requests, self.finish_rows(ended, timings))):
             if request.logprobs:
                 steps = [with_logprobs(tok, logits[t][b], request.top_logprobs) for t, tok in enumerate(out.token_ids)]
                 add_logprobs(out, steps, request.top_logprobs)
@@ -331,6 +331,33 @@ class Engine(Admission):
         timings: dict[str, float],
     ) -> GenerationOutput:
         """A row's output from its generated tokens: cut after the first EOS and at the first stop string."""
+        return self.finish_rows([(generated, reason, row, prompt, states)], timings)[0]
+
+    def finish_rows(
+        self, rows: Sequence[tuple[list[int], str | None, RowDecoding, EncodedPrompt, list[RowState]]],
+        timings: dict[str, float],
+    ) -> list[GenerationOutput]:
+        """Outputs of rows that ended together (:meth:`finish`); their methods' reflection passes run batched."""
+        answers = [self._cut(generated, reason, row) for generated, reason, row, _, _ in rows]
+        reflecting: dict[Any, tuple[list[RowState], list[Answer]]] = {}
+        for (_, _, row, _, states), (tokens, text, _) in zip(rows, answers):
+            for state in states:
+                if HookPoint.REFLECT in getattr(state.hooks, "hook_points", ()):
+                    group = reflecting.setdefault(state.hooks, ([], []))
+                    group[0].append(state)
+                    group[1].append(Answer(tokens, text, row.max_new_tokens))
+        if reflecting:
+            with torch.inference_mode():
+                for method, (states, answered) in reflecting.items():
+                    method.reflect(states, self.passes, answered)
+        return [
+            GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings),
+                             {s.hooks.name: {**to_python(s.diagnostics), **self.provenance(s)} for s in states})
+            for (tokens, text, reason), (_, _, _, prompt, states) in zip(answers, rows)
+        ]
+
+    def _cut(self, generated: list[int], reason: str | None, row: RowDecoding) -> tuple[list[int], str, str]:
+        """Tokens up to the first EOS, the text up to the first stop string, and why the row ended."""
         eos = set(self.eos_token_ids())
         tokens: list[int] = []
         for tok in generated:
@@ -344,8 +371,7 @@ class Engine(Admission):
             text, reason = text[:cut], "stop"
         if reason is None:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
-        diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self.provenance(s)} for s in states}
-        return GenerationOutput(text, tokens, len(prompt.input_ids), reason, dict(timings), diagnostics)
+        return tokens, text, reason
 
 
 FLAT_TOWER = re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)(embeddings|encoder|pre_layrnorm|post_layernorm)\.")
@@ -429,6 +455,9 @@ class EnginePasses:
 
     def eos_token_ids(self) -> list[int]:
         return self._engine.eos_token_ids()
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self._engine.decode_text(ids)
 
     def batch(self, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
         return self._engine.collate(prompts)

@@ -321,4 +321,9 @@ class Scheduler:
             self.cancelled += 1
             job.resolve(asyncio.CancelledError())
         else:
-            job.resolve(batch.output(row))
+            try:
+                out = batch.output(row)
+            except Exception as exc:  # a method's reflection pass failed: this request alone fails
+                log.warning("output of a finished request failed: %r", exc)
+                out = exc
+            job.resolve(out)

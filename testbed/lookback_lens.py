@@ -116,6 +116,8 @@ def auroc_interval(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, r
         value = auroc(scores[picked], labels[picked])
         if not np.isnan(value):
             values.append(value)
+    if not values:  # one class only: no AUROC to bound
+        return float("nan")
     low, high = np.percentile(values, [2.5, 97.5])
     return float(high - low) / 2
 

@@ -176,6 +176,7 @@ def run(
                 runner.benchmark_items(spec), row_generator, path, interventions, spec.new_tokens, spec.batch_size, progress
             )
             row[name] = runner.score_records(spec, records)
+            row[name]["empty_answers"] = sum(not r["text"].strip() for r in records)
             if name == "pope":
                 row["pope"].update(noise(records))
                 pope_records[label] = records

@@ -642,3 +642,70 @@ def lookback_decoding_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_
         if tokens[-1] in ref.eos or len(tokens) < p.chunk_tokens:
             break
     return run
+
+
+# ---- AGSER (Liu et al., arXiv 2501.09997, §3) ---------------------------------------------------------------
+def agser_signal(
+    ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int, decode: Callable[[list[int]], str],
+    ask: Callable[[str], Prompt], rouge_l: Callable[[str, str], float],
+) -> tuple[Run, dict[str, Any]]:
+    """The request's greedy answer and AGSER's signal: per query token, the attention the last row of each forward
+    gives it, summed over heads and averaged over ``p.layers``, then over the forwards kept (the prompt's own, or
+    every forward of the answer); words gather their tokens (a token belongs to the word that the decoded prefix
+    ending in it ends in); the top round(2/3 n) words (ties: the earlier) in order ask one question, the rest the
+    other, both answered greedily (``ask`` tokenises a question in the same conversation); with the image split, a
+    question's forwards hide the other part's image tokens from every row of every layer."""
+    q0, q1 = prompt.query
+    length = len(prompt.ids)
+    image = prompt.image_positions
+    forwards: list[np.ndarray] = []
+
+    def read(layer: int, probs: torch.Tensor) -> torch.Tensor:
+        if layer in p.layers:
+            received = probs[:, -1].double().sum(0).numpy()[:length]  # [prompt keys]
+            if layer == p.layers[0]:
+                forwards.append(np.zeros(length))
+            forwards[-1] += received / len(p.layers)
+        return probs
+
+    with ref.hooks(edit=read):
+        run = ref.greedy(prompt, max_new_tokens)
+    kept = forwards[:1] if p.attention_from == "prompt_end" else forwards[: len(run.tokens)]
+    contribution = np.mean(kept, axis=0)
+    ids = prompt.ids[q0:q1].tolist()
+    if p.unit == "word":
+        units = decode(ids).split()
+        weights = np.zeros(len(units))
+        for i in range(len(ids)):
+            weights[min(max(len(decode(ids[: i + 1]).split()) - 1, 0), len(units) - 1)] += contribution[q0 + i]
+    else:
+        units, weights = ids, contribution[q0:q1]
+
+    def halves(w: np.ndarray) -> tuple[list[int], list[int]]:
+        k = min(max(int(np.floor(p.attentive_fraction * len(w) + 0.5)), 1), len(w))
+        ranked = sorted(range(len(w)), key=lambda i: (-w[i], i))
+        return sorted(ranked[:k]), sorted(ranked[k:])
+
+    def text(part: list[int]) -> str:
+        return " ".join(units[i] for i in part) if p.unit == "word" else decode([units[i] for i in part]).strip()
+
+    parts = halves(weights)
+    image_parts = halves(contribution[image]) if p.image == "split" else ([], [])
+    answer = decode(run.tokens)
+    signal: dict[str, Any] = {}
+    for name, part, other_image in (("attentive", parts[0], image_parts[1]), ("non_attentive", parts[1], image_parts[0])):
+        question = text(part)
+        sub = ask(question)
+        hidden = [sub.image_positions[i] for i in other_image]
+
+        def hide(layer: int, scores: torch.Tensor) -> torch.Tensor:
+            scores = scores.clone()
+            scores[:, :, hidden] = float("-inf")
+            return scores
+
+        with ref.hooks(score_edit=hide if hidden else None):
+            reply = decode(ref.greedy(sub, max_new_tokens).tokens)
+        signal[f"{name}_query"], signal[f"{name}_answer"] = question, reply
+        signal[f"{name}_consistency"] = rouge_l(reply, answer)
+    signal["score"] = p.lam * signal["attentive_consistency"] - signal["non_attentive_consistency"]
+    return run, signal

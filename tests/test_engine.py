@@ -90,7 +90,7 @@ def test_decoding_errors_name_the_field(llava, images):
             llava.generate_batch([req])
 
 
-@pytest.mark.parametrize("name", list(MethodRegistry.builtin()))
+@pytest.mark.parametrize("name", [n for n in MethodRegistry.builtin() if n != "agser"])  # AGSER splits a text question
 def test_methods_need_an_image(llava, name):
     with pytest.raises(RequestError, match=f"interventions.{name}: needs .*image"):
         llava.generate("hello", interventions={name: {}}, max_new_tokens=2)

@@ -11,8 +11,10 @@ from conftest import QUESTIONS, make_image
 from independent_reference import (
     Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_boost,
     pai_cfg_generate, pai_generate, paint_generate, paint_tokens, ritual_generate, var_generate, vcd_generate,
-    lookback_decoding_generate, vcd_noised, vemask_generate, vemask_map, vhr_generate,
+    lookback_decoding_generate, vcd_noised, vemask_generate, vemask_map, vhr_generate, agser_signal,
 )
+
+from rouge_score import rouge_scorer
 
 from seeright.interventions.adapters import ChatTurn
 from seeright.model_zoo import builtin_model
@@ -215,3 +217,29 @@ def test_ritual_crop_is_the_releases_square_on_llava_and_the_whole_crop_on_qwen(
         branch = states[0][0].data["contrast_prompt"]
         wanted = engine.encode(inputs[0].turns, [expected])
         assert torch.equal(branch.images["pixel_values"], wanted.images["pixel_values"])
+
+
+AGSER_CASES = [{}, {"image": "split"}, {"unit": "token", "attention_from": "answer", "attentive_fraction": 0.5},
+               {"image": "split", "layers": [0, 2], "lam": 0.5, "attentive_fraction": 0.3}]
+
+
+@pytest.mark.parametrize("given", AGSER_CASES, ids=lambda g: "-".join(f"{k}={v}" for k, v in g.items()) or "defaults")
+def test_agser_signal_matches_independent_reference(pair, given):
+    """The answer is untouched; sub-queries, their answers, consistencies (ROUGE-L by Google's rouge-score) and the
+    score equal the reference's."""
+    engine, ref = pair
+    image = make_image(3)
+    params = engine.resolve_params({"agser": given})["agser"]
+    fast = engine.generate_batch([GenerationRequest(prompt=QUESTION, images=[image], interventions={"agser": given},
+                                                    max_new_tokens=NEW_TOKENS)])[0]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    run, want = agser_signal(
+        ref, tokenised(engine, [ChatTurn("user", QUESTION, 1)], [image]), params, NEW_TOKENS, engine.decode_text,
+        lambda question: tokenised(engine, [ChatTurn("user", question, 1)], [image]),
+        lambda candidate, reference: scorer.score(reference, candidate)["rougeL"].fmeasure,
+    )
+    assert fast.token_ids == run.tokens
+    got = fast.diagnostics["agser"]
+    for key, value in want.items():
+        assert got[key] == (pytest.approx(value, abs=1e-9) if isinstance(value, float) else value), key
+    assert want["attentive_query"] and want["non_attentive_query"]

@@ -13,7 +13,7 @@ from conftest import FAMILIES, make_image
 from lora_folders import merged_engine, peft_adapter
 from safetensors.torch import load_file, save_file
 
-from seeright.interventions.lora import LoraError
+from seeright.interventions.lora import LoraError, LoraStacks
 from seeright.service.batching import RunningBatch
 from seeright.service.engine import Engine, GenerationOutput, GenerationRequest, RequestError
 
@@ -87,9 +87,13 @@ def test_adapter_row_equals_the_merged_model(served, folders, family, config):
         same(run_running(engine, [request(image, config)])[0], reference)
 
 
+@pytest.mark.parametrize("copies", ["per-row", "gathered"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_batch_rows_equal_each_row_alone(served, family):
+def test_mixed_batch_rows_equal_each_row_alone(served, family, copies):
+    """Both ways of stacking the rows' weights: a copy per row, or the adapters gathered per step (past the copies'
+    memory budget)."""
     engine = served[family]
+    engine.runtime.lora_stacks = LoraStacks(max_row_bytes=0 if copies == "gathered" else 128 << 20)
     batch = [
         request(0, "plain"), request(1, "other"), request(2), request(3, "plain", {"var": {}}),
         request(1, "other", {"vcd": {}}), request(0, None, {"pai": {}}), request(2, "rslora-patterns", {"vhr": {}}),

@@ -76,6 +76,33 @@ def test_lookback_matches_literal(engine, images, monkeypatch):
         assert out.diagnostics["lookback"]["per_token"] == pytest.approx(means, abs=1e-6)
 
 
+# ---- AGSER -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("given", [{}, {"attention_from": "answer", "image": "split", "unit": "token"}])
+def test_agser_matches_literal(engine, images, given):
+    """Contributions summed head by head and position by position give the same sub-queries, answers and scores, in
+    a batch whose rows end at different steps; the answers themselves are the plain ones."""
+    literal = engine.methods.with_methods(engine.methods.literal("agser"))
+    slow_engine = Engine.from_pretrained(engine.model_id, methods=literal)
+    fast = run(engine, images, {"agser": given}, n=3, max_new_tokens=7)
+    slow = run(slow_engine, images, {"agser": given}, n=3, max_new_tokens=7)
+    plain = run(engine, images, {}, n=3, max_new_tokens=7)
+    for a, b, c in zip(fast, slow, plain):
+        assert a.token_ids == b.token_ids == c.token_ids
+        x, y = a.diagnostics["agser"], b.diagnostics["agser"]
+        assert {k: v for k, v in x.items() if k != "score"} == {k: v for k, v in y.items() if k != "score"}
+        assert x["score"] == pytest.approx(y["score"], abs=1e-12)
+
+
+def test_agser_score_is_the_papers_estimator(llava, images):
+    """``lam * r_att - r_non`` from the two ROUGE-L consistencies, and an answer repeated word for word scores 1."""
+    out = run(llava, images, {"agser": {"lam": 0.5}}, n=1, max_new_tokens=5)[0].diagnostics["agser"]
+    assert out["score"] == pytest.approx(0.5 * out["attentive_consistency"] - out["non_attentive_consistency"])
+    from seeright.interventions.methods.agser import rouge_l, split
+    assert rouge_l("A red circle.", "a red circle") == 1.0 and rouge_l("", "a red circle") == 0.0
+    assert rouge_l("red blue", "blue red green") == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
+    assert split(torch.tensor([0.1, 0.5, 0.5, 0.2]), 2 / 3) == ([1, 2, 3], [0])  # 3 of 4, ties to the earlier
+
+
 # ---- Lookback Lens guided decoding ---------------------------------------------------------------------
 @pytest.mark.parametrize("given", [{}, {"candidates": 4, "chunk_tokens": 3, "detector_convention": "factual"}])
 def test_lookback_decoding_matches_literal(engine, images, given):

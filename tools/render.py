@@ -54,6 +54,18 @@ def _lookback_lens(values: dict[str, Any]) -> str:
     return lookback_lens.markdown(values)
 
 
+def _agser(values: dict[str, Any]) -> str:
+    from seeright.testbed import agser_eval
+
+    return agser_eval.markdown(values)
+
+
+def _tune_defaults(values: dict[str, Any]) -> str:
+    from seeright.testbed import tune_defaults
+
+    return tune_defaults.markdown(values)
+
+
 def _lmms_pope(values: list[dict[str, Any]]) -> str:
     from seeright.tools import lmms_pope
 
@@ -110,7 +122,7 @@ def summary(root: Path | str = records.RESULTS_DIR) -> str:
 
 FORMATTERS: dict[str, Callable[[Any], str]] = {
     "bench": _bench, "bench-vllm": _bench_vllm, "bench-serving": _bench_serving, "eval-shapes": _eval_shapes,
-    "lookback-lens": _lookback_lens, "lmms-pope": _lmms_pope, "loadtest": _loadtest, "hostile": _hostile, "score": _score,
+    "lookback-lens": _lookback_lens, "agser": _agser, "tune-defaults": _tune_defaults, "lmms-pope": _lmms_pope, "loadtest": _loadtest, "hostile": _hostile, "score": _score,
 }
 
 

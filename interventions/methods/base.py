@@ -21,6 +21,9 @@ the hooks it declared, nothing else:
   request gets a contrast branch, a second row with its own prompt (a noised or transformed image, or none)
   and its own KV cache, fed the request's tokens without interventions; each step the request's next-token
   scores are ``contrast`` of its raw logits and the branch's, before penalties and sampling.
+* ``reflect(states, passes, answers)`` (:attr:`HookPoint.REFLECT`): passes of its own once the requests' answers
+  are final (AGSER re-asks parts of the query), batched over the requests that end together, before their outputs
+  are returned.
 
 A method's module is all there is to it: the registry (``seeright.interventions.registry``) finds it, and the
 engine, the HTTP API, presets, ``seeright bench``, the load test and the testbed sweeps take its name,
@@ -97,6 +100,7 @@ class HookPoint(enum.Enum):
     LOGITS = "logits"  # contrast(): next-token scores against a contrast branch of the request's own
     VISION = "vision"  # vision_mask(): image tokens masked in the vision tower's self-attention
     CANDIDATES = "candidates"  # candidates() rows sample each chunk; choose() keeps one (guided decoding)
+    REFLECT = "reflect"  # reflect(): passes after the answer is final (self-reflection detectors)
 
 
 EDITING_POINTS = frozenset({HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS, HookPoint.VISION, HookPoint.CANDIDATES})
@@ -119,6 +123,8 @@ class Passes(Protocol):
     ) -> list[list[int]]: ...
 
     def eos_token_ids(self) -> list[int]: ...
+
+    def decode_text(self, ids: list[int]) -> str: ...
 
     def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -257,6 +263,19 @@ class Method(Hooks):
 
     def prepare(self, states: list[RowState], passes: Passes) -> None:
         """Per-request analysis passes before decoding. Default: nothing."""
+
+    def reflect(self, states: list[RowState], passes: Passes, answers: list[Answer]) -> None:
+        """Passes once the requests' answers ``answers`` are final (:attr:`HookPoint.REFLECT`). Default: nothing."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A request's final answer, as :meth:`Method.reflect` sees it: its tokens, its text (cut at a stop string) and
+    the request's token budget (``max_new_tokens``)."""
+
+    tokens: list[int]
+    text: str
+    max_new_tokens: int
 
 
 def plausible(scores: torch.Tensor, original: torch.Tensor, beta: float) -> torch.Tensor:

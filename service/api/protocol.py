@@ -63,6 +63,14 @@ class Signals(BaseModel):
 
     lookback: bool = Field(False, description="Lookback Lens ratios: how much each token looks back at the image.")
     lookback_features: bool = Field(False, description="With lookback: each token's L x H ratios (detector features).")
+    agser: bool = Field(
+        False,
+        description=(
+            "AGSER's zero-shot hallucination score (lower: more likely hallucinated), its two sub-queries, their "
+            "answers and consistencies: two more generations once the answer is final (interventions.agser to set "
+            "its parameters)."
+        ),
+    )
 
 
 class ChatCompletionRequest(BaseModel):

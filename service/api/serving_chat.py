@@ -86,6 +86,10 @@ def build_request(
         if not images:
             raise RequestError("signals.lookback", "the lookback ratio is measured on an image: send one")
         interventions["lookback"] = {"features": body.signals.lookback_features}
+    if body.signals and body.signals.agser:
+        if "agser" in interventions:
+            raise RequestError("signals.agser", "asked for both as signals and as interventions.agser")
+        interventions["agser"] = {}
     if body.diagnostics and images and attention_maps:
         interventions.setdefault("attention_map", {})
     return GenerationRequest(
@@ -162,15 +166,18 @@ def token_logprob(tokenizer: Any, token: StreamedToken, before: Sequence[int] = 
     ])
 
 
-SIGNAL_KEYS = ("mean_ratio", "per_token", "features", "hallucination_probability")
+SIGNAL_KEYS = {
+    "lookback": ("mean_ratio", "per_token", "features", "hallucination_probability"),
+    "agser": ("score", "attentive_query", "non_attentive_query", "attentive_answer", "non_attentive_answer",
+              "attentive_consistency", "non_attentive_consistency"),
+}
 
 
 def choice_signals(out: GenerationOutput) -> dict[str, Any] | None:
-    """The read-only signals of a choice (Lookback Lens ratios), when the request asked for them."""
-    lookback = out.diagnostics.get("lookback")
-    if lookback is None:
-        return None
-    return {"lookback": {k: lookback[k] for k in SIGNAL_KEYS if k in lookback}}
+    """The read-only signals of a choice (Lookback Lens ratios, AGSER's score), when the request asked for them."""
+    signals = {name: {k: out.diagnostics[name][k] for k in keys if k in out.diagnostics[name]}
+               for name, keys in SIGNAL_KEYS.items() if name in out.diagnostics}
+    return signals or None
 
 
 def choice_diagnostics(out: GenerationOutput, asked: bool) -> dict[str, Any] | None:

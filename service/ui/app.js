@@ -277,7 +277,22 @@ function renderAnswer(column, ms, usage) {
   if (!tokens.length) answer.textContent = choice.message.content;
   answer.dataset.text = choice.message.content;
   $(".stats", el).textContent = `${Math.round(ms)} ms · ${usage.prompt_tokens} prompt + ${usage.completion_tokens} generated tokens`;
+  renderSignals(column);
   buildOverlayChoice(column);
+}
+
+// AGSER's score under the answer: both sub-queries, what the model answered to each and how consistent that is
+function renderSignals(column) {
+  const agser = column.result.diagnostics && column.result.diagnostics.agser;
+  let box = $(".signals", column.el);
+  if (!agser) { if (box) box.remove(); return; }
+  if (!box) {
+    box = document.createElement("div");
+    box.className = "signals muted";
+    $(".stats", column.el).after(box);
+  }
+  const part = (name) => `${name} “${agser[name + "_query"]}” → “${agser[name + "_answer"]}” (ROUGE-L ${agser[name + "_consistency"].toFixed(2)})`;
+  box.textContent = `AGSER score ${agser.score.toFixed(3)} (lower: more likely hallucinated) · ${part("attentive")} · ${part("non_attentive")}`;
 }
 
 // ---- overlays ------------------------------------------------------------------------------------------
