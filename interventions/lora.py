@@ -104,8 +104,9 @@ def read_peft_lora(
         if r > max_rank:
             raise LoraError("r", f"rank {r} at {module} exceeds this server's max_lora_rank of {max_rank}")
         alpha = _pattern(config.get("alpha_pattern"), module, default_alpha)
-        if _pattern(config.get("rank_pattern"), module, default_r) != r:
-            raise LoraError("r", f"{module} has rank {r} in its weights but {_pattern(config.get('rank_pattern'), module, default_r)} in {CONFIG_FILE}")
+        configured = _pattern(config.get("rank_pattern"), module, default_r)
+        if configured != r:
+            raise LoraError("r", f"{module} has rank {r} in its weights but {configured} in {CONFIG_FILE}")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         weights[module] = (a.to(device=device, dtype=dtype), (b.float() * scale).to(device=device, dtype=dtype))
     return Lora(name, str(path), max(a.shape[0] for a, _ in weights.values()), config.get("base_model_name_or_path"), weights)

@@ -88,3 +88,18 @@ def test_chair_paired_gains_are_the_metric_differences_with_intervals(tmp_path):
     assert gains["CHAIR_S"]["interval95"] > 0 and gains["Recall"]["interval95"] >= 0
     same = results.chair_paired_gain(results.chair_counts(spec, truth), results.chair_counts(spec, truth))
     assert all(g == {"points": 0.0, "interval95": 0.0} for g in same.values())
+
+
+def test_tuning_keeps_the_release_value_unless_it_does_not_suit_the_model():
+    from seeright.testbed.tune_defaults import choose
+
+    def row(empty=0, pope=(0.0, 1.0), chair_i=(0.0, 1.0)):
+        return {"pope": {"empty_answers": empty, "gain_vs_baseline": {"points": pope[0], "interval95": pope[1]}},
+                "chair": {"empty_answers": 0, "gain_vs_baseline": {"CHAIR_I": {"points": chair_i[0], "interval95": chair_i[1]}}}}
+
+    results = {"methods": {"baseline": row(), "gift alpha=5.0": row(empty=1), "gift alpha=3.0": row(pope=(-1.0, 2.0)),
+                           "gift alpha=2.0": row(pope=(3.0, 1.0)), "vhr alpha=2.0": row(pope=(-5.0, 4.0)),
+                           "vhr alpha=1.5": row(chair_i=(5.0, 4.0)), "pai alpha=0.2": row(chair_i=(-3.0, 1.0))}}
+    assert choose(results, "gift") == ("gift alpha=3.0", ["gift alpha=5.0: 1 empty answers"])  # the strongest that suits
+    assert choose(results, "vhr") == (None, ["vhr alpha=2.0: POPE -5.0 ±4.0", "vhr alpha=1.5: CHAIR_I +5.0 ±4.0"])
+    assert choose(results, "pai") == ("pai alpha=0.2", [])

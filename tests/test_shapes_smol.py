@@ -144,8 +144,11 @@ def test_no_method_at_its_defaults_answers_empty_or_costs_pope_accuracy(smol, tm
     scenes, no empty caption or answer, and POPE accuracy not below the baseline's beyond its paired interval."""
     names = [n for n in smol.runnable() if not smol.methods[n].signal]
     rows = (("baseline", {}), *((name, {name: {}}) for name in names))
-    results = shapes_results.run(EngineGenerator(smol), tmp_path, DEV_SEED, 5, rows, 16, log=lambda message: None)
+    results = shapes_results.run(EngineGenerator(smol), tmp_path, DEV_SEED, 8, rows, 16, log=lambda message: None)
+    failures = []
     for label, row in results["methods"].items():
-        assert row["pope"]["empty_answers"] == 0 and row["chair"]["empty_answers"] == 0, label
+        empty = row["pope"]["empty_answers"] + row["chair"]["empty_answers"]
         gain = row["pope"].get("gain_vs_baseline", {"points": 0.0, "interval95": 0.0})
-        assert gain["points"] + gain["interval95"] >= 0, f"{label}: POPE {gain}"
+        if empty or gain["points"] + gain["interval95"] < 0:
+            failures.append(f"{label}: {empty} empty answers, POPE {gain['points']:+.1f} ±{gain['interval95']:.1f}")
+    assert not failures
