@@ -29,6 +29,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from seeright.interventions.thread_hooks import this_thread_only
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
@@ -281,4 +283,4 @@ def lora_hooks(
 
         return hook
 
-    return [modules[name].register_forward_hook(hook_for(name)) for name in sorted(adapted)]
+    return [modules[name].register_forward_hook(this_thread_only(hook_for(name))) for name in sorted(adapted)]

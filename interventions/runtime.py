@@ -30,6 +30,7 @@ Per-request state lives in :class:`ForwardContext`, which the engine activates a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from seeright.interventions.adapters.base import StopForward
 from seeright.interventions.lora import Lora, LoraStacks, lora_hooks, row_modules
 from seeright.interventions.methods.base import Hooks
+from seeright.interventions.thread_hooks import this_thread_only
 
 if TYPE_CHECKING:
     from seeright.interventions.adapters.base import ModelAdapter
@@ -194,7 +196,7 @@ class Runtime:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter) -> None:
         self.adapter = adapter
-        self.context: ForwardContext | None = None
+        self._local = threading.local()  # the context of each thread's forward (see ``activate``)
         info = adapter.info
         self.num_heads, self.head_dim = info.num_heads, info.head_dim
         register_attention()
@@ -204,43 +206,54 @@ class Runtime:
         self.lora_modules = row_modules(model, adapter.language_model)
         self.lora_stacks = LoraStacks()
 
+    @property
+    def context(self) -> ForwardContext | None:
+        """The context bound by this thread's ``activate`` (``None`` outside one)."""
+        return getattr(self._local, "context", None)
+
     @contextmanager
     def activate(self, context: ForwardContext) -> Iterator[ForwardContext]:
-        """Bind ``context`` and install the hooks it needs (only those) until the call ends."""
+        """Bind ``context`` and install the hooks it needs (only those) until the call ends. The binding and
+        the hooks belong to the calling thread: a forward of another thread (a decode step run while this
+        thread's admission is paused, :mod:`seeright.service.slicing`) neither sees nor triggers them."""
         if self.context is not None:
-            raise RuntimeError("the runtime is already serving another forward; calls must be serialised")
+            raise RuntimeError("this thread's runtime is already serving another forward; calls must be serialised")
         hooks = {type(h) for h, _, _ in context._members.values()}
-        handles = [self.adapter.language_model.register_forward_pre_hook(self._count_step)]
+        handles = [self.adapter.language_model.register_forward_pre_hook(this_thread_only(self._count_step))]
         layers = self.adapter.decoder_layers
         if any(h.wants_heads is not Hooks.wants_heads for h in hooks):
-            handles += [layer.self_attn.o_proj.register_forward_pre_hook(self._make_o_proj_hook(i)) for i, layer in enumerate(layers)]
+            handles += [layer.self_attn.o_proj.register_forward_pre_hook(this_thread_only(self._make_o_proj_hook(i)))
+                        for i, layer in enumerate(layers)]
         if any(h.wants_hidden is not Hooks.wants_hidden for h in hooks):
-            handles += [layer.register_forward_pre_hook(self._make_hidden_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+            handles += [layer.register_forward_pre_hook(this_thread_only(self._make_hidden_hook(i)), with_kwargs=True)
+                        for i, layer in enumerate(layers)]
         if context.stop_after_layer is not None:
-            handles.append(layers[context.stop_after_layer].register_forward_hook(self._stop))
+            handles.append(layers[context.stop_after_layer].register_forward_hook(this_thread_only(self._stop)))
         for target, keep in context.vision_masks().items():
             handles += self.adapter.mask_vision_attention(keep, target)
         handles += lora_hooks(self.lora_modules, context.loras, self.lora_stacks)
-        self.context = context
+        self._local.context = context
         try:
             yield context
         finally:
-            self.context = None
+            self._local.context = None
             for handle in handles:
                 handle.remove()
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _count_step(self, module: nn.Module, args: Any) -> None:
-        if self.context is not None:
-            self.context.step += 1
+        context = self.context
+        if context is not None:
+            context.step += 1
 
     def _make_hidden_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self.context is None:
+            context = self.context
+            if context is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            for g in self.context.groups("hidden", layer, hidden.device):
-                g.hooks.observe_hidden(layer, hidden.index_select(0, g.rows), g.states, self.context.step)
+            for g in context.groups("hidden", layer, hidden.device):
+                g.hooks.observe_hidden(layer, hidden.index_select(0, g.rows), g.states, context.step)
             return None
 
         return hook
@@ -251,15 +264,16 @@ class Runtime:
 
     def _make_o_proj_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
-            if self.context is None:
+            context = self.context
+            if context is None:
                 return None
             x = args[0]
-            groups = self.context.groups("heads", layer, x.device)
+            groups = context.groups("heads", layer, x.device)
             if not groups:
                 return None
             heads = x.view(*x.shape[:-1], self.num_heads, self.head_dim)
             for g in groups:
-                edited = g.hooks.edit_heads(layer, heads.index_select(0, g.rows), g.states, self.context.step)
+                edited = g.hooks.edit_heads(layer, heads.index_select(0, g.rows), g.states, context.step)
                 heads = heads.index_copy(0, g.rows, edited)
             return (heads.reshape(x.shape), *args[1:])
 

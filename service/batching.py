@@ -1,13 +1,15 @@
 """Iteration-level (continuous) batching: rows join and leave the running batch between decoding steps.
 
 :class:`RunningBatch` holds the rows being decoded: one left-padded KV cache for all of them, their
-attention mask, each row's next position, method states and decoding settings. ``admit(requests)`` runs
-the newcomers' admission (check, bind, rewrite, encode, analysis passes; ``Engine.admit``), then one prefill
-forward of the newcomers alone, and merges their caches into the running batch (left-padding the shorter
-side). ``step()`` runs one decode forward for every running row and returns the rows that finished; their
-cache rows are dropped at once. Every forward is either a prefill of newcomers (the hooks' step 0) or a
-decode step of the running rows, so each hook's per-row contract (prefill or decode, never the decode
-step's number) holds whatever joined when.
+attention mask, each row's next position, method states and decoding settings. A newcomer joins in three
+parts: ``prepare`` (check, bind, rewrite, encode, analysis passes; ``Engine.admit``), ``prefill`` (one forward
+of the newcomers alone) and ``joined`` (their caches merged with the batch's, left-padding the shorter side);
+none of them changes the batch, so the scheduler may run them in its admission thread a slice at a time
+(:mod:`seeright.service.slicing`). ``install`` then makes the merged batch the running one and takes the
+newcomers' first tokens (``admit`` does all of it at once). ``step()`` runs one decode forward for every running
+row and returns the rows that finished; their cache rows are dropped at once. Every forward is either a prefill
+of newcomers (the hooks' step 0) or a decode step of the running rows, so each hook's per-row contract (prefill
+or decode, never the decode step's number) holds whatever joined when.
 
 Layouts are absolute positions in the padded batch: when the batch is re-padded, each row's method states
 are moved to its new layout (``TokenLayout.shifted``) and the forward context is rebuilt.
@@ -27,7 +29,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from seeright.interventions.adapters import EncodedPrompt, ModelAdapter
-from seeright.interventions.adapters.base import StopForward
 from seeright.interventions.lora import Lora
 from seeright.interventions.methods.base import HookPoint, RequestInputs, RowState
 from seeright.interventions.runtime import ForwardContext, Runtime
@@ -111,35 +112,42 @@ class Row:
 
 
 @dataclass(eq=False)
-class ChunkedPrefill:
-    """A plain row whose prompt is prefilled a chunk per step before it joins: the merged input embeddings
-    (the model's own text + image merge), its position ids, its own cache and how far it got."""
+class Prefilled:
+    """Newcomers' prefill, computed apart from the running batch (possibly in an admission's own thread,
+    :mod:`seeright.service.slicing`) and merged into it by :meth:`RunningBatch.attach`."""
 
-    row: Row
-    embeds: torch.Tensor  # [1, T, D]
-    position_ids: torch.Tensor  # [..., 1, T]
-    positions: torch.Tensor  # [1] next position after the prompt
-    cache: DynamicCache = field(default_factory=DynamicCache)
-    done: int = 0
+    rows: list[Row]  # every member row (requests, their candidates and branches)
+    cache: DynamicCache
+    mask: torch.Tensor  # [n, T]
+    positions: torch.Tensor  # [n] next position of each row
+    logits: torch.Tensor  # [n, V] at each row's last prompt position
+
+
+@dataclass(eq=False)
+class Joined:
+    """The running batch with prefilled newcomers merged in (:meth:`RunningBatch.joined`), and the cache it was
+    built from (``base``)."""
+
+    base: DynamicCache | None
+    rows: list[Row]
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+    prefills: list[Prefilled]
 
 
 class RunningBatch:
-    """The rows of one engine being decoded together; call from one thread (the scheduler's).
+    """The rows of one engine being decoded together. ``prepare``, ``prefill`` and ``joined`` change no batch
+    state, so an admission may run them in its own thread between the scheduler's decode steps (never during
+    one); ``install``, ``step`` and the rest belong to the scheduler's thread."""
 
-    With ``prefill_chunk`` set, a plain row (no method, no branch) whose prompt is longer than that joining
-    while others decode is prefilled ``prefill_chunk`` tokens per step (``ChunkedPrefill``), so a long
-    prompt delays each decode step by one chunk's forward at most; rows with methods prefill whole (their
-    hooks read or edit the prompt's attention in one prefill forward)."""
-
-    def __init__(self, engine: BatchEngine, prefill_chunk: int | None = None) -> None:
+    def __init__(self, engine: BatchEngine) -> None:
         self.engine = engine
         self.eos = set(engine.eos_token_ids())
-        self.prefill_chunk = prefill_chunk
         self.clear()
 
     def clear(self) -> None:
         """Forget every row and the cache (after a failed step)."""
-        self.prefilling: list[ChunkedPrefill] = []
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, T] 1 on real tokens
@@ -147,13 +155,13 @@ class RunningBatch:
         self.context: ForwardContext | None = None
 
     def __len__(self) -> int:
-        """Rows decoding or being prefilled in chunks."""
-        return len(self.rows) + len(self.prefilling)
+        """Rows decoding."""
+        return len(self.rows)
 
     @property
     def cached_tokens(self) -> int:
-        """Cache slots held (rows x padded length, and chunks prefilled so far): what a KV budget counts."""
-        return (0 if self.mask is None else self.mask.numel()) + sum(p.done for p in self.prefilling)
+        """Cache slots held (rows x padded length): what a KV budget counts."""
+        return 0 if self.mask is None else self.mask.numel()
 
     # ---- joining -------------------------------------------------------------------------------------
     def admit(
@@ -208,15 +216,13 @@ class RunningBatch:
             member.generator = torch.Generator(device=self.engine.device).manual_seed(p.seed * 65536 + i)
 
     def join(self, rows: list[Row]) -> None:
-        """Prefill prepared rows (and their contrast branches) together, one forward of these rows alone,
-        and add them to the batch."""
+        """Prefill prepared rows (and their contrast branches and candidates) together and add them to the batch."""
+        self.attach([self.prefill(rows)])
+
+    def prefill(self, rows: list[Row]) -> Prefilled:
+        """One prefill forward of prepared rows (with their branches and candidates) alone; the batch is not
+        touched."""
         engine = self.engine
-        if self.rows and self.prefill_chunk is not None:
-            chunked = [row for row in rows if self._chunkable(row)]
-            self.prefilling += [self._chunked(row) for row in chunked]
-            rows = [row for row in rows if row not in chunked]
-            if not rows:
-                return
         rows = [member for row in rows for member in row.members()]
         prompts, states = [row.prompt for row in rows], [row.states for row in rows]
         with torch.inference_mode():
@@ -228,56 +234,39 @@ class RunningBatch:
             active = nullcontext() if context.idle else engine.runtime.activate(context)
             with active:
                 out = engine.model(**batch, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        self._merge(rows, cache, batch["attention_mask"], positions)
-        self._take(rows, out.logits[:, -1])
+        return Prefilled(rows, cache, batch["attention_mask"], positions, out.logits[:, -1])
 
-    def _chunkable(self, row: Row) -> bool:
-        return not row.states and len(row.members()) == 1 and len(row.prompt.input_ids) > self.prefill_chunk
+    def attach(self, prefills: Sequence[Prefilled]) -> None:
+        """Merge prefilled rows into the batch and take their first tokens (a row done with it is dropped at once,
+        its ``reason`` set)."""
+        self.install(self.joined(prefills))
 
-    def _chunked(self, row: Row) -> ChunkedPrefill:
-        """The row's merged input embeddings, read where the model hands them to its language model."""
-        engine = self.engine
-        batch = engine.collate([row.prompt])
-        captured: dict[str, torch.Tensor] = {}
+    def joined(self, prefills: Sequence[Prefilled]) -> Joined:
+        """The batch with ``prefills`` merged in (caches left-padded to one length and stacked), computed without
+        changing the batch: an admission's thread builds it, the scheduler's installs it with no step between."""
+        rows, cache, mask, positions = self.rows, self.cache, self.mask, self.positions
+        for p in prefills:
+            if cache is None:
+                rows, cache, mask, positions = list(p.rows), p.cache, p.mask, p.positions
+                continue
+            width = max(mask.shape[1], p.mask.shape[1])
+            merged = DynamicCache()
+            for i, (old, new) in enumerate(zip(cache.layers, p.cache.layers)):
+                merged.update(_stacked(old.keys, new.keys, width, 2), _stacked(old.values, new.values, width, 2), i)
+            rows, cache = [*rows, *p.rows], merged
+            mask = _stacked(mask, p.mask, width, 1)
+            positions = torch.cat([positions, p.positions])
+        return Joined(self.cache, rows, cache, mask, positions, list(prefills))
 
-        def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["embeds"] = kwargs["inputs_embeds"]
-            raise StopForward
-
-        handle = engine.adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.inference_mode():
-                engine.model(**batch, use_cache=False)
-        except StopForward:
-            pass
-        finally:
-            handle.remove()
-        position_ids, positions = engine.adapter.prefill_positions(batch)
-        return ChunkedPrefill(row, captured["embeds"], position_ids, positions)
-
-    def _prefill_chunk(self) -> list[Row]:
-        """One chunk of the first row being prefilled in chunks; after its last chunk it joins the batch.
-        Returns it if it finished (cancelled, or done with its first token)."""
-        job = self.prefilling[0]
-        if job.row.cancelled():
-            self.prefilling.pop(0)
-            job.row.reason = "cancelled"
-            return [job.row]
-        end = min(job.done + self.prefill_chunk, job.embeds.shape[1])
-        runtime = self.engine.runtime
-        active = nullcontext() if job.row.lora is None else runtime.activate(ForwardContext([[]], loras=[job.row.lora]))
-        with torch.inference_mode(), active:
-            out = self.engine.model(
-                inputs_embeds=job.embeds[:, job.done : end], attention_mask=torch.ones((1, end), dtype=torch.long,
-                device=job.embeds.device), position_ids=job.position_ids[..., job.done : end], cache=job.cache,
-                use_cache=True, logits_to_keep=1,
-            )
-        job.done = end
-        if end < job.embeds.shape[1]:
-            return []
-        self.prefilling.pop(0)
-        self._merge([job.row], job.cache, torch.ones((1, end), dtype=torch.long, device=job.embeds.device), job.positions)
-        return self._take([job.row], out.logits[:, -1])
+    def install(self, joined: Joined) -> None:
+        """Make ``joined`` the batch and take its newcomers' first tokens; rebuilt here if the batch changed since
+        it was built."""
+        if joined.base is not self.cache:
+            joined = self.joined(joined.prefills)
+        self.rows, self.cache, self.mask, self.positions = joined.rows, joined.cache, joined.mask, joined.positions
+        self._relayout()
+        for p in joined.prefills:
+            self._take(p.rows, p.logits)
 
     @property
     def reserved(self) -> int:
@@ -286,26 +275,8 @@ class RunningBatch:
 
     @property
     def requests(self) -> list[Row]:
-        """The running requests (rows that are not a request's contrast branch), those being prefilled too."""
-        return [row for row in self.rows if row.parent is None] + [p.row for p in self.prefilling]
-
-    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Left-pad the running batch's cache or the newcomers' to one length and stack them."""
-        if self.cache is None:
-            self.rows, self.cache, self.mask, self.positions = list(rows), cache, mask, positions
-        else:
-            width = max(self.mask.shape[1], mask.shape[1])
-            merged = DynamicCache()
-            for i, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
-                merged.update(
-                    torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)]),
-                    torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)]), i,
-                )
-            self.cache = merged
-            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
-            self.positions = torch.cat([self.positions, positions])
-            self.rows = [*self.rows, *rows]
-        self._relayout()
+        """The running requests (rows that are not a request's contrast branch or candidate)."""
+        return [row for row in self.rows if row.parent is None]
 
     def _relayout(self) -> None:
         """Point every row's states at its prompt's place in the padded batch; a new forward context."""
@@ -319,13 +290,7 @@ class RunningBatch:
 
     # ---- decoding ------------------------------------------------------------------------------------
     def step(self) -> list[Row]:
-        """One chunk of a row being prefilled in chunks (if any), then one decode forward for every running
-        row; the requests that finished (and left the batch)."""
-        finished = self._prefill_chunk() if self.prefilling else []
-        return finished + (self._decode() if self.rows else [])
-
-    def _decode(self) -> list[Row]:
-        """One decode forward for every running row (one that just finished its chunked prefill included)."""
+        """One decode forward for every running row; the requests that finished (and left the batch)."""
         engine = self.engine
         ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=engine.device)
         self.mask = F.pad(self.mask, (0, 1), value=1)
@@ -474,12 +439,18 @@ class RunningBatch:
         return out
 
 
-def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    pad = [0, 0] * (tensor.ndim - 1 - dim) + [missing, 0]
-    return F.pad(tensor, pad)
+def _stacked(first: torch.Tensor, second: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``first`` and ``second`` stacked along dim 0, each left-padded with zeros to ``width`` along ``dim``, written
+    once into one new tensor."""
+    shape = list(first.shape)
+    shape[0], shape[dim] = first.shape[0] + second.shape[0], width
+    out = torch.empty(shape, dtype=first.dtype, device=first.device)
+    for part, rows in ((first, slice(0, first.shape[0])), (second, slice(first.shape[0], None))):
+        pad = width - part.shape[dim]
+        target = out[rows]
+        target.narrow(dim, 0, pad).zero_()
+        target.narrow(dim, pad, part.shape[dim]).copy_(part)
+    return out
 
 
 def _generator(decoding: RowDecoding, device: torch.device) -> torch.Generator | None:

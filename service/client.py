@@ -3,7 +3,8 @@
 ``await client.generate(request)`` returns the output; ``async for token in client.stream(request)``
 yields each :class:`~seeright.service.engine.StreamedToken` (id, and log-probs when asked) as it is generated, and ``stream.output`` holds the output once the loop ends.
 Cancelling the awaiting task (or leaving the loop early) cancels the request in the scheduler. Behind the
-client is the scheduler's worker thread, the only thread that runs model code.
+client is the scheduler's worker thread, which runs all model code (admissions in a thread of their own, in
+turn with its decode steps, never beside them).
 """
 
 from __future__ import annotations

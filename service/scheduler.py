@@ -2,17 +2,19 @@
 
 Requests wait in a bounded queue. One worker thread owns the engine: between decoding steps it admits
 waiting requests into the running batch (up to ``max_batch_size`` rows; their prefill runs as one forward
-of the newcomers; while rows decode, at most one newcomer whose methods run extra passes is prepared per
-step), then runs one decode step for every running row; a row leaves as soon as it finishes
-or its client goes, and its cache rows are freed at once (``seeright.service.batching.RunningBatch``). So a short
-request never waits for a long one to finish. When nothing runs, the worker waits for a request and
-gathers more for up to ``batch_wait_s`` so that a burst is prefilled together. A full queue refuses new
-work at once (``QueueFull``). With ``max_kv_tokens``, a prepared request joins only when the cache slots
-the running rows may still grow to (prompt plus whole token budget each) leave room for its own; it waits
-until then, and one that could never fit gets a ``RequestError`` naming ``max_tokens`` (a 400). With
-``prefill_chunk``, a plain request with a long prompt arriving while others decode is prefilled a chunk per
-decode step (``RunningBatch``). A request that fails at admission fails alone (the others of its admission
-batch are admitted one by one); a decode step that fails fails the rows running in it.
+of the newcomers; while rows decode, at most one newcomer whose methods run extra passes is admitted at a
+time), then runs one decode step for every running row; a row leaves as soon as it finishes or its client
+goes, and its cache rows are freed at once (``seeright.service.batching.RunningBatch``). So a short request
+never waits for a long one to finish. With ``step_budget`` (on by default), work that starts while rows decode
+(an admission; a finished request's reflection passes) runs a slice per decode step, paused between blocks of
+the model in the slicer's thread (``seeright.service.slicing``): a running row's longest gap between tokens is
+bounded by one slice, whatever joins, and the output is what whole work gives. When nothing runs, the worker
+waits for a request and gathers more for up to ``batch_wait_s`` so that a burst is prefilled together. A full
+queue refuses new work at once (``QueueFull``). With ``max_kv_tokens``, a prepared request joins only when the
+cache slots the running rows may still grow to (prompt plus whole token budget each) leave room for its own; it
+waits until then, and one that could never fit gets a ``RequestError`` naming ``max_tokens`` (a 400). A request
+that fails at admission fails alone (the others of its admission batch are admitted one by one); a decode step
+that fails fails the rows running in it.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
 
-from seeright.service.batching import Row, RunningBatch
+from seeright.interventions.methods.base import HookPoint
+from seeright.service.batching import Joined, Prefilled, Row, RunningBatch
 from seeright.service.engine import Engine
 from seeright.service.requests import GenerationOutput, GenerationRequest, RequestError, StreamedToken
+from seeright.service.slicing import DEFAULT_STEP_BUDGET, UNBOUNDED, Slice, SlicedCall, Slicer, StepBudget
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -115,14 +120,16 @@ async def when_room(submit: Callable[[], None]) -> None:
 
 
 class Scheduler:
-    """Owns the engine: only its worker thread runs model code."""
+    """Owns the engine: its worker thread runs all model code, admissions and reflections in its slicer's thread
+    in turn with its decode steps (never beside them)."""
 
     def __init__(
         self, engine: Engine, max_batch_size: int = 8, batch_wait_s: float = 0.005, queue_size: int = 64,
-        max_kv_tokens: int | Literal["auto"] | None = None, prefill_chunk: int | None = None,
+        max_kv_tokens: int | Literal["auto"] | None = None, step_budget: StepBudget | None = DEFAULT_STEP_BUDGET,
     ) -> None:
         self.engine = engine
-        self.prefill_chunk = prefill_chunk
+        self.step_budget = step_budget
+        self.decode_s: float | None = None  # moving average of a decode step's time
         self.max_batch_size = max_batch_size
         self.max_kv_tokens = auto_kv_budget(engine) if max_kv_tokens == "auto" else max_kv_tokens
         self.batch_wait_s = batch_wait_s
@@ -166,30 +173,113 @@ class Scheduler:
 
     # ---- worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        batch, jobs, prepared, held, stopping = RunningBatch(self.engine, self.prefill_chunk), {}, [], [], False
-        while True:
-            try:
-                busy = len(batch) + len(prepared) + len(held)
-                newcomers, stop_seen = self._waiting(self.max_batch_size - busy, idle=not busy and not stopping)
-                stopping |= stop_seen
-                now, held = self._to_prepare([job for job in held + newcomers if not self._dropped(job)], len(batch) > 0)
-                prepared = self._advance(batch, prepared, now, jobs)
-            except Exception as exc:  # a bug must not kill the worker: fail what it held, keep serving
-                log.exception("scheduler loop failed")
-                for job in [*jobs.values(), *held]:
-                    job.resolve(exc)
-                jobs.clear()
-                batch.clear()
-                prepared, held = [], []
-            if not len(batch) and stopping and not prepared and not held and self.queue.empty():
-                self.running = 0
-                return
-            self.running = len(batch.requests) + len(prepared) + len(held)
+        self._slicer = Slicer(self.engine.adapter) if self.step_budget is not None else None
+        self._finishing: list[Finishing] = []
+        batch, jobs, prepared, held, stopping = RunningBatch(self.engine), {}, [], [], False
+        admission: Admission | None = None
+        try:
+            while True:
+                try:
+                    busy = (len(batch) + len(prepared) + len(held) + len(self._finishing)
+                            + (admission.size if admission is not None else 0))
+                    newcomers, stop_seen = self._waiting(self.max_batch_size - busy, idle=not busy and not stopping)
+                    stopping |= stop_seen
+                    held = [job for job in held + newcomers if not self._dropped(job)]
+                    for row in [row for row in prepared if row.cancelled()]:
+                        self._cancel_waiting(row, jobs)
+                    prepared = [row for row in prepared if not row.cancelled()]
+                    if admission is None:
+                        admission, prepared, held = self._admission(batch, prepared, held, jobs)
+                    if self._newcomer_work(batch, admission, jobs, prepared):
+                        admission = None
+                    if len(batch):
+                        self._step(batch, jobs)
+                except Exception as exc:  # a bug must not kill the worker: fail what it held, keep serving
+                    log.exception("scheduler loop failed")
+                    for pending in [*([admission] if admission is not None else []), *self._finishing]:
+                        pending.call.abandon()
+                        held += pending.jobs
+                    admission, self._finishing = None, []
+                    for job in [*jobs.values(), *held]:
+                        job.resolve(exc)
+                    jobs.clear()
+                    batch.clear()
+                    prepared, held = [], []
+                if (not len(batch) and stopping and admission is None and not self._finishing and not prepared and not held
+                        and self.queue.empty()):
+                    self.running = 0
+                    return
+                self.running = (len(batch.requests) + len(prepared) + len(held) + len(self._finishing)
+                                + (admission.size if admission else 0))
+        finally:
+            if self._slicer is not None:
+                self._slicer.close()
+
+    def _newcomer_work(self, batch: RunningBatch, admission: Admission | None, jobs: dict[int, Job], prepared: list[Row]) -> bool:
+        """This step's work besides decoding: a slice of the oldest finished request's reflection passes, else a
+        slice of the admission (whose last slice merges its rows' caches with the batch's; they join at once).
+        Rows the admission leaves waiting go to ``prepared``; returns whether the admission is over."""
+        slice_ = self._slice(batch)
+        if self._finishing:
+            finishing = self._finishing[0]
+            if finishing.call.run(slice_):
+                self._finishing.pop(0)
+                self._resolve(finishing.jobs[0], finishing.call)
+            return False
+        if admission is None or not admission.call.run(slice_):
+            return False
+        prepared += self._admitted(batch, admission, jobs)
+        return True
+
+    def _admission(
+        self, batch: RunningBatch, prepared: list[Row], held: list[Job], jobs: dict[int, Job],
+    ) -> tuple[Admission | None, list[Row], list[Job]]:
+        """The next admission, if there is work for one: the held jobs it prepares (``_to_prepare``) and the
+        prepared rows that fit now. Returns it with the rows and jobs still waiting."""
+        now, later = self._to_prepare(held, len(batch) > 0)
+        fitting = self._fitting(batch, prepared)
+        if not now and not fitting:
+            return None, prepared, later
+        rest = prepared[len(fitting):]
+        work = lambda: self._admit(batch, fitting, now, jobs)  # noqa: E731
+        call = self._slicer.call(work) if self._slicer is not None else _Whole(work)
+        return Admission(call, now, len(now) + len(fitting)), rest, later
+
+    def _slice(self, batch: RunningBatch) -> Slice:
+        """What an admission may run before the next decode step: everything when no row decodes."""
+        if self.step_budget is None or not len(batch):
+            return UNBOUNDED
+        return self.step_budget.slice(self.decode_s)
+
+    def _admit(self, batch: RunningBatch, fitting: list[Row], newcomers: list[Job], jobs: dict[int, Job]) -> tuple[Joined | None, list[Row]]:
+        """An admission's work (in the slicer's thread when sliced): prepare ``newcomers``, prefill, beside the
+        already prepared ``fitting`` rows, the new rows that fit, and merge their caches with the batch's. Returns
+        the merged batch (None if no row joins) and the rows left to wait."""
+        rows = fitting + (self._prepare(batch, newcomers, jobs) if newcomers else [])
+        rows = [row for row in rows if not row.cancelled() or self._cancel_waiting(row, jobs)]
+        joining = self._fitting(batch, rows)
+        prefills = self._prefill(batch, joining, jobs)
+        if not prefills:
+            return None, rows[len(joining):]
+        if self._slicer is not None:
+            self._slicer.checkpoint("join", alone=True)  # no decode step may change the batch during the merge
+        return batch.joined(prefills), rows[len(joining):]
+
+    def _admitted(self, batch: RunningBatch, admission: Admission, jobs: dict[int, Job]) -> list[Row]:
+        """Install an ended admission's merged batch (its rows take their first tokens); the rows it left waiting."""
+        joined, waiting = admission.call.result()
+        if joined is not None:
+            batch.install(joined)
+            self.batches += len(joined.prefills)
+            for row in [row for p in joined.prefills for row in p.rows]:
+                if row.parent is None and row.reason is not None:  # finished with its first token
+                    self._finish(batch, row, jobs)
+        return waiting
 
     def _to_prepare(self, jobs: list[Job], decoding: bool) -> tuple[list[Job], list[Job]]:
         """``(now, later)``: while rows are decoding, at most one request whose methods run passes of their own
-        (VHR's text-only prefill, GIFT's saliency, CARVE's collection) is prepared per decode step, so running
-        rows wait for one such admission at a time; plain requests are all prepared at once."""
+        (VHR's text-only prefill, GIFT's saliency, CARVE's collection) is admitted at a time, so that plain
+        newcomers do not wait for several of them; plain requests are all admitted together."""
         if not decoding:
             return jobs, []
         now, later, passes = [], [], 0
@@ -201,21 +291,6 @@ class Scheduler:
                 now.append(job)
                 passes += heavy
         return now, later
-
-    def _advance(self, batch: RunningBatch, prepared: list[Row], newcomers: list[Job], jobs: dict[int, Job]) -> list[Row]:
-        """One iteration: prepare newcomers, drop cancelled waiters, join what fits, one decode step.
-        Returns the rows still waiting to join."""
-        if newcomers:
-            prepared = prepared + self._prepare(batch, newcomers, jobs)
-        for row in [row for row in prepared if row.cancelled()]:
-            self._cancel_waiting(row, jobs)
-        prepared = [row for row in prepared if not row.cancelled()]
-        fitting = self._fitting(batch, prepared)
-        if fitting:
-            self._join(batch, fitting, jobs)
-        if len(batch):
-            self._step(batch, jobs)
-        return prepared[len(fitting):]
 
     def _waiting(self, room: int, idle: bool) -> tuple[list[Job], bool]:
         """Jobs to admit now: when idle, wait for one and gather a burst for ``batch_wait_s``; otherwise
@@ -282,28 +357,27 @@ class Scheduler:
             taken += row.width
         return fitting
 
-    def _join(self, batch: RunningBatch, rows: list[Row], jobs: dict[int, Job]) -> None:
-        """Prefill ``rows`` into the batch; a failing prefill is retried row by row."""
+    def _prefill(self, batch: RunningBatch, rows: list[Row], jobs: dict[int, Job]) -> list[Prefilled]:
+        """Prefill ``rows`` together; a failing prefill is retried row by row, so it fails alone."""
+        if not rows:
+            return []
         try:
-            batch.join(rows)
+            return [batch.prefill(rows)]
         except Exception as exc:  # isolate the failing request
             log.warning("prefill of %d failed: %r", len(rows), exc)
             if len(rows) == 1:
                 jobs.pop(id(rows[0])).resolve(exc)
-            else:
-                for row in rows:
-                    self._join(batch, [row], jobs)
-            return
-        self.batches += 1
-        for row in rows:
-            if row.reason is not None:  # finished with its first token
-                self._finish(batch, row, jobs)
+                return []
+            return [p for row in rows for p in self._prefill(batch, [row], jobs)]
 
-    def _cancel_waiting(self, row: Row, jobs: dict[int, Job]) -> None:
+    def _cancel_waiting(self, row: Row, jobs: dict[int, Job]) -> bool:
+        """Resolve a prepared row's job as cancelled (False, for filters)."""
         self.cancelled += 1
         jobs.pop(id(row)).resolve(asyncio.CancelledError())
+        return False
 
     def _step(self, batch: RunningBatch, jobs: dict[int, Job]) -> None:
+        started = time.perf_counter()
         try:
             finished = batch.step()
         except Exception as exc:  # the rows of a failed step cannot be replayed: they fail together
@@ -312,6 +386,8 @@ class Scheduler:
                 jobs.pop(id(row)).resolve(exc)
             batch.clear()
             return
+        took = time.perf_counter() - started
+        self.decode_s = took if self.decode_s is None else 0.8 * self.decode_s + 0.2 * took
         for row in finished:
             self._finish(batch, row, jobs)
 
@@ -320,10 +396,62 @@ class Scheduler:
         if row.reason == "cancelled":
             self.cancelled += 1
             job.resolve(asyncio.CancelledError())
+        elif self._slicer is not None and len(batch) and _reflects(row):  # passes of its own: a slice per step
+            self._finishing.append(Finishing(self._slicer.call(lambda: batch.output(row)), [job]))
         else:
-            try:
-                out = batch.output(row)
-            except Exception as exc:  # a method's reflection pass failed: this request alone fails
-                log.warning("output of a finished request failed: %r", exc)
-                out = exc
-            job.resolve(out)
+            self._resolve(job, _Whole(lambda: batch.output(row)))
+
+    @staticmethod
+    def _resolve(job: Job, call: SlicedCall | _Whole) -> None:
+        """Resolve ``job`` with its output, made by ``call`` (run whole if it has not run)."""
+        try:
+            call.run()
+            out = call.result()
+        except Exception as exc:  # a method's reflection pass failed: this request alone fails
+            log.warning("output of a finished request failed: %r", exc)
+            out = exc
+        job.resolve(out)
+
+
+def _reflects(row: Row) -> bool:
+    """Whether a finished row's methods run passes of their own once its answer is final (AGSER's)."""
+    return any(HookPoint.REFLECT in getattr(state.hooks, "hook_points", ()) for state in row.states)
+
+
+@dataclass
+class Admission:
+    """Newcomers being admitted: the call that prepares and prefills them, the jobs it prepares and how many
+    rows it holds (for the batch-size count)."""
+
+    call: SlicedCall | _Whole
+    jobs: list[Job]
+    size: int
+
+
+@dataclass
+class Finishing:
+    """A finished request whose output runs passes of its own (a reflection), a slice per decode step."""
+
+    call: SlicedCall | _Whole
+    jobs: list[Job]
+
+
+class _Whole(Generic[T]):
+    """A call run whole at its first ``run`` (no step budget, or a finished request without passes of its own):
+    :class:`SlicedCall`'s interface."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn = fn
+        self.done = False
+        self._value: T | None = None
+
+    def run(self, slice_: Slice = UNBOUNDED) -> bool:
+        if not self.done:
+            self._value, self.done = self._fn(), True
+        return True
+
+    def result(self) -> T:
+        return self._value  # type: ignore[return-value]
+
+    def abandon(self) -> None:
+        self.done = True

@@ -82,11 +82,13 @@ class Settings(BaseSettings):
             "at start (the device's, or the machine's on a CPU) over the model's bytes per cached token; none: rows only."
         ),
     )
-    prefill_chunk_tokens: int | None = Field(
-        None, ge=16,
+    step_budget: float | None = Field(
+        2.0, gt=0,
         description=(
-            "Prompt tokens a plain request prefills per decode step while others decode (lower per-token tail, "
-            "higher time to first token; docs/engines.md); none: whole prompts."
+            "Newcomer work (admission passes and prefill) run per decode step while rows decode, as a multiple of "
+            "the decode step's time: a running stream's longest gap is about 1 + step_budget decode steps, a "
+            "newcomer's admission about 1 + 1/step_budget times its time alone (docs/engines.md); none: whole "
+            "admissions between two decode steps."
         ),
     )
     retry_after_s: int = Field(1, ge=1)

@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from conftest import FAMILIES, QUESTIONS, make_image
@@ -28,6 +29,7 @@ from param_strategies import method_params
 from seeright.service.client import EngineClient
 from seeright.service.engine import Engine, GenerationOutput, GenerationRequest
 from seeright.service.scheduler import Scheduler
+from seeright.service.slicing import StepBudget
 
 EXAMPLES = int(os.environ.get("SEERIGHT_BATCH_MATE_EXAMPLES", "300"))
 TOLERANCE = 1e-4
@@ -51,14 +53,21 @@ def serve(engine: Engine, requests: Sequence[GenerationRequest]) -> list[Generat
     return engine.generate_batch(requests)
 
 
-def serve_scheduled(engine: Engine, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-    """Requests sent at once through the serving path (scheduler and async client), as HTTP routes send them."""
-    scheduler = Scheduler(engine, max_batch_size=8, batch_wait_s=0.05)
+def serve_scheduled(engine: Engine, requests: Sequence[GenerationRequest], segments: int | None = None) -> list[GenerationOutput]:
+    """Requests sent through the serving path (scheduler and async client), as HTTP routes send them: at once, or
+    with ``segments``, the first alone and the others once it decodes, so that their admissions run that many
+    segments (between the model's blocks) per decode step of the rows already running."""
+    budget = StepBudget() if segments is None else StepBudget(segments=segments)
+    scheduler = Scheduler(engine, max_batch_size=8, batch_wait_s=0.05, step_budget=budget)
     client = EngineClient(scheduler)
     scheduler.start()
     try:
         async def send() -> list[GenerationOutput]:
-            return list(await asyncio.gather(*(client.generate(r) for r in requests)))
+            if segments is None:
+                return list(await asyncio.gather(*(client.generate(r) for r in requests)))
+            first = asyncio.ensure_future(client.generate(requests[0]))
+            await asyncio.sleep(0.1)  # past the burst window: the first decodes alone when the others arrive
+            return [await first, *await asyncio.gather(*(client.generate(r) for r in requests[1:]))]
 
         return asyncio.run(send())
     finally:
@@ -156,9 +165,10 @@ def test_every_row_equals_the_row_alone(batch: tuple[str, list[dict]]) -> None:
 
 
 @settings(max_examples=max(EXAMPLES // 6, 10), **SETTINGS)
-@given(batches())
-def test_every_row_equals_the_row_alone_through_the_scheduler(batch: tuple[str, list[dict]]) -> None:
-    check_rows(batch, serve_scheduled)
+@given(batches(), st.sampled_from([None, 1, 3, 8]))
+def test_every_row_equals_the_row_alone_through_the_scheduler(batch: tuple[str, list[dict]], segments: int | None) -> None:
+    """``segments``: None sends the rows at once; else the first, then the others, admitted a slice per step."""
+    check_rows(batch, partial(serve_scheduled, segments=segments))
 
 
 def check_rows(batch: tuple[str, list[dict]], served) -> None:

@@ -17,42 +17,56 @@ from seeright.service.batching import RunningBatch
 from seeright.service.client import EngineClient
 from seeright.service.engine import Engine, GenerationOutput, GenerationRequest, RequestError
 from seeright.service.scheduler import Scheduler
+from seeright.service.slicing import UNBOUNDED, Slice, SlicedCall, Slicer, StepBudget
 
 PLANS = [{}, {"var": {}}, {"gift": {}}, {"vhr": {}}, {"carve": {}}, {"gift": {}, "vhr": {}}, {"var": {"rho": 0.8}, "gift": {}},
          {"vcd": {}}, {"pai": {"cfg": True}}, {"ritual": {"seed": 4}}, {"vcd": {"seed": 1}, "pai": {}}]
 
 
 def staggered(
-    engine: Engine, requests: list[GenerationRequest], joins: list[int], prefill_chunk: int | None = None
+    engine: Engine, requests: list[GenerationRequest], joins: list[int], segments: int | None = None
 ) -> list[GenerationOutput]:
-    """Row i joins before decode step ``joins[i]`` of the running batch (0: with the first admission)."""
-    batch, outputs, index = RunningBatch(engine, prefill_chunk), {}, {}
+    """Row i's admission starts before decode step ``joins[i]`` of the running batch (0: with the first). With
+    ``segments``, an admission that starts while rows decode runs that many segments (between the model's
+    blocks) per decode step, in its own thread, as the scheduler's step budget runs it."""
+    batch, outputs, index = RunningBatch(engine), {}, {}
+    slicer = Slicer(engine.adapter)
     waiting = sorted(range(len(requests)), key=lambda i: joins[i])
+    admitting: tuple[list[int], SlicedCall] | None = None
     step = 0
-    while waiting or len(batch):
-        now = [i for i in waiting if joins[i] <= step]
-        if now or not len(batch):
-            now = now or [waiting[0]]
-            waiting = [i for i in waiting if i not in now]
-            for i, row in zip(now, batch.admit([requests[i] for i in now])):
-                index[id(row)] = i
-                if row.reason is not None:
-                    outputs[i] = batch.output(row)
-        if len(batch):
-            for row in batch.step():
-                outputs[index[id(row)]] = batch.output(row)
-        step += 1
+    try:
+        while waiting or len(batch) or admitting:
+            now = [i for i in waiting if joins[i] <= step]
+            if admitting is None and (now or not len(batch)):
+                now = now or [waiting[0]]
+                waiting = [i for i in waiting if i not in now]
+                admitting = now, slicer.call(lambda now=now: batch.joined([batch.prefill(batch.prepare([requests[i] for i in now]))]))
+            if admitting is not None and admitting[1].run(Slice(segments=segments) if segments and len(batch) else UNBOUNDED):
+                joined = admitting[1].result()
+                batch.install(joined)
+                for i, row in zip(admitting[0], [r for r in joined.prefills[0].rows if r.parent is None]):
+                    index[id(row)] = i
+                    if row.reason is not None:
+                        outputs[i] = batch.output(row)
+                admitting = None
+            if len(batch):
+                for row in batch.step():
+                    outputs[index[id(row)]] = batch.output(row)
+            step += 1
+    finally:
+        slicer.close()
     return [outputs[i] for i in range(len(requests))]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("prefill_chunk", [None, 16])
-def test_rows_joining_and_leaving_equal_each_alone(family, prefill_chunk):
-    """With ``prefill_chunk`` 16, the plain rows that join while others decode are prefilled 16 tokens a step."""
+@pytest.mark.parametrize("segments", [None, 3])
+def test_rows_joining_and_leaving_equal_each_alone(family, segments):
+    """With ``segments`` 3, the admissions that start while rows decode (method passes and prefill) run three
+    segments between the model's blocks per decode step."""
     engine = engine_for(family)
     reqs = [GenerationRequest(prompt=QUESTIONS[i % 4], images=[make_image(i, (40 + 8 * i, 40))], interventions=plan,
                               max_new_tokens=3 + (5 * i) % 7, logprobs=True) for i, plan in enumerate(PLANS)]
-    outs = staggered(engine, reqs, joins=[1, 0, 1, 3, 4, 6, 7, 0, 2, 5, 8], prefill_chunk=prefill_chunk)
+    outs = staggered(engine, reqs, joins=[1, 0, 1, 3, 4, 6, 7, 0, 2, 5, 8], segments=segments)
     for req, out in zip(reqs, outs):
         ref = engine.generate_batch([req])[0]
         assert out.token_ids == ref.token_ids, req.interventions
@@ -61,15 +75,15 @@ def test_rows_joining_and_leaving_equal_each_alone(family, prefill_chunk):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(batches(), st.lists(st.integers(0, 4), min_size=6, max_size=6))
-def test_random_rows_joining_at_random_steps_equal_each_alone(batch, joins):
+@given(batches(), st.lists(st.integers(0, 4), min_size=6, max_size=6), st.sampled_from([None, 1, 2, 5, 11]))
+def test_random_rows_joining_at_random_steps_equal_each_alone(batch, joins, segments):
     family, drawn = batch
     engine = engine_for(family)
-    outs = staggered(engine, [request(r) for r in drawn], joins[: len(drawn)])
+    outs = staggered(engine, [request(r) for r in drawn], joins[: len(drawn)], segments)
     for row, out in zip(drawn, outs):
         ref = alone(family, engine, row)
-        assert out.token_ids == ref.token_ids, (row, joins)
-        assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs)) < 1e-4, (row, joins)
+        assert out.token_ids == ref.token_ids, (row, joins, segments)
+        assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs)) < 1e-4, (row, joins, segments)
 
 
 def test_leaving_rows_free_their_cache():
@@ -92,53 +106,42 @@ def test_leaving_rows_free_their_cache():
     assert batch.cache is None and batch.cached_tokens == 0
 
 
-def test_chunked_prefill_runs_a_chunk_per_decode_step_and_only_for_plain_rows():
-    engine = engine_for(FAMILIES[1])
-    batch = RunningBatch(engine, prefill_chunk=16)
-    stop = {"now": False}
-    [running] = batch.admit([GenerationRequest(prompt=QUESTIONS[0], images=[make_image(0)], max_new_tokens=40)])
-    plain = GenerationRequest(prompt=QUESTIONS[1], images=[make_image(1)], max_new_tokens=3, logprobs=True)
-    [row] = batch.admit([plain])
-    [edited] = batch.admit([GenerationRequest(prompt=QUESTIONS[2], images=[make_image(2)], max_new_tokens=30,
-                                              interventions={"pai": {}})])
-    [gone] = batch.admit([GenerationRequest(prompt=QUESTIONS[3], images=[make_image(3)], max_new_tokens=30)],
-                         cancelled=[lambda: stop["now"]])
-    assert [p.row for p in batch.prefilling] == [row, gone] and edited in batch.rows  # methods prefill whole
-    chunks = -(-len(row.prompt.input_ids) // 16)
-    for step in range(chunks - 1):  # one chunk per step, and the running rows decode in each
-        before = len(running.tokens)
-        assert batch.step() == [] and len(running.tokens) == before + 1 and batch.prefilling[0].done == 16 * (step + 1)
-    assert row.tokens == [] and row not in batch.rows
-    batch.step()  # the last chunk: the row joins with its first token and decodes with the others
-    assert row in batch.rows and len(row.tokens) == 2
-    while row.reason is None:
-        batch.step()
-    assert row.tokens == engine.generate_batch([plain])[0].token_ids
-    stop["now"] = True
-    assert [r.reason for r in batch.step() if r is gone] == ["cancelled"] and not batch.prefilling
-
-
-def test_the_scheduler_prefills_plain_newcomers_in_chunks():
+@pytest.mark.parametrize("plan", [{}, {"carve": {}}, {"vemask": {}}], ids=["plain", "carve", "vemask"])
+def test_a_running_stream_keeps_decoding_while_a_newcomer_is_admitted(plan):
+    """Through the scheduler with a step budget of two segments: the running request gets tokens between the
+    newcomer's arrival and its first token (its admission, method passes included, runs between decode steps),
+    and the newcomer's answer is its answer alone."""
     engine = engine_for(FAMILIES[0])
-    scheduler = Scheduler(engine, max_batch_size=4, batch_wait_s=0.0, prefill_chunk=16)
+    scheduler = Scheduler(engine, max_batch_size=4, batch_wait_s=0.0, step_budget=StepBudget(segments=2))
     client = EngineClient(scheduler)
-    long_req = GenerationRequest(prompt=QUESTIONS[2], images=[make_image(0)], max_new_tokens=60)
-    plain = GenerationRequest(prompt=QUESTIONS[1], images=[make_image(1)], max_new_tokens=5, logprobs=True)
+    stream: list[float] = []
+    newcomer = GenerationRequest(prompt=QUESTIONS[1], images=[make_image(1)], max_new_tokens=5, logprobs=True,
+                                 interventions=plan)
     scheduler.start()
 
-    async def main() -> GenerationOutput:
-        long_task = asyncio.ensure_future(client.generate(long_req))
-        await asyncio.sleep(0.2)
-        out = await client.generate(plain)
+    async def main() -> tuple[GenerationOutput, float, float]:
+        long_req = GenerationRequest(prompt=QUESTIONS[2], images=[make_image(0)], max_new_tokens=400)
+        long_task = asyncio.ensure_future(_stream(client, long_req, stream))
+        while len(stream) < 3:
+            await asyncio.sleep(0.01)
+        sent, first, joining = time.perf_counter(), [], client.stream(newcomer)
+        async for _ in joining:
+            first = first or [time.perf_counter()]
         long_task.cancel()
-        return out
+        return joining.output, sent, first[0]
 
     try:
-        out = asyncio.run(main())
+        out, sent, first = asyncio.run(main())
     finally:
         scheduler.stop()
-    alone = engine.generate_batch([plain])[0]
+    assert sum(sent < t < first for t in stream) >= 3
+    alone = engine.generate_batch([newcomer])[0]
     assert out.token_ids == alone.token_ids and max(abs(a - b) for a, b in zip(out.logprobs, alone.logprobs)) < 1e-4
+
+
+async def _stream(client: EngineClient, request: GenerationRequest, times: list[float]) -> None:
+    async for _ in client.stream(request):
+        times.append(time.perf_counter())
 
 
 def test_a_leaving_request_takes_its_contrast_branch_along():

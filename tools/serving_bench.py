@@ -12,8 +12,8 @@
   the mixed loads). Reported: time to first token and per-token latency percentiles, tokens/s, and how many
   were refused (a full queue, a 503 over HTTP) or failed.
 
-Only ``seeright.service.engine`` and ``seeright.service.scheduler`` (``Job``, ``Scheduler``) are used, so the same file measures
-an older checkout of the scheduler (``PYTHONPATH=OLD_CHECKOUT python -m seeright.tools.serving_bench``).
+Every measurement runs once per ``--step-budget`` (by default 0, off: whole admissions between two decode
+steps, and the server's default), on one engine, so before and after come from one run.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from PIL import Image
 
 from seeright.service.engine import Engine, GenerationRequest
 from seeright.service.scheduler import Job, QueueFull, Scheduler
+from seeright.service.slicing import StepBudget
 
 PROMPTS = {"short": "Is there a circle in the image? Answer yes or no.", "long": "Describe the image in detail."}
 
@@ -89,11 +90,14 @@ async def joiner(
     await asyncio.sleep(delay)
     joined = await _send(scheduler, _request("short", join_tokens, seed, {method: {}} if method else None))
     stream = await running
-    gaps = [b - a for a, b in zip(stream.tokens, stream.tokens[1:])]
-    after = [b - a for a, b in zip(stream.tokens, stream.tokens[1:]) if b >= joined.sent]  # gaps once it joined
+    pairs = list(zip(stream.tokens, stream.tokens[1:]))
+    gaps = [b - a for a, b in pairs]
+    after = [b - a for a, b in pairs if b >= joined.sent]  # gaps once it was sent
+    beside = [b - a for a, b in pairs if joined.tokens and joined.tokens[0] < b <= joined.done]  # while it decodes too
     median, longest = statistics.median(gaps), max(after or [0.0])
     return {"joiner": method or "plain", "stream_tokens": len(stream.tokens), "joined_s": joined.done - joined.sent,
-            "median_gap_s": median, "longest_gap_s": longest, "ratio": longest / median, "status": joined.status}
+            "median_gap_s": median, "longest_gap_s": longest, "ratio": longest / median, "status": joined.status,
+            "beside_gap_s": statistics.median(beside) if beside else None}
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -127,52 +131,73 @@ async def open_loop(scheduler: Scheduler, rate: float, requests: int, methods: l
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement once per ``--step-budget`` (0: off, whole admissions between decode steps), on one engine."""
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    chunked = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}  # older schedulers take no chunk
-    scheduler = Scheduler(engine, max_batch_size=args.max_batch_size, batch_wait_s=0.005, queue_size=args.queue_size, **chunked)
     methods = args.methods if args.methods is not None else engine.runnable(engine.methods.mixed_traffic())
-    scheduler.start()
-    try:
-        async def main() -> dict[str, Any]:
-            await _send(scheduler, _request("short", 2, 0))  # warm-up
-            result = {"short_behind_long": await short_behind_long(scheduler, args.short_tokens, args.long_tokens, args.delay, args.reps)}
-            if args.joiners is not None:
-                names = [None, *(args.joiners or engine.runnable())]
-                result["joiners"] = [
-                    await joiner(scheduler, name, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay, i)
-                    for i, name in enumerate(names)
-                ]
-            for rate in args.rate:
-                result.setdefault("open_loop", []).append(await open_loop(scheduler, rate, args.requests, methods, args.long_tokens))
-            return result
+    runs = []
+    for budget in args.step_budget:
+        scheduler = Scheduler(engine, max_batch_size=args.max_batch_size, batch_wait_s=0.005, queue_size=args.queue_size,
+                              step_budget=StepBudget(budget) if budget else None)
+        scheduler.start()
+        try:
+            runs.append({"step_budget": budget or None, **asyncio.run(_measure(scheduler, engine, methods, args))})
+        finally:
+            scheduler.stop()
+    return {"model": args.model, "max_batch_size": args.max_batch_size, "runs": runs}
 
-        return {"model": args.model, "max_batch_size": args.max_batch_size, "prefill_chunk": args.prefill_chunk,
-                **asyncio.run(main())}
-    finally:
-        scheduler.stop()
+
+async def _measure(scheduler: Scheduler, engine: Engine, methods: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    await _send(scheduler, _request("short", 2, 0))  # warm-up
+    result = {"short_behind_long": await short_behind_long(scheduler, args.short_tokens, args.long_tokens, args.delay, args.reps)}
+    if args.joiners is not None:
+        names = [None, *(args.joiners or engine.runnable())]
+        result["joiners"] = [
+            await joiner(scheduler, name, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay, i)
+            for i, name in enumerate(names)
+        ]
+    for rate in args.rate:
+        result.setdefault("open_loop", []).append(await open_loop(scheduler, rate, args.requests, methods, args.long_tokens))
+    return result
+
+
+def _budget(value: float | None) -> str:
+    return "off" if not value else f"{value:g}"
 
 
 def table(result: dict[str, Any]) -> str:
-    """The serving benchmark as Markdown: a short request behind a long one, then each open-loop rate."""
-    s = result["short_behind_long"]
-    rows = [f"model {result['model']}, batch of {result['max_batch_size']}, prefill chunk {result['prefill_chunk'] or 'off'}", "",
-            f"a short request sent while a long one decodes: {s['short_behind_long_s']:.2f} s against {s['short_alone_s']:.2f} s "
-            f"alone ({s['ratio']:.2f}x)"]
-    if result.get("open_loop"):
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        rows += ["", "| arrivals/s | requests | refused | failed | TTFT p50 / p90 / p99 (s) | per token p50 / p90 / p99 (s) | tokens/s |",
+    """The serving benchmark as Markdown, each measurement side by side for every step budget of the run."""
+    runs = result.get("runs") or [{**result, "step_budget": None}]  # records from before step budgets: one run, off
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    head = (f"model {result['model']}, batch of {result['max_batch_size']}; step budget: newcomer work per decode step, "
+            "x the decode step's time (off: whole admissions between two decode steps)")
+    rows = [head, ""]
+    for run in runs:
+        s = run["short_behind_long"]
+        rows.append(f"* step budget {_budget(run['step_budget'])}: a short request sent while a long one decodes: "
+                    f"{s['short_behind_long_s']:.2f} s against {s['short_alone_s']:.2f} s alone ({s['ratio']:.2f}x)")
+    if any(run.get("joiners") for run in runs):
+        heads = [f"step budget {_budget(run['step_budget'])}" for run in runs if run.get("joiners")]
+        rows += ["", "A running stream while one request joins: its longest gap (x its median gap), its median gap while the "
+                 "joiner decodes beside it (the grown batch's step), and the joiner's own time:", "",
+                 "| the request that joins | " + " | ".join(f"{h}: longest gap | beside | joiner's time" for h in heads) + " |",
+                 "|---|" + "---|---|---|" * len(heads)]
+        tables = [run["joiners"] for run in runs if run.get("joiners")]
+        ms = lambda v: "-" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
+        for i, first in enumerate(tables[0]):
+            cells = [f"{t[i]['longest_gap_s'] * 1000:.0f} ms ({t[i]['ratio']:.1f}x) | {ms(t[i].get('beside_gap_s'))} | "
+                     f"{t[i]['joined_s']:.2f} s" for t in tables]
+            rows.append(f"| {first['joiner']} | " + " | ".join(cells) + " |")
+        medians = ", ".join(f"{h}: {statistics.median(r['median_gap_s'] for r in t) * 1000:.0f} ms" for h, t in zip(heads, tables))
+        rows += ["", f"median gap between the stream's tokens: {medians}"]
+    if any(run.get("open_loop") for run in runs):
+        rows += ["", "| arrivals/s | step budget | refused | failed | TTFT p50 / p90 / p99 (s) | per token p50 / p90 / p99 (s) | tokens/s |",
                  "|---|---|---|---|---|---|---|"]
-        for r in result["open_loop"]:
+        loops = [(run["step_budget"], r) for run in runs for r in run.get("open_loop", [])]
+        for budget, r in sorted(loops, key=lambda x: x[1]["rate_per_s"]):
             ttft, tok = r["ttft_s"], r["per_token_s"]
-            rows.append(f"| {r['rate_per_s']:g} | {r['requests']} | {r['refused']} | {r['failed']} | "
+            rows.append(f"| {r['rate_per_s']:g} | {_budget(budget)} | {r['refused']} | {r['failed']} | "
                         f"{fmt(ttft['p50'])} / {fmt(ttft['p90'])} / {fmt(ttft['p99'])} | "
                         f"{fmt(tok['p50'])} / {fmt(tok['p90'])} / {fmt(tok['p99'])} | {r['tokens_per_s']:.1f} |")
-    if result.get("joiners"):
-        rows += ["", "| the request that joins a running stream | stream tokens | longest gap in the stream | median gap | x median |",
-                 "|---|---|---|---|---|"]
-        for r in result["joiners"]:
-            rows.append(f"| {r['joiner']} | {r['stream_tokens']} | {r['longest_gap_s']:.2f} s | {r['median_gap_s'] * 1000:.0f} ms | "
-                        f"{r['ratio']:.0f}x |")
     return "\n".join(rows)
 
 
@@ -184,8 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=24, help="arrivals per open-loop rate")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--queue-size", type=int, default=64)
-    parser.add_argument("--prefill-chunk", type=int, default=0,
-                        help="prompt tokens a plain request prefills per decode step (0: whole prompts, the default)")
+    parser.add_argument("--step-budget", type=float, nargs="+", default=[0.0, StepBudget().ratio],
+                        help="scheduler step budgets to measure side by side (newcomer work per decode step, x the decode "
+                             "step's time; 0: off)")
     parser.add_argument("--methods", nargs="*", help="methods of the open-loop mix (default: the registry's mixed loads)")
     parser.add_argument("--joiners", nargs="*", metavar="METHOD",
                         help="measure a plain stream's longest gap while a request joins: plain, then with each METHOD "

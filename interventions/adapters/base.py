@@ -173,6 +173,12 @@ class ModelAdapter(ABC):
         raise ValueError(f"the {self.family} vision tower has no [CLS] token")
 
     @property
+    def vision_blocks(self) -> list[nn.Module]:
+        """The vision tower's transformer blocks, in order (where the scheduler may pause an admission,
+        :mod:`seeright.service.slicing`)."""
+        return []
+
+    @property
     def maskable_vision_layers(self) -> int:
         """Vision-tower layers up to the one whose features the model takes, where :meth:`mask_vision_attention`
         can mask tokens; 0 where this adapter cannot."""

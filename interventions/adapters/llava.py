@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.hooks import RemovableHandle
 
 from seeright.interventions.adapters.base import ChatTurn, ModelAdapter, Segment, StopForward
+from seeright.interventions.thread_hooks import this_thread_only
 
 
 class LlavaAdapter(ModelAdapter):
@@ -71,6 +72,10 @@ class LlavaAdapter(ModelAdapter):
         return tower.vision_model.encoder if hasattr(tower, "vision_model") else tower.encoder  # transformers 4 / 5
 
     @property
+    def vision_blocks(self) -> list[torch.nn.Module]:
+        return list(self.vision_encoder.layers)
+
+    @property
     def maskable_vision_layers(self) -> int:
         return self.vision_feature_layer + 1
 
@@ -85,7 +90,7 @@ class LlavaAdapter(ModelAdapter):
                     raise StopForward
             return hook
 
-        handles = [self.vision_encoder.layers[l].register_forward_hook(capture(l)) for l in set(layers)]
+        handles = [self.vision_encoder.layers[l].register_forward_hook(this_thread_only(capture(l))) for l in set(layers)]
         try:
             self.model.model.vision_tower(pixel_values.to(self.model.device, self.model.dtype))
         except StopForward:
@@ -109,7 +114,7 @@ class LlavaAdapter(ModelAdapter):
                     rows = args[0]  # [images, tokens, width]
                     return (rows * tokens.to(rows.device, rows.dtype)[:, :, None], *args[1:])
 
-                handles.append(block.self_attn.out_proj.register_forward_pre_hook(zero_rows))
+                handles.append(block.self_attn.out_proj.register_forward_pre_hook(this_thread_only(zero_rows)))
                 continue
 
             def hide_keys(module: torch.nn.Module, args: tuple, kwargs: dict, columns: torch.Tensor = tokens) -> tuple:
@@ -121,7 +126,7 @@ class LlavaAdapter(ModelAdapter):
                 kwargs["attention_mask"] = bias if given is None else given + bias
                 return args, kwargs
 
-            handles.append(block.self_attn.register_forward_pre_hook(hide_keys, with_kwargs=True))
+            handles.append(block.self_attn.register_forward_pre_hook(this_thread_only(hide_keys), with_kwargs=True))
         return handles
 
     def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +149,7 @@ class LlavaAdapter(ModelAdapter):
                     raise StopForward
             return hook
 
-        handles = [encoder.layers[l].self_attn.register_forward_pre_hook(capture(l), with_kwargs=True) for l in set(layers)]
+        handles = [encoder.layers[l].self_attn.register_forward_pre_hook(this_thread_only(capture(l)), with_kwargs=True) for l in set(layers)]
         try:
             with torch.inference_mode():
                 self.model.model.vision_tower(images["pixel_values"].to(self.model.device, self.model.dtype))

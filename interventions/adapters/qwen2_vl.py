@@ -29,6 +29,10 @@ class Qwen2VLAdapter(ModelAdapter):
     def image_token_text(self) -> str:
         return self.tokenizer.convert_ids_to_tokens(self.image_token_id)
 
+    @property
+    def vision_blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.model.visual.blocks)
+
     def segments(self, turns: list[ChatTurn]) -> list[Segment]:
         last_user = max(i for i, t in enumerate(turns) if t.role == "user")
         out: list[Segment] = []

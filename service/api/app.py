@@ -20,6 +20,7 @@ from seeright.service.client import EngineClient
 from seeright.service.engine import Engine
 from seeright.service.scheduler import Scheduler
 from seeright.service.settings import Settings
+from seeright.service.slicing import StepBudget
 
 
 class _TooLarge(Exception):
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                 engine.load_lora(name, path, settings.max_lora_rank)
         scheduler = Scheduler(
             engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size, settings.max_kv_tokens,
-            settings.prefill_chunk_tokens,
+            None if settings.step_budget is None else StepBudget(settings.step_budget),
         )
         client = EngineClient(scheduler)
 

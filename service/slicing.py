@@ -1,0 +1,238 @@
+"""Admission work that yields to decode steps: the scheduler's per-step work budget.
+
+A newcomer's admission (checks, image encoding, its methods' passes: VHR's text-only prefill, GIFT's saliency,
+CARVE's collection generations, VE masking's attack; then its prefill), and a finished request's reflection
+passes (AGSER's), run in a thread of their own as a
+:class:`SlicedCall` (run by a :class:`Slicer`'s one thread), strictly alternating with the scheduler's thread: the scheduler hands it a :class:`Slice`,
+waits until it pauses or ends, then runs one decode step of the running rows. The call pauses at
+:class:`Checkpoints`, forward pre-hooks on every linear layer and every attention module in the blocks of the
+language model and the vision tower (a few milliseconds of work apart for a 7B model's prompt on a GPU, tens on a
+CPU), which act only in a sliced call's own thread. The admission computes exactly what it computes
+whole (the same forwards, only split in time), whatever the method, so a running row waits at most one slice of
+newcomer work between two of its tokens (like vLLM's ``max_num_batched_tokens`` with chunked prefill, but with
+the split at block boundaries, which every method allows: VHR's heads and VAR's sinks are chosen over the whole
+prompt exactly as before).
+
+Two threads share the model safely because they never run at once and because what an admission installs
+for its own forward (the runtime's context, its hooks, VE masking's tower masks, its LoRA rows) belongs to its
+thread (:mod:`seeright.interventions.thread_hooks`); grad and inference modes are per thread in torch.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Generic, TypeVar
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from seeright.interventions.adapters import ModelAdapter
+
+T = TypeVar("T")
+
+
+
+@dataclass(frozen=True)
+class Slice:
+    """How long a sliced call may run before it pauses: until ``seconds`` would be exceeded (the segment that
+    starts at a checkpoint is predicted to cost what it cost when it last started at the same place of a block,
+    e.g. the attention of the layer before), or for ``segments`` segments. A call always runs at least one
+    segment per slice, so it advances."""
+
+    seconds: float = math.inf
+    segments: int | None = None
+
+
+UNBOUNDED = Slice()
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """Newcomer work the scheduler runs per decode step of the running rows: ``ratio`` times the decode step's
+    own time (a moving average), at least ``floor_s``; or, where ``segments`` is set, that many segments between
+    checkpoints (machine-independent: the tests draw it). A running row's longest gap between tokens is then
+    about ``1 + ratio`` decode steps, and a newcomer's admission while rows decode takes about ``1 + 1 / ratio``
+    times its time alone. The default, 2, is the budget of ``seeright bench --serving --step-budget 0 1 2``'s record
+    in docs/engines.md with the smaller cost to time to first token and throughput."""
+
+    ratio: float = 2.0
+    floor_s: float = 0.005
+    segments: int | None = None
+
+    def slice(self, decode_s: float | None) -> Slice:
+        if self.segments is not None:
+            return Slice(segments=self.segments)
+        if decode_s is None:
+            return Slice(seconds=self.floor_s)
+        return Slice(seconds=max(self.ratio * decode_s, self.floor_s))
+
+
+DEFAULT_STEP_BUDGET = StepBudget()
+
+
+class Abandoned(Exception):
+    """Raised inside a sliced call that its owner gave up (after a failed scheduler step)."""
+
+
+class Checkpoints:
+    """Pre-hooks on every linear layer and attention module inside the blocks of the vision tower and the language
+    model, where the sliced call bound to the current thread may pause; in any other thread they do nothing. They
+    are installed only while a call runs (``install`` / ``remove`` from the slicer's thread, outside any forward),
+    so traffic with nothing joining pays nothing for them."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self._local = threading.local()
+        towers = [("vision", block) for block in adapter.vision_blocks] + [("text", block) for block in adapter.decoder_layers]
+        self._points = [
+            (module, f"{tower} {name}") for tower, block in towers for name, module in block.named_modules()
+            if isinstance(module, nn.Linear) or name in ("self_attn", "attn")
+        ]
+        self._handles: list[RemovableHandle] = []
+
+    def install(self, call: SlicedCall) -> None:
+        """Bind ``call`` to the current thread and install the hooks."""
+        self._local.call = call
+        self._handles = [module.register_forward_pre_hook(partial(self._reached, key)) for module, key in self._points]
+
+    def remove(self) -> None:
+        """Remove the hooks and unbind the current thread's call."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._local.call = None
+
+    def reached(self, key: str, alone: bool = False) -> None:
+        """Checkpoint ``key``: the current thread's sliced call (if any) may pause here (see
+        :meth:`SlicedCall.checkpoint`)."""
+        call = getattr(self._local, "call", None)
+        if call is not None:
+            call.checkpoint(key, alone)
+
+    def _reached(self, key: str, module: nn.Module, args: Any) -> None:
+        self.reached(key)
+
+
+class Slicer:
+    """The checkpoints on a model and the one thread that runs its sliced calls, one call at a time; ``close`` ends
+    the thread."""
+
+    def __init__(self, adapter: ModelAdapter, name: str = "seeright-admission") -> None:
+        self.checkpoints = Checkpoints(adapter)
+        self._pending: queue.SimpleQueue[SlicedCall | None] = queue.SimpleQueue()
+        self._current: SlicedCall | None = None
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], T]) -> SlicedCall[T]:
+        """``fn`` as a call this slicer's thread runs a slice at a time (it starts at the call's first ``run``)."""
+        return SlicedCall(fn, self)
+
+    def checkpoint(self, key: str, alone: bool = False) -> None:
+        """A checkpoint outside the model's blocks; with ``alone``, what follows starts a slice of its own (unless
+        the slice has just begun), so that it lands between two decode steps with nothing else (an admission's
+        merge with the batch's cache, which the first decode step of the grown batch follows). Nothing outside
+        this slicer's thread."""
+        self.checkpoints.reached(key, alone)
+
+    def close(self) -> None:
+        """Abandon a call left paused and end the thread."""
+        if self._current is not None:
+            self._current.abandon()
+        self._pending.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while (call := self._pending.get()) is not None:
+            self._current = call
+            self.checkpoints.install(call)
+            call._execute(before_end=self.checkpoints.remove)
+
+
+class SlicedCall(Generic[T]):
+    """``fn()`` run by a :class:`Slicer`'s thread, a slice at a time; the caller's thread waits while it runs."""
+
+    def __init__(self, fn: Callable[[], T], slicer: Slicer) -> None:
+        self._fn = fn
+        self._slicer = slicer
+        self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
+        self._started = False
+        self._slice = UNBOUNDED
+        self._began = self._last = 0.0
+        self._segments = 0
+        self._at: str | None = None  # the checkpoint the running segment started at
+        self._cost: dict[str, float] = {}  # the last cost of the segment that starts at each checkpoint
+        self._abandoned = False
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self.done = False
+        self.slices = 0  # slices run so far
+
+    def run(self, slice_: Slice = UNBOUNDED) -> bool:
+        """Let the call run for ``slice_``; returns once it paused or ended: whether it ended."""
+        if self.done:
+            return True
+        self._slice, self._segments, self.slices = slice_, 0, self.slices + 1
+        self._began = self._last = time.perf_counter()
+        self._at = None  # a pause ends a segment: what runs next up to a checkpoint is new code (no cost known)
+        if not self._started:
+            self._started = True
+            self._slicer._pending.put(self)
+        else:
+            self._go.release()
+        self._paused.acquire()
+        return self.done
+
+    def result(self) -> T:
+        """What ``fn`` returned (or raise what it raised); only once ``done``."""
+        if not self.done:
+            raise RuntimeError("the sliced call has not ended")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def abandon(self) -> None:
+        """Stop a call that has not ended: it raises :class:`Abandoned` at its next checkpoint. Returns once it
+        has, so no model code of it runs afterwards."""
+        if self.done:
+            return
+        if not self._started:
+            self.done, self._error = True, Abandoned()
+            return
+        self._abandoned = True
+        self.run()
+
+    def checkpoint(self, key: str, alone: bool = False) -> None:
+        """Called in the slicer's thread at checkpoint ``key`` (which module of a block): pause here if the slice is
+        spent, or would be by the segment that starts here; with ``alone``, also if anything ran in this slice."""
+        now = time.perf_counter()
+        segment, self._last = now - self._last, now
+        if self._at is not None:
+            self._cost[self._at] = segment
+        self._at = key
+        self._segments += 1
+        s = self._slice
+        coming = self._cost.get(key, segment)
+        spent = (s.segments is not None and self._segments >= s.segments) or (now - self._began) + coming > s.seconds
+        if not (spent or (alone and self._segments > 1)):
+            return
+        self._paused.release()
+        self._go.acquire()
+        if self._abandoned:
+            raise Abandoned
+
+    def _execute(self, before_end: Callable[[], None]) -> None:
+        """Run ``fn`` (in the slicer's thread), then ``before_end`` while the owner still waits."""
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the owner by result()
+            self._error = exc
+        finally:
+            before_end()
+            self.done = True
+            self._paused.release()
