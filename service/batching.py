@@ -217,7 +217,7 @@ class RunningBatch:
 
     def join(self, rows: list[Row]) -> None:
         """Prefill prepared rows (and their contrast branches and candidates) together and add them to the batch."""
-        self.attach([self.prefill(rows)])
+        self.install(self.joined([self.prefill(rows)]))
 
     def prefill(self, rows: list[Row]) -> Prefilled:
         """One prefill forward of prepared rows (with their branches and candidates) alone; the batch is not
@@ -235,11 +235,6 @@ class RunningBatch:
             with active:
                 out = engine.model(**batch, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         return Prefilled(rows, cache, batch["attention_mask"], positions, out.logits[:, -1])
-
-    def attach(self, prefills: Sequence[Prefilled]) -> None:
-        """Merge prefilled rows into the batch and take their first tokens (a row done with it is dropped at once,
-        its ``reason`` set)."""
-        self.install(self.joined(prefills))
 
     def joined(self, prefills: Sequence[Prefilled]) -> Joined:
         """The batch with ``prefills`` merged in (caches left-padded to one length and stacked), computed without

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Literal, TypeVar
+from typing import Literal
 
 import torch
 
@@ -38,7 +38,6 @@ from seeright.service.requests import GenerationOutput, GenerationRequest, Reque
 from seeright.service.slicing import DEFAULT_STEP_BUDGET, UNBOUNDED, Slice, SlicedCall, Slicer, StepBudget
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -130,6 +129,8 @@ class Scheduler:
         self.engine = engine
         self.step_budget = step_budget
         self.decode_s: float | None = None  # moving average of a decode step's time
+        self._slicer: Slicer | None = None  # the worker's, while it runs
+        self._finishing: list[Finishing] = []  # finished requests whose reflection passes run a slice per step
         self.max_batch_size = max_batch_size
         self.max_kv_tokens = auto_kv_budget(engine) if max_kv_tokens == "auto" else max_kv_tokens
         self.batch_wait_s = batch_wait_s
@@ -173,8 +174,7 @@ class Scheduler:
 
     # ---- worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        self._slicer = Slicer(self.engine.adapter) if self.step_budget is not None else None
-        self._finishing: list[Finishing] = []
+        self._slicer, self._finishing = Slicer(self.engine.adapter), []
         batch, jobs, prepared, held, stopping = RunningBatch(self.engine), {}, [], [], False
         admission: Admission | None = None
         try:
@@ -185,13 +185,12 @@ class Scheduler:
                     newcomers, stop_seen = self._waiting(self.max_batch_size - busy, idle=not busy and not stopping)
                     stopping |= stop_seen
                     held = [job for job in held + newcomers if not self._dropped(job)]
-                    for row in [row for row in prepared if row.cancelled()]:
-                        self._cancel_waiting(row, jobs)
-                    prepared = [row for row in prepared if not row.cancelled()]
+                    prepared = self._not_cancelled(prepared, jobs)
                     if admission is None:
                         admission, prepared, held = self._admission(batch, prepared, held, jobs)
-                    if self._newcomer_work(batch, admission, jobs, prepared):
-                        admission = None
+                    waiting = self._newcomer_work(batch, admission, jobs)
+                    if waiting is not None:
+                        prepared, admission = prepared + waiting, None
                     if len(batch):
                         self._step(batch, jobs)
                 except Exception as exc:  # a bug must not kill the worker: fail what it held, keep serving
@@ -212,24 +211,22 @@ class Scheduler:
                 self.running = (len(batch.requests) + len(prepared) + len(held) + len(self._finishing)
                                 + (admission.size if admission else 0))
         finally:
-            if self._slicer is not None:
-                self._slicer.close()
+            self._slicer.close()
 
-    def _newcomer_work(self, batch: RunningBatch, admission: Admission | None, jobs: dict[int, Job], prepared: list[Row]) -> bool:
+    def _newcomer_work(self, batch: RunningBatch, admission: Admission | None, jobs: dict[int, Job]) -> list[Row] | None:
         """This step's work besides decoding: a slice of the oldest finished request's reflection passes, else a
         slice of the admission (whose last slice merges its rows' caches with the batch's; they join at once).
-        Rows the admission leaves waiting go to ``prepared``; returns whether the admission is over."""
+        Returns the rows an admission that ended left waiting (None while it goes on)."""
         slice_ = self._slice(batch)
         if self._finishing:
             finishing = self._finishing[0]
             if finishing.call.run(slice_):
                 self._finishing.pop(0)
-                self._resolve(finishing.jobs[0], finishing.call)
-            return False
+                self._resolve(finishing.jobs[0], finishing.call.result)
+            return None
         if admission is None or not admission.call.run(slice_):
-            return False
-        prepared += self._admitted(batch, admission, jobs)
-        return True
+            return None
+        return self._admitted(batch, admission, jobs)
 
     def _admission(
         self, batch: RunningBatch, prepared: list[Row], held: list[Job], jobs: dict[int, Job],
@@ -241,28 +238,27 @@ class Scheduler:
         if not now and not fitting:
             return None, prepared, later
         rest = prepared[len(fitting):]
-        work = lambda: self._admit(batch, fitting, now, jobs)  # noqa: E731
-        call = self._slicer.call(work) if self._slicer is not None else _Whole(work)
+        call = self._slicer.call(lambda: self._admit(batch, fitting, now, jobs))
         return Admission(call, now, len(now) + len(fitting)), rest, later
 
     def _slice(self, batch: RunningBatch) -> Slice:
-        """What an admission may run before the next decode step: everything when no row decodes."""
+        """What an admission may run before the next decode step: everything when no row decodes or without a
+        step budget."""
         if self.step_budget is None or not len(batch):
             return UNBOUNDED
         return self.step_budget.slice(self.decode_s)
 
     def _admit(self, batch: RunningBatch, fitting: list[Row], newcomers: list[Job], jobs: dict[int, Job]) -> tuple[Joined | None, list[Row]]:
-        """An admission's work (in the slicer's thread when sliced): prepare ``newcomers``, prefill, beside the
+        """An admission's work (in the slicer's thread): prepare ``newcomers``, prefill, beside the
         already prepared ``fitting`` rows, the new rows that fit, and merge their caches with the batch's. Returns
         the merged batch (None if no row joins) and the rows left to wait."""
         rows = fitting + (self._prepare(batch, newcomers, jobs) if newcomers else [])
-        rows = [row for row in rows if not row.cancelled() or self._cancel_waiting(row, jobs)]
+        rows = self._not_cancelled(rows, jobs)
         joining = self._fitting(batch, rows)
         prefills = self._prefill(batch, joining, jobs)
         if not prefills:
             return None, rows[len(joining):]
-        if self._slicer is not None:
-            self._slicer.checkpoint("join", alone=True)  # no decode step may change the batch during the merge
+        self._slicer.checkpoint("join", alone=True)  # no decode step may change the batch during the merge
         return batch.joined(prefills), rows[len(joining):]
 
     def _admitted(self, batch: RunningBatch, admission: Admission, jobs: dict[int, Job]) -> list[Row]:
@@ -370,11 +366,16 @@ class Scheduler:
                 return []
             return [p for row in rows for p in self._prefill(batch, [row], jobs)]
 
-    def _cancel_waiting(self, row: Row, jobs: dict[int, Job]) -> bool:
-        """Resolve a prepared row's job as cancelled (False, for filters)."""
-        self.cancelled += 1
-        jobs.pop(id(row)).resolve(asyncio.CancelledError())
-        return False
+    def _not_cancelled(self, rows: list[Row], jobs: dict[int, Job]) -> list[Row]:
+        """``rows`` without those whose client went; their jobs are resolved as cancelled."""
+        kept = []
+        for row in rows:
+            if row.cancelled():
+                self.cancelled += 1
+                jobs.pop(id(row)).resolve(asyncio.CancelledError())
+            else:
+                kept.append(row)
+        return kept
 
     def _step(self, batch: RunningBatch, jobs: dict[int, Job]) -> None:
         started = time.perf_counter()
@@ -396,17 +397,16 @@ class Scheduler:
         if row.reason == "cancelled":
             self.cancelled += 1
             job.resolve(asyncio.CancelledError())
-        elif self._slicer is not None and len(batch) and _reflects(row):  # passes of its own: a slice per step
+        elif self.step_budget is not None and len(batch) and _reflects(row):  # passes of its own: a slice per step
             self._finishing.append(Finishing(self._slicer.call(lambda: batch.output(row)), [job]))
         else:
-            self._resolve(job, _Whole(lambda: batch.output(row)))
+            self._resolve(job, lambda: batch.output(row))
 
     @staticmethod
-    def _resolve(job: Job, call: SlicedCall | _Whole) -> None:
-        """Resolve ``job`` with its output, made by ``call`` (run whole if it has not run)."""
+    def _resolve(job: Job, output: Callable[[], GenerationOutput]) -> None:
+        """Resolve ``job`` with ``output()``, or with what it raised."""
         try:
-            call.run()
-            out = call.result()
+            out: GenerationOutput | BaseException = output()
         except Exception as exc:  # a method's reflection pass failed: this request alone fails
             log.warning("output of a finished request failed: %r", exc)
             out = exc
@@ -423,7 +423,7 @@ class Admission:
     """Newcomers being admitted: the call that prepares and prefills them, the jobs it prepares and how many
     rows it holds (for the batch-size count)."""
 
-    call: SlicedCall | _Whole
+    call: SlicedCall
     jobs: list[Job]
     size: int
 
@@ -432,26 +432,6 @@ class Admission:
 class Finishing:
     """A finished request whose output runs passes of its own (a reflection), a slice per decode step."""
 
-    call: SlicedCall | _Whole
+    call: SlicedCall
     jobs: list[Job]
 
-
-class _Whole(Generic[T]):
-    """A call run whole at its first ``run`` (no step budget, or a finished request without passes of its own):
-    :class:`SlicedCall`'s interface."""
-
-    def __init__(self, fn: Callable[[], T]) -> None:
-        self._fn = fn
-        self.done = False
-        self._value: T | None = None
-
-    def run(self, slice_: Slice = UNBOUNDED) -> bool:
-        if not self.done:
-            self._value, self.done = self._fn(), True
-        return True
-
-    def result(self) -> T:
-        return self._value  # type: ignore[return-value]
-
-    def abandon(self) -> None:
-        self.done = True
