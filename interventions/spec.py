@@ -308,6 +308,40 @@ class AGSERParams(MethodParams):
     lam: float = Field(1.0, ge=0, description="The score is lam * r_attentive - r_non_attentive (the paper's lambda, 1).")
 
 
+class ViFParams(MethodParams):
+    """Visual Flow (Yu et al., arXiv 2509.21789; release YU-deep/ViF): visual relay tokens, chosen once and passed
+    from agent to agent, and attention reallocation towards them in the middle layers. Defaults: the release's
+    ``configs/eval.yaml``."""
+
+    relay_ratio: float = Field(
+        0.02, gt=0, le=1, description="Share of the image tokens kept as relay tokens: max(1, int(N * ratio)). Release: 0.02."
+    )
+    tau: float = Field(0.8, ge=0.1, le=4, description="Softmax temperature of the reallocated layers' attention. Release: 0.8.")
+    alpha_mid: float = Field(
+        0.2, ge=0, le=1,
+        description=(
+            "Middle layers: the share of the attention on non-relay image tokens and on instruction tokens moved, "
+            "in equal parts, to every other visible token (relay tokens among them). Release: 0.2."
+        ),
+    )
+    alpha_deep: float = Field(
+        0.1, ge=0, le=1,
+        description="Deep layers: the share of the attention on image tokens moved, in equal parts, to the instruction tokens. Release: 0.1.",
+    )
+    mid_layers: list[int] | None = Field(
+        None, description="Middle layers: where relay tokens are scored and attention is moved to them; default the middle third."
+    )
+    deep_layers: list[int] | None = Field(None, description="Deep layers: where image attention goes to the instruction; default the last third.")
+    relay: list[int] | None = Field(
+        None, max_length=4096,
+        description=(
+            "The visual flow: relay tokens an earlier agent's response returned (choices[i].signals.vif.relay), as "
+            "indices into this request's image tokens (all images, in order). Given: no scoring pass, these tokens "
+            "are the relay. Default: scored on this request (one extra prefill up to the last middle layer)."
+        ),
+    )
+
+
 class AttentionMapParams(MethodParams):
     """Where the model looked: each generated token's attention over each image's patch grid (read-only)."""
 

@@ -58,6 +58,11 @@ class Admission:
             if self.max_prompt_tokens is not None and len(inp.prompt.input_ids) > self.max_prompt_tokens:
                 raise RequestError("messages", f"the prompt is {len(inp.prompt.input_ids)} tokens; this server takes at "
                                    f"most {self.max_prompt_tokens}")
+            for state in states[i]:
+                try:
+                    state.hooks.check_prompt(state)
+                except ValueError as exc:
+                    raise RequestError(f"interventions.{state.hooks.name}", str(exc)) from exc
         for method in self.methods.values():
             users = [s for row in states for s in row if s.hooks is method]
             if users:

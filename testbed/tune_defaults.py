@@ -31,6 +31,8 @@ GRID: dict[str, list[dict[str, Any]]] = {
     "ritual": [{"alpha": 3.0}, {"alpha": 1.0}, {"alpha": 0.5}],
     # CARVE: more of the image kept (a gentler crop), then the answer from the refined image alone (its paper's Alg. 1)
     "carve": [{"top_p": 0.2}, {"top_p": 0.4}, {"top_p": 0.7}, {"requery": "refined"}],
+    # ViF: the release's attention temperature (0.8 sharpens every reallocated layer), then none, then half the moves
+    "vif": [{"tau": 0.8}, {"tau": 0.9}, {"tau": 1.0}, {"tau": 1.0, "alpha_mid": 0.1, "alpha_deep": 0.05}],
 }
 
 
@@ -67,8 +69,9 @@ def choose(results: dict[str, Any], name: str) -> tuple[str | None, list[str]]:
     return None, reasons
 
 
-def run(engine: Engine, seed: int, n_images: int, out: Path, batch_size: int = 16) -> dict[str, Any]:
-    names = [n for n in GRID if engine.unavailable(n) is None]
+def run(engine: Engine, seed: int, n_images: int, out: Path, batch_size: int = 16,
+        methods: list[str] | None = None) -> dict[str, Any]:
+    names = [n for n in (methods or GRID) if engine.unavailable(n) is None]
     rows = (("baseline", {}), *((label(n, g), {n: g}) for n in names for g in GRID[n]))
     results = shapes_results.run(EngineGenerator(engine), out, seed, n_images, rows, batch_size,
                                  log=lambda msg: print(msg, file=sys.stderr))
@@ -104,10 +107,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30)
     parser.add_argument("--out", default="runs/tune-defaults")
     parser.add_argument("--results", default="results", help="folder of result records")
+    parser.add_argument("--methods", nargs="+", choices=sorted(GRID), help="only these (the record's name says which)")
     args = parser.parse_args()
-    result = run(Engine.from_pretrained(args.model), args.seed, args.images, Path(args.out))
+    result = run(Engine.from_pretrained(args.model), args.seed, args.images, Path(args.out), methods=args.methods)
     print(markdown(result))
-    records.write("tune-defaults", f"{args.model.replace('/', '-')}-seed{args.seed}", result,
+    suffix = "".join(f"-{m}" for m in args.methods or ())
+    records.write("tune-defaults", f"{args.model.replace('/', '-')}-seed{args.seed}{suffix}", result,
                   ["python", "-m", "seeright.testbed.tune_defaults", *sys.argv[1:]], args.results)
 
 

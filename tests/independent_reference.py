@@ -709,3 +709,66 @@ def agser_signal(
         signal[f"{name}_consistency"] = rouge_l(reply, answer)
     signal["score"] = p.lam * signal["attentive_consistency"] - signal["non_attentive_consistency"]
     return run, signal
+
+
+# ---- ViF (Yu et al., arXiv 2509.21789; release vif/utils/selection.py, reallocation.py) ----------------------
+@dataclass
+class RelayRun(Run):
+    relay: list[int] = field(default_factory=list)
+
+
+def vif_generate(ref: ReferenceModel, prompt: Prompt, p: Any, max_new_tokens: int) -> RelayRun:
+    """Relay tokens from one unedited forward of the prompt (the last position's attention to each image token,
+    mean over heads and middle layers; the top max(1, int(N * ratio)), ties to the earlier), or ``p.relay``; then
+    greedy decoding with, in the middle and deep layers, on every row after the image: scores / tau, and the
+    release's reallocation with the receiving keys restricted to those the row sees."""
+    image = prompt.image_positions
+    q0, q1 = prompt.query
+    instruction = set(range(q0, q1))
+    relay = p.relay
+    if relay is None:
+        signal = np.zeros(len(image))
+
+        def read(layer: int, probs: torch.Tensor) -> torch.Tensor:
+            if layer in p.mid_layers:
+                signal[:] += probs[:, -1, image].double().mean(0).numpy() / len(p.mid_layers)
+            return probs
+
+        with ref.hooks(edit=read):
+            ref.forward(prompt, [])
+        k = max(1, int(len(image) * p.relay_ratio))
+        relay = sorted(int(j) for j in np.argsort(-signal, kind="stable")[:k])
+    relay_positions = {image[j] for j in relay}
+    first = image[-1] + 1
+
+    def temper(layer: int, scores: torch.Tensor) -> torch.Tensor:
+        if layer not in p.mid_layers and layer not in p.deep_layers:
+            return scores
+        scores = scores.clone()
+        scores[:, first:] = scores[:, first:] / p.tau
+        return scores
+
+    def move(probs: torch.Tensor, taken: list[int], receives: Callable[[int], bool], alpha: float) -> torch.Tensor:
+        out = probs.clone()
+        for i in range(first, probs.shape[1]):
+            receivers = [j for j in range(i + 1) if receives(j)]
+            for h in range(probs.shape[0]):
+                a = probs[h, i].double()
+                row = a.clone()
+                row[taken] = a[taken] * (1 - alpha)
+                if receivers:
+                    row[receivers] += alpha * float(a[taken].sum()) / (len(receivers) + 1e-6)
+                out[h, i] = (row / (float(row.sum()) + 1e-6)).float()
+        return out
+
+    def reallocate(layer: int, probs: torch.Tensor) -> torch.Tensor:
+        if layer in p.mid_layers:  # a layer in both lists: the middle rule, then the deep one
+            taken = [j for j in image if j not in relay_positions] + sorted(instruction)
+            probs = move(probs, taken, lambda j: j not in taken, p.alpha_mid)
+        if layer in p.deep_layers:
+            probs = move(probs, list(image), lambda j: j in instruction, p.alpha_deep)
+        return probs
+
+    with ref.hooks(edit=reallocate, score_edit=temper):
+        run = ref.greedy(prompt, max_new_tokens)
+    return RelayRun(run.tokens, run.logprobs, relay)

@@ -74,6 +74,15 @@ MUTATIONS = [
      "interventions/image_transforms.py", "size = (square, square) if square else image.size", "size = image.size"),
     ("Lookback scores one token, not the sliding window", M + "lookback.py",
      "positive = torch.sigmoid(torch.stack(window).mean(0) @ weights", "positive = torch.sigmoid(window[-1] @ weights"),
+    ("ViF relay: the weakest tokens, not the strongest", M + "vif.py", "torch.sort(signal, descending=True, stable=True)",
+     "torch.sort(signal, descending=False, stable=True)"),
+    ("ViF middle layers take from the relay tokens too", M + "vif.py", "taken = (vision & ~relay) | instruction",
+     "taken = vision | instruction"),
+    ("ViF gives to every key, seen or not (the release's R)", M + "vif.py", "seen & ~taken[:, None, :]",
+     "~taken[:, None, :].expand_as(seen)"),
+    ("ViF temperature multiplies instead of dividing", M + "vif.py", "scores / tau, scores)", "scores * tau, scores)"),
+    ("ViF middle layers move alpha_deep", M + "vif.py", 'per_row(states, "alpha_mid", device)',
+     'per_row(states, "alpha_deep", device)'),
 ]
 
 

@@ -11,7 +11,7 @@ from conftest import QUESTIONS, make_image
 from independent_reference import (
     Prompt, ReferenceModel, carve_collect, carve_mask, carve_refine, cutoff, flipped, gift_generate, pai_boost,
     pai_cfg_generate, pai_generate, paint_generate, paint_tokens, ritual_generate, var_generate, vcd_generate,
-    lookback_decoding_generate, vcd_noised, vemask_generate, vemask_map, vhr_generate, agser_signal,
+    lookback_decoding_generate, vcd_noised, vemask_generate, vemask_map, vhr_generate, agser_signal, vif_generate,
 )
 
 from rouge_score import rouge_scorer
@@ -42,6 +42,8 @@ CASES = [
     ("lookback_decoding", {}), ("lookback_decoding", {"candidates": 4, "chunk_tokens": 3, "seed": 7, "temperature": 0.6}),
     ("lookback_decoding", {"candidates": 6, "chunk_tokens": 4, "seed": 3, "detector_convention": "factual"}),
     ("lookback_decoding", {"chunk_tokens": 1, "top_p": 0.5, "detector_convention": "factual"}),
+    ("vif", {}), ("vif", {"relay_ratio": 0.3, "tau": 1.3, "alpha_mid": 0.6, "alpha_deep": 0.5}),
+    ("vif", {"relay": [0, 3, 7], "mid_layers": [1, 3], "deep_layers": [3, 4]}),
 ]
 
 
@@ -84,6 +86,8 @@ def reference_run(engine: Engine, ref: ReferenceModel, name: str, params, image)
         return vemask_generate(ref, tokenised(engine, turns, [image]), mean, std, params, NEW_TOKENS)
     if name == "lookback_decoding":
         return lookback_decoding_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
+    if name == "vif":
+        return vif_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "vcd":
         return vcd_generate(ref, tokenised(engine, turns, [image]), params, NEW_TOKENS)
     if name == "ritual":
@@ -117,6 +121,8 @@ def check_against_reference(engine: Engine, ref: ReferenceModel, name: str, give
     steps = min(len(plain.logprobs), len(expected.logprobs))
     moved = np.abs(np.array(expected.logprobs[:steps]) - np.array(plain.logprobs[:steps])).max()
     assert moved > 1e-3 or expected.tokens != plain.tokens  # the method acts on this input: a no-op cannot pass
+    if name == "vif":  # the relay tokens the response hands the next agent
+        assert fast.diagnostics["vif"]["relay"] == expected.relay
     if name == "lookback_decoding":  # every chunk's scores, not only the picks they led to
         chunks = fast.diagnostics[name]["chunks"]
         assert len(chunks) == len(expected.chunk_probabilities)

@@ -127,6 +127,20 @@ def test_gift_and_carve_columns_offer_their_own_overlays(page):
     assert page.console_errors == []
 
 
+def test_a_vif_column_shows_its_relay_tokens_for_the_next_agent(page):
+    page.locator("#examples img").first.click()
+    page.wait_for_function("document.querySelector('#preview').src.startsWith('data:image')")
+    first = page.locator(".column").first
+    first.locator(".methods input[value=vif]").check()
+    page.locator("#run").click()
+    first.locator(".signals").wait_for(timeout=60_000)
+    assert "ViF relay tokens" in first.locator(".signals").inner_text()
+    assert "interventions.vif.relay" in first.locator(".signals").inner_text()
+    first.locator(".overlay-choice input[value=relay]").check()
+    assert first.locator("canvas.overlay").get_attribute("data-overlay") == "relay"
+    assert page.console_errors == []
+
+
 def test_the_page_asks_for_the_api_key_when_the_server_has_keys(browser):
     with local_server(Settings(api_keys=["secret-key"])) as url:
         page = browser.new_page()

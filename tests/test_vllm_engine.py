@@ -37,6 +37,7 @@ HOSTED = {  # every method the vLLM worker hosts, at two settings
     "carve": [{}, {"collect_tokens": 8, "requery": "refined"}],
     "lookback": [{}, {"window": 4}],
     "attention_map": [{}, {"layers": [2, 7]}],
+    "vif": [{}, {"relay": [1, 5], "tau": 1.0, "alpha_mid": 0.4, "mid_layers": [8, 9, 10], "deep_layers": [20, 25]}],
 }
 CASES = [(name, params) for name, settings in HOSTED.items() for params in settings]
 REFUSED = {"vcd": {}, "ritual": {}, "paint": {}, "vemask": {}, "pai": {"cfg": True}}

@@ -336,3 +336,33 @@ def carve_mask(S: np.ndarray, top_p: float, min_regions: int, fraction: float) -
         for y, x in regions[i]:
             mask[y, x] = 1
     return mask
+
+
+# ---- ViF ---------------------------------------------------------------------------------------------
+def vif_relay(signal: list[float], ratio: float) -> list[int]:
+    """The top max(1, int(N * ratio)) image tokens by signal, ties to the earlier, in token order."""
+    k = max(1, int(len(signal) * ratio))
+    return sorted(sorted(range(len(signal)), key=lambda j: (-signal[j], j))[:k])
+
+
+def vif_reallocate(probs: torch.Tensor, first_row: int, pad: int, taken: set[int], receives, alpha: float) -> torch.Tensor:
+    """One batch row's probs [H, q, T] (queries at the last q positions): on rows from ``first_row``, each head's
+    attention on ``taken`` keys loses alpha of itself and the total lost goes in equal parts to the keys j the row
+    sees (pad <= j <= its position) with ``receives(j)``; then A / (sum A + 1e-6), the release's formula."""
+    A = probs.double()
+    out = A.clone()
+    heads, rows, total = A.shape
+    for i in range(first_row, rows):
+        position = total - rows + i
+        given = [j for j in range(pad, position + 1) if receives(j)]
+        for h in range(heads):
+            lost = alpha * sum(float(A[h, i, j]) for j in taken)
+            row = [float(A[h, i, j]) for j in range(total)]
+            for j in taken:
+                row[j] -= alpha * float(A[h, i, j])
+            for j in given:
+                row[j] += lost / (len(given) + 1e-6)
+            norm = sum(row) + 1e-6
+            for j in range(total):
+                out[h, i, j] = row[j] / norm
+    return out

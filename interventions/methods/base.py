@@ -258,6 +258,10 @@ class Method(Hooks):
             raise ValueError("needs an image in the request")
         return RowState(hooks=self, params=params, request=request, companions=companions)
 
+    def check_prompt(self, state: RowState) -> None:
+        """Check the row's parameters against its encoded prompt (``state.request.prompt``): a ValueError naming the
+        field when they do not fit it (ViF's relay tokens past the request's image tokens). Default: nothing."""
+
     def rewrite(self, states: list[RowState], passes: Passes) -> None:
         """Replace the requests' images before encoding (CARVE). Default: nothing."""
 

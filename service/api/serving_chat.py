@@ -170,6 +170,7 @@ SIGNAL_KEYS = {
     "lookback": ("mean_ratio", "per_token", "features", "hallucination_probability"),
     "agser": ("score", "attentive_query", "non_attentive_query", "attentive_answer", "non_attentive_answer",
               "attentive_consistency", "non_attentive_consistency"),
+    "vif": ("relay", "scored"),  # the visual flow: what the next agent's request passes back as interventions.vif.relay
 }
 
 

@@ -281,18 +281,27 @@ function renderAnswer(column, ms, usage) {
   buildOverlayChoice(column);
 }
 
-// AGSER's score under the answer: both sub-queries, what the model answered to each and how consistent that is
+// Under the answer: AGSER's score (both sub-queries, what the model answered to each and how consistent that is) and
+// ViF's relay tokens (what a next agent's request passes back as interventions.vif.relay)
 function renderSignals(column) {
-  const agser = column.result.diagnostics && column.result.diagnostics.agser;
+  const d = column.result.diagnostics || {};
+  const lines = [];
+  if (d.agser) {
+    const a = d.agser;
+    const part = (name) => `${name} “${a[name + "_query"]}” → “${a[name + "_answer"]}” (ROUGE-L ${a[name + "_consistency"].toFixed(2)})`;
+    lines.push(`AGSER score ${a.score.toFixed(3)} (lower: more likely hallucinated) · ${part("attentive")} · ${part("non_attentive")}`);
+  }
+  if (d.vif) {
+    lines.push(`ViF relay tokens ${d.vif.relay.join(", ")} (${d.vif.scored ? "scored on this prompt" : "passed in"}): the next agent sends interventions.vif.relay = [${d.vif.relay.join(", ")}]`);
+  }
   let box = $(".signals", column.el);
-  if (!agser) { if (box) box.remove(); return; }
+  if (!lines.length) { if (box) box.remove(); return; }
   if (!box) {
     box = document.createElement("div");
     box.className = "signals muted";
     $(".stats", column.el).after(box);
   }
-  const part = (name) => `${name} “${agser[name + "_query"]}” → “${agser[name + "_answer"]}” (ROUGE-L ${agser[name + "_consistency"].toFixed(2)})`;
-  box.textContent = `AGSER score ${agser.score.toFixed(3)} (lower: more likely hallucinated) · ${part("attentive")} · ${part("non_attentive")}`;
+  box.textContent = lines.join(" · ");
 }
 
 // ---- overlays ------------------------------------------------------------------------------------------
@@ -304,6 +313,11 @@ function overlays(column) {
   const grid = d.attention_map && d.attention_map.grids ? d.attention_map.grids[0] : null;
   if (d.gift && d.gift.saliency) found.saliency = toGrid(d.gift.saliency, grid);
   if (d.carve && d.carve.mask) found.mask = d.carve.mask;
+  if (d.vif && d.vif.relay && grid) {  // the relay tokens of the first image: 1 on their patches
+    const cells = new Array(grid[0] * grid[1]).fill(0);
+    d.vif.relay.filter((j) => j < cells.length).forEach((j) => { cells[j] = 1; });
+    found.relay = toGrid(cells, grid);
+  }
   return found;
 }
 
@@ -317,7 +331,7 @@ function buildOverlayChoice(column) {
   const box = $(".overlay-choice", column.el);
   box.replaceChildren();
   const found = overlays(column);
-  const names = { attention: "attention", saliency: "GIFT saliency", mask: "CARVE mask" };
+  const names = { attention: "attention", saliency: "GIFT saliency", mask: "CARVE mask", relay: "ViF relay tokens" };
   const kinds = Object.keys(found);
   column.overlay = kinds[0] || null;
   for (const kind of kinds) {
