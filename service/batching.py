@@ -233,7 +233,8 @@ class RunningBatch:
             context = ForwardContext(states, image_counts=image_counts(prompts), loras=[row.lora for row in rows])
             active = nullcontext() if context.idle else engine.runtime.activate(context)
             with active:
-                out = engine.model(**batch, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
+                out = engine.model(**batch, position_ids=position_ids, **{engine.cache_argument: cache}, use_cache=True,
+                                   logits_to_keep=1)
         return Prefilled(rows, cache, batch["attention_mask"], positions, out.logits[:, -1])
 
     def joined(self, prefills: Sequence[Prefilled]) -> Joined:
@@ -293,8 +294,8 @@ class RunningBatch:
         with torch.inference_mode():
             active = engine.runtime.activate(self.context) if self.context is not None else nullcontext()
             with active:
-                out = engine.model(input_ids=ids, attention_mask=self.mask, position_ids=position_ids, cache=self.cache,
-                                   use_cache=True)
+                out = engine.model(input_ids=ids, attention_mask=self.mask, position_ids=position_ids,
+                                   **{engine.cache_argument: self.cache}, use_cache=True)
         self.positions = self.positions + 1
         return self._take(self.rows, out.logits[:, -1], decoded=True)
 

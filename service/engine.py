@@ -9,6 +9,8 @@ settings; a batch with contrast branches runs in a running batch instead.
 
 from __future__ import annotations
 
+import inspect
+
 import json
 import re
 import time
@@ -74,6 +76,8 @@ class Engine(Admission):
         self.max_prompt_tokens = context_length(model.config)
         self.dtype = next(model.parameters()).dtype
         self.loras: dict[str, Lora] = {}
+        # the name the forward takes a KV cache by: ``cache`` since transformers 5.2x, ``past_key_values`` before
+        self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod

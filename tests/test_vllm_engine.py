@@ -33,14 +33,15 @@ HOSTED = {  # every method the vLLM worker hosts, at two settings
     "vhr": [{"heads": {"3": [0, 2], "10": [1, 5]}, "alpha": 3.0}, {"alpha": 0.5, "prefill_positions": "last"}],
     "var": [{}, {"rho": 0.6, "p": 0.4}],
     "gift": [{}, {"saliency_pass": "separate", "alpha": 3.0}],
-    "pai": [{}, {"alpha": 0.8}],
+    "pai": [{}, {"alpha": 0.8}, {"cfg": True}, {"cfg": True, "gamma": 2.0, "alpha": 0.3}],
+    "ritual": [{}, {"alpha": 1.0, "beta": 0.2, "transform": "horizontal_flip"}],
     "carve": [{}, {"collect_tokens": 8, "requery": "refined"}],
     "lookback": [{}, {"window": 4}],
     "attention_map": [{}, {"layers": [2, 7]}],
     "vif": [{}, {"relay": [1, 5], "tau": 1.0, "alpha_mid": 0.4, "mid_layers": [8, 9, 10], "deep_layers": [20, 25]}],
 }
 CASES = [(name, params) for name, settings in HOSTED.items() for params in settings]
-REFUSED = {"vcd": {}, "ritual": {}, "paint": {}, "vemask": {}, "pai": {"cfg": True}}
+REFUSED = {"vcd": {}, "paint": {}, "vemask": {}}
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +146,14 @@ def test_methods_keep_their_rows_while_requests_join_and_leave(served, hf, image
     client = served.app.state.client
     long = request(image, PROMPTS[0], {}, 40)
     joiners = [request(image, PROMPTS[1], {"var": {}}, 6), request(image, PROMPTS[2], {"vhr": {}}, 9),
-               request(image, PROMPTS[3], {"gift": {}, "lookback": {}}, 12)]
+               request(image, PROMPTS[3], {"gift": {}, "lookback": {}}, 12), request(image, PROMPTS[0], {"ritual": {}}, 8)]
 
     async def run():
         stream = client.stream(long)
         tasks, seen = [], 0
         async for _ in stream:
             seen += 1
-            if seen in (2, 6, 10):
+            if seen in (2, 6, 10, 14):
                 tasks.append(asyncio.ensure_future(client.generate(joiners[len(tasks)])))
         return [stream.output, *await asyncio.gather(*tasks)]
 
@@ -163,7 +164,7 @@ def test_methods_keep_their_rows_while_requests_join_and_leave(served, hf, image
 def test_what_vllm_does_not_host_is_refused_naming_the_field_and_the_reason(served, image):
     client = served.app.state.client
     for name, params in REFUSED.items():
-        with pytest.raises(RequestError, match=rf"interventions\.{name}: not on the vLLM engine: it "):
+        with pytest.raises(RequestError, match=rf"interventions\.{name}: not on the vLLM engine: it"):
             client.validate(GenerationRequest(prompt="hi", images=[image], interventions={name: params}))
     with pytest.raises(RequestError, match=r"interventions\.vhr\.heads|head indices \[99\]"):
         client.validate(GenerationRequest(prompt="hi", images=[image], interventions={"vhr": {"heads": {"1": [99]}}}))
@@ -173,6 +174,112 @@ def test_what_vllm_does_not_host_is_refused_naming_the_field_and_the_reason(serv
     cards = {c["name"]: c for c in served.get("/v1/interventions").json()["data"]}
     assert all(cards[name]["unavailable"] is None for name in HOSTED)
     assert "vision tower" in cards["vemask"]["unavailable"] and "contrast branch" in cards["vcd"]["unavailable"]
+
+
+def test_a_contrast_branch_ends_with_its_request(served, hf, image):
+    """A request with a contrast branch that stops on a stop string (its branch would go on) and one whose client
+    goes away after two tokens: each branch is aborted with its request, the engine keeps answering, and a pair
+    whose branch vLLM never schedules is an error, never an answer without the contrast."""
+    client = served.app.state.client
+    stopped = request(image, PROMPTS[0], {"ritual": {}}, 16)
+    want = hf.generate_batch([stopped])[0]
+    stopped.stop = [want.text.split()[2]]
+    got = on_vllm(served, [stopped])[0]
+    assert got.finish_reason == "stop" and want.text.startswith(got.text) and len(got.token_ids) < len(want.token_ids)
+
+    async def leave_early():
+        tokens = client.stream(request(image, PROMPTS[1], {"pai": {"cfg": True}}, 16)).__aiter__()
+        await tokens.__anext__()
+        await tokens.__anext__()
+        await tokens.aclose()
+        await asyncio.sleep(0.5)
+        return client.llm.output_processor.get_num_unfinished_requests()
+
+    assert served.portal.call(leave_early) == 0
+    assert_same(on_vllm(served, [request(image, PROMPTS[2], {"pai": {"cfg": True}})])[0],
+                hf.generate_batch([request(image, PROMPTS[2], {"pai": {"cfg": True}})])[0])
+
+
+class FakeRequest:
+    """What the pairing reads of a vLLM request."""
+
+    def __init__(self, request_id: str, pair: str | None = None, tokens: int = 100, images: int = 0):
+        from types import SimpleNamespace
+
+        self.request_id, self.num_tokens, self.num_computed_tokens, self.num_output_tokens = request_id, tokens, 0, 0
+        self.num_encoder_inputs = images
+        self.sampling_params = SimpleNamespace(extra_args={"seeright": {"pair": {"id": pair, "size": 2}}} if pair else None)
+
+    def get_num_encoder_embeds(self, i: int) -> int:
+        return 64
+
+
+def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000):
+    """A PairHolding over a stand-in for vLLM's scheduler that admits the waiting queue's head while tokens last
+    (as vLLM's does with chunked prefill off: it stops at the first request that does not fit)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+
+    from seeright.service.vllm.pairing import PairHolding
+
+    class Base:
+        def __init__(self):
+            self.waiting, self.running, self.queued, self.finished = FCFSRequestQueue(), [None] * running, [], []
+            self.max_num_active_reqs, self.max_num_scheduled_tokens, self.num_spec_tokens = 24, tokens, 0
+            self.max_num_encoder_input_tokens, self.block_size = 4096, 16
+            self.kv_cache_manager = SimpleNamespace(block_pool=SimpleNamespace(get_num_free_blocks=lambda: blocks))
+
+        def add_request(self, request):
+            self.waiting.add_request(request)
+
+        def finish_requests(self, ids, status):
+            self.finished.append(ids)
+            return []
+
+        def schedule(self):
+            budget, step = self.max_num_scheduled_tokens - len(self.running), []
+            while self.waiting and self.waiting.peek_request().num_tokens <= budget:
+                budget -= self.waiting.peek_request().num_tokens
+                step.append(self.waiting.pop_request().request_id)
+            return step
+
+    class Scheduler(PairHolding, Base):
+        pass
+
+    return Scheduler()
+
+
+def test_the_scheduler_starts_a_pair_in_one_step():
+    """A member waits for its partner; a complete pair goes first when the step has room for both, and sits the
+    step out when it has not (vLLM would have admitted one and stopped before the other); an aborted member's
+    partner is dropped."""
+    scheduler = fake_scheduler()
+    scheduler.add_request(FakeRequest("main", "p"))
+    scheduler.add_request(FakeRequest("plain"))
+    assert [r.request_id for r in scheduler.waiting] == ["plain"]
+    scheduler.add_request(FakeRequest("branch", "p"))
+    assert [r.request_id for r in scheduler.waiting] == ["plain", "main", "branch"] and not scheduler.held
+    assert scheduler.schedule() == ["main", "branch", "plain"]
+
+    scheduler = fake_scheduler(running=50, tokens=300)  # 250 tokens left: the plain one and one member would fit
+    for request in (FakeRequest("plain", tokens=100), FakeRequest("main", "p", tokens=150), FakeRequest("branch", "p", tokens=150)):
+        scheduler.add_request(request)
+    assert scheduler.schedule() == ["plain"]
+    assert [r.request_id for r in scheduler.waiting] == ["main", "branch"]
+    scheduler.running = []
+    assert scheduler.schedule() == ["main", "branch"]
+
+    scheduler = fake_scheduler(blocks=12)  # two prompts of 100 tokens need 14 blocks of 16
+    scheduler.running = [None]
+    for request in (FakeRequest("main", "p"), FakeRequest("branch", "p")):
+        scheduler.add_request(request)
+    assert scheduler.schedule() == [] and len(scheduler.waiting) == 2
+
+    scheduler = fake_scheduler()
+    scheduler.add_request(FakeRequest("lonely", "q"))
+    scheduler.finish_requests("lonely", None)
+    assert not scheduler.held and scheduler.finished == [{"lonely"}]
 
 
 def test_states_with_a_bad_signature_are_not_unpickled(served, image):

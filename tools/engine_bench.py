@@ -33,7 +33,18 @@ from seeright.service.engine import Engine, GenerationRequest
 DEFAULT_MODEL = "seeright/shapes-smol"
 BATCHES = (1, 8)
 PROMPTS = ("Describe the image.", "What shapes are there?", "Name the colours in the image.", "Describe the image in detail.")
-METHODS = ("var", "vhr", "gift", "pai", "carve", "lookback")  # what the vLLM worker hosts (not_hosted is None)
+CONTRAST_VARIANTS = {"pai+cfg": {"pai": {"cfg": True}}}  # a contrast branch of a method whose defaults have none
+MIXED = ("var", "vhr", "gift", "pai")  # the method half of the mixed batch (edits in every decode step, no extra rows)
+
+
+def method_settings() -> dict[str, dict[str, Any]]:
+    """Each method the vLLM worker hosts, at its defaults, by name (and the contrast variants)."""
+    from seeright.interventions.registry import MethodRegistry
+    from seeright.service.vllm.engine import not_hosted
+
+    methods = MethodRegistry.builtin()
+    hosted = {name: {name: {}} for name in methods if not_hosted(methods[name]) is None}
+    return {**hosted, **CONTRAST_VARIANTS}
 
 
 def _image() -> Image.Image:
@@ -67,15 +78,15 @@ def _transformers(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
             runs.append((sum(len(o.token_ids) for o in outs), time.perf_counter() - start))
         rates[batch] = _median_rate(runs)
     per_token = {}
-    for name in (None, *METHODS):
+    for name, interventions in {"plain": None, **method_settings()}.items():
         samples = []
         for _ in range(reps):
             times: list[float] = []
             stamp = times.append
-            engine.generate_batch(_requests(1, new_tokens, {name: {}} if name else None),
+            engine.generate_batch(_requests(1, new_tokens, interventions),
                                   on_token=lambda row, tok, stamp=stamp: stamp(time.perf_counter()))
             samples.append(_per_token(times))
-        per_token[name or "plain"] = statistics.median(x for x in samples if x is not None)
+        per_token[name] = statistics.median(x for x in samples if x is not None)
     del engine
     gc.collect()
     return {"rates": rates, "per_token": per_token}
@@ -112,8 +123,10 @@ async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
         plain_token = await per_token(None)
         await client.install()
         idle = {b: await rate(_requests(b, new_tokens)) for b in BATCHES}
-        methods = {"plain": await per_token(None), **{name: await per_token({name: {}}) for name in METHODS}}
-        half = [r if i % 2 == 0 else _requests(1, new_tokens, {METHODS[i // 2 % len(METHODS)]: {}})[0]
+        settings = [{name: {}} for name in MIXED]
+        methods = {"plain": await per_token(None),
+                   **{name: await per_token(interventions) for name, interventions in method_settings().items()}}
+        half = [r if i % 2 == 0 else _requests(1, new_tokens, settings[i // 2 % len(settings)])[0]
                 for i, r in enumerate(_requests(8, new_tokens))]
         mixed = await rate(half, plain_only=True)
     finally:
@@ -156,7 +169,7 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict
         name: {"transformers_over_plain": hf["per_token"][name] / hf["per_token"]["plain"],
                "vllm_over_plain": vllm["per_token"][name] / vllm["per_token"]["plain"],
                "vllm_ms_per_token": 1000 * vllm["per_token"][name], "transformers_ms_per_token": 1000 * hf["per_token"][name]}
-        for name in METHODS
+        for name in method_settings()
     }
     mixed = (vllm["mixed_plain_rows_tokens_per_s"] / 4) / (vllm["hooks_idle"][8] / 8)  # per plain row, same hooked engine
     return {"model": model, "new_tokens": new_tokens, "reps": reps, "batches": batches, "methods": methods,

@@ -206,6 +206,7 @@ class Method(Hooks):
     signal: ClassVar[bool] = False  # reads the forward and edits nothing (Lookback Lens): no testbed row
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named settings of a release (``"preset": NAME``), over the defaults
     tower_passes: ClassVar[bool] = False  # its analysis runs the vision tower alone (``Passes.cls_attention``, ``vision_states``)
+    branch_pixels: ClassVar[bool] = False  # its contrast branch edits the preprocessed pixels (not a chat or images)
 
     @property
     def edits_generation(self) -> bool:

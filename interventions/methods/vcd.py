@@ -44,6 +44,7 @@ class VCD(Method):
     order = 50
     literal = "seeright.interventions.literal.vcd:LiteralVCD"
     sweep = ({"alpha": 0.5},)
+    branch_pixels = True  # the noise is added to the normalised pixel tensor
 
     def contrast_prompt(self, state: RowState, passes: Passes) -> EncodedPrompt:
         prompt = state.request.prompt

@@ -49,10 +49,10 @@ def not_hosted(method: Method, params: Any | None = None) -> str | None:
     if HookPoint.VISION in method.hook_points or method.tower_passes:
         return ("it runs the vision tower on its own (analysis passes or masked tower attention), which the vLLM "
                 "engine does not host yet: use the transformers engine (seeright serve --engine transformers)")
-    contrasts = method.contrasts(params if params is not None else method.params_model())
-    if contrasts:
-        return ("it decodes a contrast branch in lockstep with the request, which the vLLM engine does not host yet: "
-                "use the transformers engine (seeright serve --engine transformers)")
+    if method.branch_pixels and method.contrasts(params if params is not None else method.params_model()):
+        return ("its contrast branch's image is an edit of the preprocessed pixel tensor, which vLLM's image "
+                "processor cannot take (it needs a vision-tower hook point in the worker): use the transformers "
+                "engine (seeright serve --engine transformers)")
     if HookPoint.CANDIDATES in method.hook_points:
         return ("it samples candidate rows a chunk at a time and keeps one (each candidate then takes the kept one's "
                 "KV cache), which the vLLM engine does not host yet: use the transformers engine")
@@ -85,7 +85,8 @@ class EngineFailure(RuntimeError):
 
 def engine_args(settings: Settings) -> Any:
     """vLLM's engine arguments: eager (the hooks run in Python), prompts never split across steps (step 0 of a
-    request with methods is its whole prompt), our worker extension."""
+    request with methods is its whole prompt), our worker extension, a scheduler that starts a request and its
+    contrast branch in the same step."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     max_len = settings.vllm_max_model_len
@@ -96,6 +97,7 @@ def engine_args(settings: Settings) -> Any:
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.25),
         worker_extension_cls="seeright.service.vllm.worker.HookPoints", disable_log_stats=True,
+        scheduler_cls="seeright.service.vllm.pairing.paired_scheduler",
         **lora_args(settings),
     )
 
@@ -333,13 +335,40 @@ class VllmEngineClient:
         except _client_errors() as exc:
             raise RequestError("messages", str(exc)) from exc
 
+    def _branch(self, states: Sequence[RowState], extra: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+        """The contrast branch of a request with these states, if one asks for it: its vLLM prompt (the chat and
+        images its method encoded it from) and its key; ``extra`` (the request's worker arguments) gets the key
+        and the pair both belong to. The branch prompt leaves the states (the worker does not need it)."""
+        contrast = next((s.data.pop("contrast_prompt") for s in states if "contrast_prompt" in s.data), None)
+        if contrast is None:
+            return None
+        key = uuid.uuid4().hex
+        extra["branch"], extra["pair"] = key, {"id": key, "size": 2}
+        return self._prompt(*self.spec.passes.source(contrast)), key
+
+    async def _start_branch(self, prompt: dict[str, Any], key: str, request: GenerationRequest, lora: Lora | None) -> str:
+        """Queue a contrast branch (vLLM holds it until its request arrives); its vLLM request id. It runs without
+        methods and greedy (the worker gives it its request's tokens), and stops with its request."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = SamplingParams(max_tokens=request.max_new_tokens, temperature=0.0, detokenize=False,
+                                  stop_token_ids=self.spec.eos_token_ids(), output_kind=RequestOutputKind.FINAL_ONLY,
+                                  extra_args={EXTRA_ARGS_KEY: {"branch": key, "pair": {"id": key, "size": 2}}})
+        request_id = f"seeright-branch-{key}"
+        try:
+            await self.llm.add_request(request_id, prompt, sampling, lora_request=self._lora_request(lora))
+        except _client_errors() as exc:
+            raise RequestError("messages", f"its contrast branch: {exc}") from exc
+        return request_id
+
     async def _run(self, request: GenerationRequest, stream: VllmTokenStream) -> AsyncIterator[StreamedToken]:
         if self.llm is None:
             raise RuntimeError("the vLLM engine is not running")
         if request.interventions and not self._installed:
             raise RuntimeError("the vLLM workers are not hooked (start(install=True))")
         start = time.perf_counter()
-        key, extra, states = None, None, []
+        key, extra, states, branch = None, None, [], None
         lora = self.spec.lora_of(request)  # read once: an unload while it runs leaves it its adapter
         if request.interventions:
             inputs, rows = await asyncio.to_thread(self.spec.admit, [request])
@@ -347,9 +376,24 @@ class VllmEngineClient:
             for state in states:
                 state.layout = inputs[0].prompt.layout
             prompt = self._prompt(inputs[0].turns, inputs[0].images)
-            key, extra = self._with_states(prompt, states)
+            extra = {}
+            contrast = self._branch(states, extra)
+            key, packed = self._with_states(prompt, states)
+            extra.update(packed)
+            if contrast is not None:
+                branch = await self._start_branch(*contrast, request, lora)
         else:
             prompt = self._prompt(request.chat(), request.images)
+        try:
+            async for token in self._decode(request, stream, prompt, extra, key, lora, start):
+                yield token
+        finally:
+            if branch is not None and self.llm is not None:  # (None: the engine stopped meanwhile)
+                await self.llm.abort(branch)
+
+    async def _decode(self, request: GenerationRequest, stream: VllmTokenStream, prompt: dict[str, Any],
+                      extra: dict[str, Any] | None, key: str | None, lora: Lora | None, start: float) -> AsyncIterator[StreamedToken]:
+        """Stream the request's tokens from vLLM and set ``stream.output`` (with its methods' diagnostics)."""
         prepared = time.perf_counter()
         token_ids: list[int] = []
         logprobs: list[float] = []

@@ -18,6 +18,12 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   edits. The keys and values of earlier steps come from a copy kept for these requests only (every layer, from
   the prefill on), so the explicit attention never reads a backend's paged cache layout.
 * HEADS: a pre-hook on each ``o_proj`` hands the heads' outputs to ``edit_heads``.
+* LOGITS: a request with a contrast branch is two vLLM requests (the branch carries only ``{"branch": key}``,
+  runs unedited, and is queued in the same step by :mod:`seeright.service.vllm.pairing`). A wrapper of the model's
+  ``compute_logits`` replaces the request's logits with the method's ``contrast`` of them and the branch's, before
+  penalties and sampling, and a forward hook on vLLM's sampler gives the branch the token the request drew, so the
+  branch is fed the request's tokens whatever its own sampling settings. A forward holding one without the other
+  at the same step fails the request.
 
 Step 0 is the forward that holds the request's whole prompt (the engine runs method requests without chunked
 prefill and without prefix-cache hits); step ``k`` the forward of its ``k``-th generated token. A forward that
@@ -38,7 +44,7 @@ from typing import Any
 
 import torch
 
-from seeright.interventions.methods.base import Hooks, RowState
+from seeright.interventions.methods.base import Hooks, Method, RowState
 from seeright.interventions.runtime import ForwardContext, Group, edited_attention
 from seeright.service.vllm.transport import pack_states, unpack_states
 
@@ -55,6 +61,7 @@ class Tracked:
     request_id: str
     prompt_len: int
     keeps_kv: bool
+    branch: str | None = None  # the key its contrast branch carries
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H_kv, capacity, d]
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     stored: dict[int, int] = field(default_factory=dict)  # layer -> positions kept
@@ -64,12 +71,18 @@ class Tracked:
     def states(self) -> list[RowState]:
         return list(self.context.rows[0])
 
+    @property
+    def contrast(self) -> RowState | None:
+        """The state whose method contrasts the request's logits with its branch's."""
+        return next((s for s in self.states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None)
+
 
 @dataclass
 class Slice:
     """A tracked request's tokens in this forward."""
 
     tracked: Tracked
+    index: int  # the request's row in the persistent batch (and in this forward's logits)
     start: int
     end: int
     first_position: int
@@ -93,6 +106,8 @@ class WorkerRuntime:
     tracked: dict[str, Tracked] = field(default_factory=dict)
     finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
     rows: list[Slice] = field(default_factory=list)
+    num_reqs: int = 0
+    pairs: list[tuple[Slice, int]] = field(default_factory=list)  # (request, its branch's row) in this forward
 
     # ---- planning --------------------------------------------------------------------------------
     def plan(self, num_tokens: int) -> None:
@@ -100,34 +115,56 @@ class WorkerRuntime:
         whose tokens are not the persistent batch's)."""
         runner, batch = self.runner, self.runner.input_batch
         self._retire(runner)
-        self.rows = []
+        self.rows, self.pairs, self.num_reqs = [], [], 0
         n = batch.num_reqs
         if n == 0:
             return
         starts = runner.query_start_loc.cpu[: n + 1].tolist()
         if starts[-1] > num_tokens:
             return
+        self.num_reqs = n
+        branches: dict[str, tuple[int, int]] = {}  # branch key -> (row, tokens generated before this forward)
         for i, request_id in enumerate(batch.req_ids[:n]):
             request = runner.requests.get(request_id)
             params = getattr(request, "sampling_params", None)
             args = ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY)
             if not args:
                 continue
+            first = int(batch.num_computed_tokens_cpu[i])
+            if "states" not in args:  # a contrast branch: plain, only paired with its request
+                branches[str(args.get("branch"))] = (i, first + starts[i + 1] - starts[i] - request.num_prompt_tokens)
+                continue
             tracked = self.tracked.get(args["key"])
             if tracked is None:
                 tracked = self.tracked[args["key"]] = self._track(args, request_id, request.num_prompt_tokens)
-            row = Slice(tracked, starts[i], starts[i + 1], int(batch.num_computed_tokens_cpu[i]))
+            row = Slice(tracked, i, starts[i], starts[i + 1], first)
             if tracked.error is None:
                 tracked.error = self._step(row)
             if tracked.error is None:
                 self.rows.append(row)
+        for row in self.rows:
+            if row.tracked.branch is not None:
+                self._pair(row, branches.get(row.tracked.branch))
+
+    def _pair(self, row: Slice, branch: tuple[int, int] | None) -> None:
+        """Pair the request with its branch in this forward, or fail it: both must be at the same step."""
+        step = row.tracked.context.step
+        if branch is None or branch[1] != step:
+            where = "is not in" if branch is None else f"is at step {branch[1]} in"
+            row.tracked.error = (f"its contrast branch {where} the forward of its step {step} (vLLM scheduled them "
+                                 "apart: a full step or a preempted branch)")
+        else:
+            self.pairs.append((row, branch[0]))
 
     def _track(self, args: dict[str, Any], request_id: str, prompt_len: int) -> Tracked:
         try:
             states = unpack_states(args["states"], self.key)
         except ValueError as exc:
             return Tracked(ForwardContext([[]]), request_id, prompt_len, keeps_kv=False, error=str(exc))
-        tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states))
+        tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states),
+                          branch=args.get("branch"))
+        if (tracked.branch is None) != (tracked.contrast is None):
+            tracked.error = "a contrast method without its branch, or a branch without a contrast method"
         layout = next((s.layout for s in states if s.layout is not None), None)
         if layout is not None and layout.length != prompt_len:
             tracked.error = (f"vLLM's prompt has {prompt_len} tokens, the layout the methods were prepared on "
@@ -260,6 +297,29 @@ class WorkerRuntime:
         return None if edited is None else (edited, *args[1:])
 
 
+    def on_logits(self, compute: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's ``compute_logits``, with each paired request's logits replaced by its method's contrast of
+        them and its branch's (float32, as the transformers engine computes it)."""
+        logits = compute(hidden)
+        live = [(row, j) for row, j in self.pairs if row.tracked.error is None]
+        if not live or logits is None or logits.shape[0] != self.num_reqs:
+            self.pairs = []
+            return logits
+        logits = logits.float()
+        for row, j in live:
+            state = row.tracked.contrast
+            logits[row.index] = state.hooks.contrast(logits[row.index].clone(), logits[j].clone(), state)
+        return logits
+
+    def on_sampled(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        """Sampler forward hook: each paired branch takes the token its request drew."""
+        tokens = output.sampled_token_ids
+        for row, j in self.pairs:
+            if row.tracked.error is None and tokens.shape[0] == self.num_reqs:
+                tokens[j] = tokens[row.index]
+        self.pairs = []
+
+
 def _language_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """The language model's decoder layers by index (vision towers' layers left out)."""
     return {
@@ -290,6 +350,9 @@ class HookPoints:
             layer.register_forward_pre_hook(partial(runtime.on_layer, index), with_kwargs=True)
             layer.self_attn.attn.register_forward_hook(partial(runtime.on_attention, index))
             layer.self_attn.o_proj.register_forward_pre_hook(partial(runtime.on_heads, index))
+        model = runner.model
+        model.compute_logits = partial(runtime.on_logits, model.compute_logits)
+        runner.sampler.register_forward_hook(runtime.on_sampled)
         self._seeright, self._seeright_layers = runtime, layers
         return {"layers": len(layers), "heads": attn.num_heads * config.parallel_config.tensor_parallel_size}
 
