@@ -1,9 +1,11 @@
 """The playground at ``/ui`` in a real browser (headless Chromium from Debian, driven by Playwright for Python),
-on the default model served on a loopback port. The README's screenshot is written here
+on the default model served on a loopback port, by each engine: the transformers engine here, the vLLM engine in
+its own environment (``.ci/vllm`` runs the ``vllm``-marked cases). The README's screenshot is written here
 (``docs/playground.png``, refreshed when ``SEERIGHT_SCREENSHOT=1``)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -19,14 +21,17 @@ playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is no
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (.ci/run installs Debian's: apt-get install -y chromium)")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"
+ENGINES = ["transformers", pytest.param("vllm", marks=[
+    pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed here")])]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, tmp_path_factory):
     images = tmp_path_factory.mktemp("pope-images")
     for i, name in enumerate(sorted({q.image for q in pope.builtin_questions("random")[:6]})):
         make_image(i, (64, 64)).save(images / name)
-    settings = Settings(allowed_image_dir=images, eval_dir=tmp_path_factory.mktemp("evals"))
+    settings = Settings(engine=request.param, allowed_image_dir=images, eval_dir=tmp_path_factory.mktemp("evals"),
+                        vllm_max_model_len=1024)
     with local_server(settings) as url:
         yield url
 

@@ -190,7 +190,7 @@ def local_server_app(app: Any) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # the vLLM engine takes a minute to start on a small CPU
     while not server.started:
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("the local server did not start")
