@@ -7,8 +7,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from seeright.eval import chair, pope
 from seeright.interventions.registry import MethodRegistry
@@ -134,12 +136,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    with _shapes_generator(args) as (engine, generator):
+        return _eval_shapes(args, engine, generator)
 
+
+@contextmanager
+def _shapes_generator(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+    """The engine whose methods and model config make the rows, and the generator that runs them (the transformers
+    engine in process, or a vLLM engine client started for the run)."""
+    if args.engine == "vllm":
+        from seeright.service.settings import Settings
+        from seeright.service.vllm.generator import VllmGenerator
+
+        settings = Settings(model=args.model, engine="vllm", dtype=args.dtype, adapters=_adapters(args.adapter) or {},
+                            vllm_max_model_len=args.max_model_len)
+        with VllmGenerator.started(settings) as generator:
+            yield generator.client.spec, generator
+        return
     from seeright.service.engine import Engine, EngineGenerator
-    from seeright.testbed import results as shapes_results
 
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, loras=_adapters(args.adapter))
+    yield engine, EngineGenerator(engine)
+
+
+def _eval_shapes(args: argparse.Namespace, engine: Any, generator: Any) -> int:
+    from seeright.testbed import results as shapes_results
+
     rows = shapes_results.configs(engine.methods, engine.model_config.sweeps)
     if args.only:
         unknown = sorted(set(args.only) - {label for label, _ in rows})
@@ -154,16 +176,23 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
             if adapter is not None and adapter not in engine.loras:
                 raise ValueError(f"row {label!r}: no adapter {adapter!r} (give it with --adapter {adapter}=PATH)")
         rows = (*(rows if args.only else (("baseline", {}),)), *extra)
+    if args.engine == "vllm":  # the rows this engine cannot run are left out, each with its reason
+        client = generator.client
+        for label, row in rows:
+            for name, params in row.items():
+                if (reason := client.refusal(name, params)) is not None:
+                    print(f"row {label!r} left out: {reason}", file=sys.stderr)
+        rows = tuple((label, row) for label, row in rows if all(client.refusal(n, p) is None for n, p in row.items()))
     for seed in args.seed:  # several seeds: one folder each
         out = Path(args.out) / f"seed{seed}" if len(args.seed) > 1 else Path(args.out)
         results = shapes_results.run(
-            EngineGenerator(engine), out, seed, args.images, rows, args.batch_size,
-            log=lambda msg: print(msg, file=sys.stderr),
+            generator, out, seed, args.images, rows, args.batch_size, log=lambda msg: print(msg, file=sys.stderr),
         )
         print(shapes_results.markdown(results))
         chosen = [*(args.only or []), *(args.row or [])]
         rows_run = f" rows {', '.join(chosen)}" if chosen else ""  # a partial table is a record of its own
-        _record(args, "eval-shapes", f"{args.model} seed {seed} {args.images} scenes{rows_run}", results)
+        engine_name = " on vLLM" if args.engine == "vllm" else ""
+        _record(args, "eval-shapes", f"{args.model}{engine_name} seed {seed} {args.images} scenes{rows_run}", results)
     return 0
 
 
@@ -385,6 +414,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     es.add_argument("--batch-size", type=int, default=32)
     es.add_argument("--device", default="cpu")
     es.add_argument("--dtype", default="float32")
+    es.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                    help="vllm: run the rows on the vLLM engine (its environment; rows it does not host are left out)")
+    es.add_argument("--max-model-len", type=int, help="--engine vllm: context length (default: the model's)")
     es.set_defaults(func=cmd_eval_shapes)
     lm = ev.add_parser("lmms-pope", help="lmms-eval's POPE task against a running server, on a local shapes split, "
                        "scored by lmms-eval and by seeright")

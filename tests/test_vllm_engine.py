@@ -200,6 +200,24 @@ def test_a_contrast_branch_ends_with_its_request(served, hf, image):
                 hf.generate_batch([request(image, PROMPTS[2], {"pai": {"cfg": True}})])[0])
 
 
+def test_the_shapes_testbed_on_vllm_scores_as_on_the_transformers_engine(served, hf, tmp_path):
+    """``seeright eval shapes --engine vllm``'s generator: the same scenes, rows with and without methods (a
+    contrast branch among them) give the transformers engine's answers, so the same POPE and CHAIR figures."""
+    from seeright.service.engine import EngineGenerator
+    from seeright.service.vllm.generator import VllmGenerator
+    from seeright.testbed import results
+
+    rows = (("baseline", {}), ("var", {"var": {}}), ("ritual", {"ritual": {}}))
+    loop = served.portal.call(asyncio.get_running_loop)
+    on_vllm_ = results.run(VllmGenerator(served.app.state.client, loop), tmp_path / "vllm", 7, 3, rows, 8, log=lambda m: None)
+    on_hf = results.run(EngineGenerator(hf), tmp_path / "hf", 7, 3, rows, 8, log=lambda m: None)
+    for label, _ in rows:
+        for bench in ("pope", "chair"):
+            assert on_vllm_["methods"][label][bench] == on_hf["methods"][label][bench], (label, bench)
+    answers = lambda side: (tmp_path / side / "runs" / "seed7-images3" / "ritual" / "chair.jsonl").read_text()  # noqa: E731
+    assert answers("vllm") == answers("hf")
+
+
 class FakeRequest:
     """What the pairing reads of a vLLM request."""
 

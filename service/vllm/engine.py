@@ -234,6 +234,14 @@ class VllmEngineClient:
             raise RequestError("interventions", "the methods read every head of a layer: with tensor parallelism > 1 "
                                "the vLLM engine runs requests without interventions only")
 
+    def refusal(self, name: str, given: dict[str, Any]) -> str | None:
+        """Why this engine refuses ``interventions.name`` with the ``given`` parameters (its 400's text), or None."""
+        try:
+            self.validate_interventions({name: given})
+        except RequestError as exc:
+            return str(exc)
+        return None
+
     def validate(self, request: GenerationRequest) -> None:
         self.validate_interventions(request.interventions)
         self.spec.validate(request)
