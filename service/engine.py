@@ -10,7 +10,6 @@ settings; a batch with contrast branches runs in a running batch instead.
 from __future__ import annotations
 
 import inspect
-
 import json
 import re
 import time

@@ -35,13 +35,14 @@ HOSTED = {  # every method the vLLM worker hosts, at two settings
     "gift": [{}, {"saliency_pass": "separate", "alpha": 3.0}],
     "pai": [{}, {"alpha": 0.8}, {"cfg": True}, {"cfg": True, "gamma": 2.0, "alpha": 0.3}],
     "ritual": [{}, {"alpha": 1.0, "beta": 0.2, "transform": "horizontal_flip"}],
+    "vcd": [{}, {"alpha": 0.5, "beta": 0.2, "noise_step": 300, "seed": 3}],
     "carve": [{}, {"collect_tokens": 8, "requery": "refined"}],
     "lookback": [{}, {"window": 4}],
     "attention_map": [{}, {"layers": [2, 7]}],
     "vif": [{}, {"relay": [1, 5], "tau": 1.0, "alpha_mid": 0.4, "mid_layers": [8, 9, 10], "deep_layers": [20, 25]}],
 }
 CASES = [(name, params) for name, settings in HOSTED.items() for params in settings]
-REFUSED = {"vcd": {}, "paint": {}, "vemask": {}}
+REFUSED = {"paint": {}, "vemask": {}}
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +147,15 @@ def test_methods_keep_their_rows_while_requests_join_and_leave(served, hf, image
     client = served.app.state.client
     long = request(image, PROMPTS[0], {}, 40)
     joiners = [request(image, PROMPTS[1], {"var": {}}, 6), request(image, PROMPTS[2], {"vhr": {}}, 9),
-               request(image, PROMPTS[3], {"gift": {}, "lookback": {}}, 12), request(image, PROMPTS[0], {"ritual": {}}, 8)]
+               request(image, PROMPTS[3], {"gift": {}, "lookback": {}}, 12), request(image, PROMPTS[0], {"ritual": {}}, 8),
+               request(image, PROMPTS[1], {"vcd": {}}, 8)]
 
     async def run():
         stream = client.stream(long)
         tasks, seen = [], 0
         async for _ in stream:
             seen += 1
-            if seen in (2, 6, 10, 14):
+            if seen in (2, 6, 10, 14, 18):
                 tasks.append(asyncio.ensure_future(client.generate(joiners[len(tasks)])))
         return [stream.output, *await asyncio.gather(*tasks)]
 
@@ -168,12 +170,12 @@ def test_what_vllm_does_not_host_is_refused_naming_the_field_and_the_reason(serv
             client.validate(GenerationRequest(prompt="hi", images=[image], interventions={name: params}))
     with pytest.raises(RequestError, match=r"interventions\.vhr\.heads|head indices \[99\]"):
         client.validate(GenerationRequest(prompt="hi", images=[image], interventions={"vhr": {"heads": {"1": [99]}}}))
-    body = {"model": served.app.state.settings.name, "messages": [{"role": "user", "content": "hi"}], "interventions": {"vcd": {}}}
+    body = {"model": served.app.state.settings.name, "messages": [{"role": "user", "content": "hi"}], "interventions": {"vemask": {}}}
     r = served.post("/v1/chat/completions", json=body)
-    assert r.status_code == 400 and "contrast branch" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "vision tower" in r.json()["error"]["message"]
     cards = {c["name"]: c for c in served.get("/v1/interventions").json()["data"]}
     assert all(cards[name]["unavailable"] is None for name in HOSTED)
-    assert "vision tower" in cards["vemask"]["unavailable"] and "contrast branch" in cards["vcd"]["unavailable"]
+    assert "vision tower" in cards["vemask"]["unavailable"] and "vision tower" in cards["paint"]["unavailable"]
 
 
 def test_a_contrast_branch_ends_with_its_request(served, hf, image):
@@ -214,8 +216,8 @@ def test_the_shapes_testbed_on_vllm_scores_as_on_the_transformers_engine(served,
     for label, _ in rows:
         for bench in ("pope", "chair"):
             assert on_vllm_["methods"][label][bench] == on_hf["methods"][label][bench], (label, bench)
-    answers = lambda side: (tmp_path / side / "runs" / "seed7-images3" / "ritual" / "chair.jsonl").read_text()  # noqa: E731
-    assert answers("vllm") == answers("hf")
+    ritual = [(tmp_path / side / "runs" / "seed7-images3" / "ritual" / "chair.jsonl").read_text() for side in ("vllm", "hf")]
+    assert ritual[0] == ritual[1]
 
 
 class FakeRequest:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path("results")
-KINDS = ("bench", "bench-serving", "bench-vllm", "loadtest", "hostile", "eval-shapes", "lmms-pope", "lookback-lens", "agser", "vif-chain", "tune-defaults", "score")
+KINDS = ("bench", "bench-serving", "bench-vllm", "loadtest", "hostile", "eval-shapes", "lmms-pope", "lookback-lens", "agser", "vif-chain", "tune-defaults", "score", "engine-agreement")
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,12 @@ def _vif_chain(values: dict[str, Any]) -> str:
     return vif_chain.markdown(values)
 
 
+def _engine_agreement(values: dict[str, Any]) -> str:
+    from seeright.testbed import engine_agreement
+
+    return engine_agreement.markdown(values)
+
+
 def _tune_defaults(values: dict[str, Any]) -> str:
     from seeright.testbed import tune_defaults
 
@@ -128,7 +134,7 @@ def summary(root: Path | str = records.RESULTS_DIR) -> str:
 
 FORMATTERS: dict[str, Callable[[Any], str]] = {
     "bench": _bench, "bench-vllm": _bench_vllm, "bench-serving": _bench_serving, "eval-shapes": _eval_shapes,
-    "lookback-lens": _lookback_lens, "agser": _agser, "vif-chain": _vif_chain, "tune-defaults": _tune_defaults, "lmms-pope": _lmms_pope, "loadtest": _loadtest, "hostile": _hostile, "score": _score,
+    "lookback-lens": _lookback_lens, "agser": _agser, "vif-chain": _vif_chain, "engine-agreement": _engine_agreement, "tune-defaults": _tune_defaults, "lmms-pope": _lmms_pope, "loadtest": _loadtest, "hostile": _hostile, "score": _score,
 }
 
 

@@ -206,7 +206,7 @@ class Method(Hooks):
     signal: ClassVar[bool] = False  # reads the forward and edits nothing (Lookback Lens): no testbed row
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named settings of a release (``"preset": NAME``), over the defaults
     tower_passes: ClassVar[bool] = False  # its analysis runs the vision tower alone (``Passes.cls_attention``, ``vision_states``)
-    branch_pixels: ClassVar[bool] = False  # its contrast branch edits the preprocessed pixels (not a chat or images)
+    branch_from_pixels: ClassVar[bool] = False  # its contrast branch is the request's own prompt with edited pixels
 
     @property
     def edits_generation(self) -> bool:
@@ -224,6 +224,11 @@ class Method(Hooks):
     def contrast(self, scores: torch.Tensor, branch: torch.Tensor, state: RowState) -> torch.Tensor:
         """The request's next-token scores ``[V]`` from its raw logits and its branch's (float32)."""
         raise NotImplementedError(f"{self.name} declares no contrast branch")
+
+    def edit_branch_pixels(self, pixels: torch.Tensor, state: RowState) -> torch.Tensor:
+        """Where ``branch_from_pixels``: the branch's pixel tensor from the request's (the image processor's output
+        for all of the request's images, as the model takes it); the branch's prompt is otherwise the request's."""
+        raise NotImplementedError(f"{self.name}'s contrast branch is a prompt of its own")
 
     def candidates(self, params: BaseModel) -> int:
         """Rows a request with these parameters decodes as (:attr:`HookPoint.CANDIDATES`): 1 = its own only."""

@@ -44,12 +44,14 @@ class VCD(Method):
     order = 50
     literal = "seeright.interventions.literal.vcd:LiteralVCD"
     sweep = ({"alpha": 0.5},)
-    branch_pixels = True  # the noise is added to the normalised pixel tensor
+    branch_from_pixels = True  # the noise is added to the normalised pixel tensor
 
     def contrast_prompt(self, state: RowState, passes: Passes) -> EncodedPrompt:
         prompt = state.request.prompt
-        p = state.params
-        return replace(prompt, images={**prompt.images, "pixel_values": diffusion_noise(prompt.images["pixel_values"], p.noise_step, p.seed)})
+        return replace(prompt, images={**prompt.images, "pixel_values": self.edit_branch_pixels(prompt.images["pixel_values"], state)})
+
+    def edit_branch_pixels(self, pixels: torch.Tensor, state: RowState) -> torch.Tensor:
+        return diffusion_noise(pixels, state.params.noise_step, state.params.seed)
 
     def contrast(self, scores: torch.Tensor, branch: torch.Tensor, state: RowState) -> torch.Tensor:
         p = state.params

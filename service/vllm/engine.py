@@ -49,10 +49,6 @@ def not_hosted(method: Method, params: Any | None = None) -> str | None:
     if HookPoint.VISION in method.hook_points or method.tower_passes:
         return ("it runs the vision tower on its own (analysis passes or masked tower attention), which the vLLM "
                 "engine does not host yet: use the transformers engine (seeright serve --engine transformers)")
-    if method.branch_pixels and method.contrasts(params if params is not None else method.params_model()):
-        return ("its contrast branch's image is an edit of the preprocessed pixel tensor, which vLLM's image "
-                "processor cannot take (it needs a vision-tower hook point in the worker): use the transformers "
-                "engine (seeright serve --engine transformers)")
     if HookPoint.CANDIDATES in method.hook_points:
         return ("it samples candidate rows a chunk at a time and keeps one (each candidate then takes the kept one's "
                 "KV cache), which the vLLM engine does not host yet: use the transformers engine")
@@ -343,18 +339,29 @@ class VllmEngineClient:
         except _client_errors() as exc:
             raise RequestError("messages", str(exc)) from exc
 
-    def _branch(self, states: Sequence[RowState], extra: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-        """The contrast branch of a request with these states, if one asks for it: its vLLM prompt (the chat and
-        images its method encoded it from) and its key; ``extra`` (the request's worker arguments) gets the key
-        and the pair both belong to. The branch prompt leaves the states (the worker does not need it)."""
-        contrast = next((s.data.pop("contrast_prompt") for s in states if "contrast_prompt" in s.data), None)
+    def _branch(self, states: Sequence[RowState], prompt: dict[str, Any], extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The contrast branch of a request with these states and vLLM ``prompt``, if one asks for it: the branch's
+        vLLM prompt and worker arguments; ``extra`` (the request's worker arguments) gets the key and the pair both
+        carry. A branch is the chat and images its method encoded it from, or, where the method edits the pixels,
+        the request's own prompt with image ids of its own (vLLM's encoder and prefix caches must not hand it the
+        request's) and the signed state the worker edits its pixels with. The branch prompt leaves the states."""
+        contrast = next((s for s in states if "contrast_prompt" in s.data), None)
         if contrast is None:
             return None
+        encoded = contrast.data.pop("contrast_prompt")
         key = uuid.uuid4().hex
         extra["branch"], extra["pair"] = key, {"id": key, "size": 2}
-        return self._prompt(*self.spec.passes.source(contrast)), key
+        args: dict[str, Any] = {"branch": key, "pair": extra["pair"]}
+        if not contrast.hooks.branch_from_pixels:
+            return self._prompt(*self.spec.passes.source(encoded)), args
+        branch = dict(prompt)
+        images = len(prompt.get("multi_modal_data", {}).get("image", []))
+        branch["multi_modal_uuids"] = {"image": [f"seeright-branch-{key}-{i}" for i in range(images)]}
+        args["pixels"] = pack_states([contrast], self._key)
+        return branch, args
 
-    async def _start_branch(self, prompt: dict[str, Any], key: str, request: GenerationRequest, lora: Lora | None) -> str:
+    async def _start_branch(self, prompt: dict[str, Any], args: dict[str, Any], request: GenerationRequest,
+                            lora: Lora | None) -> str:
         """Queue a contrast branch (vLLM holds it until its request arrives); its vLLM request id. It runs without
         methods and greedy (the worker gives it its request's tokens), and stops with its request."""
         from vllm import SamplingParams
@@ -362,8 +369,8 @@ class VllmEngineClient:
 
         sampling = SamplingParams(max_tokens=request.max_new_tokens, temperature=0.0, detokenize=False,
                                   stop_token_ids=self.spec.eos_token_ids(), output_kind=RequestOutputKind.FINAL_ONLY,
-                                  extra_args={EXTRA_ARGS_KEY: {"branch": key, "pair": {"id": key, "size": 2}}})
-        request_id = f"seeright-branch-{key}"
+                                  extra_args={EXTRA_ARGS_KEY: args})
+        request_id = f"seeright-branch-{args['branch']}"
         try:
             await self.llm.add_request(request_id, prompt, sampling, lora_request=self._lora_request(lora))
         except _client_errors() as exc:
@@ -385,7 +392,7 @@ class VllmEngineClient:
                 state.layout = inputs[0].prompt.layout
             prompt = self._prompt(inputs[0].turns, inputs[0].images)
             extra = {}
-            contrast = self._branch(states, extra)
+            contrast = self._branch(states, prompt, extra)
             key, packed = self._with_states(prompt, states)
             extra.update(packed)
             if contrast is not None:

@@ -19,7 +19,10 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   the prefill on), so the explicit attention never reads a backend's paged cache layout.
 * HEADS: a pre-hook on each ``o_proj`` hands the heads' outputs to ``edit_heads``.
 * LOGITS: a request with a contrast branch is two vLLM requests (the branch carries only ``{"branch": key}``,
-  runs unedited, and is queued in the same step by :mod:`seeright.service.vllm.pairing`). A wrapper of the model's
+  runs unedited, and is queued in the same step by :mod:`seeright.service.vllm.pairing`). Where the method edits
+  the branch's pixels (``branch_from_pixels``), the branch also carries its signed state, and a wrapper of the
+  runner's gathering of encoder inputs hands the method the branch's pixel tensors (every image of the branch,
+  stacked or concatenated as the model takes them) before vLLM's vision tower runs. A wrapper of the model's
   ``compute_logits`` replaces the request's logits with the method's ``contrast`` of them and the branch's, before
   penalties and sampling, and a forward hook on vLLM's sampler gives the branch the token the request drew, so the
   branch is fed the request's tokens whatever its own sampling settings. A forward holding one without the other
@@ -38,7 +41,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -106,6 +109,7 @@ class WorkerRuntime:
     tracked: dict[str, Tracked] = field(default_factory=dict)
     finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
     rows: list[Slice] = field(default_factory=list)
+    branch_errors: dict[str, str] = field(default_factory=dict)  # branch key -> why its pixels could not be edited
     num_reqs: int = 0
     pairs: list[tuple[Slice, int]] = field(default_factory=list)  # (request, its branch's row) in this forward
 
@@ -125,11 +129,10 @@ class WorkerRuntime:
         self.num_reqs = n
         branches: dict[str, tuple[int, int]] = {}  # branch key -> (row, tokens generated before this forward)
         for i, request_id in enumerate(batch.req_ids[:n]):
-            request = runner.requests.get(request_id)
-            params = getattr(request, "sampling_params", None)
-            args = ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY)
+            args = self._args(request_id)
             if not args:
                 continue
+            request = runner.requests[request_id]
             first = int(batch.num_computed_tokens_cpu[i])
             if "states" not in args:  # a contrast branch: plain, only paired with its request
                 branches[str(args.get("branch"))] = (i, first + starts[i + 1] - starts[i] - request.num_prompt_tokens)
@@ -149,7 +152,9 @@ class WorkerRuntime:
     def _pair(self, row: Slice, branch: tuple[int, int] | None) -> None:
         """Pair the request with its branch in this forward, or fail it: both must be at the same step."""
         step = row.tracked.context.step
-        if branch is None or branch[1] != step:
+        if (error := self.branch_errors.pop(str(row.tracked.branch), None)) is not None:
+            row.tracked.error = f"its contrast branch: {error}"
+        elif branch is None or branch[1] != step:
             where = "is not in" if branch is None else f"is at step {branch[1]} in"
             row.tracked.error = (f"its contrast branch {where} the forward of its step {step} (vLLM scheduled them "
                                  "apart: a full step or a preempted branch)")
@@ -191,6 +196,8 @@ class WorkerRuntime:
             self.finished[key] = self.tracked.pop(key)
         while len(self.finished) > MAX_UNCLAIMED:
             self.finished.popitem(last=False)
+        if len(self.branch_errors) > MAX_UNCLAIMED:  # branches whose request never ran
+            self.branch_errors.clear()
 
     def collect(self, key: str) -> bytes | None:
         """A finished request's states (diagnostics, analysis results) and failure, signed; None if unknown."""
@@ -296,6 +303,31 @@ class WorkerRuntime:
             edited[row.start:row.end] = heads.reshape(row.end - row.start, -1)
         return None if edited is None else (edited, *args[1:])
 
+    def on_encoder_inputs(self, gather: Any, scheduler_output: Any) -> tuple[list, list, list]:
+        """The runner's ``_batch_mm_inputs_from_scheduler``, with the pixels of each branch whose method edits them
+        replaced by the method's edit (all of the branch's images at once: its prompt's images are encoded in the
+        step that prefills it)."""
+        hashes, kwargs, refs = gather(scheduler_output)
+        edits: dict[str, list[int]] = {}
+        for k, (request_id, _) in enumerate(refs):
+            if "pixels" in (self._args(request_id) or {}):
+                edits.setdefault(request_id, []).append(k)
+        for request_id, ks in edits.items():
+            args = self._args(request_id)
+            try:
+                state = unpack_states(args["pixels"], self.key)[0]
+                items = _edited_pixels([kwargs[k][1] for k in ks], state)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                self.branch_errors[str(args.get("branch"))] = str(exc)
+                continue
+            for k, item in zip(ks, items):
+                kwargs[k] = (kwargs[k][0], item)
+        return hashes, kwargs, refs
+
+    def _args(self, request_id: str) -> dict[str, Any] | None:
+        """A request's seeright arguments (``SamplingParams.extra_args``), or None."""
+        params = getattr(self.runner.requests.get(request_id), "sampling_params", None)
+        return ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY)
 
     def on_logits(self, compute: Any, hidden: torch.Tensor) -> torch.Tensor:
         """The model's ``compute_logits``, with each paired request's logits replaced by its method's contrast of
@@ -318,6 +350,21 @@ class WorkerRuntime:
             if row.tracked.error is None and tokens.shape[0] == self.num_reqs:
                 tokens[j] = tokens[row.index]
         self.pairs = []
+
+
+def _edited_pixels(items: list[Any], state: RowState) -> list[Any]:
+    """vLLM's multi-modal items of one request with ``pixel_values`` edited by ``state``'s method, the request's
+    images joined as the transformers engine's processor joins them (stacked, or concatenated for flat fields)."""
+    from vllm.multimodal.inputs import MultiModalFlatField, MultiModalKwargsItem
+
+    elems = [item["pixel_values"] for item in items]
+    if isinstance(elems[0].field, MultiModalFlatField):
+        sizes = [e.data.shape[0] for e in elems]
+        parts = state.hooks.edit_branch_pixels(torch.cat([e.data for e in elems]), state).split(sizes)
+    else:
+        parts = state.hooks.edit_branch_pixels(torch.stack([e.data for e in elems]), state).unbind(0)
+    return [MultiModalKwargsItem({**item, "pixel_values": replace(elem, data=part.contiguous())})
+            for item, elem, part in zip(items, elems, parts)]
 
 
 def _language_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -352,6 +399,7 @@ class HookPoints:
             layer.self_attn.o_proj.register_forward_pre_hook(partial(runtime.on_heads, index))
         model = runner.model
         model.compute_logits = partial(runtime.on_logits, model.compute_logits)
+        runner._batch_mm_inputs_from_scheduler = partial(runtime.on_encoder_inputs, runner._batch_mm_inputs_from_scheduler)
         runner.sampler.register_forward_hook(runtime.on_sampled)
         self._seeright, self._seeright_layers = runtime, layers
         return {"layers": len(layers), "heads": attn.num_heads * config.parallel_config.tensor_parallel_size}
