@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig,
+    PreTrainedModel,
 )
 
 from seeright.interventions.adapters import (
@@ -122,6 +124,36 @@ class Engine(Admission):
         except OSError:  # none saved: the config's own
             pass
         return cls(model, tokenizer, processor, model_id_or_path, _model_config(model_id_or_path, source, config, model_config))
+
+    def load_tower(self, device: str, dtype: str | torch.dtype) -> bool:
+        """Give a :meth:`weightless` engine's vision tower and projector (the adapter's ``tower_modules``) their
+        weights from the model's safetensors, on ``device`` in ``dtype``, reading no other tensor: the vLLM engine's
+        client runs the methods' tower passes on it. False where the adapter names no tower modules."""
+        modules = self.adapter.tower_modules
+        if not modules:
+            return False
+        if dtype == "auto":  # as vLLM reads it: the checkpoint's own
+            dtype = getattr(self.model.config, "dtype", None) or torch.float32
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        folder = Path(resolve_model_path(self.model_id))
+        for name, module in modules.items():
+            wanted = module.state_dict().keys()
+            found = {}
+            for shard in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(shard), "pt") as tensors:
+                    for key in tensors.keys():
+                        local = _tower_key(key, name, wanted)
+                        if local is not None:
+                            found[local] = tensors.get_tensor(key)
+            missing = sorted(set(wanted) - set(found))
+            if missing:
+                raise ValueError(f"{folder}: no weights for {name}.{missing[0]} (and {len(missing) - 1} more)")
+            module.to_empty(device=device)
+            if isinstance(module, PreTrainedModel):  # non-persistent buffers (CLIP's position ids) are set here
+                module.apply(module._init_weights)
+            module.load_state_dict(found, strict=True)
+            module.to(torch_dtype).eval()
+        return True
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save model, tokenizer and image processor so that ``from_pretrained(path)`` reloads them. The vision tower
@@ -375,6 +407,18 @@ class Engine(Admission):
         if reason is None:
             reason = "length" if len(tokens) >= row.max_new_tokens else "stop"
         return tokens, text, reason
+
+
+def _tower_key(key: str, module: str, wanted: Any) -> str | None:
+    """The name in ``module``'s state dict of checkpoint tensor ``key`` (``[model.]module.[vision_model.]name``, as
+    transformers 5 saves it or in the hub layout), or None if it is not one of ``module``'s."""
+    found = re.match(rf"^(?:model\.)?{re.escape(module)}\.(.+)$", key)
+    if found is None:
+        return None
+    local = found[1]
+    if local not in wanted and local.startswith("vision_model."):
+        local = local.removeprefix("vision_model.")
+    return local if local in wanted else None
 
 
 FLAT_TOWER = re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)(embeddings|encoder|pre_layrnorm|post_layernorm)\.")

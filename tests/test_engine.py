@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import QUESTIONS
 
 from seeright.interventions.registry import MethodRegistry
@@ -120,6 +121,30 @@ def test_a_saved_llava_tower_is_in_the_hub_layout(tmp_path):
     with safe_open(tmp_path / "model.safetensors", "pt") as saved:
         tower = [k for k in saved.keys() if "vision_tower" in k]
     assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+
+
+def test_a_weightless_engine_loads_the_tower_alone_and_runs_it_as_the_full_model(tmp_path, images):
+    """``load_tower`` (the vLLM client's copy of the tower): only the tower and projector get weights, read from
+    the hub layout, and the tower passes and image embeddings are the full engine's, masks included."""
+    full = Engine.from_pretrained("tiny-random/llava")
+    full.save_pretrained(tmp_path)
+    light = Engine.weightless(str(tmp_path))
+    assert light.load_tower("cpu", "float32")
+    assert all(p.is_meta for p in light.adapter.language_model.parameters())
+    pixels = full.adapter.image_inputs(images[:2])[0]
+    for got, want in zip(light.adapter.cls_attention(pixels), full.adapter.cls_attention(pixels)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    keep = torch.ones((2, full.info.vision_layers, full.adapter.image_tokens_per_image() + 1), dtype=torch.bool)
+    keep[0, -1, 3] = False
+    features = []
+    for engine in (light, full):
+        handles = engine.adapter.mask_vision_attention(keep, "outputs")
+        features.append(engine.adapter.image_features(pixels["pixel_values"]))
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(features[0], features[1], rtol=0, atol=0)
+    assert not torch.equal(features[0], full.adapter.image_features(pixels["pixel_values"]))  # the mask mattered
+    assert Engine.from_pretrained("tiny-random/qwen2-vl").adapter.tower_modules == {}  # not named: refused on vLLM
 
 
 def test_sampling_is_seeded_per_row(llava, images):

@@ -40,9 +40,16 @@ HOSTED = {  # every method the vLLM worker hosts, at two settings
     "lookback": [{}, {"window": 4}],
     "attention_map": [{}, {"layers": [2, 7]}],
     "vif": [{}, {"relay": [1, 5], "tau": 1.0, "alpha_mid": 0.4, "mid_layers": [8, 9, 10], "deep_layers": [20, 25]}],
+    "paint": [{}, {"alpha": 0.5, "beta": 0.4, "local_token_ratio": 0.25, "cfg": True}],
+    "vemask": [{"preset": "fast"}, {"pgd_steps": 5, "mask_target": "keys", "threshold": 0.5}],
+    "agser": [{}, {"image": "split", "attention_from": "answer", "unit": "token"}],
+}
+EXACT_DIAGNOSTICS = {  # what the client's tower passes and reflections computed: the transformers engine's values
+    "paint": ("local_tokens", "summary_tokens"), "vemask": ("masked_tokens",),
+    "agser": ("score", "attentive_query", "non_attentive_query", "attentive_answer", "non_attentive_answer"),
 }
 CASES = [(name, params) for name, settings in HOSTED.items() for params in settings]
-REFUSED = {"paint": {}, "vemask": {}}
+REFUSED = {"lookback_decoding": {}}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +122,8 @@ def test_every_hosted_method_in_one_mixed_batch_equals_the_transformers_engine(s
         assert_same(g, want, f"{name} {params}")
         if params is not None:
             assert set(g.diagnostics[name]) == set(want.diagnostics[name]), name
+            for field in EXACT_DIAGNOSTICS.get(name, ()):
+                assert g.diagnostics[name][field] == want.diagnostics[name][field], f"{name} {params} {field}"
 
 
 def test_adapter_rows_with_every_hosted_method_equal_the_transformers_engine(served, hf, image):
@@ -148,14 +157,15 @@ def test_methods_keep_their_rows_while_requests_join_and_leave(served, hf, image
     long = request(image, PROMPTS[0], {}, 40)
     joiners = [request(image, PROMPTS[1], {"var": {}}, 6), request(image, PROMPTS[2], {"vhr": {}}, 9),
                request(image, PROMPTS[3], {"gift": {}, "lookback": {}}, 12), request(image, PROMPTS[0], {"ritual": {}}, 8),
-               request(image, PROMPTS[1], {"vcd": {}}, 8)]
+               request(image, PROMPTS[1], {"vcd": {}}, 8), request(image, PROMPTS[2], {"paint": {}, "agser": {}}, 6),
+               request(image, PROMPTS[3], {"vemask": {"preset": "fast"}}, 6)]
 
     async def run():
         stream = client.stream(long)
         tasks, seen = [], 0
         async for _ in stream:
             seen += 1
-            if seen in (2, 6, 10, 14, 18):
+            if seen in (2, 6, 10, 14, 18, 22, 26):
                 tasks.append(asyncio.ensure_future(client.generate(joiners[len(tasks)])))
         return [stream.output, *await asyncio.gather(*tasks)]
 
@@ -170,12 +180,13 @@ def test_what_vllm_does_not_host_is_refused_naming_the_field_and_the_reason(serv
             client.validate(GenerationRequest(prompt="hi", images=[image], interventions={name: params}))
     with pytest.raises(RequestError, match=r"interventions\.vhr\.heads|head indices \[99\]"):
         client.validate(GenerationRequest(prompt="hi", images=[image], interventions={"vhr": {"heads": {"1": [99]}}}))
-    body = {"model": served.app.state.settings.name, "messages": [{"role": "user", "content": "hi"}], "interventions": {"vemask": {}}}
+    body = {"model": served.app.state.settings.name, "messages": [{"role": "user", "content": "hi"}],
+            "interventions": {"lookback_decoding": {}}}
     r = served.post("/v1/chat/completions", json=body)
-    assert r.status_code == 400 and "vision tower" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "candidate rows" in r.json()["error"]["message"]
     cards = {c["name"]: c for c in served.get("/v1/interventions").json()["data"]}
     assert all(cards[name]["unavailable"] is None for name in HOSTED)
-    assert "vision tower" in cards["vemask"]["unavailable"] and "vision tower" in cards["paint"]["unavailable"]
+    assert "candidate rows" in cards["lookback_decoding"]["unavailable"]
 
 
 def test_a_contrast_branch_ends_with_its_request(served, hf, image):
@@ -228,7 +239,7 @@ class FakeRequest:
 
         self.request_id, self.num_tokens, self.num_computed_tokens, self.num_output_tokens = request_id, tokens, 0, 0
         self.num_encoder_inputs = images
-        self.sampling_params = SimpleNamespace(extra_args={"seeright": {"pair": {"id": pair, "size": 2}}} if pair else None)
+        self.sampling_params = SimpleNamespace(extra_args={"seeright": {"branch": pair}} if pair else None)
 
     def get_num_encoder_embeds(self, i: int) -> int:
         return 64
@@ -313,7 +324,7 @@ def test_states_with_a_bad_signature_are_not_unpickled(served, image):
         sampling = SamplingParams(max_tokens=2, extra_args={"seeright": {"key": "forged", "states": b"\0" * 40}})
         async for _ in client.llm.generate({"prompt_token_ids": [1, 2, 3]}, sampling, "forged"):
             pass
-        return await client._collect("forged")
+        return await client._collect("forged", [])
 
     with pytest.raises(RuntimeError, match="bad signature"):
         served.portal.call(run)

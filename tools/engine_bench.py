@@ -43,7 +43,7 @@ def method_settings() -> dict[str, dict[str, Any]]:
     from seeright.service.vllm.engine import not_hosted
 
     methods = MethodRegistry.builtin()
-    hosted = {name: {name: {}} for name in methods if not_hosted(methods[name]) is None}
+    hosted = {name: {name: {}} for name in methods if not_hosted(methods[name], tower=True) is None}  # LLaVA: a tower
     return {**hosted, **CONTRAST_VARIANTS}
 
 

@@ -195,6 +195,19 @@ class ModelAdapter(ABC):
         height, width = (crop.height, crop.width) if hasattr(crop, "height") else (crop["height"], crop["width"])
         return int(height) if height == width else None
 
+    @property
+    def tower_modules(self) -> dict[str, nn.Module]:
+        """The modules between the pixels and the language model's image embeddings (the vision tower, the
+        projector), by the name their weights carry in a checkpoint; empty where this adapter does not name them
+        (then the tower cannot run apart from the model: :meth:`seeright.service.engine.Engine.load_tower`)."""
+        return {}
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image embeddings ``[n_images, image tokens, hidden]`` the language model reads for normalised
+        ``pixel_values`` (the tower's feature layer through the projector), under any vision-attention masks
+        installed (:meth:`mask_vision_attention`)."""
+        raise ValueError(f"the {self.family} adapter cannot compute its image embeddings apart from the model")
+
     def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """Outputs ``[n_images, tokens, D]`` of the tower's ``layers`` for normalised ``pixel_values``,
         differentiable with respect to them (the tower stops after the last of ``layers``)."""

@@ -79,6 +79,20 @@ class LlavaAdapter(ModelAdapter):
     def maskable_vision_layers(self) -> int:
         return self.vision_feature_layer + 1
 
+    @property
+    def tower_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vision_tower": self.model.model.vision_tower, "multi_modal_projector": self.model.model.multi_modal_projector}
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        config = self.model.config
+        with torch.inference_mode():
+            out = self.model.model.get_image_features(
+                pixel_values=pixel_values.to(self.model.device, self.model.dtype),
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            )
+        return torch.stack(list(out.pooler_output))  # one [image tokens, hidden] per image
+
     def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
         last = max(layers)

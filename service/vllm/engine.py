@@ -10,8 +10,11 @@ Requests without interventions run on vLLM unchanged. A request with interventio
 transformers engine (:meth:`~seeright.service.admission.Admission.admit`: binding, input rewriting, encoding,
 analysis passes), with the passes run as vLLM requests (:mod:`seeright.service.vllm.passes`); its method states
 then travel with it to the worker, which runs the methods' hooks on its rows (:mod:`seeright.service.vllm.worker`),
-and come back with their diagnostics when it ends. What the worker does not host yet is a 400 that names the
-reason (:func:`not_hosted`).
+and come back with their diagnostics when it ends. The methods' vision-tower passes (PAINT's [CLS] attention, VE
+masking's attack) run on the client's own copy of the tower and projector (:meth:`Engine.load_tower`, loaded when
+the workers are hooked); where a method masks the tower's attention, the client computes the request's image
+embeddings under the masks and vLLM takes them in place of its own tower's. What the engine does not host is a
+400 that names the reason (:func:`not_hosted`).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ import torch
 from PIL import Image
 
 from seeright import __version__
-from seeright.interventions.adapters import ChatTurn
+from seeright.interventions.adapters import ChatTurn, EncodedPrompt
 from seeright.interventions.lora import Lora, LoraError
-from seeright.interventions.methods.base import HookPoint, Method, RowState
+from seeright.interventions.methods.base import Answer, HookPoint, Method, RowState
+from seeright.interventions.runtime import ForwardContext
 from seeright.model_zoo import built_in, export_dir, resolve_model_path
 from seeright.service.admission import row_loras
 from seeright.service.engine import Engine, to_python
@@ -42,17 +46,21 @@ from seeright.service.vllm.transport import pack_states, unpack_states
 from seeright.service.vllm.worker import EXTRA_ARGS_KEY
 
 WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN, HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
+# run by the engine client: contrasts (a branch request and the worker's logits wrapper), vision masks (the client's
+# tower), reflections (passes as vLLM requests once the answer is final)
+CLIENT_POINTS = frozenset({HookPoint.LOGITS, HookPoint.VISION, HookPoint.REFLECT})
 
 
-def not_hosted(method: Method, params: Any | None = None) -> str | None:
-    """Why the vLLM worker cannot run ``method`` (with ``params``; at its defaults when None), or None."""
-    if HookPoint.VISION in method.hook_points or method.tower_passes:
-        return ("it runs the vision tower on its own (analysis passes or masked tower attention), which the vLLM "
-                "engine does not host yet: use the transformers engine (seeright serve --engine transformers)")
+def not_hosted(method: Method, params: Any | None = None, tower: bool = True) -> str | None:
+    """Why the vLLM engine cannot run ``method`` (with ``params``; at its defaults when None), or None; ``tower``:
+    whether the engine client runs the model's vision tower itself (its adapter names the tower's modules)."""
+    if (HookPoint.VISION in method.hook_points or method.tower_passes) and not tower:
+        return ("it runs the vision tower on its own (analysis passes or masked tower attention), and this model's "
+                "adapter does not name its tower's modules for the engine client to load: use the transformers engine")
     if HookPoint.CANDIDATES in method.hook_points:
         return ("it samples candidate rows a chunk at a time and keeps one (each candidate then takes the kept one's "
                 "KV cache), which the vLLM engine does not host yet: use the transformers engine")
-    missing = method.hook_points - WORKER_POINTS - {HookPoint.LOGITS}
+    missing = method.hook_points - WORKER_POINTS - CLIENT_POINTS
     if missing:
         return f"the vLLM worker has no {sorted(p.value for p in missing)} hook point"
     return None
@@ -90,6 +98,7 @@ def engine_args(settings: Settings) -> Any:
         model=vllm_folder(settings.model), served_model_name=[settings.name], dtype=settings.dtype,
         max_model_len=max_len, max_num_batched_tokens=max(max_len or 0, 2048) if max_len else None,
         max_num_seqs=settings.max_batch_size, enforce_eager=True, enable_chunked_prefill=False,
+        enable_mm_embeds=True,  # image embeddings from the client's tower, for methods that mask it
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.25),
         worker_extension_cls="seeright.service.vllm.worker.HookPoints", disable_log_stats=True,
@@ -146,6 +155,7 @@ class VllmEngineClient:
         self.derived_defaults = spec.derived_defaults
         self.max_prompt_tokens = settings.max_prompt_tokens or settings.vllm_max_model_len or spec.max_prompt_tokens
         self.llm: Any = None
+        self.tower = bool(spec.adapter.tower_modules)  # the client loads the tower (and projector) at install
         self._installed = False
         self._inflight = 0
         self._key = secrets.token_bytes(32)  # signs the method states the workers accept
@@ -197,8 +207,10 @@ class VllmEngineClient:
         """Put the hook points into every worker (once); admission's passes become vLLM requests."""
         if not self._installed:
             await self.llm.collective_rpc("seeright_install", args=(self._key,))
-            self.spec.passes = VllmPasses(self.spec.encode, self.spec.info, self.spec.eos_token_ids(), self._pass,
-                                          asyncio.get_running_loop())
+            if self.tower:
+                await asyncio.to_thread(self.spec.load_tower, self.settings.device, self.settings.dtype)
+            self.spec.passes = VllmPasses(self.spec.encode, self.spec.decode_text, self.spec.info, self.spec.eos_token_ids(), self._pass,
+                                          asyncio.get_running_loop(), self.spec.adapter if self.tower else None)
             self._installed = True
 
     async def stop(self) -> None:
@@ -217,13 +229,13 @@ class VllmEngineClient:
 
     def unavailable(self, name: str) -> str | None:
         """Why method ``name`` cannot run on this engine (or on this model) at its defaults, or None."""
-        return not_hosted(self.methods[name]) or self.spec.unavailable(name)
+        return not_hosted(self.methods[name], tower=self.tower) or self.spec.unavailable(name)
 
     # ---- checks ------------------------------------------------------------------------------------
     def validate_interventions(self, interventions: dict[str, dict[str, Any]]) -> None:
         resolved = self.spec.resolve_params(interventions)
         for name, params in resolved.items():
-            reason = not_hosted(self.methods[name], params)
+            reason = not_hosted(self.methods[name], params, self.tower)
             if reason is not None:
                 raise RequestError(f"interventions.{name}", f"not on the vLLM engine: {reason}")
         if resolved and self.settings.vllm_tensor_parallel_size > 1:
@@ -292,14 +304,17 @@ class VllmEngineClient:
         prompt["cache_salt"] = key
         return key, {"key": key, "states": pack_states(states, self._key)}
 
-    async def _collect(self, key: str) -> list[RowState]:
-        """The request's states as the worker's hooks left them; :class:`EngineFailure` if they failed."""
+    async def _collect(self, key: str, sent: Sequence[RowState]) -> list[RowState]:
+        """The request's states as the worker's hooks left them, with the request inputs of the ``sent`` states
+        they were packed from (:func:`pack_states` leaves them behind); :class:`EngineFailure` if they failed."""
         payload = (await self.llm.collective_rpc("seeright_collect", args=(key,)))[0]
         if payload is None:
             raise EngineFailure("the vLLM worker kept no states for this request")
         status, *states = unpack_states(payload, self._key)
         if status.data["error"] is not None:
             raise EngineFailure(f"the vLLM worker could not run this request's methods exactly: {status.data['error']}")
+        for back, state in zip(states, sent):
+            back.request = state.request
         return states
 
     async def _pass(self, turns: list[ChatTurn], images: list[Image.Image], states: Sequence[RowState],
@@ -312,7 +327,7 @@ class VllmEngineClient:
         tokens: list[int] = []
         async for out in self._outputs(prompt, sampling, row_loras([states])[0]):
             tokens.extend(out.outputs[0].token_ids)
-        return tokens, await self._collect(key)
+        return tokens, await self._collect(key, states)
 
     def _sampling(self, request: GenerationRequest, extra: dict[str, Any] | None) -> Any:
         from vllm import SamplingParams
@@ -341,8 +356,8 @@ class VllmEngineClient:
 
     def _branch(self, states: Sequence[RowState], prompt: dict[str, Any], extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The contrast branch of a request with these states and vLLM ``prompt``, if one asks for it: the branch's
-        vLLM prompt and worker arguments; ``extra`` (the request's worker arguments) gets the key and the pair both
-        carry. A branch is the chat and images its method encoded it from, or, where the method edits the pixels,
+        vLLM prompt and worker arguments; ``extra`` (the request's worker arguments) gets the branch's key, which
+        both carry (the scheduler pairs them by it). A branch is the chat and images its method encoded it from, or, where the method edits the pixels,
         the request's own prompt with image ids of its own (vLLM's encoder and prefix caches must not hand it the
         request's) and the signed state the worker edits its pixels with. The branch prompt leaves the states."""
         contrast = next((s for s in states if "contrast_prompt" in s.data), None)
@@ -350,8 +365,8 @@ class VllmEngineClient:
             return None
         encoded = contrast.data.pop("contrast_prompt")
         key = uuid.uuid4().hex
-        extra["branch"], extra["pair"] = key, {"id": key, "size": 2}
-        args: dict[str, Any] = {"branch": key, "pair": extra["pair"]}
+        extra["branch"] = key
+        args: dict[str, Any] = {"branch": key}
         if not contrast.hooks.branch_from_pixels:
             return self._prompt(*self.spec.passes.source(encoded)), args
         branch = dict(prompt)
@@ -359,6 +374,42 @@ class VllmEngineClient:
         branch["multi_modal_uuids"] = {"image": [f"seeright-branch-{key}-{i}" for i in range(images)]}
         args["pixels"] = pack_states([contrast], self._key)
         return branch, args
+
+    def _admit(self, request: GenerationRequest) -> tuple[Any, list[RowState], torch.Tensor | None]:
+        """Admission (a thread's work): the admitted request, its states, and its image embeddings where a method
+        masks the vision tower (:meth:`_image_embeddings`)."""
+        inputs, rows = self.spec.admit([request])
+        states = rows[0]
+        for state in states:
+            state.layout = inputs[0].prompt.layout
+        return inputs[0], states, self._image_embeddings(states, inputs[0].prompt)
+
+    def _image_embeddings(self, states: Sequence[RowState], prompt: EncodedPrompt) -> torch.Tensor | None:
+        """Where the request's methods mask the vision tower's attention (:meth:`Hooks.vision_mask`), its images'
+        embeddings ``[n_images, image tokens, hidden]`` from the client's tower and projector under those masks
+        (the adapter's own masking, as the transformers engine's prefill applies it); vLLM takes them in place of
+        its own tower's. None where no method masks."""
+        pixels = prompt.images.get("pixel_values")
+        if pixels is None:
+            return None
+        masks = ForwardContext([list(states)], image_counts=[pixels.shape[0]]).vision_masks()
+        if not masks:
+            return None
+        adapter = self.spec.adapter
+        handles = [h for target, keep in masks.items() for h in adapter.mask_vision_attention(keep, target)]
+        try:
+            return adapter.image_features(pixels).cpu()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _reflect(self, states: Sequence[RowState], answer: Answer) -> None:
+        """The methods' passes once the request's ``answer`` is final (:attr:`HookPoint.REFLECT`; AGSER's
+        sub-queries), as vLLM requests through the passes (a thread's work: they wait on the event loop)."""
+        with torch.inference_mode():
+            for state in states:
+                if HookPoint.REFLECT in state.hooks.hook_points:
+                    state.hooks.reflect([state], self.spec.passes, [answer])
 
     async def _start_branch(self, prompt: dict[str, Any], args: dict[str, Any], request: GenerationRequest,
                             lora: Lora | None) -> str:
@@ -386,13 +437,12 @@ class VllmEngineClient:
         key, extra, states, branch = None, None, [], None
         lora = self.spec.lora_of(request)  # read once: an unload while it runs leaves it its adapter
         if request.interventions:
-            inputs, rows = await asyncio.to_thread(self.spec.admit, [request])
-            states = rows[0]
-            for state in states:
-                state.layout = inputs[0].prompt.layout
-            prompt = self._prompt(inputs[0].turns, inputs[0].images)
+            admitted, states, embeddings = await asyncio.to_thread(self._admit, request)
+            prompt = self._prompt(admitted.turns, admitted.images)
             extra = {}
             contrast = self._branch(states, prompt, extra)
+            if embeddings is not None:  # the branch, if any, keeps the images (a contrast branch is unedited)
+                prompt["multi_modal_data"] = {"image": embeddings}
             key, packed = self._with_states(prompt, states)
             extra.update(packed)
             if contrast is not None:
@@ -400,14 +450,15 @@ class VllmEngineClient:
         else:
             prompt = self._prompt(request.chat(), request.images)
         try:
-            async for token in self._decode(request, stream, prompt, extra, key, lora, start):
+            async for token in self._decode(request, stream, prompt, states, extra, key, lora, start):
                 yield token
         finally:
             if branch is not None and self.llm is not None:  # (None: the engine stopped meanwhile)
                 await self.llm.abort(branch)
 
     async def _decode(self, request: GenerationRequest, stream: VllmTokenStream, prompt: dict[str, Any],
-                      extra: dict[str, Any] | None, key: str | None, lora: Lora | None, start: float) -> AsyncIterator[StreamedToken]:
+                      states: Sequence[RowState], extra: dict[str, Any] | None, key: str | None, lora: Lora | None,
+                      start: float) -> AsyncIterator[StreamedToken]:
         """Stream the request's tokens from vLLM and set ``stream.output`` (with its methods' diagnostics)."""
         prepared = time.perf_counter()
         token_ids: list[int] = []
@@ -430,7 +481,10 @@ class VllmEngineClient:
                 reason = "length" if done.finish_reason == "length" else "stop"
         diagnostics = {}
         if key is not None:
-            diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self.spec.provenance(s)} for s in await self._collect(key)}
+            states = await self._collect(key, states)
+            if any(HookPoint.REFLECT in s.hooks.hook_points for s in states):
+                await asyncio.to_thread(self._reflect, states, Answer(token_ids, text, request.max_new_tokens))
+            diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self.spec.provenance(s)} for s in states}
         end = time.perf_counter()
         stream.output = GenerationOutput(
             text=text, token_ids=token_ids, prompt_tokens=prompt_tokens, finish_reason=reason,

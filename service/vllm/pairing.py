@@ -2,8 +2,8 @@
 
 A request with a contrast branch (:attr:`~seeright.interventions.methods.base.HookPoint.LOGITS`) is two vLLM
 requests whose logits the worker combines in every forward, so both must be prefilled in the same step and then
-decode in lockstep (vLLM schedules every running request in every step). ``SamplingParams.extra_args["seeright"]
-["pair"] = {"id": ..., "size": 2}`` marks the members. :class:`PairHolding`:
+decode in lockstep (vLLM schedules every running request in every step). Both carry the branch's key,
+``SamplingParams.extra_args["seeright"]["branch"]``. :class:`PairHolding`:
 
 * keeps a member aside until the pair's last member arrives (the front end sends them one after the other and
   the engine core may run a step in between), then queues them together;
@@ -33,15 +33,15 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from seeright.service.vllm.worker import EXTRA_ARGS_KEY
+from seeright.service.vllm.worker import seeright_args
+
+PAIR_SIZE = 2  # a request and its contrast branch
 
 
-def pair_of(request: Request) -> tuple[str, int] | None:
-    """The pair ``request`` belongs to (its id and size), or None."""
-    params = request.sampling_params
-    args = ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY) or {}
-    pair = args.get("pair")
-    return None if not pair else (str(pair["id"]), int(pair["size"]))
+def pair_of(request: Request) -> str | None:
+    """The key of the pair ``request`` belongs to (the branch's key, which both members carry), or None."""
+    branch = (seeright_args(request.sampling_params) or {}).get("branch")
+    return None if branch is None else str(branch)
 
 
 @dataclass
@@ -78,10 +78,10 @@ class PairHolding:
         if pair is None:
             super().add_request(request)  # type: ignore[misc]
             return
-        members = self.held.setdefault(pair[0], [])
+        members = self.held.setdefault(pair, [])
         members.append(request)
-        if len(members) >= pair[1]:
-            for member in self.held.pop(pair[0]):
+        if len(members) >= PAIR_SIZE:
+            for member in self.held.pop(pair):
                 super().add_request(member)  # type: ignore[misc]
 
     def finish_requests(self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus) -> list[Request]:
@@ -109,8 +109,8 @@ class PairHolding:
         for request in s.waiting:
             pair = pair_of(request)
             if pair is not None and request.num_computed_tokens == 0 and request.num_output_tokens == 0:
-                pairs.setdefault(pair[0], []).append(request)
-        complete = [members for members in pairs.values() if len(members) == pair_of(members[0])[1]]
+                pairs.setdefault(pair, []).append(request)
+        complete = [members for members in pairs.values() if len(members) == PAIR_SIZE]
         if not complete:
             return []
         s.waiting.remove_requests([r for members in complete for r in members])

@@ -7,7 +7,8 @@ result on the event loop: the tokens, and the states as the hooks left them (wha
 they ran on). A pass runs every layer (vLLM cannot stop a forward after a given layer); its result is the same.
 
 Prompts go to vLLM with one placeholder per image and the images themselves, as vLLM expects; ``encode``
-remembers each prompt's chat and images for that, the admission's own prompt included.
+remembers each prompt's chat and images for that, the admission's own prompt included. The vision tower's own
+passes (``cls_attention``, ``vision_states``) run on the engine client's copy of the tower, not in vLLM.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from seeright.interventions.adapters import ChatTurn, EncodedPrompt, ModelInfo
+from seeright.interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo
 from seeright.interventions.methods.base import RowState
 
 Run = Callable[[list[ChatTurn], list[Image.Image], Sequence[RowState], int], Awaitable[tuple[list[int], list[RowState]]]]
@@ -29,10 +30,12 @@ Run = Callable[[list[ChatTurn], list[Image.Image], Sequence[RowState], int], Awa
 class VllmPasses:
     """Passes on vLLM for one engine client: ``run(turns, images, states, max_tokens)`` is its greedy request."""
 
-    def __init__(self, encode: Callable[[list[ChatTurn], list[Image.Image]], EncodedPrompt], info: ModelInfo,
-                 eos: list[int], run: Run, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, encode: Callable[[list[ChatTurn], list[Image.Image]], EncodedPrompt],
+                 decode: Callable[[list[int]], str], info: ModelInfo, eos: list[int], run: Run,
+                 loop: asyncio.AbstractEventLoop, tower: ModelAdapter | None = None) -> None:
         self.info = info
-        self._encode, self._eos, self._run, self._loop = encode, eos, run, loop
+        self.decode_text = decode
+        self._encode, self._eos, self._run, self._loop, self._tower = encode, eos, run, loop, tower
         self._sources: dict[int, tuple[weakref.ref, list[ChatTurn], list[Image.Image]]] = {}
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
@@ -72,12 +75,20 @@ class VllmPasses:
                 state.data, state.diagnostics, state.layout = returned.data, returned.diagnostics, returned.layout
         return [tokens for tokens, _ in results]
 
-    # the vision tower's own passes: the methods that need them are refused on this engine before admission
+    # the vision tower's own passes run on the client's copy of the tower (the adapter of a weightless engine whose
+    # tower and projector have their weights: Engine.load_tower); without one, the methods that need them are
+    # refused before admission
+    @property
+    def tower(self) -> ModelAdapter:
+        if self._tower is None:
+            raise RuntimeError("this engine client has not loaded the model's vision tower")
+        return self._tower
+
     def cls_attention(self, images: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError("the vLLM engine runs no vision-tower pass of its own")
+        return self.tower.cls_attention(images)
 
     def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, Any]:
-        raise NotImplementedError("the vLLM engine runs no vision-tower pass of its own")
+        return self.tower.vision_states(pixel_values, layers)
 
     def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError("the vLLM engine runs no vision-tower pass of its own")
+        return self.tower.pixel_stats()

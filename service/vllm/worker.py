@@ -65,6 +65,7 @@ class Tracked:
     prompt_len: int
     keeps_kv: bool
     branch: str | None = None  # the key its contrast branch carries
+    contrast: RowState | None = None  # the state whose method contrasts its logits with its branch's
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H_kv, capacity, d]
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     stored: dict[int, int] = field(default_factory=dict)  # layer -> positions kept
@@ -74,10 +75,6 @@ class Tracked:
     def states(self) -> list[RowState]:
         return list(self.context.rows[0])
 
-    @property
-    def contrast(self) -> RowState | None:
-        """The state whose method contrasts the request's logits with its branch's."""
-        return next((s for s in self.states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None)
 
 
 @dataclass
@@ -167,7 +164,8 @@ class WorkerRuntime:
         except ValueError as exc:
             return Tracked(ForwardContext([[]]), request_id, prompt_len, keeps_kv=False, error=str(exc))
         tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states),
-                          branch=args.get("branch"))
+                          branch=args.get("branch"),
+                          contrast=next((s for s in states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None))
         if (tracked.branch is None) != (tracked.contrast is None):
             tracked.error = "a contrast method without its branch, or a branch without a contrast method"
         layout = next((s.layout for s in states if s.layout is not None), None)
@@ -325,9 +323,8 @@ class WorkerRuntime:
         return hashes, kwargs, refs
 
     def _args(self, request_id: str) -> dict[str, Any] | None:
-        """A request's seeright arguments (``SamplingParams.extra_args``), or None."""
-        params = getattr(self.runner.requests.get(request_id), "sampling_params", None)
-        return ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY)
+        """A running request's seeright arguments, or None."""
+        return seeright_args(getattr(self.runner.requests.get(request_id), "sampling_params", None))
 
     def on_logits(self, compute: Any, hidden: torch.Tensor) -> torch.Tensor:
         """The model's ``compute_logits``, with each paired request's logits replaced by its method's contrast of
@@ -350,6 +347,11 @@ class WorkerRuntime:
             if row.tracked.error is None and tokens.shape[0] == self.num_reqs:
                 tokens[j] = tokens[row.index]
         self.pairs = []
+
+
+def seeright_args(params: Any) -> dict[str, Any] | None:
+    """The seeright arguments of a request's ``SamplingParams`` (``extra_args["seeright"]``), or None."""
+    return ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY)
 
 
 def _edited_pixels(items: list[Any], state: RowState) -> list[Any]:
