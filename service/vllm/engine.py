@@ -209,8 +209,10 @@ class VllmEngineClient:
             await self.llm.collective_rpc("seeright_install", args=(self._key,))
             if self.tower:
                 await asyncio.to_thread(self.spec.load_tower, self.settings.device, self.settings.dtype)
-            self.spec.passes = VllmPasses(self.spec.encode, self.spec.decode_text, self.spec.info, self.spec.eos_token_ids(), self._pass,
-                                          asyncio.get_running_loop(), self.spec.adapter if self.tower else None)
+            self.spec.passes = VllmPasses(
+                self.spec.encode, self.spec.decode_text, self.spec.info, self.spec.eos_token_ids(), self._pass,
+                asyncio.get_running_loop(), self.spec.adapter if self.tower else None,
+            )
             self._installed = True
 
     async def stop(self) -> None:
@@ -357,9 +359,10 @@ class VllmEngineClient:
     def _branch(self, states: Sequence[RowState], prompt: dict[str, Any], extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The contrast branch of a request with these states and vLLM ``prompt``, if one asks for it: the branch's
         vLLM prompt and worker arguments; ``extra`` (the request's worker arguments) gets the branch's key, which
-        both carry (the scheduler pairs them by it). A branch is the chat and images its method encoded it from, or, where the method edits the pixels,
-        the request's own prompt with image ids of its own (vLLM's encoder and prefix caches must not hand it the
-        request's) and the signed state the worker edits its pixels with. The branch prompt leaves the states."""
+        both carry (the scheduler pairs them by it). A branch is the chat and images its method encoded it from,
+        or, where the method edits the pixels, the request's own prompt with image ids of its own (vLLM's encoder
+        and prefix caches must not hand it the request's) and the signed state the worker edits its pixels with.
+        The branch prompt leaves the states."""
         contrast = next((s for s in states if "contrast_prompt" in s.data), None)
         if contrast is None:
             return None
