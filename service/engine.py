@@ -136,22 +136,23 @@ class Engine(Admission):
             dtype = getattr(self.model.config, "dtype", None) or torch.float32
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         folder = Path(resolve_model_path(self.model_id))
-        for name, module in modules.items():
-            wanted = module.state_dict().keys()
-            found = {}
-            for shard in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(shard), "pt") as tensors:
-                    for key in tensors.keys():
-                        local = _tower_key(key, name, wanted)
+        wanted = {name: module.state_dict().keys() for name, module in modules.items()}
+        found: dict[str, dict[str, torch.Tensor]] = {name: {} for name in modules}
+        for shard in sorted(folder.glob("*.safetensors")):  # each shard's header read once, only tower tensors loaded
+            with safe_open(str(shard), "pt") as tensors:
+                for key in tensors.keys():
+                    for name in modules:
+                        local = _tower_key(key, name, wanted[name])
                         if local is not None:
-                            found[local] = tensors.get_tensor(key)
-            missing = sorted(set(wanted) - set(found))
+                            found[name][local] = tensors.get_tensor(key)
+        for name, module in modules.items():
+            missing = sorted(set(wanted[name]) - set(found[name]))
             if missing:
                 raise ValueError(f"{folder}: no weights for {name}.{missing[0]} (and {len(missing) - 1} more)")
             module.to_empty(device=device)
             if isinstance(module, PreTrainedModel):  # non-persistent buffers (CLIP's position ids) are set here
                 module.apply(module._init_weights)
-            module.load_state_dict(found, strict=True)
+            module.load_state_dict(found[name], strict=True)
             module.to(torch_dtype).eval()
         return True
 

@@ -51,7 +51,7 @@ WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN
 CLIENT_POINTS = frozenset({HookPoint.LOGITS, HookPoint.VISION, HookPoint.REFLECT})
 
 
-def not_hosted(method: Method, params: Any | None = None, tower: bool = True) -> str | None:
+def not_hosted(method: Method, params: Any | None = None, *, tower: bool) -> str | None:
     """Why the vLLM engine cannot run ``method`` (with ``params``; at its defaults when None), or None; ``tower``:
     whether the engine client runs the model's vision tower itself (its adapter names the tower's modules)."""
     if (HookPoint.VISION in method.hook_points or method.tower_passes) and not tower:
@@ -237,7 +237,7 @@ class VllmEngineClient:
     def validate_interventions(self, interventions: dict[str, dict[str, Any]]) -> None:
         resolved = self.spec.resolve_params(interventions)
         for name, params in resolved.items():
-            reason = not_hosted(self.methods[name], params, self.tower)
+            reason = not_hosted(self.methods[name], params, tower=self.tower)
             if reason is not None:
                 raise RequestError(f"interventions.{name}", f"not on the vLLM engine: {reason}")
         if resolved and self.settings.vllm_tensor_parallel_size > 1:

@@ -76,7 +76,6 @@ class Tracked:
         return list(self.context.rows[0])
 
 
-
 @dataclass
 class Slice:
     """A tracked request's tokens in this forward."""
