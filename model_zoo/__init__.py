@@ -3,6 +3,7 @@ inside the package.
 
 * ``tiny-random/llava``, ``tiny-random/qwen2-vl``, ``bench-random/llava``: random weights with planted
   sinks, built in code (:mod:`seeright.model_zoo.tiny_random`); what tests, demos and benchmarks use offline.
+  ``bench-random/llava-7b``: the same at LLaVA-1.5-7B's shapes, for timing runs on a GPU.
 * ``seeright/shapes-llava``: the small LLaVA trained on the shapes world (``testbed/train.py``); its
   weights live in ``model_zoo/shapes-llava``.
 * ``seeright/shapes-smol``: SmolLM2-135M-Instruct with a vision tower trained on the shapes world
@@ -24,8 +25,9 @@ ASSEMBLED_MODELS = {"seeright/shapes-smol"}  # built from parts at load time, no
 CACHED_MODELS = {"seeright/smollm2-135m-instruct"}  # a transformers folder made in the cache on first use
 
 
-def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
-    """``(model, tokenizer, image_processor)`` of a model built in code, or ``None`` for any other id."""
+def builtin_model(model_id: str, device: str = "cpu") -> tuple[Any, Any, Any] | None:
+    """``(model, tokenizer, image_processor)`` of a model built in code, or ``None`` for any other id. Random
+    models are drawn on ``device``; an assembled model is built on the CPU."""
     from seeright.model_zoo.tiny_random import TINY_MODELS
 
     if model_id in ASSEMBLED_MODELS:
@@ -33,7 +35,7 @@ def builtin_model(model_id: str) -> tuple[Any, Any, Any] | None:
 
         return shapes_smol.build(Path(resolve_model_path(model_id)))
     build = TINY_MODELS.get(model_id)
-    return None if build is None else build()
+    return None if build is None else build(device=device)
 
 
 def built_in(model_id: str) -> bool:

@@ -59,11 +59,14 @@ def byte_level_tokenizer(specials: list[str], bos: str | None, eos: str, pad: st
 
 
 def _spread_weights(model: nn.Module, std: float, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
+    """Redraw every linear and embedding weight from N(0, std^2) with the generator of the model's device (on a CPU
+    the same weights on every machine; on a GPU that device's own stream of numbers)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator, device=device) * std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
@@ -81,9 +84,10 @@ def _plant_sinks(projector_out: nn.Linear, embed: nn.Embedding, bos_id: int | No
 
 
 def random_llava(
-    vision: dict, text: dict, image_side: int, std: float, seed: int
+    vision: dict, text: dict, image_side: int, std: float, seed: int, device: str = "cpu"
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
-    """A random llava-hf model with planted sinks, its byte-level tokenizer and a PIL CLIP processor."""
+    """A random llava-hf model with planted sinks, its byte-level tokenizer and a PIL CLIP processor, its weights
+    made on ``device`` (a 7B-sized model is drawn on the GPU in well under a second, on a CPU in minutes)."""
     tokenizer = byte_level_tokenizer(LLAVA_SPECIALS, bos="<s>", eos="</s>", pad="<pad>")
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=image_side, **vision),
@@ -93,7 +97,8 @@ def random_llava(
     )
     config.pad_token_id = 3
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
     _spread_weights(model, std=std, seed=seed)
     _plant_sinks(model.model.multi_modal_projector.linear_2, model.model.language_model.embed_tokens, 1)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 3, 2
@@ -103,28 +108,42 @@ def random_llava(
     return model.eval(), tokenizer, processor
 
 
-def tiny_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
+def tiny_llava(seed: int = 0, device: str = "cpu") -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
     """``tiny-random/llava``: 16 image tokens (4x4), 6 layers, hidden 64."""
     return random_llava(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8, projection_dim=32),
         text=dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   num_key_value_heads=HEADS, max_position_embeddings=2048),
-        image_side=IMAGE_SIDE, std=0.25, seed=seed,
+        image_side=IMAGE_SIDE, std=0.25, seed=seed, device=device,
     )
 
 
-def bench_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
+def bench_llava(seed: int = 0, device: str = "cpu") -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
     """``bench-random/llava``: LLaVA-1.5's token layout (336 px, 14 px patches: 576 image tokens) with a
     small random decoder (8 layers, hidden 512, 8 heads), sized for timing runs on a laptop CPU."""
     return random_llava(
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=14, projection_dim=64),
         text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, max_position_embeddings=4096),
-        image_side=336, std=0.05, seed=seed,
+        image_side=336, std=0.05, seed=seed, device=device,
     )
 
 
-def tiny_qwen2_vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
+def bench_llava_7b(seed: int = 0, device: str = "cpu") -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, CLIPImageProcessorPil]:
+    """``bench-random/llava-7b``: LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px: 24 layers, width 1024; a Llama
+    decoder of 32 layers, width 4096, 32 heads, MLP 11008) with random weights, for timing runs on a GPU. Its
+    vocabulary is the byte-level one of 261 tokens (LLaVA's has 32064: the output layer here is 2% of a real one's
+    cost per token)."""
+    return random_llava(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+                    projection_dim=768),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, max_position_embeddings=4096),
+        image_side=336, std=0.02, seed=seed, device=device,
+    )
+
+
+def tiny_qwen2_vl(seed: int = 0, device: str = "cpu") -> tuple[Qwen2VLForConditionalGeneration, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
     tokenizer = byte_level_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
@@ -142,7 +161,8 @@ def tiny_qwen2_vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, PreTr
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration(config)
     _spread_weights(model, std=0.25, seed=seed)
     _plant_sinks(model.model.visual.merger.mlp[2], model.model.language_model.embed_tokens, None)
     model.generation_config.pad_token_id = ids("<|endoftext|>")
@@ -152,7 +172,7 @@ def tiny_qwen2_vl(seed: int = 0) -> tuple[Qwen2VLForConditionalGeneration, PreTr
     return model.eval(), tokenizer, processor
 
 
-def tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, None]:
+def tiny_llama(seed: int = 0, device: str = "cpu") -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, None]:
     """``tiny-random/llama``: a text-only Llama (4 layers, hidden 128, 4 heads of 32 dims over 2 KV heads: head
     sizes vLLM's CPU attention takes), no image processor."""
     tokenizer = byte_level_tokenizer(LLAVA_SPECIALS[:4], bos="<s>", eos="</s>", pad="<pad>")
@@ -162,11 +182,12 @@ def tiny_llama(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast
         architectures=["LlamaForCausalLM"], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
     _spread_weights(model, std=0.15, seed=seed)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 3, 2
     return model.eval(), tokenizer, None
 
 
 TINY_MODELS = {"tiny-random/llava": tiny_llava, "tiny-random/qwen2-vl": tiny_qwen2_vl, "bench-random/llava": bench_llava,
-               "tiny-random/llama": tiny_llama}
+               "bench-random/llava-7b": bench_llava_7b, "tiny-random/llama": tiny_llama}

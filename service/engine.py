@@ -97,7 +97,7 @@ class Engine(Admission):
         path). ``methods`` defaults to the built-in registry plus installed plug-ins."""
         torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
         source = resolve_model_path(model_id_or_path)
-        built = builtin_model(model_id_or_path)
+        built = builtin_model(model_id_or_path, device=device)
         if built is not None:
             model, tokenizer, processor = built
         else:

@@ -210,8 +210,8 @@ def run_bench(
 ) -> dict[str, Any]:
     engine = Engine.from_pretrained(model_id, device=device, dtype=dtype, methods=methods)
     image = bench_image()
-    built = builtin_model(model_id)
-    stock = built[0].to(device) if built is not None else None
+    built = builtin_model(model_id, device=device)
+    stock = built[0].to(device=device, dtype=engine.model.dtype) if built is not None else None
     names = ("none", *engine.runnable())  # a method this model refuses (PAINT without [CLS]) has no row
     runs: dict[str, list[Run]] = {n: [] for n in (*names, "stock")}
     for rep in range(warmup + reps):

@@ -4,7 +4,8 @@ A record is ``results/<kind>/<date>-<name>.json`` holding what was measured (``v
 output, unchanged), the command line that measured it, the commit it ran on (and whether the tree had
 uncommitted changes), the machine and the date. A rerun is a new record; :mod:`seeright.tools.render` renders the
 newest record of each table into the docs, and ``seeright results check`` (run by the test suite) fails when a
-rendered table and its record disagree.
+rendered table and its record disagree. Where the code runs from a copy without git (a tree copied to a GPU
+machine), ``SEERIGHT_SOURCE_COMMIT`` names the commit the copy was made from, and ``dirty`` is unknown (``None``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Record:
     values: Any
     command: str
     commit: str | None
-    dirty: bool
+    dirty: bool | None
     machine: dict[str, Any]
     date: str
     path: Path | None = None
@@ -45,7 +46,8 @@ class Record:
 
     def caption(self) -> str:
         """One line under a rendered table: the command, the commit, the machine and the date."""
-        commit = "no commit" if self.commit is None else self.commit[:10] + (" + local changes" if self.dirty else "")
+        mark = {True: " + local changes", None: " (a copy of its tree)"}.get(self.dirty, "")
+        commit = "no commit" if self.commit is None else self.commit[:10] + mark
         m = self.machine
         where = f"{m.get('cpu') or m.get('machine')}, {m.get('cores')} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
         return f"`{self.command}` · {commit} · {where} · {self.date[:10]}"
@@ -92,8 +94,10 @@ def write(kind: str, name: str, values: Any, argv: Sequence[str], out: Path | st
     """Write ``values`` as a new record of ``kind`` under ``out`` and return its path."""
     if kind not in KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {KINDS}")
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
     record = Record(kind, name, values, "seeright " + " ".join(argv) if argv and argv[0] != "python" else " ".join(argv),
-                    _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--untracked-files=no")),
+                    commit or os.environ.get("SEERIGHT_SOURCE_COMMIT"), dirty,
                     machine(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
     folder = Path(out) / kind
     folder.mkdir(parents=True, exist_ok=True)
