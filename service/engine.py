@@ -13,10 +13,10 @@ import inspect
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -32,6 +32,7 @@ from seeright.interventions.adapters import (
 )
 from seeright.interventions.adapters.base import StopForward
 from seeright.interventions.lora import Lora, LoraError, read_peft_lora
+from seeright.interventions.memo import Memo
 from seeright.interventions.methods.base import Answer, HookPoint, RowState
 from seeright.interventions.registry import MethodRegistry
 from seeright.interventions.runtime import ForwardContext, Runtime
@@ -48,6 +49,7 @@ from seeright.service.stops import StopMatcher
 __all__ = ["Engine", "EngineGenerator", "GenerationOutput", "GenerationRequest", "RequestError", "StreamedToken"]
 
 SEERIGHT_FILE = "seeright.json"
+T = TypeVar("T")
 
 
 class Engine(Admission):
@@ -497,6 +499,7 @@ class EnginePasses:
         self._engine = engine
         self.info: ModelInfo = engine.info
         self.model = engine.model  # for literal (test-only) versions that run a release's own uncached loop
+        self.cache = Memo()
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
         return self._engine.encode(turns, images)
@@ -518,6 +521,9 @@ class EnginePasses:
 
     def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._engine.adapter.pixel_stats()
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        return self.cache.get(key, compute)
 
     def prefill(
         self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], stop_after_layer: int | None

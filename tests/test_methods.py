@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from seeright.interventions.adapters import ChatTurn
 from seeright.interventions.literal import loops as ref
 from seeright.interventions.literal.vemask import LiteralVEMask
+from seeright.interventions.memo import Memo
 from seeright.interventions.methods.base import RequestInputs
 from seeright.interventions.registry import MethodRegistry
 from seeright.model_zoo.tiny_random import TINY_MODELS
@@ -140,6 +141,7 @@ def test_lookback_decoding_streams_only_kept_chunks(llava, images):
 def test_vemask_matches_literal(llava, images, monkeypatch, given):
     method = llava.methods["vemask"]
     attacks, selections = spy(monkeypatch, method, "attack"), spy(monkeypatch, method, "select")
+    llava.passes.cache.clear()  # an earlier case's attack on these images would be reused
     outs = run(llava, images, {"vemask": given}, n=2)
     literal = LiteralVEMask()
     per_request = [(params, result) for (_, _, params), result in attacks]
@@ -151,6 +153,40 @@ def test_vemask_matches_literal(llava, images, monkeypatch, given):
         torch.testing.assert_close(uncertainty.double(), expected, atol=1e-12, rtol=1e-5)
         assert torch.equal(masked, literal.select(expected, p)) and masked.any()
         assert out.diagnostics["vemask"]["masked_tokens"] == [m.nonzero().flatten().tolist() for m in masked]
+
+
+def test_vemask_attacks_an_image_once_and_reuses_it_exactly(llava, images, monkeypatch):
+    """A second question about the same image reuses the first's uncertainty map (the release attacks each image
+    once, offline): no second attack, and the answer is the one a fresh attack gives. Parameters of the attack make
+    a new map; the threshold and the masking reuse it."""
+    attacks = spy(monkeypatch, llava.methods["vemask"], "attack")
+    ask = lambda question, params: llava.generate_batch([GenerationRequest(  # noqa: E731
+        prompt=question, images=[images[0]], interventions={"vemask": {"pgd_steps": 3, **params}}, max_new_tokens=6)])[0]
+    llava.passes.cache.clear()
+    first, second = ask(QUESTIONS[0], {}), ask(QUESTIONS[1], {})
+    assert len(attacks) == 1
+    llava.passes.cache.clear()
+    assert ask(QUESTIONS[1], {}).token_ids == second.token_ids and len(attacks) == 2
+    ask(QUESTIONS[0], {"threshold": 0.5, "mask_target": "keys"})
+    assert len(attacks) == 2
+    ask(QUESTIONS[0], {"seed": 1})
+    ask(QUESTIONS[0], {"pgd_steps": 4})
+    assert len(attacks) == 4
+    assert first.diagnostics["vemask"] == ask(QUESTIONS[0], {}).diagnostics["vemask"] and len(attacks) == 4
+
+
+def test_memo_is_bounded_and_evicts_the_least_recently_used():
+    memo, computed = Memo(capacity=2), []
+    get = lambda key: memo.get(key, lambda: computed.append(key) or key.upper())  # noqa: E731
+    assert [get("a"), get("b"), get("a"), get("c")] == ["A", "B", "A", "C"]  # "b" is now the oldest: out
+    assert computed == ["a", "b", "c"] and len(memo) == 2
+    get("b"), get("c")  # "b" computed again, pushing out "a"; "c" still there
+    assert computed == ["a", "b", "c", "b"]
+    get("a")
+    assert computed == ["a", "b", "c", "b", "a"]
+    off = Memo(capacity=0)
+    off.get("x", lambda: 1), off.get("x", lambda: 1)
+    assert (off.misses, len(off)) == (2, 0)
 
 
 @pytest.mark.parametrize("target", ["outputs", "keys"])

@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from PIL import Image
@@ -50,6 +50,8 @@ from pydantic import BaseModel
 from seeright.interventions.adapters.base import ChatTurn, EncodedPrompt, ModelInfo
 from seeright.interventions.lora import Lora
 from seeright.interventions.layout import TokenLayout
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,11 @@ class Passes(Protocol):
     def vision_states(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]: ...
 
     def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """The result of ``compute`` for ``key``, computed once per engine while it stays in the engine's bounded
+        cache (:mod:`seeright.interventions.memo`): for passes whose result depends on nothing but the key."""
+        ...
 
 
 class Hooks:

@@ -23,7 +23,8 @@ Qwen2-VL's tower packs all images into one variable-length attention, which the 
 
 Cost: at admission, one clean tower pass, ``pgd_steps`` forward + backward passes up to ``attack_layer``
 (under ``torch.enable_grad``, this request's images only) and one attacked pass; the generation's own prefill
-and decode cost what a plain request's do. ``"preset": "fast"`` cuts the attack to 20 steps.
+and decode cost what a plain request's do. The uncertainty map is kept by the images' content and the attack's
+parameters (:mod:`seeright.interventions.memo`): a second question about the same image skips the attack. ``"preset": "fast"`` cuts the attack to 20 steps.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from __future__ import annotations
 import torch
 
 from seeright.interventions.adapters.base import ModelInfo
+from seeright.interventions.memo import tensor_key
 from seeright.interventions.methods.base import HookPoint, Method, Passes, RowState, VisionMask, check_layers
 from seeright.interventions.spec import VEMaskParams
 
 RELEASE_DEPTH = 24  # CLIP ViT-L/14-336, LLaVA-1.5's tower: the depth the release's layer numbers are for
 RELEASE_DEVIATION_LAYERS = 10  # "k_sig: 1.1 10" in the release's log
 RELEASE_MASK_LAYERS = range(12, 18)  # "Masked layers: 12~17"
+# what the uncertainty map depends on besides the images (the threshold and the masking act on it afterwards)
+ATTACK_FIELDS = {"pgd_steps", "epsilon", "step_size", "random_start", "seed", "attack_layer", "deviation_layers"}
 
 
 class VEMask(Method):
@@ -77,10 +81,13 @@ class VEMask(Method):
         # One attack per request, never a batch of several requests' images: PGD follows sign(gradient), which turns
         # the last-bit differences of a batched kernel into different pixels, so a request's mask would depend on
         # its batch-mates (the batch-mate property test found it: CARVE + VE masking rows at epsilon 1).
+        # The uncertainty map is a function of the images and the attack's parameters alone: once per image
+        # (the release attacks each image once, offline), kept in the engine's cache for the next question about it.
         for state in states:
             p = state.params
-            clean, attacked = self.attack(passes, state.request.prompt.images["pixel_values"], p)
-            uncertainty = self.uncertainty(clean, attacked, p)
+            pixels = state.request.prompt.images["pixel_values"]
+            key = (self.name, tensor_key(pixels), p.model_dump_json(include=ATTACK_FIELDS))
+            uncertainty = passes.memo(key, lambda: self.uncertainty(*self.attack(passes, pixels, p), p))
             masked = self.select(uncertainty, p)  # [n_images, tokens], [CLS] first
             keep = torch.ones((masked.shape[0], passes.info.vision_layers, masked.shape[1]), dtype=torch.bool)
             keep[:, p.mask_layers] = ~masked[:, None, :]

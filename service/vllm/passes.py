@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
 from seeright.interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapter, ModelInfo
+from seeright.interventions.memo import Memo
 from seeright.interventions.methods.base import RowState
 
+T = TypeVar("T")
 Run = Callable[[list[ChatTurn], list[Image.Image], Sequence[RowState], int], Awaitable[tuple[list[int], list[RowState]]]]
 
 
@@ -37,6 +39,7 @@ class VllmPasses:
         self.decode_text = decode
         self._encode, self._eos, self._run, self._loop, self._tower = encode, eos, run, loop, tower
         self._sources: dict[int, tuple[weakref.ref, list[ChatTurn], list[Image.Image]]] = {}
+        self.cache = Memo()
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
         prompt = self._encode(turns, images)
@@ -92,3 +95,6 @@ class VllmPasses:
 
     def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tower.pixel_stats()
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        return self.cache.get(key, compute)
