@@ -160,7 +160,7 @@ def test_vemask_attacks_an_image_once_and_reuses_it_exactly(llava, images, monke
     once, offline): no second attack, and the answer is the one a fresh attack gives. Parameters of the attack make
     a new map; the threshold and the masking reuse it."""
     attacks = spy(monkeypatch, llava.methods["vemask"], "attack")
-    ask = lambda question, params: llava.generate_batch([GenerationRequest(  # noqa: E731
+    ask = lambda question, params: llava.generate_batch([GenerationRequest(
         prompt=question, images=[images[0]], interventions={"vemask": {"pgd_steps": 3, **params}}, max_new_tokens=6)])[0]
     llava.passes.cache.clear()
     first, second = ask(QUESTIONS[0], {}), ask(QUESTIONS[1], {})
@@ -177,7 +177,7 @@ def test_vemask_attacks_an_image_once_and_reuses_it_exactly(llava, images, monke
 
 def test_memo_is_bounded_and_evicts_the_least_recently_used():
     memo, computed = Memo(capacity=2), []
-    get = lambda key: memo.get(key, lambda: computed.append(key) or key.upper())  # noqa: E731
+    get = lambda key: memo.get(key, lambda: computed.append(key) or key.upper())
     assert [get("a"), get("b"), get("a"), get("c")] == ["A", "B", "A", "C"]  # "b" is now the oldest: out
     assert computed == ["a", "b", "c"] and len(memo) == 2
     get("b"), get("c")  # "b" computed again, pushing out "a"; "c" still there

@@ -24,10 +24,13 @@ Qwen2-VL's tower packs all images into one variable-length attention, which the 
 Cost: at admission, one clean tower pass, ``pgd_steps`` forward + backward passes up to ``attack_layer``
 (under ``torch.enable_grad``, this request's images only) and one attacked pass; the generation's own prefill
 and decode cost what a plain request's do. The uncertainty map is kept by the images' content and the attack's
-parameters (:mod:`seeright.interventions.memo`): a second question about the same image skips the attack. ``"preset": "fast"`` cuts the attack to 20 steps.
+parameters (:mod:`seeright.interventions.memo`): a second question about the same image skips the attack.
+``"preset": "fast"`` cuts the attack to 20 steps.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -86,8 +89,8 @@ class VEMask(Method):
         for state in states:
             p = state.params
             pixels = state.request.prompt.images["pixel_values"]
-            key = (self.name, tensor_key(pixels), p.model_dump_json(include=ATTACK_FIELDS))
-            uncertainty = passes.memo(key, lambda: self.uncertainty(*self.attack(passes, pixels, p), p))
+            key = (type(self).__qualname__, tensor_key(pixels), p.model_dump_json(include=ATTACK_FIELDS))  # literal: own
+            uncertainty = passes.memo(key, partial(self.attack_map, passes, pixels, p))
             masked = self.select(uncertainty, p)  # [n_images, tokens], [CLS] first
             keep = torch.ones((masked.shape[0], passes.info.vision_layers, masked.shape[1]), dtype=torch.bool)
             keep[:, p.mask_layers] = ~masked[:, None, :]
@@ -97,6 +100,10 @@ class VEMask(Method):
 
     def vision_mask(self, state: RowState) -> VisionMask | None:
         return state.data.get("mask")
+
+    def attack_map(self, passes: Passes, pixel_values: torch.Tensor, p: VEMaskParams) -> torch.Tensor:
+        """The uncertainty map ``U [n_images, tokens]`` of one request's images: the attack, then Eq. 1's map."""
+        return self.uncertainty(*self.attack(passes, pixel_values, p), p)
 
     @staticmethod
     def attack(
