@@ -14,6 +14,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import TypeVar
 
 import torch
@@ -28,11 +29,14 @@ def tensor_key(tensor: torch.Tensor) -> tuple[str, tuple[int, ...], str]:
 
 
 class Memo:
-    """A bounded, thread-safe map from keys to computed results (least recently used evicted first)."""
+    """A bounded, thread-safe map from keys to computed results (least recently used evicted first). Callers that
+    ask for a key while another computes it wait for that result (the vLLM client admits each request in a thread
+    of its own: a POPE run's questions about one image arrive together)."""
 
     def __init__(self, capacity: int = 256) -> None:
         self.capacity = capacity
         self._items: OrderedDict[Hashable, object] = OrderedDict()
+        self._pending: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
@@ -44,18 +48,35 @@ class Memo:
             self._items.clear()
 
     def get(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """The result stored under ``key``, else ``compute()``, stored (a capacity of 0 stores nothing)."""
+        """The result stored under ``key``, else ``compute()``, stored (a capacity of 0 stores nothing). A
+        computation that fails is not stored; a caller waiting for it computes on its own."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return self._items[key]  # type: ignore[return-value]
-            self.misses += 1
-        value = compute()  # outside the lock: a long pass never blocks another key's lookup
+            pending = self._pending.get(key)
+            if pending is None:
+                self.misses += 1
+                self._pending[key] = mine = Future()
+        if pending is not None:
+            try:
+                return pending.result()
+            except Exception:
+                return compute()
+        try:
+            value = compute()  # outside the lock: a long pass never blocks another key's lookup
+        except BaseException as error:
+            with self._lock:
+                del self._pending[key]
+            mine.set_exception(error)
+            raise
         with self._lock:
+            del self._pending[key]
             if self.capacity > 0:
                 self._items[key] = value
                 self._items.move_to_end(key)
                 while len(self._items) > self.capacity:
                     self._items.popitem(last=False)
+        mine.set_result(value)
         return value

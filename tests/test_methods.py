@@ -3,6 +3,9 @@ decode; each branch fires; each method changes the output distribution."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -187,6 +190,32 @@ def test_memo_is_bounded_and_evicts_the_least_recently_used():
     off = Memo(capacity=0)
     off.get("x", lambda: 1), off.get("x", lambda: 1)
     assert (off.misses, len(off)) == (2, 0)
+
+
+def test_memo_computes_a_key_once_while_callers_wait_for_it():
+    """Threads asking for a key being computed wait for that result; a failed computation is stored for nobody."""
+    memo, started, release, calls = Memo(), threading.Event(), threading.Event(), []
+
+    def slow() -> str:
+        calls.append(1)
+        started.set()
+        release.wait(5)
+        return "map"
+
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(memo.get, "image", slow)
+        started.wait(5)
+        others = [pool.submit(memo.get, "image", slow) for _ in range(3)]
+        release.set()
+        assert [f.result() for f in (first, *others)] == ["map"] * 4
+    assert len(calls) == 1 and (memo.misses, memo.hits) == (1, 0)
+
+    def fail() -> str:
+        raise RuntimeError("attack failed")
+
+    with pytest.raises(RuntimeError):
+        memo.get("other", fail)
+    assert memo.get("other", lambda: "again") == "again" and len(memo) == 2
 
 
 @pytest.mark.parametrize("target", ["outputs", "keys"])
