@@ -62,7 +62,7 @@ class Memo:
         if pending is not None:
             try:
                 return pending.result()
-            except Exception:
+            except Exception:  # noqa: BLE001 - the owner's failure is reported to the owner; try on our own
                 return compute()
         try:
             value = compute()  # outside the lock: a long pass never blocks another key's lookup
