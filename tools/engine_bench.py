@@ -8,7 +8,9 @@ model with an image, in one run on the same machine.
 * the cost of the idle hooks on vLLM (installed, no request using them) per token, against the same vLLM engine
   before they were installed;
 * plain rows' tokens/s per row in a vLLM batch of 8 whose other half carries methods, against a batch of 8 plain
-  rows (both with the hooks installed).
+  rows (both with the hooks installed);
+* on a CPU, plain decoding with vLLM's worker in a process of its own (vLLM's CPU default) against the worker in
+  the engine core, as seeright runs it (:func:`~seeright.service.vllm.engine.worker_in_engine_core`).
 
 Each figure is the median of ``reps`` rounds; rows stop at EOS or ``new_tokens``.
 """
@@ -135,6 +137,45 @@ async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
             "mixed_plain_rows_tokens_per_s": mixed}
 
 
+async def _plain_only(model: str, new_tokens: int, reps: int) -> dict[str, float]:
+    """Plain per-token decode time at batch 1 and tokens/s at batch 8, without the hooks."""
+    from seeright.service.settings import Settings
+    from seeright.service.vllm.engine import VllmEngineClient
+
+    client = VllmEngineClient.from_settings(Settings(model=model, engine="vllm", max_batch_size=max(BATCHES)))
+    await client.start(install=False)
+    try:
+        await client.generate(_requests(1, 4)[0])  # warm-up
+        per_token, rates = [], []
+        for _ in range(reps):
+            times = []
+            async for _ in client.stream(_requests(1, new_tokens)[0]):
+                times.append(time.perf_counter())
+            per_token.append(_per_token(times))
+            start = time.perf_counter()
+            outs = await asyncio.gather(*(client.generate(r) for r in _requests(8, new_tokens)))
+            rates.append((sum(len(o.token_ids) for o in outs), time.perf_counter() - start))
+    finally:
+        await client.stop()
+    return {"ms_per_token": 1000 * statistics.median(x for x in per_token if x is not None),
+            "batch8_tokens_per_s": _median_rate(rates)}
+
+
+def _worker_process(model: str, new_tokens: int, reps: int) -> dict[str, float] | None:
+    """On a CPU, plain vLLM with its worker in a process of its own (vLLM's CPU default); None on a GPU or where
+    the user chose the layout (``VLLM_ENABLE_V1_MULTIPROCESSING`` set)."""
+    import torch
+
+    variable = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    if torch.cuda.is_available() or variable in os.environ:
+        return None
+    os.environ[variable] = "1"
+    try:
+        return asyncio.run(_plain_only(model, new_tokens, reps))
+    finally:
+        del os.environ[variable]
+
+
 @contextmanager
 def _stdout_to_stderr() -> Iterator[None]:
     """vLLM's processes log to stdout (file descriptor 1): keep it for the result."""
@@ -156,6 +197,7 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict
     with _stdout_to_stderr():
         folder = vllm_folder(model)
         hf = _transformers(folder, new_tokens, reps)
+        separate = _worker_process(model, new_tokens, reps)  # before the runs below set the engine-core layout
         vllm = asyncio.run(_vllm(model, new_tokens, reps))
     batches = {
         batch: {"transformers_tokens_per_s": hf["rates"][batch], "vllm_tokens_per_s": vllm["plain"][batch],
@@ -171,10 +213,19 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict
                "vllm_ms_per_token": 1000 * vllm["per_token"][name], "transformers_ms_per_token": 1000 * hf["per_token"][name]}
         for name in method_settings()
     }
+    processes = None if separate is None else {
+        "worker_process": separate,
+        "worker_in_engine_core": {"ms_per_token": 1000 * vllm["plain_per_token_before_hooks"],
+                                  "batch8_tokens_per_s": vllm["plain"][8]},
+    }
+    if processes is not None:
+        inside = processes["worker_in_engine_core"]
+        processes["speedup_batch1"] = separate["ms_per_token"] / inside["ms_per_token"]
+        processes["speedup_batch8"] = inside["batch8_tokens_per_s"] / separate["batch8_tokens_per_s"]
     mixed = (vllm["mixed_plain_rows_tokens_per_s"] / 4) / (vllm["hooks_idle"][8] / 8)  # per plain row, same hooked engine
     return {"model": model, "new_tokens": new_tokens, "reps": reps, "batches": batches, "methods": methods,
             "plain_ms_per_token": {"transformers": 1000 * hf["per_token"]["plain"], "vllm": 1000 * vllm["per_token"]["plain"]},
-            "mixed_half_plain_rows_over_all_plain": mixed}
+            "mixed_half_plain_rows_over_all_plain": mixed, "cpu_worker_processes": processes}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -200,4 +251,14 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['transformers_over_plain']:.2f}x | {row['vllm_over_plain']:.2f}x | {row['vllm_ms_per_token']:.1f} |")
     mixed = result["mixed_half_plain_rows_over_all_plain"]
     lines += ["", f"Plain rows' tokens/s per row in a vLLM batch of 8 whose other half carries methods, over 8 plain rows: {mixed:.2f}x"]
+    if processes := result.get("cpu_worker_processes"):
+        separate, inside = processes["worker_process"], processes["worker_in_engine_core"]
+        lines += [
+            "", ("Plain vLLM on this CPU, the worker in a process of its own (vLLM's default) or in the engine core "
+                 "(seeright's):"), "",
+            "| worker | ms/token, batch 1 | tok/s, batch 8 |", "|---|---|---|",
+            f"| own process | {separate['ms_per_token']:.1f} | {separate['batch8_tokens_per_s']:.1f} |",
+            f"| in the engine core | {inside['ms_per_token']:.1f} | {inside['batch8_tokens_per_s']:.1f} |",
+            f"| speed-up | {processes['speedup_batch1']:.2f}x | {processes['speedup_batch8']:.2f}x |",
+        ]
     return "\n".join(lines)

@@ -20,6 +20,7 @@ embeddings under the masks and vLLM takes them in place of its own tower's. What
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
 import time
@@ -105,6 +106,18 @@ def engine_args(settings: Settings) -> Any:
         scheduler_cls="seeright.service.vllm.pairing.paired_scheduler",
         **lora_args(settings),
     )
+
+
+def worker_in_engine_core(settings: Settings) -> None:
+    """On a CPU with one worker, run vLLM's worker inside its engine-core process (its ``UniProcExecutor``).
+
+    vLLM's CPU platform otherwise starts the worker as a process of its own, and the engine core waits for each
+    step's result by spinning (``shm_broadcast.SpinCondition``): on a machine with few cores the spin takes a core
+    from the model (``seeright bench --engine vllm`` measures both layouts on a CPU). The engine core stays a
+    process of its own (``AsyncLLM`` always starts one), so the server's event loop never runs a step. A value the
+    user set for ``VLLM_ENABLE_V1_MULTIPROCESSING`` is kept; GPUs and tensor parallelism are left as vLLM sets them."""
+    if not torch.cuda.is_available() and settings.vllm_tensor_parallel_size == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
@@ -199,6 +212,7 @@ class VllmEngineClient:
         """Start vLLM (and, unless told not to, hook its workers: ``seeright bench`` times vLLM without them)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        worker_in_engine_core(self.settings)
         self.llm = AsyncLLM.from_engine_args(engine_args(self.settings))
         if install:
             await self.install()
