@@ -20,6 +20,15 @@ QUESTIONS = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n``) the workers share the cores: each one's torch takes its share of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _records_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Measurement commands run by tests keep their records in a temporary folder, not in the repo's results/."""
