@@ -87,7 +87,7 @@ MUTATIONS = [
 
 
 def run_references() -> str:
-    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_independent_references.py"],
+    out = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "tests/test_independent_references.py"],
                          cwd=ROOT, capture_output=True, text=True).stdout
     found = re.findall(r"\d+ (?:failed|passed)[^\n]*", out)
     return found[-1] if found else out[-300:]
