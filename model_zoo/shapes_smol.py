@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +81,21 @@ def language_model() -> tuple[torch.nn.Module, Any]:
     folder = gguf_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    cache.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(cache)
-    model.config.save_pretrained(cache)
-    _plain_config(cache / "config.json")
+    # written whole in a folder of its own, then renamed into place: processes that dequantise at once (test workers)
+    # never read each other's half-written files
+    partial = cache.with_name(f"{cache.name}.partial-{uuid.uuid4().hex[:8]}")
+    partial.mkdir(parents=True)
+    tokenizer.save_pretrained(partial)
+    model.config.save_pretrained(partial)
+    _plain_config(partial / "config.json")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embeddings
-    save_file(state, cache / "model.safetensors.tmp")
-    (cache / "model.safetensors.tmp").rename(cache / "model.safetensors")
+    save_file(state, partial / "model.safetensors")
+    if cache.exists() and not (cache / "model.safetensors").is_file():
+        shutil.rmtree(cache, ignore_errors=True)  # a folder an interrupted older version left without its weights
+    try:
+        partial.rename(cache)
+    except OSError:  # another process put its copy in place meanwhile
+        shutil.rmtree(partial)
     return model.eval(), tokenizer
 
 
