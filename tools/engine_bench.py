@@ -94,43 +94,53 @@ def _transformers(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
     return {"rates": rates, "per_token": per_token}
 
 
-async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
+async def _started_client(model: str) -> Any:
+    """A vLLM engine client on ``model``, started without the hooks (``install()`` adds them)."""
     from seeright.service.settings import Settings
     from seeright.service.vllm.engine import VllmEngineClient
 
     client = VllmEngineClient.from_settings(Settings(model=model, engine="vllm", max_batch_size=max(BATCHES)))
     await client.start(install=False)
+    return client
 
-    async def rate(requests: list[GenerationRequest], plain_only: bool = False) -> float:
-        runs = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            outs = await asyncio.gather(*(client.generate(r) for r in requests))
-            runs.append((sum(len(o.token_ids) for o, r in zip(outs, requests) if not (plain_only and r.interventions)),
-                         time.perf_counter() - start))
-        return _median_rate(runs)
 
-    async def per_token(interventions: dict[str, Any] | None) -> float:
-        samples = []
-        for _ in range(reps):
-            times = []
-            async for _ in client.stream(_requests(1, new_tokens, interventions)[0]):
-                times.append(time.perf_counter())
-            samples.append(_per_token(times))
-        return statistics.median(x for x in samples if x is not None)
+async def _rate(client: Any, requests: list[GenerationRequest], reps: int, plain_only: bool = False) -> float:
+    """Median tokens/s of ``requests`` sent at once (only the plain requests' tokens counted if ``plain_only``)."""
+    runs = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        outs = await asyncio.gather(*(client.generate(r) for r in requests))
+        runs.append((sum(len(o.token_ids) for o, r in zip(outs, requests) if not (plain_only and r.interventions)),
+                     time.perf_counter() - start))
+    return _median_rate(runs)
 
+
+async def _stream_per_token(client: Any, interventions: dict[str, Any] | None, new_tokens: int, reps: int) -> float:
+    """Median seconds per decoded token of one streamed request."""
+    samples = []
+    for _ in range(reps):
+        times = []
+        async for _ in client.stream(_requests(1, new_tokens, interventions)[0]):
+            times.append(time.perf_counter())
+        samples.append(_per_token(times))
+    return statistics.median(x for x in samples if x is not None)
+
+
+async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
+    client = await _started_client(model)
     try:
         await client.generate(_requests(1, 4)[0])  # warm-up
-        plain = {b: await rate(_requests(b, new_tokens)) for b in BATCHES}
-        plain_token = await per_token(None)
+        plain = {b: await _rate(client, _requests(b, new_tokens), reps) for b in BATCHES}
+        plain_token = await _stream_per_token(client, None, new_tokens, reps)
         await client.install()
-        idle = {b: await rate(_requests(b, new_tokens)) for b in BATCHES}
+        idle = {b: await _rate(client, _requests(b, new_tokens), reps) for b in BATCHES}
         settings = [{name: {}} for name in MIXED]
-        methods = {"plain": await per_token(None),
-                   **{name: await per_token(interventions) for name, interventions in method_settings().items()}}
+        methods = {"plain": await _stream_per_token(client, None, new_tokens, reps),
+                   **{name: await _stream_per_token(client, interventions, new_tokens, reps)
+                      for name, interventions in method_settings().items()}}
         half = [r if i % 2 == 0 else _requests(1, new_tokens, settings[i // 2 % len(settings)])[0]
                 for i, r in enumerate(_requests(8, new_tokens))]
-        mixed = await rate(half, plain_only=True)
+        mixed = await _rate(client, half, reps, plain_only=True)
     finally:
         await client.stop()
     return {"plain": plain, "plain_per_token_before_hooks": plain_token, "hooks_idle": idle, "per_token": methods,
@@ -139,26 +149,13 @@ async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
 
 async def _plain_only(model: str, new_tokens: int, reps: int) -> dict[str, float]:
     """Plain per-token decode time at batch 1 and tokens/s at batch 8, without the hooks."""
-    from seeright.service.settings import Settings
-    from seeright.service.vllm.engine import VllmEngineClient
-
-    client = VllmEngineClient.from_settings(Settings(model=model, engine="vllm", max_batch_size=max(BATCHES)))
-    await client.start(install=False)
+    client = await _started_client(model)
     try:
         await client.generate(_requests(1, 4)[0])  # warm-up
-        per_token, rates = [], []
-        for _ in range(reps):
-            times = []
-            async for _ in client.stream(_requests(1, new_tokens)[0]):
-                times.append(time.perf_counter())
-            per_token.append(_per_token(times))
-            start = time.perf_counter()
-            outs = await asyncio.gather(*(client.generate(r) for r in _requests(8, new_tokens)))
-            rates.append((sum(len(o.token_ids) for o in outs), time.perf_counter() - start))
+        return {"ms_per_token": 1000 * await _stream_per_token(client, None, new_tokens, reps),
+                "batch8_tokens_per_s": await _rate(client, _requests(8, new_tokens), reps)}
     finally:
         await client.stop()
-    return {"ms_per_token": 1000 * statistics.median(x for x in per_token if x is not None),
-            "batch8_tokens_per_s": _median_rate(rates)}
 
 
 def _worker_process(model: str, new_tokens: int, reps: int) -> dict[str, float] | None:
@@ -166,14 +163,15 @@ def _worker_process(model: str, new_tokens: int, reps: int) -> dict[str, float] 
     the user chose the layout (``VLLM_ENABLE_V1_MULTIPROCESSING`` set)."""
     import torch
 
-    variable = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    if torch.cuda.is_available() or variable in os.environ:
+    from seeright.service.vllm.engine import MULTIPROCESSING_VARIABLE
+
+    if torch.cuda.is_available() or MULTIPROCESSING_VARIABLE in os.environ:
         return None
-    os.environ[variable] = "1"
+    os.environ[MULTIPROCESSING_VARIABLE] = "1"
     try:
         return asyncio.run(_plain_only(model, new_tokens, reps))
     finally:
-        del os.environ[variable]
+        del os.environ[MULTIPROCESSING_VARIABLE]
 
 
 @contextmanager

@@ -108,6 +108,9 @@ def engine_args(settings: Settings) -> Any:
     )
 
 
+MULTIPROCESSING_VARIABLE = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM's: "0" keeps a single worker in the engine core
+
+
 def worker_in_engine_core(settings: Settings) -> None:
     """On a CPU with one worker, run vLLM's worker inside its engine-core process (its ``UniProcExecutor``).
 
@@ -117,7 +120,7 @@ def worker_in_engine_core(settings: Settings) -> None:
     process of its own (``AsyncLLM`` always starts one), so the server's event loop never runs a step. A value the
     user set for ``VLLM_ENABLE_V1_MULTIPROCESSING`` is kept; GPUs and tensor parallelism are left as vLLM sets them."""
     if not torch.cuda.is_available() and settings.vllm_tensor_parallel_size == 1:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault(MULTIPROCESSING_VARIABLE, "0")
 
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
