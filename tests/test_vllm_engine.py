@@ -43,13 +43,14 @@ HOSTED = {  # every method the vLLM worker hosts, at two settings
     "paint": [{}, {"alpha": 0.5, "beta": 0.4, "local_token_ratio": 0.25, "cfg": True}],
     "vemask": [{"preset": "fast"}, {"pgd_steps": 5, "mask_target": "keys", "threshold": 0.5}],
     "agser": [{}, {"image": "split", "attention_from": "answer", "unit": "token"}],
+    "lookback_decoding": [{"candidates": 3, "chunk_tokens": 4},  # the model's shipped detector, sampled candidates
+                          {"candidates": 2, "chunk_tokens": 3, "seed": 5, "temperature": 0.6, "top_p": 0.8}],
 }
 EXACT_DIAGNOSTICS = {  # what the client's tower passes and reflections computed: the transformers engine's values
     "paint": ("local_tokens", "summary_tokens"), "vemask": ("masked_tokens",),
     "agser": ("score", "attentive_query", "non_attentive_query", "attentive_answer", "non_attentive_answer"),
 }
 CASES = [(name, params) for name, settings in HOSTED.items() for params in settings]
-REFUSED = {"lookback_decoding": {}}
 
 
 @pytest.fixture(scope="module")
@@ -173,20 +174,41 @@ def test_methods_keep_their_rows_while_requests_join_and_leave(served, hf, image
         assert_same(got, hf.generate_batch([r])[0])
 
 
+def test_guided_decoding_with_signals_penalties_and_stop_strings(served, hf, image):
+    """Guided decoding beside the read-only signals, with the request's penalties (its candidates' draws apply them
+    over the answer's earlier chunks too) and a stop string inside a kept chunk: the transformers engine's answer,
+    chunk records and ratios."""
+    guided = {"lookback_decoding": {"candidates": 3, "chunk_tokens": 3, "seed": 2}, "lookback": {}, "attention_map": {}}
+    penalised = request(image, PROMPTS[2], guided, 14)
+    penalised.repetition_penalty, penalised.presence_penalty = 1.3, 0.4
+    want = hf.generate_batch([penalised])[0]
+    stopped = request(image, PROMPTS[2], guided, 14)
+    stopped.repetition_penalty, stopped.presence_penalty = 1.3, 0.4
+    stopped.stop = [want.text.split()[3]]
+    got = on_vllm(served, [penalised, stopped])
+    assert_same(got[0], want)
+    chunks, wanted = got[0].diagnostics["lookback_decoding"]["chunks"], want.diagnostics["lookback_decoding"]["chunks"]
+    assert [(c["kept"], c["tokens"]) for c in chunks] == [(c["kept"], c["tokens"]) for c in wanted]
+    assert any(c["kept"] for c in chunks)  # not always the first candidate
+    for c, w in zip(chunks, wanted):
+        np.testing.assert_allclose(c.get("hallucination_probability", []), w.get("hallucination_probability", []), atol=1e-4)
+    np.testing.assert_allclose(np.array(got[0].diagnostics["lookback"]["per_token"], dtype=float),
+                               np.array(want.diagnostics["lookback"]["per_token"], dtype=float), atol=1e-4)
+    assert_same(got[1], hf.generate_batch([stopped])[0])
+    assert got[1].finish_reason == "stop" and len(got[1].token_ids) < len(want.token_ids)
+
+
 def test_what_vllm_does_not_host_is_refused_naming_the_field_and_the_reason(served, image):
     client = served.app.state.client
-    for name, params in REFUSED.items():
-        with pytest.raises(RequestError, match=rf"interventions\.{name}: not on the vLLM engine: it"):
-            client.validate(GenerationRequest(prompt="hi", images=[image], interventions={name: params}))
     with pytest.raises(RequestError, match=r"interventions\.vhr\.heads|head indices \[99\]"):
         client.validate(GenerationRequest(prompt="hi", images=[image], interventions={"vhr": {"heads": {"1": [99]}}}))
     body = {"model": served.app.state.settings.name, "messages": [{"role": "user", "content": "hi"}],
-            "interventions": {"lookback_decoding": {}}}
+            "interventions": {"lookback_decoding": {}, "var": {}}}
     r = served.post("/v1/chat/completions", json=body)
-    assert r.status_code == 400 and "candidate rows" in r.json()["error"]["message"]
+    assert r.status_code == 400 and r.json()["error"]["param"] == "interventions.var"
+    assert "lookback_decoding on the vLLM engine goes with signals only" in r.json()["error"]["message"]
     cards = {c["name"]: c for c in served.get("/v1/interventions").json()["data"]}
-    assert all(cards[name]["unavailable"] is None for name in HOSTED)
-    assert "candidate rows" in cards["lookback_decoding"]["unavailable"]
+    assert all(card["unavailable"] is None for card in cards.values())
 
 
 def test_a_contrast_branch_ends_with_its_request(served, hf, image):

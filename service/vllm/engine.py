@@ -42,14 +42,15 @@ from seeright.service.engine import Engine, to_python
 from seeright.service.requests import MIN_LOGPROB, GenerationOutput, GenerationRequest, RequestError, StreamedToken
 from seeright.service.scheduler import QueueFull, when_room
 from seeright.service.settings import Settings
+from seeright.service.vllm.candidates import guide_of, guide_refusal, guided
 from seeright.service.vllm.passes import VllmPasses
 from seeright.service.vllm.transport import pack_states, unpack_states
 from seeright.service.vllm.worker import EXTRA_ARGS_KEY
 
 WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN, HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
 # run by the engine client: contrasts (a branch request and the worker's logits wrapper), vision masks (the client's
-# tower), reflections (passes as vLLM requests once the answer is final)
-CLIENT_POINTS = frozenset({HookPoint.LOGITS, HookPoint.VISION, HookPoint.REFLECT})
+# tower), reflections (passes as vLLM requests once the answer is final), candidates (requests a chunk at a time)
+CLIENT_POINTS = frozenset({HookPoint.LOGITS, HookPoint.VISION, HookPoint.REFLECT, HookPoint.CANDIDATES})
 
 
 def not_hosted(method: Method, params: Any | None = None, *, tower: bool) -> str | None:
@@ -58,9 +59,6 @@ def not_hosted(method: Method, params: Any | None = None, *, tower: bool) -> str
     if (HookPoint.VISION in method.hook_points or method.tower_passes) and not tower:
         return ("it runs the vision tower on its own (analysis passes or masked tower attention), and this model's "
                 "adapter does not name its tower's modules for the engine client to load: use the transformers engine")
-    if HookPoint.CANDIDATES in method.hook_points:
-        return ("it samples candidate rows a chunk at a time and keeps one (each candidate then takes the kept one's "
-                "KV cache), which the vLLM engine does not host yet: use the transformers engine")
     missing = method.hook_points - WORKER_POINTS - CLIENT_POINTS
     if missing:
         return f"the vLLM worker has no {sorted(p.value for p in missing)} hook point"
@@ -257,6 +255,8 @@ class VllmEngineClient:
             reason = not_hosted(self.methods[name], params, tower=self.tower)
             if reason is not None:
                 raise RequestError(f"interventions.{name}", f"not on the vLLM engine: {reason}")
+        if (refused := guide_refusal(self.methods, list(resolved))) is not None:
+            raise RequestError(*refused)
         if resolved and self.settings.vllm_tensor_parallel_size > 1:
             raise RequestError("interventions", "the methods read every head of a layer: with tensor parallelism > 1 "
                                "the vLLM engine runs requests without interventions only")
@@ -323,9 +323,10 @@ class VllmEngineClient:
         prompt["cache_salt"] = key
         return key, {"key": key, "states": pack_states(states, self._key)}
 
-    async def _collect(self, key: str, sent: Sequence[RowState]) -> list[RowState]:
+    async def _collect(self, key: str, sent: Sequence[RowState]) -> tuple[list[RowState], dict[str, Any]]:
         """The request's states as the worker's hooks left them, with the request inputs of the ``sent`` states
-        they were packed from (:func:`pack_states` leaves them behind); :class:`EngineFailure` if they failed."""
+        they were packed from (:func:`pack_states` leaves them behind), and the worker's status (a guided-decoding
+        candidate's ``sampler``); :class:`EngineFailure` if they failed."""
         payload = (await self.llm.collective_rpc("seeright_collect", args=(key,)))[0]
         if payload is None:
             raise EngineFailure("the vLLM worker kept no states for this request")
@@ -334,7 +335,7 @@ class VllmEngineClient:
             raise EngineFailure(f"the vLLM worker could not run this request's methods exactly: {status.data['error']}")
         for back, state in zip(states, sent):
             back.request = state.request
-        return states
+        return states, status.data
 
     async def _pass(self, turns: list[ChatTurn], images: list[Image.Image], states: Sequence[RowState],
                     max_tokens: int) -> tuple[list[int], list[RowState]]:
@@ -346,7 +347,7 @@ class VllmEngineClient:
         tokens: list[int] = []
         async for out in self._outputs(prompt, sampling, row_loras([states])[0]):
             tokens.extend(out.outputs[0].token_ids)
-        return tokens, await self._collect(key, states)
+        return tokens, (await self._collect(key, states))[0]
 
     def _sampling(self, request: GenerationRequest, extra: dict[str, Any] | None) -> Any:
         from vllm import SamplingParams
@@ -458,6 +459,10 @@ class VllmEngineClient:
         lora = self.spec.lora_of(request)  # read once: an unload while it runs leaves it its adapter
         if request.interventions:
             admitted, states, embeddings = await asyncio.to_thread(self._admit, request)
+            if guide_of(states) is not None:
+                async for token in guided(self, request, stream, admitted, states, lora, start):
+                    yield token
+                return
             prompt = self._prompt(admitted.turns, admitted.images)
             extra = {}
             contrast = self._branch(states, prompt, extra)
@@ -501,7 +506,7 @@ class VllmEngineClient:
                 reason = "length" if done.finish_reason == "length" else "stop"
         diagnostics = {}
         if key is not None:
-            states = await self._collect(key, states)
+            states = (await self._collect(key, states))[0]
             if any(HookPoint.REFLECT in s.hooks.hook_points for s in states):
                 await asyncio.to_thread(self._reflect, states, Answer(token_ids, text, request.max_new_tokens))
             diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self.spec.provenance(s)} for s in states}

@@ -27,9 +27,15 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   penalties and sampling, and a forward hook on vLLM's sampler gives the branch the token the request drew, so the
   branch is fed the request's tokens whatever its own sampling settings. A forward holding one without the other
   at the same step fails the request.
+* Guided decoding's candidates (:mod:`seeright.service.vllm.candidates`): a candidate request carries a
+  :class:`~seeright.service.vllm.sampling.CandidateSampler`; the ``compute_logits`` wrapper keeps its raw logits and
+  the sampler hook gives vLLM the token the sampler draws from them. A continuation (its prompt ends with
+  ``answered`` tokens of the answer) is read at its prompt forward's last position only, as the decode step of
+  that token.
 
 Step 0 is the forward that holds the request's whole prompt (the engine runs method requests without chunked
-prefill and without prefix-cache hits); step ``k`` the forward of its ``k``-th generated token. A forward that
+prefill and without prefix-cache hits); step ``k`` the forward of its ``k``-th generated token (a continuation's
+prompt forward is step ``answered``). A forward that
 does not fit this (a preempted request recomputed in one forward, speculative tokens) cannot replay per-step
 edits: the request's states are marked failed and its output is refused by the engine client, never returned
 silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
@@ -49,7 +55,8 @@ import torch
 
 from seeright.interventions.methods.base import Hooks, Method, RowState
 from seeright.interventions.runtime import ForwardContext, Group, edited_attention
-from seeright.service.vllm.transport import pack_states, unpack_states
+from seeright.service.vllm.sampling import CandidateSampler
+from seeright.service.vllm.transport import pack_states, unpack, unpack_states
 
 EXTRA_ARGS_KEY = "seeright"
 DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
@@ -64,6 +71,8 @@ class Tracked:
     request_id: str
     prompt_len: int
     keeps_kv: bool
+    answered: int = 0  # a guided-decoding continuation: the answer's tokens at the end of its prompt
+    sampler: CandidateSampler | None = None  # a guided-decoding candidate draws its own tokens
     branch: str | None = None  # the key its contrast branch carries
     contrast: RowState | None = None  # the state whose method contrasts its logits with its branch's
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H_kv, capacity, d]
@@ -78,13 +87,19 @@ class Tracked:
 
 @dataclass
 class Slice:
-    """A tracked request's tokens in this forward."""
+    """A tracked request's tokens in this forward; the hooks see ``query_start:end`` (all of them, except in a
+    continuation's prompt forward, which stands for the decode step of its last token)."""
 
     tracked: Tracked
     index: int  # the request's row in the persistent batch (and in this forward's logits)
     start: int
     end: int
     first_position: int
+    query_start: int = -1
+
+    def __post_init__(self) -> None:
+        if self.query_start < 0:
+            self.query_start = self.start
 
 
 def _asks_probs(state: RowState) -> bool:
@@ -108,6 +123,7 @@ class WorkerRuntime:
     branch_errors: dict[str, str] = field(default_factory=dict)  # branch key -> why its pixels could not be edited
     num_reqs: int = 0
     pairs: list[tuple[Slice, int]] = field(default_factory=list)  # (request, its branch's row) in this forward
+    drawing: list[tuple[Slice, torch.Tensor]] = field(default_factory=list)  # (candidate, its raw logits) this forward
 
     # ---- planning --------------------------------------------------------------------------------
     def plan(self, num_tokens: int) -> None:
@@ -139,6 +155,8 @@ class WorkerRuntime:
             row = Slice(tracked, i, starts[i], starts[i + 1], first)
             if tracked.error is None:
                 tracked.error = self._step(row)
+            if tracked.error is None and tracked.answered and tracked.context.step == tracked.answered:
+                row.query_start = row.end - 1
             if tracked.error is None:
                 self.rows.append(row)
         for row in self.rows:
@@ -160,27 +178,32 @@ class WorkerRuntime:
     def _track(self, args: dict[str, Any], request_id: str, prompt_len: int) -> Tracked:
         try:
             states = unpack_states(args["states"], self.key)
+            sampler = unpack(args["sampler"], self.key) if "sampler" in args else None
         except ValueError as exc:
             return Tracked(ForwardContext([[]]), request_id, prompt_len, keeps_kv=False, error=str(exc))
+        answered = int(args.get("answered", 0))
         tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states),
-                          branch=args.get("branch"),
+                          answered=answered, sampler=sampler, branch=args.get("branch"),
                           contrast=next((s for s in states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None))
         if (tracked.branch is None) != (tracked.contrast is None):
             tracked.error = "a contrast method without its branch, or a branch without a contrast method"
         layout = next((s.layout for s in states if s.layout is not None), None)
-        if layout is not None and layout.length != prompt_len:
-            tracked.error = (f"vLLM's prompt has {prompt_len} tokens, the layout the methods were prepared on "
-                             f"{layout.length}: this model's prompt processing differs between the engines")
+        if layout is not None and layout.length != prompt_len - answered:
+            tracked.error = (f"vLLM's prompt has {prompt_len - answered} tokens before the answer, the layout the "
+                             f"methods were prepared on {layout.length}: this model's prompt processing differs between "
+                             "the engines")
         return tracked
 
     @staticmethod
     def _step(row: Slice) -> str | None:
-        """Set the request's step for this forward, or say why this forward cannot be replayed exactly."""
+        """Set the request's step for this forward, or say why this forward cannot be replayed exactly. A
+        continuation's prompt forward is the step of its last token (``answered``: the transformers engine decodes
+        it as one step); the forwards after it, the steps after that."""
         tracked, length = row.tracked, row.end - row.start
         if tracked.context.step == -1 and row.first_position == 0 and length == tracked.prompt_len:
-            tracked.context.step = 0
+            tracked.context.step = tracked.answered
             return None
-        step = row.first_position - tracked.prompt_len + 1
+        step = row.first_position - tracked.prompt_len + 1 + tracked.answered
         if length == 1 and step == tracked.context.step + 1 and step > 0:
             tracked.context.step = step
             return None
@@ -201,7 +224,9 @@ class WorkerRuntime:
         tracked = self.finished.pop(key, None) or self.tracked.pop(key, None)
         if tracked is None:
             return None
-        return pack_states([RowState(hooks=Hooks(), data={"error": tracked.error}), *tracked.states], self.key)
+        sampler = tracked.sampler.returned() if tracked.sampler is not None else None
+        return pack_states([RowState(hooks=Hooks(), data={"error": tracked.error, "sampler": sampler}), *tracked.states],
+                           self.key)
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _wanting(self, wanted: str, layer: int, device: torch.device) -> Iterator[tuple[Slice, list[Group]]]:
@@ -223,7 +248,7 @@ class WorkerRuntime:
             if stream is None:
                 stream = hidden if residual is None else hidden + residual
             for g in groups:
-                g.hooks.observe_hidden(layer, stream[row.start:row.end][None], g.states, row.tracked.context.step)
+                g.hooks.observe_hidden(layer, stream[row.query_start:row.end][None], g.states, row.tracked.context.step)
 
     def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """Attention forward hook: keep the keys and values of tracked requests that need them; recompute the
@@ -243,8 +268,8 @@ class WorkerRuntime:
             plan = ctx.probs_plan(layer, query.device)
             if plan is None:
                 continue
-            q0, length = plan.q0, row.end - row.start
-            q = query[row.start + q0:row.end].view(length - q0, self.num_heads, self.head_dim).transpose(0, 1)[None]
+            q0, length = plan.q0, row.end - row.query_start
+            q = query[row.query_start + q0:row.end].view(length - q0, self.num_heads, self.head_dim).transpose(0, 1)[None]
             total = keys.shape[1]
             keep = None
             if ctx.step == 0:
@@ -259,7 +284,7 @@ class WorkerRuntime:
             first = max(q0, int(plan.starts[0]))
             if edited is None:
                 edited = output.clone()
-            edited[row.start + first:row.end] = new[0, first - q0:].reshape(row.end - row.start - first, -1).to(output.dtype)
+            edited[row.query_start + first:row.end] = new[0, first - q0:].reshape(length - first, -1).to(output.dtype)
         return edited
 
     def _keep(
@@ -294,10 +319,10 @@ class WorkerRuntime:
         for row, groups in self._wanting("heads", layer, x.device):
             if edited is None:
                 edited = x.clone()
-            heads = edited[row.start:row.end].view(1, row.end - row.start, self.num_heads, self.head_dim)
+            heads = edited[row.query_start:row.end].view(1, row.end - row.query_start, self.num_heads, self.head_dim)
             for g in groups:
                 heads = g.hooks.edit_heads(layer, heads, g.states, row.tracked.context.step)
-            edited[row.start:row.end] = heads.reshape(row.end - row.start, -1)
+            edited[row.query_start:row.end] = heads.reshape(row.end - row.query_start, -1)
         return None if edited is None else (edited, *args[1:])
 
     def on_encoder_inputs(self, gather: Any, scheduler_output: Any) -> tuple[list, list, list]:
@@ -330,22 +355,30 @@ class WorkerRuntime:
         them and its branch's (float32, as the transformers engine computes it)."""
         logits = compute(hidden)
         live = [(row, j) for row, j in self.pairs if row.tracked.error is None]
-        if not live or logits is None or logits.shape[0] != self.num_reqs:
+        if logits is None or logits.shape[0] != self.num_reqs:
             self.pairs = []
             return logits
-        logits = logits.float()
-        for row, j in live:
-            state = row.tracked.contrast
-            logits[row.index] = state.hooks.contrast(logits[row.index].clone(), logits[j].clone(), state)
+        if live:
+            logits = logits.float()
+            for row, j in live:
+                state = row.tracked.contrast
+                logits[row.index] = state.hooks.contrast(logits[row.index].clone(), logits[j].clone(), state)
+        self.drawing = [(row, logits[row.index].clone()) for row in self.rows
+                        if row.tracked.sampler is not None and row.tracked.error is None]
         return logits
 
     def on_sampled(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        """Sampler forward hook: each paired branch takes the token its request drew."""
+        """Sampler forward hook: each paired branch takes the token its request drew; each guided-decoding
+        candidate, the token its own sampler draws from the step's raw logits."""
         tokens = output.sampled_token_ids
-        for row, j in self.pairs:
-            if row.tracked.error is None and tokens.shape[0] == self.num_reqs:
-                tokens[j] = tokens[row.index]
-        self.pairs = []
+        if tokens.shape[0] == self.num_reqs:
+            for row, j in self.pairs:
+                if row.tracked.error is None:
+                    tokens[j] = tokens[row.index]
+            for row, scores in self.drawing:
+                prompt = self.runner.requests[row.tracked.request_id].prompt_token_ids
+                tokens[row.index] = row.tracked.sampler.draw(scores, prompt, row.tracked.answered)
+        self.pairs, self.drawing = [], []
 
 
 def seeright_args(params: Any) -> dict[str, Any] | None:

@@ -1,0 +1,130 @@
+"""Guided decoding on vLLM (:attr:`HookPoint.CANDIDATES`, Lookback Lens): each chunk's candidates as vLLM requests.
+
+On the transformers engine a guided request's candidates are rows of the running batch, and after each chunk
+every row takes the kept one's cache row. A running vLLM request cannot take another's KV blocks and tokens, so
+here each chunk is ``candidates`` new requests: the prompt's token ids plus the answer so far, with the images,
+``max_tokens`` the chunk. Each carries copies of the kept states (the guiding method's reads, the signals'), the
+number of answer tokens its prompt ends with (``answered``: the worker reads its prompt forward's last position as
+that token's decode step, the forward the transformers engine ran for it), and a
+:class:`~seeright.service.vllm.sampling.CandidateSampler` that draws candidate ``i``'s tokens from its own generator
+(``seed * 65536 + i``, resumed chunk after chunk). When all are done the method's ``choose`` keeps one; its chunk is
+streamed and stops the answer as the transformers engine's batch stops it (EOS, a stop string, the token budget,
+a chunk shorter than ``chunk_tokens``).
+
+Each continuation prefills its whole prompt again (its own prefix-cache salt: the worker needs every layer's keys
+and values for the explicit attention it reads the ratios from), so a chunk costs ``candidates`` prefills of the
+prompt and the answer so far. Only methods that edit nothing (signals) may go with it: re-prefilling the answer
+would apply a prefill's edits to tokens that were decoded under per-step edits (:func:`guide_refusal`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from seeright.interventions.lora import Lora
+from seeright.interventions.methods.base import HookPoint, Method, RowState
+from seeright.service.requests import GenerationRequest, StreamedToken, add_logprobs, decoding_of
+from seeright.service.vllm.sampling import CandidateSampler
+from seeright.service.vllm.transport import pack
+
+if TYPE_CHECKING:
+    from seeright.service.vllm.engine import VllmEngineClient, VllmTokenStream
+
+SEED_STRIDE = 65536  # candidate i draws from seed * SEED_STRIDE + i, as on the transformers engine
+
+
+def guide_of(states: Sequence[RowState]) -> int | None:
+    """The index of the request's guiding state (a method with candidates), or None."""
+    return next((i for i, s in enumerate(states) if HookPoint.CANDIDATES in s.hooks.hook_points), None)
+
+
+def guide_refusal(methods: dict[str, Method], names: Sequence[str]) -> tuple[str, str] | None:
+    """``(field, reason)`` when a request asks for a method with candidates beside one that edits the generation."""
+    guide = next((n for n in names if HookPoint.CANDIDATES in methods[n].hook_points), None)
+    other = next((n for n in names if n != guide and not methods[n].signal), None)
+    if guide is None or other is None:
+        return None
+    reason = (f"{guide} on the vLLM engine goes with signals only: each chunk re-prefills the answer so far, which "
+              f"would apply {other}'s prefill edits to tokens decoded under its per-step edits; use the transformers engine")
+    return f"interventions.{other}", reason
+
+
+async def guided(client: VllmEngineClient, request: GenerationRequest, stream: VllmTokenStream, admitted: Any,
+                 states: list[RowState], lora: Lora | None, start: float) -> AsyncIterator[StreamedToken]:
+    """Stream the kept chunks of a guided request and set ``stream.output``."""
+    g = guide_of(states)
+    method, p = states[g].hooks, states[g].params
+    decoding = replace(decoding_of(request), temperature=p.temperature, top_p=p.top_p)
+    base = client._prompt(admitted.turns, admitted.images)
+    eos = set(client.spec.eos_token_ids())
+    samplers = [CandidateSampler(decoding, seed=p.seed * SEED_STRIDE + i, logprobs=request.logprobs,
+                                 top_logprobs=request.top_logprobs) for i in range(method.candidates(p))]
+    prepared = time.perf_counter()
+    answer: list[int] = []
+    streamed: list[StreamedToken] = []
+    reason: str | None = None
+    while reason is None:
+        budget = min(p.chunk_tokens, decoding.max_new_tokens - len(answer))
+        runs = await asyncio.gather(*(_candidate(client, base, answer, states, sampler, budget, lora) for sampler in samplers))
+        kept = method.choose([run[1][g] for run in runs], [[t.id for t in run[0].drawn] for run in runs],
+                             [len(run[1][g].data.get("rows", ())) for run in runs])
+        samplers = [replace(run[0], drawn=[]) for run in runs]
+        chunk, states = runs[kept][0].drawn, runs[kept][1]
+        for token in chunk:
+            answer.append(token.id)
+            streamed.append(token)
+            yield token
+            reason = _stop_reason(client, answer, token.id, decoding, eos)
+            if reason is not None:
+                break
+        if reason is None and len(chunk) < p.chunk_tokens:  # the release stops on a short chunk
+            reason = "stop"
+        method.start_chunk(states[g])
+    done = time.perf_counter()
+    timings = {"prepare_s": prepared - start, "generate_s": done - prepared, "total_s": done - start}
+    out = await asyncio.to_thread(client.spec.finish, answer, None if reason == "length" else reason, decoding,
+                                  admitted.prompt, states, timings)
+    if request.logprobs:
+        add_logprobs(out, streamed, request.top_logprobs)
+    stream.output = out
+
+
+async def _candidate(client: VllmEngineClient, base: dict[str, Any], answer: list[int], states: Sequence[RowState],
+                     sampler: CandidateSampler, max_tokens: int, lora: Lora | None) -> tuple[CandidateSampler, list[RowState]]:
+    """One candidate's chunk: its sampler as the worker returned it (the tokens it drew) and its states."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from seeright.service.vllm.worker import EXTRA_ARGS_KEY
+
+    prompt = {**base, "prompt_token_ids": [*base["prompt_token_ids"], *answer]}
+    key, extra = client._with_states(prompt, states)  # each candidate unpickles a copy of the kept states
+    extra.update(answered=len(answer), sampler=pack(sampler, client._key))
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
+                              stop_token_ids=client.spec.eos_token_ids(), output_kind=RequestOutputKind.FINAL_ONLY,
+                              extra_args={EXTRA_ARGS_KEY: extra})
+    tokens: list[int] = []
+    async for out in client._outputs(prompt, sampling, lora):
+        tokens.extend(out.outputs[0].token_ids)
+    back, status = await client._collect(key, states)
+    drew: CandidateSampler = status["sampler"]
+    if [t.id for t in drew.drawn] != tokens:
+        from seeright.service.vllm.engine import EngineFailure
+
+        raise EngineFailure("a guided-decoding candidate's tokens are not the ones its sampler drew")
+    return drew, back
+
+
+def _stop_reason(client: VllmEngineClient, answer: list[int], token: int, decoding: Any, eos: set[int]) -> str | None:
+    """Why the answer stops after ``token`` (the transformers engine's batch rule), or None."""
+    if token in eos:
+        return "stop"
+    if decoding.stop and any(s in client.spec.decode_text(answer) for s in decoding.stop):
+        return "stop"
+    if len(answer) >= decoding.max_new_tokens:
+        return "length"
+    return None
