@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from seeright.interventions.adapters.base import StopForward
@@ -306,8 +306,12 @@ def keep_mask(
 
 def eager_scores(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """Pre-softmax attention in float32, ``QK^T * scaling + mask`` (eager attention's math; masked keys at
-    the float32 minimum); ``key`` already has a head per query head."""
-    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling
+    the float32 minimum), ``[n, H, q, T]``. ``key`` ``[n, H_kv, T, d]`` has a head per group of ``H / H_kv``
+    consecutive query heads (grouped-query attention; ``H_kv = H`` without it): each group's queries meet their
+    key head in one product, and the keys are never repeated per query head."""
+    n, heads, q, d = query.shape
+    grouped = query.reshape(n, key.shape[1], heads // key.shape[1] * q, d)
+    scores = torch.matmul(grouped, key.transpose(2, 3)).view(n, heads, q, -1).float() * scaling
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
     return scores
@@ -319,11 +323,15 @@ def edited_attention(
 ) -> torch.Tensor | None:
     """Attention with the methods' edits, for query rows ``q0:``: scores, each group's ``edit_scores``, softmax,
     each group's ``edit_probs``, then the weighted values ``[n, q - q0, H, d]`` (None without ``value``: rows
-    that are only read). ``query`` ``[n, H, q - q0, d]``, ``key``/``value`` ``[n, H, T, d]`` (a head per query
-    head). Both engines' runtimes call it (:mod:`seeright.service.vllm.worker`)."""
+    that are only read). ``query`` ``[n, H, q - q0, d]``, ``key``/``value`` ``[n, H_kv, T, d]`` (grouped as in
+    :func:`eager_scores`). Both engines' runtimes call it (:mod:`seeright.service.vllm.worker`)."""
     scores = _edit(groups, "edit_scores", eager_scores(query, key, keep, scaling), layer, step, q0)
     probs = _edit(groups, "edit_probs", torch.softmax(scores, dim=-1), layer, step, q0)
-    return None if value is None else torch.matmul(probs.to(value.dtype), value).transpose(1, 2)
+    if value is None:
+        return None
+    n, heads, q, total = probs.shape
+    grouped = probs.to(value.dtype).reshape(n, value.shape[1], heads // value.shape[1] * q, total)
+    return torch.matmul(grouped, value).view(n, heads, q, -1).transpose(1, 2)
 
 
 def _edit(groups: list[Group], what: str, tensor: torch.Tensor, layer: int, step: int, q0: int) -> torch.Tensor:
@@ -387,10 +395,9 @@ def seeright_attention(
         own = whole.index_select(0, plan.rows)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     keep = keep_mask(attention_mask, plan.rows, q0, q_len, kv_len, device)
-    groups = module.num_key_value_groups
-    values = repeat_kv(pick(value), groups) if plan.any_write else None
-    new = edited_attention(plan.groups, pick(query)[:, :, q0:], repeat_kv(pick(key), groups), values, keep, scaling,
-                           layer, ctx.step, q0)  # [n, q', H, d]
+    values = pick(value) if plan.any_write else None
+    new = edited_attention(plan.groups, pick(query)[:, :, q0:], pick(key), values, keep, scaling, layer, ctx.step,
+                           q0)  # [n, q', H, d]
     if new is not None:
         if own is None:
             own = new.contiguous()

@@ -4,11 +4,13 @@ model with an image, in one run on the same machine.
 * plain greedy decoding throughput (generated tokens per second of wall time) of each engine at batch 1 and 8;
 * per method the worker hosts, its decode time per token over plain decoding on the same engine, for both engines
   (the time between a request's first and last streamed token over the tokens between them: prefill and
-  analysis passes excluded), at batch 1;
+  analysis passes excluded), at batch 1, in rounds: each round streams a plain request and then one per method,
+  and a method's figure is the median over rounds of its time over the same round's plain time (a slow spell of
+  a shared machine then moves a round's plain and method times together instead of one method's figure);
 * the cost of the idle hooks on vLLM (installed, no request using them) per token, against the same vLLM engine
   before they were installed;
 * plain rows' tokens/s per row in a vLLM batch of 8 whose other half carries methods, against a batch of 8 plain
-  rows (both with the hooks installed);
+  rows (both with the hooks installed), the two batches run in turn, the median of the rounds' ratios;
 * on a CPU, plain decoding with vLLM's worker in a process of its own (vLLM's CPU default) against the worker in
   the engine core, as seeright runs it (:func:`~seeright.service.vllm.engine.worker_in_engine_core`).
 
@@ -36,6 +38,7 @@ DEFAULT_MODEL = "seeright/shapes-smol"
 BATCHES = (1, 8)
 PROMPTS = ("Describe the image.", "What shapes are there?", "Name the colours in the image.", "Describe the image in detail.")
 CONTRAST_VARIANTS = {"pai+cfg": {"pai": {"cfg": True}}}  # a contrast branch of a method whose defaults have none
+PAIRED = ", the median of each round's ratio"  # records since rounds pair each method with a plain run
 MIXED = ("var", "vhr", "gift", "pai")  # the method half of the mixed batch (edits in every decode step, no extra rows)
 
 
@@ -68,6 +71,20 @@ def _per_token(times: list[float]) -> float | None:
     return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
 
 
+def _over_plain(rounds: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per setting, from rounds of seconds per token (each with ``"plain"``): the median seconds and the median
+    of each round's time over that round's plain time."""
+    return {name: {"seconds": statistics.median(r[name] for r in rounds),
+                   "over_plain": statistics.median(r[name] / r["plain"] for r in rounds)} for name in rounds[0]}
+
+
+def _engine_per_token(engine: Engine, interventions: dict[str, Any] | None, new_tokens: int) -> float | None:
+    """Seconds per decoded token of one request on the transformers engine."""
+    times: list[float] = []
+    engine.generate_batch(_requests(1, new_tokens, interventions), on_token=lambda row, tok: times.append(time.perf_counter()))
+    return _per_token(times)
+
+
 def _transformers(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
     engine = Engine.from_pretrained(model)
     engine.generate_batch(_requests(1, 4))  # warm-up
@@ -79,16 +96,9 @@ def _transformers(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
             outs = engine.generate_batch(_requests(batch, new_tokens))
             runs.append((sum(len(o.token_ids) for o in outs), time.perf_counter() - start))
         rates[batch] = _median_rate(runs)
-    per_token = {}
-    for name, interventions in {"plain": None, **method_settings()}.items():
-        samples = []
-        for _ in range(reps):
-            times: list[float] = []
-            stamp = times.append
-            engine.generate_batch(_requests(1, new_tokens, interventions),
-                                  on_token=lambda row, tok, stamp=stamp: stamp(time.perf_counter()))
-            samples.append(_per_token(times))
-        per_token[name] = statistics.median(x for x in samples if x is not None)
+    settings = {"plain": None, **method_settings()}
+    per_token = _over_plain([{name: _engine_per_token(engine, i, new_tokens) for name, i in settings.items()}
+                             for _ in range(reps)])
     del engine
     gc.collect()
     return {"rates": rates, "per_token": per_token}
@@ -115,7 +125,7 @@ async def _rate(client: Any, requests: list[GenerationRequest], reps: int, plain
     return _median_rate(runs)
 
 
-async def _stream_per_token(client: Any, interventions: dict[str, Any] | None, new_tokens: int, reps: int) -> float:
+async def _stream_per_token(client: Any, interventions: dict[str, Any] | None, new_tokens: int, reps: int = 1) -> float:
     """Median seconds per decoded token of one streamed request."""
     samples = []
     for _ in range(reps):
@@ -134,17 +144,19 @@ async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
         plain_token = await _stream_per_token(client, None, new_tokens, reps)
         await client.install()
         idle = {b: await _rate(client, _requests(b, new_tokens), reps) for b in BATCHES}
-        settings = [{name: {}} for name in MIXED]
-        methods = {"plain": await _stream_per_token(client, None, new_tokens, reps),
-                   **{name: await _stream_per_token(client, interventions, new_tokens, reps)
-                      for name, interventions in method_settings().items()}}
-        half = [r if i % 2 == 0 else _requests(1, new_tokens, settings[i // 2 % len(settings)])[0]
+        settings = {"plain": None, **method_settings()}
+        rounds = [{name: await _stream_per_token(client, i, new_tokens) for name, i in settings.items()} for _ in range(reps)]
+        mixing = [{name: {}} for name in MIXED]
+        half = [r if i % 2 == 0 else _requests(1, new_tokens, mixing[i // 2 % len(mixing)])[0]
                 for i, r in enumerate(_requests(8, new_tokens))]
-        mixed = await _rate(client, half, reps, plain_only=True)
+        mixed = []
+        for _ in range(reps):  # per plain row: 4 beside methods, 8 alone
+            beside = await _rate(client, half, 1, plain_only=True) / 4
+            mixed.append(beside / (await _rate(client, _requests(8, new_tokens), 1) / 8))
     finally:
         await client.stop()
-    return {"plain": plain, "plain_per_token_before_hooks": plain_token, "hooks_idle": idle, "per_token": methods,
-            "mixed_plain_rows_tokens_per_s": mixed}
+    return {"plain": plain, "plain_per_token_before_hooks": plain_token, "hooks_idle": idle,
+            "per_token": _over_plain(rounds), "mixed_plain_rows_over_plain_rows": statistics.median(mixed)}
 
 
 async def _plain_only(model: str, new_tokens: int, reps: int) -> dict[str, float]:
@@ -206,9 +218,10 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict
         row["vllm_over_transformers"] = row["vllm_tokens_per_s"] / row["transformers_tokens_per_s"]
         row["hooks_idle_cost"] = row["vllm_tokens_per_s"] / row["vllm_hooks_idle_tokens_per_s"] - 1
     methods = {
-        name: {"transformers_over_plain": hf["per_token"][name] / hf["per_token"]["plain"],
-               "vllm_over_plain": vllm["per_token"][name] / vllm["per_token"]["plain"],
-               "vllm_ms_per_token": 1000 * vllm["per_token"][name], "transformers_ms_per_token": 1000 * hf["per_token"][name]}
+        name: {"transformers_over_plain": hf["per_token"][name]["over_plain"],
+               "vllm_over_plain": vllm["per_token"][name]["over_plain"],
+               "vllm_ms_per_token": 1000 * vllm["per_token"][name]["seconds"],
+               "transformers_ms_per_token": 1000 * hf["per_token"][name]["seconds"]}
         for name in method_settings()
     }
     processes = None if separate is None else {
@@ -220,10 +233,10 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict
         inside = processes["worker_in_engine_core"]
         processes["speedup_batch1"] = separate["ms_per_token"] / inside["ms_per_token"]
         processes["speedup_batch8"] = inside["batch8_tokens_per_s"] / separate["batch8_tokens_per_s"]
-    mixed = (vllm["mixed_plain_rows_tokens_per_s"] / 4) / (vllm["hooks_idle"][8] / 8)  # per plain row, same hooked engine
-    return {"model": model, "new_tokens": new_tokens, "reps": reps, "batches": batches, "methods": methods,
-            "plain_ms_per_token": {"transformers": 1000 * hf["per_token"]["plain"], "vllm": 1000 * vllm["per_token"]["plain"]},
-            "mixed_half_plain_rows_over_all_plain": mixed, "cpu_worker_processes": processes}
+    return {"model": model, "new_tokens": new_tokens, "reps": reps, "paired_rounds": True, "batches": batches, "methods": methods,
+            "plain_ms_per_token": {"transformers": 1000 * hf["per_token"]["plain"]["seconds"],
+                                   "vllm": 1000 * vllm["per_token"]["plain"]["seconds"]},
+            "mixed_half_plain_rows_over_all_plain": vllm["mixed_plain_rows_over_plain_rows"], "cpu_worker_processes": processes}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -239,8 +252,8 @@ def table(result: dict[str, Any]) -> str:
     plain = result["plain_ms_per_token"]
     lines += [
         "",
-        (f"Decode time per token over plain decoding on the same engine, batch 1 (plain: transformers "
-         f"{plain['transformers']:.1f} ms, vLLM {plain['vllm']:.1f} ms):"),
+        (f"Decode time per token over plain decoding on the same engine, batch 1{PAIRED if result.get('paired_rounds') else ''} "
+         f"(plain: transformers {plain['transformers']:.1f} ms, vLLM {plain['vllm']:.1f} ms):"),
         "",
         "| method | transformers | vLLM | vLLM ms/token |",
         "|---|---|---|---|",

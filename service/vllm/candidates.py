@@ -23,16 +23,36 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from seeright.interventions.lora import Lora
 from seeright.interventions.methods.base import HookPoint, Method, RowState
-from seeright.service.requests import GenerationRequest, StreamedToken, add_logprobs, decoding_of
+from seeright.service.engine import Engine
+from seeright.service.requests import GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of
 from seeright.service.vllm.sampling import CandidateSampler
-from seeright.service.vllm.transport import pack
+from seeright.service.vllm.transport import EngineFailure, pack
 
-if TYPE_CHECKING:
-    from seeright.service.vllm.engine import VllmEngineClient, VllmTokenStream
+
+class Client(Protocol):
+    """What guided decoding uses of :class:`~seeright.service.vllm.engine.VllmEngineClient`."""
+
+    spec: Engine
+    _key: bytes
+
+    def _prompt(self, turns: list[Any], images: Sequence[Any]) -> dict[str, Any]: ...
+
+    def _with_states(self, prompt: dict[str, Any], states: Sequence[RowState]) -> tuple[str, dict[str, Any]]: ...
+
+    def _outputs(self, prompt: dict[str, Any], sampling: Any, lora: Lora | None) -> AsyncIterator[Any]: ...
+
+    async def _collect(self, key: str, sent: Sequence[RowState]) -> tuple[list[RowState], dict[str, Any]]: ...
+
+
+class Output(Protocol):
+    """Where the request's output goes (:class:`~seeright.service.vllm.engine.VllmTokenStream`)."""
+
+    output: GenerationOutput | None
+
 
 SEED_STRIDE = 65536  # candidate i draws from seed * SEED_STRIDE + i, as on the transformers engine
 
@@ -53,7 +73,7 @@ def guide_refusal(methods: dict[str, Method], names: Sequence[str]) -> tuple[str
     return f"interventions.{other}", reason
 
 
-async def guided(client: VllmEngineClient, request: GenerationRequest, stream: VllmTokenStream, admitted: Any,
+async def guided(client: Client, request: GenerationRequest, stream: Output, admitted: Any,
                  states: list[RowState], lora: Lora | None, start: float) -> AsyncIterator[StreamedToken]:
     """Stream the kept chunks of a guided request and set ``stream.output``."""
     g = guide_of(states)
@@ -93,7 +113,7 @@ async def guided(client: VllmEngineClient, request: GenerationRequest, stream: V
     stream.output = out
 
 
-async def _candidate(client: VllmEngineClient, base: dict[str, Any], answer: list[int], states: Sequence[RowState],
+async def _candidate(client: Client, base: dict[str, Any], answer: list[int], states: Sequence[RowState],
                      sampler: CandidateSampler, max_tokens: int, lora: Lora | None) -> tuple[CandidateSampler, list[RowState]]:
     """One candidate's chunk: its sampler as the worker returned it (the tokens it drew) and its states."""
     from vllm import SamplingParams
@@ -113,13 +133,11 @@ async def _candidate(client: VllmEngineClient, base: dict[str, Any], answer: lis
     back, status = await client._collect(key, states)
     drew: CandidateSampler = status["sampler"]
     if [t.id for t in drew.drawn] != tokens:
-        from seeright.service.vllm.engine import EngineFailure
-
         raise EngineFailure("a guided-decoding candidate's tokens are not the ones its sampler drew")
     return drew, back
 
 
-def _stop_reason(client: VllmEngineClient, answer: list[int], token: int, decoding: Any, eos: set[int]) -> str | None:
+def _stop_reason(client: Client, answer: list[int], token: int, decoding: Any, eos: set[int]) -> str | None:
     """Why the answer stops after ``token`` (the transformers engine's batch rule), or None."""
     if token in eos:
         return "stop"

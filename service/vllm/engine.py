@@ -44,7 +44,7 @@ from seeright.service.scheduler import QueueFull, when_room
 from seeright.service.settings import Settings
 from seeright.service.vllm.candidates import guide_of, guide_refusal, guided
 from seeright.service.vllm.passes import VllmPasses
-from seeright.service.vllm.transport import pack_states, unpack_states
+from seeright.service.vllm.transport import EngineFailure, pack_states, unpack_states
 from seeright.service.vllm.worker import EXTRA_ARGS_KEY
 
 WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN, HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
@@ -80,10 +80,6 @@ def vllm_folder(model_id: str) -> str:
         else:
             partial.replace(folder)
     return str(folder)
-
-
-class EngineFailure(RuntimeError):
-    """The worker could not run a request's methods exactly (a preempted request recomputed in one forward)."""
 
 
 def engine_args(settings: Settings) -> Any:

@@ -21,6 +21,10 @@ from seeright.interventions.methods.base import RowState
 DIGEST = hashlib.sha256().digest_size
 
 
+class EngineFailure(RuntimeError):
+    """The worker could not run a request's methods exactly (a preempted request recomputed in one forward)."""
+
+
 def pack(value: Any, key: bytes) -> bytes:
     """``value`` pickled and signed with ``key``."""
     body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)

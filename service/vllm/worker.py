@@ -275,10 +275,8 @@ class WorkerRuntime:
             if ctx.step == 0:
                 positions = torch.arange(q0, length, device=query.device)
                 keep = (torch.arange(total, device=query.device)[None, :] <= positions[:, None])[None, None]
-            groups = self.num_heads // self.num_kv_heads
-            k = keys[None].repeat_interleave(groups, dim=1)
-            v = values[None].repeat_interleave(groups, dim=1) if plan.any_write else None
-            new = edited_attention(plan.groups, q, k, v, keep, self.scaling, layer, ctx.step, q0)
+            v = values[None] if plan.any_write else None
+            new = edited_attention(plan.groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
             if new is None or not bool(plan.write[0]):
                 continue
             first = max(q0, int(plan.starts[0]))
