@@ -4,7 +4,8 @@ model with an image, in one run on the same machine.
 * plain greedy decoding throughput (generated tokens per second of wall time) of each engine at batch 1 and 8;
 * per method the worker hosts, its decode time per token over plain decoding on the same engine, for both engines
   (the time between a request's first and last streamed token over the tokens between them: prefill and
-  analysis passes excluded), at batch 1, in rounds: each round streams a plain request and then one per method,
+  analysis passes excluded; guided decoding streams a chunk at a time, so its span runs from its first chunk's
+  arrival to its last's), at batch 1, in rounds: each round streams a plain request and then one per method,
   and a method's figure is the median over rounds of its time over the same round's plain time (a slow spell of
   a shared machine then moves a round's plain and method times together instead of one method's figure);
 * the cost of the idle hooks on vLLM (installed, no request using them) per token, against the same vLLM engine
