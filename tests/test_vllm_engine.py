@@ -211,6 +211,17 @@ def test_what_vllm_does_not_host_is_refused_naming_the_field_and_the_reason(serv
     assert all(card["unavailable"] is None for card in cards.values())
 
 
+def test_hooks_come_out_and_go_back(served, hf, image):
+    """``seeright bench`` measures vLLM with and without the hooks in turn: out, plain requests still answer; back
+    in, a method request is the transformers engine's again."""
+    client = served.app.state.client
+    served.portal.call(client.uninstall)
+    assert_same(on_vllm(served, [request(image, PROMPTS[0], {})])[0], hf.generate_batch([request(image, PROMPTS[0], {})])[0])
+    served.portal.call(client.install)
+    var = request(image, PROMPTS[1], {"var": {}})
+    assert_same(on_vllm(served, [var])[0], hf.generate_batch([var])[0])
+
+
 def test_a_contrast_branch_ends_with_its_request(served, hf, image):
     """A request with a contrast branch that stops on a stop string (its branch would go on) and one whose client
     goes away after two tokens: each branch is aborted with its request, the engine keeps answering, and a pair

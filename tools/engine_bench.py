@@ -9,7 +9,7 @@ model with an image, in one run on the same machine.
   and a method's figure is the median over rounds of its time over the same round's plain time (a slow spell of
   a shared machine then moves a round's plain and method times together instead of one method's figure);
 * the cost of the idle hooks on vLLM (installed, no request using them) per token, against the same vLLM engine
-  before they were installed;
+  without them, the two in turn (the hooks taken out and put back each round), the median of the rounds' ratios;
 * plain rows' tokens/s per row in a vLLM batch of 8 whose other half carries methods, against a batch of 8 plain
   rows (both with the hooks installed), the two batches run in turn, the median of the rounds' ratios;
 * on a CPU, plain decoding with vLLM's worker in a process of its own (vLLM's CPU default) against the worker in
@@ -141,10 +141,15 @@ async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
     client = await _started_client(model)
     try:
         await client.generate(_requests(1, 4)[0])  # warm-up
-        plain = {b: await _rate(client, _requests(b, new_tokens), reps) for b in BATCHES}
         plain_token = await _stream_per_token(client, None, new_tokens, reps)
-        await client.install()
-        idle = {b: await _rate(client, _requests(b, new_tokens), reps) for b in BATCHES}
+        plain, idle = {b: [] for b in BATCHES}, {b: [] for b in BATCHES}
+        for _ in range(reps):  # without the hooks, then with them idle, in turn
+            await client.uninstall()
+            for b in BATCHES:
+                plain[b].append(await _rate(client, _requests(b, new_tokens), 1))
+            await client.install()
+            for b in BATCHES:
+                idle[b].append(await _rate(client, _requests(b, new_tokens), 1))
         settings = {"plain": None, **method_settings()}
         rounds = [{name: await _stream_per_token(client, i, new_tokens) for name, i in settings.items()} for _ in range(reps)]
         mixing = [{name: {}} for name in MIXED]
@@ -156,7 +161,9 @@ async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
             mixed.append(beside / (await _rate(client, _requests(8, new_tokens), 1) / 8))
     finally:
         await client.stop()
-    return {"plain": plain, "plain_per_token_before_hooks": plain_token, "hooks_idle": idle,
+    return {"plain": {b: statistics.median(r) for b, r in plain.items()}, "plain_per_token_before_hooks": plain_token,
+            "hooks_idle": {b: statistics.median(r) for b, r in idle.items()},
+            "hooks_idle_cost": {b: statistics.median(p / i - 1 for p, i in zip(plain[b], idle[b])) for b in BATCHES},
             "per_token": _over_plain(rounds), "mixed_plain_rows_over_plain_rows": statistics.median(mixed)}
 
 
@@ -217,7 +224,8 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict
     }
     for row in batches.values():
         row["vllm_over_transformers"] = row["vllm_tokens_per_s"] / row["transformers_tokens_per_s"]
-        row["hooks_idle_cost"] = row["vllm_tokens_per_s"] / row["vllm_hooks_idle_tokens_per_s"] - 1
+    for batch, row in batches.items():
+        row["hooks_idle_cost"] = vllm["hooks_idle_cost"][batch]
     methods = {
         name: {"transformers_over_plain": hf["per_token"][name]["over_plain"],
                "vllm_over_plain": vllm["per_token"][name]["over_plain"],

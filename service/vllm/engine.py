@@ -218,13 +218,21 @@ class VllmEngineClient:
         """Put the hook points into every worker (once); admission's passes become vLLM requests."""
         if not self._installed:
             await self.llm.collective_rpc("seeright_install", args=(self._key,))
-            if self.tower:
-                await asyncio.to_thread(self.spec.load_tower, self.settings.device, self.settings.dtype)
-            self.spec.passes = VllmPasses(
-                self.spec.encode, self.spec.decode_text, self.spec.info, self.spec.eos_token_ids(), self._pass,
-                asyncio.get_running_loop(), self.spec.adapter if self.tower else None,
-            )
+            if not isinstance(self.spec.passes, VllmPasses):  # the tower and passes once
+                if self.tower:
+                    await asyncio.to_thread(self.spec.load_tower, self.settings.device, self.settings.dtype)
+                self.spec.passes = VllmPasses(
+                    self.spec.encode, self.spec.decode_text, self.spec.info, self.spec.eos_token_ids(), self._pass,
+                    asyncio.get_running_loop(), self.spec.adapter if self.tower else None,
+                )
             self._installed = True
+
+    async def uninstall(self) -> None:
+        """Take the hook points out of every worker (``seeright bench`` measures vLLM with and without them in
+        turn); requests with interventions are refused until :meth:`install`. Call it with none running."""
+        if self._installed:
+            await self.llm.collective_rpc("seeright_uninstall")
+            self._installed = False
 
     async def stop(self) -> None:
         if self.llm is not None:

@@ -425,16 +425,28 @@ class HookPoints:
             runner, key, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_size,
             scaling=float(attn.impl.scale), first_layer=min(layers),
         )
+        handles = []
         for index, layer in layers.items():
-            layer.register_forward_pre_hook(partial(runtime.on_layer, index), with_kwargs=True)
-            layer.self_attn.attn.register_forward_hook(partial(runtime.on_attention, index))
-            layer.self_attn.o_proj.register_forward_pre_hook(partial(runtime.on_heads, index))
+            handles += [layer.register_forward_pre_hook(partial(runtime.on_layer, index), with_kwargs=True),
+                        layer.self_attn.attn.register_forward_hook(partial(runtime.on_attention, index)),
+                        layer.self_attn.o_proj.register_forward_pre_hook(partial(runtime.on_heads, index))]
         model = runner.model
         model.compute_logits = partial(runtime.on_logits, model.compute_logits)
         runner._batch_mm_inputs_from_scheduler = partial(runtime.on_encoder_inputs, runner._batch_mm_inputs_from_scheduler)
-        runner.sampler.register_forward_hook(runtime.on_sampled)
-        self._seeright, self._seeright_layers = runtime, layers
+        handles.append(runner.sampler.register_forward_hook(runtime.on_sampled))
+        self._seeright, self._seeright_layers, self._seeright_handles = runtime, layers, handles
         return {"layers": len(layers), "heads": attn.num_heads * config.parallel_config.tensor_parallel_size}
+
+    def seeright_uninstall(self) -> None:
+        """Remove the hooks and wrappers (the runner's and model's own methods again); states kept are dropped."""
+        if getattr(self, "_seeright", None) is None:
+            return
+        runner = self.model_runner  # type: ignore[attr-defined]
+        for handle in self._seeright_handles:
+            handle.remove()
+        del runner.model.compute_logits  # the wrapper was set on the instance: the class's method again
+        del runner._batch_mm_inputs_from_scheduler
+        self._seeright = None
 
     def seeright_collect(self, key: str) -> bytes | None:
         """The states of a finished request (:meth:`WorkerRuntime.collect`)."""
