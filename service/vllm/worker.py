@@ -35,10 +35,9 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
 
 Step 0 is the forward that holds the request's whole prompt (the engine runs method requests without chunked
 prefill and without prefix-cache hits); step ``k`` the forward of its ``k``-th generated token (a continuation's
-prompt forward is step ``answered``). A forward that
-does not fit this (a preempted request recomputed in one forward, speculative tokens) cannot replay per-step
-edits: the request's states are marked failed and its output is refused by the engine client, never returned
-silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
+prompt forward is step ``answered``). A forward that does not fit this (a preempted request recomputed in one
+forward, speculative tokens) cannot replay per-step edits: the request's states are marked failed and its output
+is refused by the engine client, never returned silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
 than ``MAX_UNCLAIMED`` finished requests wait.
 """
 
