@@ -33,7 +33,7 @@ from seeright.interventions.lora import Lora
 from seeright.interventions.methods.base import HookPoint, RequestInputs, RowState
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.service.admission import image_counts, place_rows
-from seeright.service.decoding import RowDecoding, apply_penalties, sample
+from seeright.service.decoding import RowDecoding, candidate_seed, choose_token, stop_reason
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, streamed_token,
 )
@@ -213,7 +213,7 @@ class RunningBatch:
             for _ in range(1, guide.hooks.candidates(p))
         ]
         for i, member in enumerate([row, *row.candidates]):
-            member.generator = torch.Generator(device=self.engine.device).manual_seed(p.seed * 65536 + i)
+            member.generator = torch.Generator(device=self.engine.device).manual_seed(candidate_seed(p.seed, i))
 
     def join(self, rows: list[Row]) -> None:
         """Prefill prepared rows (and their contrast branches and candidates) together and add them to the batch."""
@@ -389,24 +389,13 @@ class RunningBatch:
             for mine, theirs in zip(member.states, kept.states):
                 mine.data, mine.diagnostics = deepcopy(theirs.data), deepcopy(theirs.diagnostics)
 
-    def _choose(self, row: Row, scores: torch.Tensor) -> int:
-        decoding = row.decoding
-        if decoding.penalized:
-            generated = torch.tensor(row.tokens, dtype=torch.long, device=scores.device)
-            seen = torch.cat([row.prompt.input_ids.to(scores.device), generated])
-            scores = apply_penalties(scores, generated, seen, decoding)
-        if not decoding.sampled:
-            return int(scores.argmax())
-        return int(sample(scores, decoding, row.generator))
+    @staticmethod
+    def _choose(row: Row, scores: torch.Tensor) -> int:
+        return choose_token(scores, row.decoding, row.prompt.input_ids, row.tokens, row.generator)
 
     def _stop_reason(self, row: Row, token: int) -> str | None:
-        if token in self.eos:
-            return "stop"
-        if row.decoding.stop and any(s in self.engine.decode_text(row.tokens) for s in row.decoding.stop):
-            return "stop"
-        if len(row.tokens) >= row.decoding.max_new_tokens:
-            return "length"
-        return None
+        """Why ``row`` stops after ``token``, the last of its tokens (:func:`stop_reason`)."""
+        return stop_reason(row.decoding, row.tokens, self.eos, self.engine.decode_text)
 
     def _drop(self, finished: list[Row]) -> None:
         """Remove finished rows and their cache rows; trim padding that no row needs any more."""

@@ -8,7 +8,7 @@ at their own ``max_new_tokens``, stop strings or cancellation; EOS is left to ``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +71,36 @@ def sample(scores: torch.Tensor, row: RowDecoding, generator: torch.Generator | 
     temperature = max(row.temperature, torch.finfo(torch.float32).tiny)  # a denormal is 0 in float32
     logits = top_p_filter((scores - scores.max()) / temperature, row.top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+def candidate_seed(seed: int, i: int) -> int:
+    """The seed of guided decoding's candidate ``i`` (the request's own row is candidate 0)."""
+    return seed * 65536 + i
+
+
+def choose_token(scores: torch.Tensor, row: RowDecoding, prompt: Sequence[int] | torch.Tensor, generated: Sequence[int],
+                 generator: torch.Generator | None) -> int:
+    """A row's next token from its step's raw ``scores`` ``[V]``: its penalties over the ``generated`` tokens (and,
+    for the repetition penalty, the ``prompt``'s too), then the argmax or a draw at its temperature and top-p."""
+    if row.penalized:
+        tokens = torch.tensor(list(generated), dtype=torch.long, device=scores.device)
+        seen = torch.cat([torch.as_tensor(prompt, dtype=torch.long).to(scores.device), tokens])
+        scores = apply_penalties(scores, tokens, seen, row)
+    if not row.sampled:
+        return int(scores.argmax())
+    return int(sample(scores, row, generator))
+
+
+def stop_reason(row: RowDecoding, tokens: Sequence[int], eos: Collection[int], decode: Callable[[list[int]], str]) -> str | None:
+    """Why a row stops after the last of its generated ``tokens``: ``"stop"`` (EOS, a stop string in the text),
+    ``"length"`` (its token budget), or None."""
+    if tokens[-1] in eos:
+        return "stop"
+    if row.stop and any(s in decode(list(tokens)) for s in row.stop):
+        return "stop"
+    if len(tokens) >= row.max_new_tokens:
+        return "length"
+    return None
 
 
 class RowSampler(LogitsProcessor):

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from seeright.interventions.lora import Lora
 from seeright.interventions.methods.base import HookPoint, Method, RowState
+from seeright.service.decoding import candidate_seed, stop_reason
 from seeright.service.engine import Engine
 from seeright.service.requests import GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of
 from seeright.service.vllm.sampling import CandidateSampler
@@ -54,9 +55,6 @@ class Output(Protocol):
     output: GenerationOutput | None
 
 
-SEED_STRIDE = 65536  # candidate i draws from seed * SEED_STRIDE + i, as on the transformers engine
-
-
 def guide_of(states: Sequence[RowState]) -> int | None:
     """The index of the request's guiding state (a method with candidates), or None."""
     return next((i for i, s in enumerate(states) if HookPoint.CANDIDATES in s.hooks.hook_points), None)
@@ -81,7 +79,7 @@ async def guided(client: Client, request: GenerationRequest, stream: Output, adm
     decoding = replace(decoding_of(request), temperature=p.temperature, top_p=p.top_p)
     base = client._prompt(admitted.turns, admitted.images)
     eos = set(client.spec.eos_token_ids())
-    samplers = [CandidateSampler(decoding, seed=p.seed * SEED_STRIDE + i, logprobs=request.logprobs,
+    samplers = [CandidateSampler(decoding, seed=candidate_seed(p.seed, i), logprobs=request.logprobs,
                                  top_logprobs=request.top_logprobs) for i in range(method.candidates(p))]
     prepared = time.perf_counter()
     answer: list[int] = []
@@ -98,7 +96,7 @@ async def guided(client: Client, request: GenerationRequest, stream: Output, adm
             answer.append(token.id)
             streamed.append(token)
             yield token
-            reason = _stop_reason(client, answer, token.id, decoding, eos)
+            reason = stop_reason(decoding, answer, eos, client.spec.decode_text)
             if reason is not None:
                 break
         if reason is None and len(chunk) < p.chunk_tokens:  # the release stops on a short chunk
@@ -135,14 +133,3 @@ async def _candidate(client: Client, base: dict[str, Any], answer: list[int], st
     if [t.id for t in drew.drawn] != tokens:
         raise EngineFailure("a guided-decoding candidate's tokens are not the ones its sampler drew")
     return drew, back
-
-
-def _stop_reason(client: Client, answer: list[int], token: int, decoding: Any, eos: set[int]) -> str | None:
-    """Why the answer stops after ``token`` (the transformers engine's batch rule), or None."""
-    if token in eos:
-        return "stop"
-    if decoding.stop and any(s in client.spec.decode_text(answer) for s in decoding.stop):
-        return "stop"
-    if len(answer) >= decoding.max_new_tokens:
-        return "length"
-    return None

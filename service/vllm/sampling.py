@@ -4,7 +4,7 @@ vLLM samples with generators and kernels of its own; a candidate of Lookback Len
 transformers engine's tokens (candidate ``i`` from ``seed * 65536 + i``, one draw per token, its generator carried
 across chunks). :class:`CandidateSampler` travels (signed) with the candidate's vLLM request: the worker hands it
 the request's raw logits at each step, it applies the request's penalties, temperature and top-p with the engine's
-own :func:`~seeright.service.decoding.apply_penalties` and :func:`~seeright.service.decoding.sample`, and the
+own :func:`~seeright.service.decoding.choose_token`, and the
 worker gives vLLM the token it drew. Its generator's state and the tokens it drew (with their log-probs, from the
 raw logits as the transformers engine reports them) go back to the client when the chunk ends.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seeright.service.decoding import RowDecoding, apply_penalties, sample
+from seeright.service.decoding import RowDecoding, choose_token
 from seeright.service.requests import StreamedToken, with_logprobs
 
 
@@ -35,13 +35,9 @@ class CandidateSampler:
     def draw(self, scores: torch.Tensor, prompt: list[int], answered: int) -> int:
         """The next token from the step's raw logits ``scores`` ``[V]``; ``prompt`` is the vLLM prompt's ids, whose
         last ``answered`` are the answer's earlier chunks (they count as generated tokens for the penalties)."""
-        decoding, chosen = self.decoding, scores
-        if decoding.penalized:
-            generated = torch.tensor([*prompt[len(prompt) - answered:], *(t.id for t in self.drawn)], dtype=torch.long,
-                                     device=scores.device)
-            seen = torch.cat([torch.tensor(prompt[: len(prompt) - answered], dtype=torch.long, device=scores.device), generated])
-            chosen = apply_penalties(scores, generated, seen, decoding)
-        token = int(sample(chosen, decoding, self._generator(scores.device))) if decoding.sampled else int(chosen.argmax())
+        split = len(prompt) - answered
+        token = choose_token(scores, self.decoding, prompt[:split], [*prompt[split:], *(t.id for t in self.drawn)],
+                             self._generator(scores.device) if self.decoding.sampled else None)
         self.drawn.append(with_logprobs(token, scores, self.top_logprobs) if self.logprobs else StreamedToken(token))
         return token
 
