@@ -20,6 +20,15 @@ class Settings(BaseSettings):
         "transformers", description="transformers: every method (the reference); vllm: vLLM's engine, the methods its worker hosts."
     )
     vllm_max_model_len: int | None = Field(None, ge=16, description="--engine vllm: context length; none: the model's.")
+    vllm_step_tokens: int | None = Field(
+        512, ge=16,
+        description=(
+            "--engine vllm: tokens one step runs, decoding rows' and newcomers' prompts together (vLLM's chunked "
+            "prefill): a plain prompt, or one whose methods start at the first decode step, is split across steps; "
+            "one whose methods act on the prompt runs whole, in a step of its own if it is longer than the budget "
+            "(docs/engines.md); none: chunked prefill off, every prompt whole."
+        ),
+    )
     vllm_tensor_parallel_size: int = Field(1, ge=1, description="--engine vllm: GPUs per model.")
     vllm_gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1,

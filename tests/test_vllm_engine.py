@@ -76,8 +76,10 @@ def hf(adapter) -> Engine:
 @pytest.fixture(scope="module")
 def served(adapter):
     """The app on the vLLM engine (its lifespan starts vLLM) serving one LoRA adapter; ``served.portal`` runs
-    coroutines on its loop."""
-    app = create_app(Settings(model=MODEL, engine="vllm", vllm_max_model_len=1024, max_batch_size=24,
+    coroutines on its loop. Its step budget (32 tokens) is below every prompt here (about 50 tokens with the
+    image): vLLM splits the plain prompts and those whose methods start at the first decode step (Lookback Lens,
+    CARVE, VE masking), and the scheduler gives each prompt that must run whole a step of its own."""
+    app = create_app(Settings(model=MODEL, engine="vllm", vllm_max_model_len=1024, max_batch_size=24, vllm_step_tokens=32,
                               adapters={"smol-lora": adapter}))
     with TestClient(app) as client:
         yield client
@@ -265,33 +267,38 @@ def test_the_shapes_testbed_on_vllm_scores_as_on_the_transformers_engine(served,
 
 
 class FakeRequest:
-    """What the pairing reads of a vLLM request."""
+    """What the scheduler reads of a vLLM request: plain, a method request (``whole``: its methods act on the
+    prompt, or not), or a pair's member."""
 
-    def __init__(self, request_id: str, pair: str | None = None, tokens: int = 100, images: int = 0):
+    def __init__(self, request_id: str, pair: str | None = None, tokens: int = 100, images: int = 0,
+                 whole: bool | None = None, computed: int = 0):
         from types import SimpleNamespace
 
-        self.request_id, self.num_tokens, self.num_computed_tokens, self.num_output_tokens = request_id, tokens, 0, 0
+        args = {"branch": pair} if pair else {"states": b"", "reads_prefill": whole} if whole is not None else None
+        self.request_id, self.num_tokens, self.num_computed_tokens, self.num_output_tokens = request_id, tokens, computed, 0
         self.num_encoder_inputs = images
-        self.sampling_params = SimpleNamespace(extra_args={"seeright": {"branch": pair}} if pair else None)
+        self.sampling_params = SimpleNamespace(extra_args={"seeright": args} if args else None)
 
     def get_num_encoder_embeds(self, i: int) -> int:
         return 64
 
 
-def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000):
-    """A PairHolding over a stand-in for vLLM's scheduler that admits the waiting queue's head while tokens last
-    (as vLLM's does with chunked prefill off: it stops at the first request that does not fit)."""
+def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000, capacity: int = 4096):
+    """The scheduler's mixin over a stand-in for vLLM's scheduler, whose ``schedule`` returns what vLLM would be
+    handed: the waiting queue's ids in order and the step's token budget. ``running`` rows decode."""
     from types import SimpleNamespace
 
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 
-    from seeright.service.vllm.pairing import PairHolding
+    from seeright.service.vllm.scheduling import WholePrompts
 
     class Base:
         def __init__(self):
-            self.waiting, self.running, self.queued, self.finished = FCFSRequestQueue(), [None] * running, [], []
-            self.max_num_active_reqs, self.max_num_scheduled_tokens, self.num_spec_tokens = 24, tokens, 0
+            self.waiting, self.queued, self.finished = FCFSRequestQueue(), [], []
+            self.running = [FakeRequest(f"r{i}", tokens=101, computed=100) for i in range(running)]
+            self.max_num_active_reqs, self.max_num_scheduled_tokens, self.num_spec_tokens = 64, tokens, 0
             self.max_num_encoder_input_tokens, self.block_size = 4096, 16
+            self.scheduler_config = SimpleNamespace(max_num_batched_tokens=capacity)
             self.kv_cache_manager = SimpleNamespace(block_pool=SimpleNamespace(get_num_free_blocks=lambda: blocks))
 
         def add_request(self, request):
@@ -302,13 +309,9 @@ def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000):
             return []
 
         def schedule(self):
-            budget, step = self.max_num_scheduled_tokens - len(self.running), []
-            while self.waiting and self.waiting.peek_request().num_tokens <= budget:
-                budget -= self.waiting.peek_request().num_tokens
-                step.append(self.waiting.pop_request().request_id)
-            return step
+            return [r.request_id for r in self.waiting], self.max_num_scheduled_tokens
 
-    class Scheduler(PairHolding, Base):
+    class Scheduler(WholePrompts, Base):
         pass
 
     return Scheduler()
@@ -316,34 +319,58 @@ def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000):
 
 def test_the_scheduler_starts_a_pair_in_one_step():
     """A member waits for its partner; a complete pair goes first when the step has room for both, and sits the
-    step out when it has not (vLLM would have admitted one and stopped before the other); an aborted member's
-    partner is dropped."""
+    step out when it has not (vLLM would have admitted one and split the other); an aborted member's partner is
+    dropped."""
     scheduler = fake_scheduler()
     scheduler.add_request(FakeRequest("main", "p"))
     scheduler.add_request(FakeRequest("plain"))
     assert [r.request_id for r in scheduler.waiting] == ["plain"]
     scheduler.add_request(FakeRequest("branch", "p"))
     assert [r.request_id for r in scheduler.waiting] == ["plain", "main", "branch"] and not scheduler.held
-    assert scheduler.schedule() == ["main", "branch", "plain"]
+    assert scheduler.schedule() == (["main", "branch", "plain"], 2048)
 
-    scheduler = fake_scheduler(running=50, tokens=300)  # 250 tokens left: the plain one and one member would fit
-    for request in (FakeRequest("plain", tokens=100), FakeRequest("main", "p", tokens=150), FakeRequest("branch", "p", tokens=150)):
-        scheduler.add_request(request)
-    assert scheduler.schedule() == ["plain"]
-    assert [r.request_id for r in scheduler.waiting] == ["main", "branch"]
-    scheduler.running = []
-    assert scheduler.schedule() == ["main", "branch"]
-
-    scheduler = fake_scheduler(blocks=12)  # two prompts of 100 tokens need 14 blocks of 16
-    scheduler.running = [None]
+    scheduler = fake_scheduler(running=1, blocks=12)  # two prompts of 100 tokens need 14 blocks of 16
     for request in (FakeRequest("main", "p"), FakeRequest("branch", "p")):
         scheduler.add_request(request)
-    assert scheduler.schedule() == [] and len(scheduler.waiting) == 2
+    assert scheduler.schedule() == ([], 2048) and len(scheduler.waiting) == 2
 
     scheduler = fake_scheduler()
     scheduler.add_request(FakeRequest("lonely", "q"))
     scheduler.finish_requests("lonely", None)
     assert not scheduler.held and scheduler.finished == [{"lonely"}]
+
+
+def test_the_step_budget_splits_plain_prompts_and_keeps_method_prompts_whole():
+    """Under a step budget, a prompt that must run whole goes first when it fits what the step has left, sits the
+    step out with everyone behind it when it does not, and, when it could never fit beside the decoding rows, goes
+    alone in a step whose budget is raised to hold it (once no running prompt is being split); plain prompts and
+    method prompts read only from the first decode step on are left to vLLM's chunking."""
+    scheduler = fake_scheduler(running=50, tokens=300)  # 250 tokens left beside 50 decoding rows
+    for request in (FakeRequest("plain", tokens=400), FakeRequest("var", tokens=200, whole=True),
+                    FakeRequest("lookback", tokens=400, whole=False)):
+        scheduler.add_request(request)
+    assert scheduler.schedule() == (["var", "plain", "lookback"], 300)
+
+    scheduler = fake_scheduler(running=50, tokens=300)
+    for request in (FakeRequest("main", "p", tokens=150), FakeRequest("branch", "p", tokens=150), FakeRequest("plain")):
+        scheduler.add_request(request)
+    assert scheduler.schedule() == (["main", "branch"], 350)  # 300 prompt tokens never fit beside 50 rows: alone
+    assert "plain" in [r.request_id for r in scheduler.waiting] and scheduler.max_num_scheduled_tokens == 300
+
+    scheduler = fake_scheduler(running=1, tokens=300)
+    scheduler.running.append(FakeRequest("splitting", tokens=900, computed=300))  # a plain prompt being split
+    for request in (FakeRequest("vhr", tokens=100, whole=True), FakeRequest("later")):
+        scheduler.add_request(request)
+    assert scheduler.schedule() == ([], 300)  # no room: it sits the step out, and the plain one behind it too
+    assert [r.request_id for r in scheduler.waiting] == ["vhr", "later"]
+    scheduler.running.pop()
+    assert scheduler.schedule() == (["vhr", "later"], 300)
+
+    scheduler = fake_scheduler(running=1, tokens=300, capacity=350)
+    scheduler.add_request(FakeRequest("huge", tokens=400, whole=True))  # more than vLLM's capacity beside a row
+    assert scheduler.schedule() == ([], 300)
+    scheduler.running = []
+    assert scheduler.schedule() == (["huge"], 350)  # alone, it goes regardless (vLLM then refuses or the worker fails it)
 
 
 def test_states_with_a_bad_signature_are_not_unpickled(served, image):

@@ -13,7 +13,9 @@
   were refused (a full queue, a 503 over HTTP) or failed.
 
 Every measurement runs once per ``--step-budget`` (by default 0, off: whole admissions between two decode
-steps, and the server's default), on one engine, so before and after come from one run.
+steps, and the server's default), on one engine, so before and after come from one run. With ``--engine vllm`` the
+same measurements run on the vLLM engine client (``service/vllm``), once per ``--step-tokens`` (vLLM's per-step token
+budget, ``vllm_step_tokens``; 0: chunked prefill off), each on a vLLM engine started with it.
 """
 
 from __future__ import annotations
@@ -49,13 +51,19 @@ def _image(seed: int) -> Image.Image:
     return Image.new("RGB", (64, 48), ((seed * 53) % 255, 120, 200))
 
 
-async def _send(scheduler: Scheduler, request: GenerationRequest) -> Timeline:
-    loop = asyncio.get_running_loop()
+async def _send(target: Any, request: GenerationRequest) -> Timeline:
+    """Send ``request`` to the transformers engine's :class:`Scheduler` or to an engine client (the vLLM engine's
+    ``stream``) and record when its tokens came."""
     timeline = Timeline(time.perf_counter())
-    job = Job(request, loop, loop.create_future(), lambda token: timeline.tokens.append(time.perf_counter()))
     try:
-        scheduler.submit(job)
-        await job.future
+        if isinstance(target, Scheduler):
+            loop = asyncio.get_running_loop()
+            job = Job(request, loop, loop.create_future(), lambda token: timeline.tokens.append(time.perf_counter()))
+            target.submit(job)
+            await job.future
+        else:
+            async for _ in target.stream(request):
+                timeline.tokens.append(time.perf_counter())
     except QueueFull:
         timeline.status = "refused"
     except Exception:  # noqa: BLE001 - counted, the load goes on
@@ -131,26 +139,50 @@ async def open_loop(scheduler: Scheduler, rate: float, requests: int, methods: l
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every measurement once per ``--step-budget`` (0: off, whole admissions between decode steps), on one engine."""
+    """Every measurement once per ``--step-budget`` (0: off, whole admissions between decode steps), on one engine;
+    with ``--engine vllm``, once per ``--step-tokens`` on a vLLM engine started with it."""
+    if getattr(args, "engine", "transformers") == "vllm":
+        return _run_vllm(args)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     methods = args.methods if args.methods is not None else engine.runnable(engine.methods.mixed_traffic())
+    joiners = args.joiners or engine.runnable()
     runs = []
     for budget in args.step_budget:
         scheduler = Scheduler(engine, max_batch_size=args.max_batch_size, batch_wait_s=0.005, queue_size=args.queue_size,
                               step_budget=StepBudget(budget) if budget else None)
         scheduler.start()
         try:
-            runs.append({"step_budget": budget or None, **asyncio.run(_measure(scheduler, engine, methods, args))})
+            runs.append({"step_budget": budget or None, **asyncio.run(_measure(scheduler, methods, joiners, args))})
         finally:
             scheduler.stop()
     return {"model": args.model, "max_batch_size": args.max_batch_size, "runs": runs}
 
 
-async def _measure(scheduler: Scheduler, engine: Engine, methods: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def _run_vllm(args: argparse.Namespace) -> dict[str, Any]:
+    from seeright.service.settings import Settings
+    from seeright.service.vllm.engine import VllmEngineClient, not_hosted
+
+    async def measure(tokens: int) -> dict[str, Any]:
+        settings = Settings(model=args.model, engine="vllm", max_batch_size=args.max_batch_size, queue_size=args.queue_size,
+                            vllm_step_tokens=tokens or None)
+        client = VllmEngineClient.from_settings(settings)
+        await client.start()
+        try:
+            hosted = [n for n in client.methods if not_hosted(client.methods[n], tower=client.tower) is None]
+            methods = args.methods if args.methods is not None else [m for m in client.methods.mixed_traffic() if m in hosted]
+            return {"step_tokens": tokens or None, **await _measure(client, methods, args.joiners or hosted, args)}
+        finally:
+            await client.stop()
+
+    runs = [asyncio.run(measure(tokens)) for tokens in args.step_tokens]
+    return {"model": args.model, "engine": "vllm", "max_batch_size": args.max_batch_size, "runs": runs}
+
+
+async def _measure(scheduler: Any, methods: list[str], joiners: list[str], args: argparse.Namespace) -> dict[str, Any]:
     await _send(scheduler, _request("short", 2, 0))  # warm-up
     result = {"short_behind_long": await short_behind_long(scheduler, args.short_tokens, args.long_tokens, args.delay, args.reps)}
     if args.joiners is not None:
-        names = [None, *(args.joiners or engine.runnable())]
+        names = [None, *joiners]
         result["joiners"] = [
             await joiner(scheduler, name, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay, i)
             for i, name in enumerate(names)
@@ -160,23 +192,29 @@ async def _measure(scheduler: Scheduler, engine: Engine, methods: list[str], arg
     return result
 
 
-def _budget(value: float | None) -> str:
-    return "off" if not value else f"{value:g}"
+def _budget(run: dict[str, Any]) -> str:
+    if "step_tokens" in run:  # the vLLM engine's budget, in tokens per step
+        return "off" if not run["step_tokens"] else f"{run['step_tokens']} tokens"
+    return "off" if not run["step_budget"] else f"{run['step_budget']:g}"
 
 
 def table(result: dict[str, Any]) -> str:
     """The serving benchmark as Markdown, each measurement side by side for every step budget of the run."""
     runs = result.get("runs") or [{**result, "step_budget": None}]  # records from before step budgets: one run, off
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    head = (f"model {result['model']}, batch of {result['max_batch_size']}; step budget: newcomer work per decode step, "
-            "x the decode step's time (off: whole admissions between two decode steps)")
+    if result.get("engine") == "vllm":
+        head = (f"model {result['model']} on the vLLM engine, batch of {result['max_batch_size']}; step budget: tokens one "
+                "step runs, decoding rows and newcomers' prompts together (off: vLLM's chunked prefill off, whole prompts)")
+    else:
+        head = (f"model {result['model']}, batch of {result['max_batch_size']}; step budget: newcomer work per decode "
+                "step, x the decode step's time (off: whole admissions between two decode steps)")
     rows = [head, ""]
     for run in runs:
         s = run["short_behind_long"]
-        rows.append(f"* step budget {_budget(run['step_budget'])}: a short request sent while a long one decodes: "
+        rows.append(f"* step budget {_budget(run)}: a short request sent while a long one decodes: "
                     f"{s['short_behind_long_s']:.2f} s against {s['short_alone_s']:.2f} s alone ({s['ratio']:.2f}x)")
     if any(run.get("joiners") for run in runs):
-        heads = [f"step budget {_budget(run['step_budget'])}" for run in runs if run.get("joiners")]
+        heads = [f"step budget {_budget(run)}" for run in runs if run.get("joiners")]
         rows += ["", "A running stream while one request joins: its longest gap (x its median gap), its median gap while the "
                  "joiner decodes beside it (the grown batch's step), and the joiner's own time:", "",
                  "| the request that joins | " + " | ".join(f"{h}: longest gap | beside | joiner's time" for h in heads) + " |",
@@ -192,10 +230,10 @@ def table(result: dict[str, Any]) -> str:
     if any(run.get("open_loop") for run in runs):
         rows += ["", "| arrivals/s | step budget | refused | failed | TTFT p50 / p90 / p99 (s) | per token p50 / p90 / p99 (s) | tokens/s |",
                  "|---|---|---|---|---|---|---|"]
-        loops = [(run["step_budget"], r) for run in runs for r in run.get("open_loop", [])]
-        for budget, r in sorted(loops, key=lambda x: x[1]["rate_per_s"]):
+        loops = [(run, r) for run in runs for r in run.get("open_loop", [])]
+        for run, r in sorted(loops, key=lambda x: x[1]["rate_per_s"]):
             ttft, tok = r["ttft_s"], r["per_token_s"]
-            rows.append(f"| {r['rate_per_s']:g} | {_budget(budget)} | {r['refused']} | {r['failed']} | "
+            rows.append(f"| {r['rate_per_s']:g} | {_budget(run)} | {r['refused']} | {r['failed']} | "
                         f"{fmt(ttft['p50'])} / {fmt(ttft['p90'])} / {fmt(ttft['p99'])} | "
                         f"{fmt(tok['p50'])} / {fmt(tok['p90'])} / {fmt(tok['p99'])} | {r['tokens_per_s']:.1f} |")
     return "\n".join(rows)
@@ -212,6 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-budget", type=float, nargs="+", default=[0.0, StepBudget().ratio],
                         help="scheduler step budgets to measure side by side (newcomer work per decode step, x the decode "
                              "step's time; 0: off)")
+    parser.add_argument("--step-tokens", type=int, nargs="+", default=[0, 512],
+                        help="--engine vllm: per-step token budgets to measure side by side, each on a vLLM engine of "
+                             "its own (0: chunked prefill off)")
     parser.add_argument("--methods", nargs="*", help="methods of the open-loop mix (default: the registry's mixed loads)")
     parser.add_argument("--joiners", nargs="*", metavar="METHOD",
                         help="measure a plain stream's longest gap while a request joins: plain, then with each METHOD "

@@ -45,7 +45,7 @@ from seeright.service.settings import Settings
 from seeright.service.vllm.candidates import guide_of, guide_refusal, guided
 from seeright.service.vllm.passes import VllmPasses
 from seeright.service.vllm.transport import EngineFailure, pack_states, unpack_states
-from seeright.service.vllm.worker import EXTRA_ARGS_KEY
+from seeright.service.vllm.worker import EXTRA_ARGS_KEY, reads_prefill
 
 WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN, HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
 # run by the engine client: contrasts (a branch request and the worker's logits wrapper), vision masks (the client's
@@ -82,22 +82,28 @@ def vllm_folder(model_id: str) -> str:
     return str(folder)
 
 
-def engine_args(settings: Settings) -> Any:
-    """vLLM's engine arguments: eager (the hooks run in Python), prompts never split across steps (step 0 of a
-    request with methods is its whole prompt), our worker extension, a scheduler that starts a request and its
-    contrast branch in the same step."""
+def engine_args(settings: Settings, longest_prompt: int | None = None) -> Any:
+    """vLLM's engine arguments: eager (the hooks run in Python), our worker extension, our scheduler (requests that
+    must be prefilled whole start whole, a request and its contrast branch in the same step) and, with
+    ``vllm_step_tokens``, chunked prefill under that per-step token budget; vLLM's own batch capacity
+    (``max_num_batched_tokens``) stays large enough for ``longest_prompt`` beside a full batch of decoding rows, so a
+    prompt that must run whole always can."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     max_len = settings.vllm_max_model_len
+    longest = max(max_len or 0, longest_prompt or 0)
+    capacity = max(longest + settings.max_batch_size, settings.vllm_step_tokens or 0, 2048) if longest else None
+    step = settings.vllm_step_tokens
     return AsyncEngineArgs(
         model=vllm_folder(settings.model), served_model_name=[settings.name], dtype=settings.dtype,
-        max_model_len=max_len, max_num_batched_tokens=max(max_len or 0, 2048) if max_len else None,
-        max_num_seqs=settings.max_batch_size, enforce_eager=True, enable_chunked_prefill=False,
+        max_model_len=max_len, max_num_batched_tokens=capacity, max_num_seqs=settings.max_batch_size,
+        enable_chunked_prefill=step is not None, max_num_scheduled_tokens=step if step is not None else None,
+        enforce_eager=True,
         enable_mm_embeds=True,  # image embeddings from the client's tower, for methods that mask it
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.25),
         worker_extension_cls="seeright.service.vllm.worker.HookPoints", disable_log_stats=True,
-        scheduler_cls="seeright.service.vllm.pairing.paired_scheduler",
+        scheduler_cls="seeright.service.vllm.scheduling.seeright_scheduler",
         **lora_args(settings),
     )
 
@@ -210,7 +216,7 @@ class VllmEngineClient:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         worker_in_engine_core(self.settings)
-        self.llm = AsyncLLM.from_engine_args(engine_args(self.settings))
+        self.llm = AsyncLLM.from_engine_args(engine_args(self.settings, self.max_prompt_tokens))
         if install:
             await self.install()
 
@@ -325,7 +331,8 @@ class VllmEngineClient:
         never shares prefix-cache blocks with requests computed under other edits (nor reads cached ones)."""
         key = uuid.uuid4().hex
         prompt["cache_salt"] = key
-        return key, {"key": key, "states": pack_states(states, self._key)}
+        return key, {"key": key, "states": pack_states(states, self._key),
+                     "reads_prefill": reads_prefill(states, range(self.spec.info.num_layers))}
 
     async def _collect(self, key: str, sent: Sequence[RowState]) -> tuple[list[RowState], dict[str, Any]]:
         """The request's states as the worker's hooks left them, with the request inputs of the ``sent`` states

@@ -19,7 +19,7 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   the prefill on), so the explicit attention never reads a backend's paged cache layout.
 * HEADS: a pre-hook on each ``o_proj`` hands the heads' outputs to ``edit_heads``.
 * LOGITS: a request with a contrast branch is two vLLM requests (the branch carries only ``{"branch": key}``,
-  runs unedited, and is queued in the same step by :mod:`seeright.service.vllm.pairing`). Where the method edits
+  runs unedited, and is queued in the same step by :mod:`seeright.service.vllm.scheduling`). Where the method edits
   the branch's pixels (``branch_from_pixels``), the branch also carries its signed state, and a wrapper of the
   runner's gathering of encoder inputs hands the method the branch's pixel tensors (every image of the branch,
   stacked or concatenated as the model takes them) before vLLM's vision tower runs. A wrapper of the model's
@@ -33,11 +33,15 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   ``answered`` tokens of the answer) is read at its prompt forward's last position only, as the decode step of
   that token.
 
-Step 0 is the forward that holds the request's whole prompt (the engine runs method requests without chunked
-prefill and without prefix-cache hits); step ``k`` the forward of its ``k``-th generated token (a continuation's
-prompt forward is step ``answered``). A forward that does not fit this (a preempted request recomputed in one
-forward, speculative tokens) cannot replay per-step edits: the request's states are marked failed and its output
-is refused by the engine client, never returned silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
+Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
+forward is step ``answered``). A request whose methods act on its prompt (:func:`whole_prompt`: a hook wants the
+prefill, a contrast branch, a guided-decoding candidate) is prefilled in one forward (the engine's scheduler,
+:mod:`seeright.service.vllm.scheduling`, never splits it); the others may be prefilled in chunks across steps, as
+vLLM's chunked prefill splits plain prompts: their hooks read nothing before the first decode step, and their
+keys and values are kept chunk by chunk. No method request reads a prefix-cache hit. A forward that does not fit
+this (a preempted request recomputed in one forward, a split prompt that had to be whole, speculative tokens)
+cannot replay per-step edits: the request's states are marked failed and its output is refused by the engine
+client, never returned silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
 than ``MAX_UNCLAIMED`` finished requests wait.
 """
 
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -71,6 +75,8 @@ class Tracked:
     prompt_len: int
     keeps_kv: bool
     answered: int = 0  # a guided-decoding continuation: the answer's tokens at the end of its prompt
+    chunked: bool = False  # its prompt may be prefilled in chunks (no hook reads the prefill)
+    prefilled: int = 0  # prompt tokens run so far
     sampler: CandidateSampler | None = None  # a guided-decoding candidate draws its own tokens
     branch: str | None = None  # the key its contrast branch carries
     contrast: RowState | None = None  # the state whose method contrasts its logits with its branch's
@@ -116,6 +122,7 @@ class WorkerRuntime:
     head_dim: int
     scaling: float
     first_layer: int
+    layers: tuple[int, ...] = ()  # the hooked decoder layers
     tracked: dict[str, Tracked] = field(default_factory=dict)
     finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
     rows: list[Slice] = field(default_factory=list)
@@ -182,7 +189,8 @@ class WorkerRuntime:
             return Tracked(ForwardContext([[]]), request_id, prompt_len, keeps_kv=False, error=str(exc))
         answered = int(args.get("answered", 0))
         tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states),
-                          answered=answered, sampler=sampler, branch=args.get("branch"),
+                          answered=answered, chunked=not whole_prompt(args) and not reads_prefill(states, self.layers),
+                          sampler=sampler, branch=args.get("branch"),
                           contrast=next((s for s in states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None))
         if (tracked.branch is None) != (tracked.contrast is None):
             tracked.error = "a contrast method without its branch, or a branch without a contrast method"
@@ -197,10 +205,14 @@ class WorkerRuntime:
     def _step(row: Slice) -> str | None:
         """Set the request's step for this forward, or say why this forward cannot be replayed exactly. A
         continuation's prompt forward is the step of its last token (``answered``: the transformers engine decodes
-        it as one step); the forwards after it, the steps after that."""
+        it as one step); the forwards after it, the steps after that. A chunked prefill's forwards are all step 0."""
         tracked, length = row.tracked, row.end - row.start
         if tracked.context.step == -1 and row.first_position == 0 and length == tracked.prompt_len:
-            tracked.context.step = tracked.answered
+            tracked.context.step, tracked.prefilled = tracked.answered, length
+            return None
+        if (tracked.chunked and tracked.context.step in (-1, 0) and row.first_position == tracked.prefilled
+                and tracked.prefilled + length <= tracked.prompt_len):
+            tracked.context.step, tracked.prefilled = 0, tracked.prefilled + length
             return None
         step = row.first_position - tracked.prompt_len + 1 + tracked.answered
         if length == 1 and step == tracked.context.step + 1 and step > 0:
@@ -383,6 +395,24 @@ def seeright_args(params: Any) -> dict[str, Any] | None:
     return ((params.extra_args if params is not None else None) or {}).get(EXTRA_ARGS_KEY)
 
 
+def whole_prompt(args: dict[str, Any] | None) -> bool:
+    """Whether a request with these seeright arguments must be prefilled in one forward: its methods read or edit
+    the prefill (``reads_prefill``, set by the engine client from the hooks), it is half of a contrast pair (both
+    prefill in one step, then decode in lockstep) or a guided-decoding candidate (its sampler draws at every step
+    that samples). Plain requests and those whose methods start at the first decode step may be chunked."""
+    if not args:
+        return False
+    return bool(args.get("reads_prefill", True) or "branch" in args or "sampler" in args or args.get("answered"))
+
+
+def reads_prefill(states: Sequence[RowState], layers: Iterable[int]) -> bool:
+    """Whether any of the states' hooks reads or edits the prefill in one of ``layers`` (the residual stream, the
+    heads' outputs or the attention); the language model's hook points only: the vision tower's and the logits'
+    act on whole images and on sampled steps."""
+    return any(s.hooks.wants("hidden", s, layer, 0) or s.hooks.wants("heads", s, layer, 0)
+               or s.hooks.probs_from(s, layer, 0) is not None for s in states for layer in layers)
+
+
 def _edited_pixels(items: list[Any], state: RowState) -> list[Any]:
     """vLLM's multi-modal items of one request with ``pixel_values`` edited by ``state``'s method, the request's
     images joined as the transformers engine's processor joins them (stacked, or concatenated for flat fields)."""
@@ -422,7 +452,7 @@ class HookPoints:
         attn = layers[min(layers)].self_attn.attn
         runtime = WorkerRuntime(
             runner, key, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_size,
-            scaling=float(attn.impl.scale), first_layer=min(layers),
+            scaling=float(attn.impl.scale), first_layer=min(layers), layers=tuple(sorted(layers)),
         )
         handles = []
         for index, layer in layers.items():

@@ -1,0 +1,200 @@
+"""vLLM's scheduler with a per-step token budget, prompts that must run whole kept whole, pairs started together.
+
+With ``vllm_step_tokens`` set, vLLM's chunked prefill is on and each step runs at most that many tokens (the
+scheduler's ``max_num_scheduled_tokens``; vLLM's ``max_num_batched_tokens`` stays large enough for the longest
+prompt, so that the runner's buffers can hold one whole): the running rows' decode tokens plus newcomers' prompt
+tokens. vLLM splits plain prompts across steps by itself. A request whose methods act on its prompt must be
+prefilled in one forward (:func:`~seeright.service.vllm.worker.whole_prompt`), and a request with a contrast
+branch (:attr:`~seeright.interventions.methods.base.HookPoint.LOGITS`) is two vLLM requests that must be prefilled
+in the same step and then decode in lockstep (both carry the branch's key,
+``SamplingParams.extra_args["seeright"]["branch"]``). :class:`WholePrompts`:
+
+* keeps a pair's member aside until its partner arrives (the front end sends them one after the other and the
+  engine core may run a step in between), then queues them together;
+* before each step, takes each group that must run whole (a pair, or one request) whose members all wait
+  unstarted, in queue order: a group whose prompts fit what the step has left (request slots, token budget,
+  encoder budget, free KV blocks, after the running requests' tokens) goes to the front of the waiting queue; a
+  group that could never fit the budget beside the decoding rows goes first in a step whose budget is raised to
+  hold it, once no running prompt is still being split (the running streams then wait for that one prefill,
+  as they would without a budget); any other group sits the step out, and under first-come-first-served so do the
+  requests queued behind it (no one overtakes it, so a stream of plain prompts cannot starve it);
+* drops held members when one of them is aborted.
+
+The room is counted conservatively (no prefix-cache hit assumed). Under vLLM's priority policy the waiting queue is
+a heap: a group is ordered by its priority rather than put first, and only the group sits a step out.
+
+``engine_args`` names :func:`seeright_scheduler` as vLLM's ``scheduler_cls``; it builds the async or the plain
+scheduler, whichever vLLM's configuration chose.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from seeright.service.vllm.worker import seeright_args, whole_prompt
+
+PAIR_SIZE = 2  # a request and its contrast branch
+
+
+def pair_of(request: Request) -> str | None:
+    """The key of the pair ``request`` belongs to (the branch's key, which both members carry), or None."""
+    branch = (seeright_args(request.sampling_params) or {}).get("branch")
+    return None if branch is None else str(branch)
+
+
+def whole_group(request: Request) -> str | None:
+    """The key of the group ``request`` must start whole with (its pair's, or its own id), or None if vLLM may
+    split its prompt."""
+    args = seeright_args(request.sampling_params)
+    return (pair_of(request) or request.request_id) if whole_prompt(args) else None
+
+
+@dataclass
+class Room:
+    """What one step has left for new requests once the running ones decode."""
+
+    slots: int
+    tokens: int
+    encoder_tokens: int
+    blocks: int
+    block_size: int
+
+    def take(self, members: list[Request]) -> bool:
+        """Reserve room for all of ``members``' prompts; False (nothing reserved) if they do not all fit."""
+        tokens = sum(r.num_tokens for r in members)
+        encoder = sum(r.get_num_encoder_embeds(i) for r in members for i in range(r.num_encoder_inputs))
+        blocks = sum(math.ceil((r.num_tokens + 1) / self.block_size) for r in members)
+        if len(members) > self.slots or tokens > self.tokens or encoder > self.encoder_tokens or blocks > self.blocks:
+            return False
+        self.slots, self.tokens = self.slots - len(members), self.tokens - tokens
+        self.encoder_tokens, self.blocks = self.encoder_tokens - encoder, self.blocks - blocks
+        return True
+
+
+class WholePrompts:
+    """Mixed into a vLLM scheduler: groups that must run whole start whole, pairs together (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: dict[str, list[Request]] = {}
+
+    def add_request(self, request: Request) -> None:
+        pair = pair_of(request)
+        if pair is None:
+            super().add_request(request)  # type: ignore[misc]
+            return
+        members = self.held.setdefault(pair, [])
+        members.append(request)
+        if len(members) >= PAIR_SIZE:
+            for member in self.held.pop(pair):
+                super().add_request(member)  # type: ignore[misc]
+
+    def finish_requests(self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus) -> list[Request]:
+        if request_ids is None:
+            self.held.clear()
+        else:
+            ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+            for pair, members in list(self.held.items()):
+                if any(m.request_id in ids for m in members):
+                    del self.held[pair]
+            request_ids = ids
+        return super().finish_requests(request_ids, finished_status)  # type: ignore[misc]
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        s: Any = self
+        budget = s.max_num_scheduled_tokens
+        held_back, raised = self._line_up()
+        s.max_num_scheduled_tokens = raised or budget
+        try:
+            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            s.max_num_scheduled_tokens = budget
+            self._prepend(held_back)
+
+    def _line_up(self) -> tuple[list[Request], int | None]:
+        """Put the waiting groups that fit this step first in the queue and take out those that sit it out (and,
+        first come first served, whatever waits behind them); the requests taken out, in queue order, and this
+        step's raised token budget, if a group too large for the budget goes now."""
+        s: Any = self
+        order = list(s.waiting)
+        groups: dict[str, list[Request]] = {}
+        for request in order:
+            key = whole_group(request)
+            if key is not None and request.num_computed_tokens == 0 and request.num_output_tokens == 0:
+                groups.setdefault(key, []).append(request)
+        complete = [members for members in groups.values() if len(members) == (PAIR_SIZE if pair_of(members[0]) else 1)]
+        if not complete:
+            return [], None
+        s.waiting.remove_requests([r for members in complete for r in members])
+        budget, per_decode = s.max_num_scheduled_tokens, 1 + s.num_spec_tokens
+        demand = sum(max(per_decode, min(r.num_tokens - r.num_computed_tokens, budget)) for r in s.running)
+        decoding = per_decode * len(s.running)
+        room = Room(slots=s.max_num_active_reqs - len(s.running), tokens=budget - demand,
+                    encoder_tokens=s.max_num_encoder_input_tokens,
+                    blocks=s.kv_cache_manager.block_pool.get_num_free_blocks() - len(s.running), block_size=s.block_size)
+        admitted: list[Request] = []
+        deferred: list[Request] = []
+        raised = None
+        for members in complete:
+            if deferred and self._first_come():
+                deferred.extend(members)
+                continue
+            if room.take(members):
+                admitted.extend(members)
+                continue
+            tokens = sum(r.num_tokens for r in members)
+            if not admitted and demand == decoding and tokens > budget - decoding:  # it never fits the budget: it goes alone
+                raised = min(s.scheduler_config.max_num_batched_tokens, demand + tokens)
+                room.tokens = raised - demand
+                if room.take(members) or not s.running:  # with nothing running it goes regardless (never fits)
+                    admitted.extend(members)
+                    break
+                raised = None
+            deferred.extend(members)
+        taken = {id(r) for r in admitted}
+        grouped = {id(r) for members in complete for r in members}
+        if raised is not None:  # nothing else starts in that step
+            rest = [r for r in order if id(r) not in taken]
+            s.waiting.remove_requests([r for r in rest if id(r) not in grouped])
+            self._prepend(admitted)
+            return rest, raised
+        self._prepend(admitted)
+        if deferred and self._first_come():  # no one overtakes a group that sits out
+            first = min(order.index(r) for r in deferred)
+            behind = [r for r in order[first:] if id(r) not in taken]
+            s.waiting.remove_requests([r for r in behind if id(r) not in grouped])
+            return behind, raised
+        held = {id(r) for r in deferred}
+        return [r for r in order if id(r) in held], raised
+
+    def _first_come(self) -> bool:
+        return isinstance(self.waiting, deque)  # type: ignore[attr-defined]
+
+    def _prepend(self, requests: list[Request]) -> None:
+        """Put ``requests`` at the front of the waiting queue, in their order (a priority queue orders them itself)."""
+        if requests:
+            waiting: Any = self.waiting  # type: ignore[attr-defined]
+            waiting.prepend_requests(reversed(requests) if isinstance(waiting, deque) else requests)
+
+
+class SeerightScheduler(WholePrompts, Scheduler):
+    """vLLM's scheduler with whole prompts and pairs (:class:`WholePrompts`)."""
+
+
+class SeerightAsyncScheduler(WholePrompts, AsyncScheduler):
+    """vLLM's async scheduler with whole prompts and pairs (:class:`WholePrompts`)."""
+
+
+def seeright_scheduler(*args: Any, **kwargs: Any) -> Scheduler:
+    """The scheduler vLLM's configuration chose (async or not), with whole prompts and pairs."""
+    config = kwargs.get("vllm_config", args[0] if args else None)
+    cls = SeerightAsyncScheduler if config.scheduler_config.async_scheduling else SeerightScheduler
+    return cls(*args, **kwargs)
