@@ -48,7 +48,9 @@ class Timeline:
 
 
 def _image(seed: int) -> Image.Image:
-    return Image.new("RGB", (64, 48), ((seed * 53) % 255, 120, 200))
+    """A plain image of its own for each seed below 65536 (no two requests share an image: the vLLM engine's
+    prefix cache would answer a repeated one without its prefill and image encoding)."""
+    return Image.new("RGB", (64, 48), (seed % 256, seed // 256 % 256, 200))
 
 
 async def _send(target: Any, request: GenerationRequest) -> Timeline:
@@ -79,11 +81,11 @@ def _request(kind: str, tokens: int, seed: int, interventions: dict | None = Non
 async def short_behind_long(scheduler: Scheduler, short_tokens: int, long_tokens: int, delay: float, reps: int) -> dict[str, Any]:
     alone, behind = [], []
     for rep in range(reps):
-        t = await _send(scheduler, _request("short", short_tokens, rep))
+        t = await _send(scheduler, _request("short", short_tokens, 1000 + rep))
         alone.append(t.done - t.sent)
         long_task = asyncio.ensure_future(_send(scheduler, _request("long", long_tokens, 100 + rep)))
         await asyncio.sleep(delay)
-        t = await _send(scheduler, _request("short", short_tokens, rep))
+        t = await _send(scheduler, _request("short", short_tokens, 1100 + rep))
         behind.append(t.done - t.sent)
         await long_task
     a, b = statistics.median(alone), statistics.median(behind)
@@ -96,7 +98,7 @@ async def joiner(
     """One plain stream, one request joining it after ``delay`` (plain, or with ``method`` at its defaults)."""
     running = asyncio.ensure_future(_send(scheduler, _request("long", stream_tokens, 200 + seed)))
     await asyncio.sleep(delay)
-    joined = await _send(scheduler, _request("short", join_tokens, seed, {method: {}} if method else None))
+    joined = await _send(scheduler, _request("short", join_tokens, 300 + seed, {method: {}} if method else None))
     stream = await running
     pairs = list(zip(stream.tokens, stream.tokens[1:]))
     gaps = [b - a for a, b in pairs]
@@ -179,7 +181,7 @@ def _run_vllm(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _measure(scheduler: Any, methods: list[str], joiners: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    await _send(scheduler, _request("short", 2, 0))  # warm-up
+    await _send(scheduler, _request("short", 2, 999))  # warm-up
     result = {"short_behind_long": await short_behind_long(scheduler, args.short_tokens, args.long_tokens, args.delay, args.reps)}
     if args.joiners is not None:
         names = [None, *joiners]
