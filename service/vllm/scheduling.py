@@ -152,12 +152,12 @@ class WholePrompts:
                 continue
             tokens = sum(r.num_tokens for r in members)
             if not admitted and demand == decoding and tokens > budget - decoding:  # it never fits the budget: it goes alone
-                raised = min(s.scheduler_config.max_num_batched_tokens, demand + tokens)
+                raised, left = min(s.scheduler_config.max_num_batched_tokens, demand + tokens), room.tokens
                 room.tokens = raised - demand
                 if room.take(members) or not s.running:  # with nothing running it goes regardless (never fits)
                     admitted.extend(members)
                     break
-                raised = None
+                raised, room.tokens = None, left
             deferred.extend(members)
         taken = {id(r) for r in admitted}
         grouped = {id(r) for members in complete for r in members}
