@@ -97,7 +97,7 @@ def engine_args(settings: Settings, longest_prompt: int | None = None) -> Any:
     return AsyncEngineArgs(
         model=vllm_folder(settings.model), served_model_name=[settings.name], dtype=settings.dtype,
         max_model_len=max_len, max_num_batched_tokens=capacity, max_num_seqs=settings.max_batch_size,
-        enable_chunked_prefill=step is not None, max_num_scheduled_tokens=step if step is not None else None,
+        enable_chunked_prefill=step is not None, max_num_scheduled_tokens=step,
         enforce_eager=True,
         enable_mm_embeds=True,  # image embeddings from the client's tower, for methods that mask it
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
