@@ -26,7 +26,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from seeright.interventions.adapters import EncodedPrompt, ModelAdapter
 from seeright.interventions.lora import Lora
@@ -34,6 +33,7 @@ from seeright.interventions.methods.base import HookPoint, RequestInputs, RowSta
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.service.admission import image_counts, place_rows
 from seeright.service.decoding import RowDecoding, candidate_seed, choose_token, stop_reason
+from seeright.service.growing_cache import GrowingCache
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, streamed_token,
 )
@@ -117,7 +117,7 @@ class Prefilled:
     :mod:`seeright.service.slicing`) and merged into it by :meth:`RunningBatch.attach`."""
 
     rows: list[Row]  # every member row (requests, their candidates and branches)
-    cache: DynamicCache
+    cache: GrowingCache
     mask: torch.Tensor  # [n, T]
     positions: torch.Tensor  # [n] next position of each row
     logits: torch.Tensor  # [n, V] at each row's last prompt position
@@ -128,9 +128,9 @@ class Joined:
     """The running batch with prefilled newcomers merged in (:meth:`RunningBatch.joined`), and the cache it was
     built from (``base``)."""
 
-    base: DynamicCache | None
+    base: GrowingCache | None
     rows: list[Row]
-    cache: DynamicCache
+    cache: GrowingCache
     mask: torch.Tensor
     positions: torch.Tensor
     prefills: list[Prefilled]
@@ -149,7 +149,7 @@ class RunningBatch:
     def clear(self) -> None:
         """Forget every row and the cache (after a failed step)."""
         self.rows: list[Row] = []
-        self.cache: DynamicCache | None = None
+        self.cache: GrowingCache | None = None
         self.mask: torch.Tensor | None = None  # [B, T] 1 on real tokens
         self.positions: torch.Tensor | None = None  # [B] next position of each row
         self.context: ForwardContext | None = None
@@ -229,7 +229,7 @@ class RunningBatch:
             batch = engine.collate(prompts)
             place_rows(prompts, states)
             position_ids, positions = engine.adapter.prefill_positions(batch)
-            cache = DynamicCache()
+            cache = GrowingCache()
             context = ForwardContext(states, image_counts=image_counts(prompts), loras=[row.lora for row in rows])
             active = nullcontext() if context.idle else engine.runtime.activate(context)
             with active:
@@ -246,9 +246,10 @@ class RunningBatch:
                 rows, cache, mask, positions = list(p.rows), p.cache, p.mask, p.positions
                 continue
             width = max(mask.shape[1], p.mask.shape[1])
-            merged = DynamicCache()
-            for i, (old, new) in enumerate(zip(cache.layers, p.cache.layers)):
-                merged.update(_stacked(old.keys, new.keys, width, 2), _stacked(old.values, new.values, width, 2), i)
+            merged = GrowingCache()
+            for old, new in zip(cache.layers, p.cache.layers):
+                room = merged.spare
+                merged.append(_stacked(old.keys, new.keys, width, 2, room), _stacked(old.values, new.values, width, 2, room), width)
             rows, cache = [*rows, *p.rows], merged
             mask = _stacked(mask, p.mask, width, 1)
             positions = torch.cat([positions, p.positions])
@@ -407,10 +408,7 @@ class RunningBatch:
         index = torch.tensor(keep, device=self.mask.device)
         self.mask, self.positions = self.mask.index_select(0, index), self.positions.index_select(0, index)
         start = int(self.mask.shape[1] - max(row.cached for row in self.rows))
-        trimmed = DynamicCache()
-        for i, layer in enumerate(self.cache.layers):
-            trimmed.update(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:], i)
-        self.cache, self.mask = trimmed, self.mask[:, start:]
+        self.cache, self.mask = self.cache.rows(index, start), self.mask[:, start:]
         self._relayout()
 
     def output(self, row: Row) -> GenerationOutput:
@@ -424,11 +422,11 @@ class RunningBatch:
         return out
 
 
-def _stacked(first: torch.Tensor, second: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+def _stacked(first: torch.Tensor, second: torch.Tensor, width: int, dim: int, room: int = 0) -> torch.Tensor:
     """``first`` and ``second`` stacked along dim 0, each left-padded with zeros to ``width`` along ``dim``, written
-    once into one new tensor."""
+    once into one new tensor with ``room`` more (unwritten) slots after them along ``dim``."""
     shape = list(first.shape)
-    shape[0], shape[dim] = first.shape[0] + second.shape[0], width
+    shape[0], shape[dim] = first.shape[0] + second.shape[0], width + room
     out = torch.empty(shape, dtype=first.dtype, device=first.device)
     for part, rows in ((first, slice(0, first.shape[0])), (second, slice(first.shape[0], None))):
         pad = width - part.shape[dim]

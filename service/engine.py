@@ -40,6 +40,7 @@ from seeright.model_zoo import builtin_model, resolve_model_path
 from seeright.service.admission import Admission, image_counts, place_rows, row_loras
 from seeright.service.batching import RunningBatch
 from seeright.service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
+from seeright.service.growing_cache import GrowingCache
 from seeright.service.model_configs import ModelConfig, find_model_config
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, RequestError, StreamedToken, add_logprobs, decoding_of, with_logprobs,
@@ -344,6 +345,7 @@ class Engine(Admission):
         with active:
             out = self.model.generate(
                 **batch,
+                past_key_values=GrowingCache(),  # decode steps write into its room instead of copying the cache
                 return_dict_in_generate=True,
                 output_logits=output_logits,
                 max_new_tokens=max(r.max_new_tokens for r in decoding),
