@@ -33,7 +33,7 @@ from seeright.interventions.methods.base import HookPoint, RequestInputs, RowSta
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.service.admission import image_counts, place_rows
 from seeright.service.decoding import RowDecoding, candidate_seed, choose_token, stop_reason
-from seeright.service.growing_cache import GrowingCache
+from seeright.service.growing_cache import DEFAULT_SPARE_ROWS, GrowingCache, stacked
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, streamed_token,
 )
@@ -144,6 +144,9 @@ class RunningBatch:
     def __init__(self, engine: BatchEngine) -> None:
         self.engine = engine
         self.eos = set(engine.eos_token_ids())
+        # rows of room in the cache, so that a newcomer joins without a copy of the running rows: on a CPU, where that
+        # copy costs a running stream a decode step's time and rows of room never written take no memory
+        self.spare_rows = DEFAULT_SPARE_ROWS if torch.device(engine.device).type == "cpu" else 0
         self.clear()
 
     def clear(self) -> None:
@@ -229,7 +232,7 @@ class RunningBatch:
             batch = engine.collate(prompts)
             place_rows(prompts, states)
             position_ids, positions = engine.adapter.prefill_positions(batch)
-            cache = GrowingCache()
+            cache = GrowingCache(spare_rows=self.spare_rows)
             context = ForwardContext(states, image_counts=image_counts(prompts), loras=[row.lora for row in rows])
             active = nullcontext() if context.idle else engine.runtime.activate(context)
             with active:
@@ -246,12 +249,9 @@ class RunningBatch:
                 rows, cache, mask, positions = list(p.rows), p.cache, p.mask, p.positions
                 continue
             width = max(mask.shape[1], p.mask.shape[1])
-            merged = GrowingCache()
-            for old, new in zip(cache.layers, p.cache.layers):
-                room = merged.spare
-                merged.append(_stacked(old.keys, new.keys, width, 2, room), _stacked(old.values, new.values, width, 2, room), width)
-            rows, cache = [*rows, *p.rows], merged
-            mask = _stacked(mask, p.mask, width, 1)
+            with torch.inference_mode():  # it may write into the running cache's spare rows
+                rows, cache = [*rows, *p.rows], cache.with_rows(p.cache, width)
+            mask = stacked(mask, p.mask, width, 1)
             positions = torch.cat([positions, p.positions])
         return Joined(self.cache, rows, cache, mask, positions, list(prefills))
 
@@ -408,7 +408,8 @@ class RunningBatch:
         index = torch.tensor(keep, device=self.mask.device)
         self.mask, self.positions = self.mask.index_select(0, index), self.positions.index_select(0, index)
         start = int(self.mask.shape[1] - max(row.cached for row in self.rows))
-        self.cache, self.mask = self.cache.rows(index, start), self.mask[:, start:]
+        with torch.inference_mode():
+            self.cache, self.mask = self.cache.rows(index, start), self.mask[:, start:]
         self._relayout()
 
     def output(self, row: Row) -> GenerationOutput:
@@ -420,20 +421,6 @@ class RunningBatch:
         if row.request.logprobs:
             add_logprobs(out, row.streamed, row.request.top_logprobs)
         return out
-
-
-def _stacked(first: torch.Tensor, second: torch.Tensor, width: int, dim: int, room: int = 0) -> torch.Tensor:
-    """``first`` and ``second`` stacked along dim 0, each left-padded with zeros to ``width`` along ``dim``, written
-    once into one new tensor with ``room`` more (unwritten) slots after them along ``dim``."""
-    shape = list(first.shape)
-    shape[0], shape[dim] = first.shape[0] + second.shape[0], width + room
-    out = torch.empty(shape, dtype=first.dtype, device=first.device)
-    for part, rows in ((first, slice(0, first.shape[0])), (second, slice(first.shape[0], None))):
-        pad = width - part.shape[dim]
-        target = out[rows]
-        target.narrow(dim, 0, pad).zero_()
-        target.narrow(dim, pad, part.shape[dim]).copy_(part)
-    return out
 
 
 def _generator(decoding: RowDecoding, device: torch.device) -> torch.Generator | None:

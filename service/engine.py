@@ -345,7 +345,7 @@ class Engine(Admission):
         with active:
             out = self.model.generate(
                 **batch,
-                past_key_values=GrowingCache(),  # decode steps write into its room instead of copying the cache
+                **{self.cache_argument: GrowingCache()},  # decode steps write into its room, not a copy of the cache
                 return_dict_in_generate=True,
                 output_logits=output_logits,
                 max_new_tokens=max(r.max_new_tokens for r in decoding),

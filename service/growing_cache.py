@@ -1,14 +1,19 @@
-"""A key/value cache that grows in place: the running batch's cache on the transformers engine.
+"""A key/value cache that grows in place: the transformers engine's cache for decoding.
 
 transformers' ``DynamicCache`` appends each decode step's keys and values with ``torch.cat``, so every step copies
 the whole cache of every layer (rows x cached tokens), a cost that grows with the batch and the context and that
-the running rows pay at every token. Here each layer keeps its keys and values in buffers with ``spare`` token
-slots of room along the sequence; ``keys`` and ``values`` are prefix views of them, and an update writes the new
-tokens into the room. A step copies only when the room runs out (once per ``spare`` tokens). The attention reads
-the same numbers as from a concatenated cache (a prefix view of the same values).
+the running rows pay at every token. Here each layer keeps its keys and values in buffers with room: ``spare``
+token slots along the sequence and ``spare_rows`` rows along the batch (the running batch keeps two on a CPU, where
+rows never written take no memory). ``keys`` and ``values`` are views of the
+buffers' first rows and tokens; an update writes the new tokens into the room, and a copy happens only when the room
+runs out (once per ``spare`` tokens). The attention reads the same numbers as from a concatenated cache.
 
-Code that replaces ``keys`` / ``values`` (a crop or a row selection by transformers, the batch's merges and drops)
-stays correct: an update checks that they are still a prefix of its buffers and moves them into new ones if not.
+Joining rows to a batch (:meth:`GrowingCache.with_rows`) writes the newcomers into the spare rows when their prompts
+fit the batch's length, without copying the running rows; otherwise it stacks all rows into new buffers.
+
+Code that replaces ``keys`` / ``values`` (a crop or a row selection by transformers, the batch's drops) stays
+correct: an update checks that they are still views of the buffers' first rows and tokens, and moves them into new
+buffers if not.
 """
 
 from __future__ import annotations
@@ -18,86 +23,133 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 DEFAULT_SPARE = 128  # token slots of room per row: a regrowth (one copy of the layer) every 128 decode steps
+DEFAULT_SPARE_ROWS = 2  # rows of room the running batch keeps on a CPU (service/batching.py)
 
 
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose ``keys`` / ``values`` ``[B, H, T, D]`` are prefix views of buffers
-    ``[B, H, T + room, D]``."""
+    """A ``DynamicLayer`` whose ``keys`` / ``values`` ``[B, H, T, D]`` are views of the first rows and tokens of
+    buffers ``[B + row room, H, T + token room, D]``."""
 
-    def __init__(self, spare: int = DEFAULT_SPARE) -> None:
+    def __init__(self, spare: int = DEFAULT_SPARE, spare_rows: int = 0) -> None:
         super().__init__()
-        self.spare = spare
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.spare, self.spare_rows = spare, spare_rows
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``key_states`` / ``value_states`` ``[B, H, q, D]`` after the cached tokens; return all of them."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length, new = self.get_seq_length(), key_states.shape[-2]
-        if not self._holds(key_states, length + new):
-            self._regrow(key_states, value_states, length, length + new + self.spare)
-        keys, values = self._buffers
-        keys[:, :, length : length + new].copy_(key_states)
-        values[:, :, length : length + new].copy_(value_states)
-        self.keys, self.values = keys[:, :, : length + new], values[:, :, : length + new]
+        rows, length, new = key_states.shape[0], self.get_seq_length(), key_states.shape[-2]
+        if not self.in_buffers() or self.buffers[0].shape[2] < length + new or (length and self.keys.shape[0] != rows):
+            self._regrow(key_states, value_states, length)
+        keys, values = self.buffers
+        keys[:rows, :, length : length + new].copy_(key_states)
+        values[:rows, :, length : length + new].copy_(value_states)
+        self.keys, self.values = keys[:rows, :, : length + new], values[:rows, :, : length + new]
         return self.keys, self.values
 
-    def _holds(self, key_states: torch.Tensor, needed: int) -> bool:
-        """Whether ``keys`` / ``values`` are still prefix views of the buffers and the buffers have room for
-        ``needed`` tokens of rows shaped like ``key_states``."""
-        if self._buffers is None:
+    def in_buffers(self) -> bool:
+        """Whether ``keys`` / ``values`` are still views of the buffers' first rows and tokens (nothing replaced
+        them since the last update)."""
+        if self.buffers is None:
             return False
-        buffers = self._buffers
-        for cached, buffer in zip((self.keys, self.values), buffers):
-            if cached.numel() and (cached.data_ptr() != buffer.data_ptr() or cached.stride() != buffer.stride()
-                                   or cached.shape[:2] != buffer.shape[:2]):
+        for cached, buffer in zip((self.keys, self.values), self.buffers):
+            if not cached.numel():
+                continue
+            if (cached.data_ptr() != buffer.data_ptr() or cached.stride() != buffer.stride() or cached.dtype != buffer.dtype
+                    or cached.shape[0] > buffer.shape[0] or cached.shape[1] != buffer.shape[1]):
                 return False
-        return buffers[0].shape[2] >= needed and buffers[0].shape[:2] == key_states.shape[:2] and buffers[0].dtype == key_states.dtype
+        return True
 
-    def _regrow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, capacity: int) -> None:
-        """New buffers of ``capacity`` tokens holding the ``length`` cached ones."""
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, rows: int, length: int) -> None:
+        """Take ``keys`` / ``values`` ``[capacity rows, H, capacity tokens, D]`` as the buffers, their first ``rows``
+        rows and ``length`` tokens cached (no copy)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.buffers = (keys, values)
+        self.keys, self.values = keys[:rows, :, :length], values[:rows, :, :length]
+
+    def _regrow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int) -> None:
+        """New buffers with room holding the ``length`` cached tokens."""
+        rows, new = key_states.shape[0], key_states.shape[2]
         buffers = []
         for cached, states in ((self.keys, key_states), (self.values, value_states)):
-            b, h, _, d = states.shape
-            buffer = states.new_empty((b, h, capacity, d))
+            _, h, _, d = states.shape
+            buffer = states.new_empty((rows + self.spare_rows, h, length + new + self.spare, d))
             if length:
-                buffer[:, :, :length].copy_(cached)
+                buffer[:rows, :, :length].copy_(cached)
             buffers.append(buffer)
-        self._buffers = (buffers[0], buffers[1])
+        self.buffers = (buffers[0], buffers[1])
 
     def reset(self) -> None:
-        self._buffers = None
+        self.buffers = None
         super().reset()
 
 
 class GrowingCache(DynamicCache):
     """A ``DynamicCache`` of :class:`GrowingLayer` s (created on the first update of each layer, as
-    ``DynamicCache()`` creates its layers, or added with their buffers by :meth:`append`)."""
+    ``DynamicCache()`` creates its layers, or built by :meth:`with_rows` and :meth:`rows`)."""
 
-    def __init__(self, spare: int = DEFAULT_SPARE) -> None:
+    def __init__(self, spare: int = DEFAULT_SPARE, spare_rows: int = 0) -> None:
         super().__init__()
-        self.spare = spare
-        self.layer_class_to_replicate = lambda: GrowingLayer(spare)
+        self.spare, self.spare_rows = spare, spare_rows
+        self.layer_class_to_replicate = self._layer
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """Add a layer that holds ``keys`` / ``values`` ``[B, H, capacity, D]`` as its buffers, their first
-        ``length`` tokens cached (no copy)."""
-        layer = GrowingLayer(self.spare)
-        layer.lazy_initialization(keys, values)
-        layer._buffers = (keys, values)
-        layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
-        self.layers.append(layer)
+    def _layer(self) -> GrowingLayer:
+        return GrowingLayer(self.spare, self.spare_rows)
+
+    def with_rows(self, new: DynamicCache, width: int) -> GrowingCache:
+        """This cache's rows, then ``new``'s, left-padded with zeros to ``width`` tokens. ``new``'s rows are written
+        into this cache's spare rows when they fit (its rows already ``width`` tokens long): this cache is then
+        unchanged but shares its buffers with the result, which replaces it. Otherwise all rows are stacked into new
+        buffers with room."""
+        joined = GrowingCache(self.spare, self.spare_rows)
+        for old, added in zip(self.layers, new.layers):
+            layer = joined._layer()
+            rows, more = old.keys.shape[0], added.keys.shape[0]
+            fits = (isinstance(old, GrowingLayer) and old.in_buffers() and old.keys.shape[2] == width
+                    and old.buffers[0].shape[0] >= rows + more)
+            if fits:
+                for buffer, part in zip(old.buffers, (added.keys, added.values)):
+                    _write_padded(buffer[rows : rows + more], part, width, 2)
+                layer.hold(*old.buffers, rows + more, width)
+            else:
+                layer.hold(stacked(old.keys, added.keys, width, 2, self.spare, self.spare_rows),
+                           stacked(old.values, added.values, width, 2, self.spare, self.spare_rows), rows + more, width)
+            joined.layers.append(layer)
+        return joined
 
     def rows(self, index: torch.Tensor, start: int) -> GrowingCache:
         """A new cache of the rows ``index`` of this one, from token ``start`` on (one copy of what it keeps)."""
-        kept = GrowingCache(self.spare)
+        kept = GrowingCache(self.spare, self.spare_rows)
         for layer in self.layers:
             length = layer.keys.shape[2] - start
             buffers = []
             for cached in (layer.keys, layer.values):
                 _, h, _, d = cached.shape
-                buffer = cached.new_empty((len(index), h, length + self.spare, d))
-                torch.index_select(cached[:, :, start:], 0, index, out=buffer[:, :, :length])
+                buffer = cached.new_empty((len(index) + self.spare_rows, h, length + self.spare, d))
+                torch.index_select(cached[:, :, start:], 0, index, out=buffer[: len(index), :, :length])
                 buffers.append(buffer)
-            kept.append(buffers[0], buffers[1], length)
+            held = kept._layer()
+            held.hold(buffers[0], buffers[1], len(index), length)
+            kept.layers.append(held)
         return kept
+
+
+def stacked(first: torch.Tensor, second: torch.Tensor, width: int, dim: int, room: int = 0, row_room: int = 0) -> torch.Tensor:
+    """``first`` and ``second`` stacked along dim 0, each left-padded with zeros to ``width`` along ``dim``, written
+    once into one new tensor with ``room`` more (unwritten) slots after them along ``dim`` and ``row_room`` more
+    (unwritten) rows."""
+    shape = list(first.shape)
+    shape[0], shape[dim] = first.shape[0] + second.shape[0] + row_room, width + room
+    out = torch.empty(shape, dtype=first.dtype, device=first.device)
+    _write_padded(out[: first.shape[0]], first, width, dim)
+    _write_padded(out[first.shape[0] : first.shape[0] + second.shape[0]], second, width, dim)
+    return out
+
+
+def _write_padded(target: torch.Tensor, part: torch.Tensor, width: int, dim: int) -> None:
+    """Write ``part`` into the first ``width`` slots of ``target`` along ``dim``, left-padded with zeros."""
+    pad = width - part.shape[dim]
+    target.narrow(dim, 0, pad).zero_()
+    target.narrow(dim, pad, part.shape[dim]).copy_(part)

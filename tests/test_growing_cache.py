@@ -22,7 +22,7 @@ def _same(growing: GrowingCache, dynamic: DynamicCache) -> bool:
 
 
 def test_updates_crops_and_row_selections_hold_what_a_dynamic_cache_holds():
-    growing, dynamic = GrowingCache(spare=3), DynamicCache()
+    growing, dynamic = GrowingCache(spare=3, spare_rows=1), DynamicCache()
     steps = [("update", 3, 5), ("update", 3, 1), ("update", 3, 1), ("update", 3, 1), ("update", 3, 1), ("crop", -2),
              ("update", 3, 2), ("select", [0, 2]), ("update", 2, 1), ("update", 2, 4)]
     for seed, step in enumerate(steps):
@@ -50,14 +50,36 @@ def test_a_decode_step_writes_into_the_room_and_regrows_only_when_it_runs_out():
     assert cache.layers[0].keys.data_ptr() != buffer and cache.get_seq_length() == 9  # out of room: one copy
 
 
-def test_appended_buffers_and_selected_rows_are_the_cache_without_copies_of_the_rest():
-    keys, values = _states(3, 7, 0)
-    cache = GrowingCache(spare=4)
-    cache.append(keys, values, 5)  # buffers of 7 tokens, 5 cached: room for 2
-    assert torch.equal(cache.layers[0].keys, keys[:, :, :5]) and cache.layers[0].keys.data_ptr() == keys.data_ptr()
-    cache.update(*_states(3, 1, 1), 0)
-    assert cache.layers[0].keys.data_ptr() == keys.data_ptr()  # the appended room took the step
+def _stacked_reference(first: torch.Tensor, second: torch.Tensor, width: int) -> torch.Tensor:
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))  # noqa: E731 - left-pad the tokens
+    return torch.cat([pad(first), pad(second)])
+
+
+def test_joining_rows_writes_them_into_the_spare_rows_when_they_fit_and_stacks_all_rows_when_not():
+    running = GrowingCache(spare=4, spare_rows=2)
+    running.update(*_states(2, 6, 0), 0)
+    running.update(*_states(2, 1, 1), 0)  # 7 tokens
+    newcomer = GrowingCache()
+    newcomer.update(*_states(1, 5, 2), 0)
+    joined = running.with_rows(newcomer, 7)
+    old, layer = running.layers[0], joined.layers[0]
+    assert torch.equal(layer.keys, _stacked_reference(old.keys, newcomer.layers[0].keys, 7))
+    assert torch.equal(layer.values, _stacked_reference(old.values, newcomer.layers[0].values, 7))
+    assert layer.keys.data_ptr() == old.keys.data_ptr()  # the running rows were not copied
+    keys, values = _states(3, 1, 3)
+    assert torch.equal(joined.update(keys, values, 0)[0][:, :, -1:], keys)  # and it decodes on in place
+
+    longer = GrowingCache()
+    longer.update(*_states(1, 10, 4), 0)
+    restacked = joined.with_rows(longer, 10)
+    assert torch.equal(restacked.layers[0].keys, _stacked_reference(joined.layers[0].keys, longer.layers[0].keys, 10))
+    assert restacked.layers[0].keys.data_ptr() != joined.layers[0].keys.data_ptr()
+
+
+def test_selected_rows_are_copied_once_with_room():
+    cache = GrowingCache(spare=4, spare_rows=1)
+    cache.update(*_states(3, 7, 0), 0)
     kept = cache.rows(torch.tensor([2, 0]), start=1)
     assert torch.equal(kept.layers[0].keys, cache.layers[0].keys[[2, 0], :, 1:])
     assert torch.equal(kept.layers[0].values, cache.layers[0].values[[2, 0], :, 1:])
-    assert kept.layers[0]._buffers[0].shape == (2, 2, 5 + 4, 4)  # only the kept rows, with the spare room
+    assert kept.layers[0].buffers[0].shape == (2 + 1, 2, 6 + 4, 4)  # the kept rows and tokens, with the room

@@ -107,7 +107,7 @@ async def joiner(
     median, longest = statistics.median(gaps), max(after or [0.0])
     return {"joiner": method or "plain", "stream_tokens": len(stream.tokens), "joined_s": joined.done - joined.sent,
             "median_gap_s": median, "longest_gap_s": longest, "ratio": longest / median, "status": joined.status,
-            "beside_gap_s": statistics.median(beside) if beside else None}
+            "beside_gap_s": statistics.median(beside) if beside else None, "stream_outlasted": stream.done >= joined.done}
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -224,11 +224,14 @@ def table(result: dict[str, Any]) -> str:
         tables = [run["joiners"] for run in runs if run.get("joiners")]
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
         for i, first in enumerate(tables[0]):
-            cells = [f"{t[i]['longest_gap_s'] * 1000:.0f} ms ({t[i]['ratio']:.1f}x) | {ms(t[i].get('beside_gap_s'))} | "
-                     f"{t[i]['joined_s']:.2f} s" for t in tables]
+            cells = [f"{t[i]['longest_gap_s'] * 1000:.0f} ms ({t[i]['ratio']:.1f}x){'' if t[i].get('stream_outlasted', True) else ' †'}"
+                     f" | {ms(t[i].get('beside_gap_s'))} | {t[i]['joined_s']:.2f} s" for t in tables]
             rows.append(f"| {first['joiner']} | " + " | ".join(cells) + " |")
         medians = ", ".join(f"{h}: {statistics.median(r['median_gap_s'] for r in t) * 1000:.0f} ms" for h, t in zip(heads, tables))
         rows += ["", f"median gap between the stream's tokens: {medians}"]
+        if any(not r.get("stream_outlasted", True) for t in tables for r in t):
+            rows += ["", "† the stream ended before the joiner did: its longest gap covers only part of the joiner's time "
+                     "(a longer --joiner-stream-tokens covers it all)"]
     if any(run.get("open_loop") for run in runs):
         rows += ["", "| arrivals/s | step budget | refused | failed | TTFT p50 / p90 / p99 (s) | per token p50 / p90 / p99 (s) | tokens/s |",
                  "|---|---|---|---|---|---|---|"]
@@ -259,7 +262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--joiners", nargs="*", metavar="METHOD",
                         help="measure a plain stream's longest gap while a request joins: plain, then with each METHOD "
                              "(no METHOD: every method the model runs)")
-    parser.add_argument("--joiner-stream-tokens", type=int, default=120, help="tokens of the running stream")
+    parser.add_argument("--joiner-stream-tokens", type=int, default=400,
+                        help="tokens of the running stream (long enough to outlast the joiner)")
     parser.add_argument("--joiner-delay", type=float, default=1.5, help="seconds after the stream starts that one joins")
 
 
