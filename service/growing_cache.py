@@ -4,9 +4,9 @@ transformers' ``DynamicCache`` appends each decode step's keys and values with `
 the whole cache of every layer (rows x cached tokens), a cost that grows with the batch and the context and that
 the running rows pay at every token. Here each layer keeps its keys and values in buffers with room: ``spare``
 token slots along the sequence and ``spare_rows`` rows along the batch (the running batch keeps two on a CPU, where
-rows never written take no memory). ``keys`` and ``values`` are views of the
-buffers' first rows and tokens; an update writes the new tokens into the room, and a copy happens only when the room
-runs out (once per ``spare`` tokens). The attention reads the same numbers as from a concatenated cache.
+rows never written take no memory). ``keys`` and ``values`` are views of the buffers' first rows and tokens; an
+update writes the new tokens into the room, and a copy happens only when the room runs out (once per ``spare``
+tokens). The attention reads the same numbers as from a concatenated cache.
 
 Joining rows to a batch (:meth:`GrowingCache.with_rows`) writes the newcomers into the spare rows when their prompts
 fit the batch's length, without copying the running rows; otherwise it stacks all rows into new buffers.
