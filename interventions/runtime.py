@@ -16,6 +16,9 @@ active it installs the hooks that context's methods need, and only those:
 * where a row carries a LoRA adapter, forward hooks that add its low-rank delta to its own rows of each adapted
   linear layer (:mod:`seeright.interventions.lora`).
 
+``Runtime.register_attention_pre_hook`` adds a callback that the attention function calls first, with the layer's
+attention module (the scheduler's slicer pauses an admission there: :mod:`seeright.service.slicing`).
+
 The attention function runs SDPA for the rows of the batch that need no attention probabilities in this
 layer, and recomputes eagerly the rows that do, for their needed query rows only (at decode one row per
 sequence, at prefill e.g. the text rows after the image); the methods edit them (pre-softmax scores, then
@@ -31,13 +34,15 @@ Per-request state lives in :class:`ForwardContext`, which the engine activates a
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -205,6 +210,15 @@ class Runtime:
             setattr(layer.self_attn, RUNTIME_ATTR, self)
         self.lora_modules = row_modules(model, adapter.language_model)
         self.lora_stacks = LoraStacks()
+        self.attention_pre_hooks: OrderedDict[int, Callable[[nn.Module], None]] = OrderedDict()
+
+    def register_attention_pre_hook(self, hook: Callable[[nn.Module], None]) -> RemovableHandle:
+        """Call ``hook(attention module)`` at the start of every decoder layer's attention function, in every
+        thread (a hook that should act in one thread checks, as :func:`this_thread_only` does), until the handle is
+        removed."""
+        handle = RemovableHandle(self.attention_pre_hooks)
+        self.attention_pre_hooks[handle.id] = hook
+        return handle
 
     @property
     def context(self) -> ForwardContext | None:
@@ -373,6 +387,9 @@ def seeright_attention(
     twice. Otherwise SDPA runs for the whole batch and those rows are gathered and recomputed.
     """
     runtime: Runtime | None = getattr(module, RUNTIME_ATTR, None)
+    if runtime is not None and runtime.attention_pre_hooks:
+        for hook in tuple(runtime.attention_pre_hooks.values()):
+            hook(module)
     ctx = runtime.context if runtime is not None else None
     plan = ctx.probs_plan(module.layer_idx, query.device) if ctx is not None else None
     kw = dict(dropout=dropout, scaling=scaling, **kwargs)

@@ -120,7 +120,11 @@ class GrowingCache(DynamicCache):
         return joined
 
     def rows(self, index: torch.Tensor, start: int) -> GrowingCache:
-        """A new cache of the rows ``index`` of this one, from token ``start`` on (one copy of what it keeps)."""
+        """A new cache of the rows ``index`` of this one, from token ``start`` on: one copy of what it keeps, or none
+        when it keeps this cache's first rows whole (the rows after them become room; this cache then shares its
+        buffers with the result, which replaces it)."""
+        if start == 0 and self._first_rows_in_buffers(index):
+            return self._first_rows(len(index))
         kept = GrowingCache(self.spare, self.spare_rows)
         for layer in self.layers:
             length = layer.keys.shape[2] - start
@@ -132,6 +136,20 @@ class GrowingCache(DynamicCache):
                 buffers.append(buffer)
             held = kept._layer()
             held.hold(buffers[0], buffers[1], len(index), length)
+            kept.layers.append(held)
+        return kept
+
+    def _first_rows_in_buffers(self, index: torch.Tensor) -> bool:
+        """Whether ``index`` is ``0, 1, ..., k - 1`` and every layer still holds its rows in its buffers."""
+        first = torch.equal(index, torch.arange(len(index), device=index.device))
+        return first and all(isinstance(layer, GrowingLayer) and layer.in_buffers() for layer in self.layers)
+
+    def _first_rows(self, count: int) -> GrowingCache:
+        """A cache of this one's first ``count`` rows, on the same buffers (no copy)."""
+        kept = GrowingCache(self.spare, self.spare_rows)
+        for layer in self.layers:
+            held = kept._layer()
+            held.hold(*layer.buffers, count, layer.keys.shape[2])
             kept.layers.append(held)
         return kept
 

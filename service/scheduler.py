@@ -174,7 +174,7 @@ class Scheduler:
 
     # ---- worker ----------------------------------------------------------------------------------
     def _work(self) -> None:
-        self._slicer, self._finishing = Slicer(self.engine.adapter), []
+        self._slicer, self._finishing = Slicer(self.engine.adapter, self.engine.runtime), []
         batch, jobs, prepared, held, stopping = RunningBatch(self.engine), {}, [], [], False
         admission: Admission | None = None
         try:
@@ -253,6 +253,7 @@ class Scheduler:
         already prepared ``fitting`` rows, the new rows that fit, and merge their caches with the batch's. Returns
         the merged batch (None if no row joins) and the rows left to wait."""
         rows = fitting + (self._prepare(batch, newcomers, jobs) if newcomers else [])
+        self._slicer.checkpoint("prefill")  # the newcomers' encoding and their prefill's start: a slice each at most
         rows = self._not_cancelled(rows, jobs)
         joining = self._fitting(batch, rows)
         prefills = self._prefill(batch, joining, jobs)

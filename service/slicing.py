@@ -1,17 +1,17 @@
 """Admission work that yields to decode steps: the scheduler's per-step work budget.
 
 A newcomer's admission (checks, image encoding, its methods' passes: VHR's text-only prefill, GIFT's saliency,
-CARVE's collection generations, VE masking's attack; then its prefill), and a finished request's reflection
-passes (AGSER's), run in a thread of their own as a
-:class:`SlicedCall` (run by a :class:`Slicer`'s one thread), strictly alternating with the scheduler's thread: the scheduler hands it a :class:`Slice`,
-waits until it pauses or ends, then runs one decode step of the running rows. The call pauses at
-:class:`Checkpoints`, forward pre-hooks on every linear layer and every attention module in the blocks of the
-language model and the vision tower (a few milliseconds of work apart for a 7B model's prompt on a GPU, tens on a
-CPU), which act only in a sliced call's own thread. The admission computes exactly what it computes
-whole (the same forwards, only split in time), whatever the method, so a running row waits at most one slice of
-newcomer work between two of its tokens (like vLLM's ``max_num_batched_tokens`` with chunked prefill, but with
-the split at block boundaries, which every method allows: VHR's heads and VAR's sinks are chosen over the whole
-prompt exactly as before).
+CARVE's collection generations, VE masking's attack; then its prefill), and a finished request's reflection passes
+(AGSER's), run in a thread of their own as a :class:`SlicedCall` (run by a :class:`Slicer`'s one thread), strictly
+alternating with the scheduler's thread: the scheduler hands it a :class:`Slice`, waits until it pauses or ends,
+then runs one decode step of the running rows. The call pauses at :class:`Checkpoints`, forward pre-hooks on every
+linear layer and every attention module in the blocks of the language model and the vision tower, and the start of
+the language model's attention function (a few milliseconds of work apart for a 7B model's prompt on a GPU, up to
+tens on a CPU), which act only in a sliced call's own thread. The admission computes exactly what it computes whole
+(the same forwards, only split in time), whatever the method, so a running row waits at most one slice of newcomer
+work between two of its tokens (like vLLM's ``max_num_batched_tokens`` with chunked prefill, but with the split at
+block boundaries, which every method allows: VHR's heads and VAR's sinks are chosen over the whole prompt exactly
+as before).
 
 Two threads share the model safely because they never run at once and because what an admission installs
 for its own forward (the runtime's context, its hooks, VE masking's tower masks, its LoRA rows) belongs to its
@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from seeright.interventions.adapters import ModelAdapter
+from seeright.interventions.runtime import Runtime
 
 T = TypeVar("T")
 
@@ -82,12 +83,14 @@ class Abandoned(Exception):
 
 class Checkpoints:
     """Pre-hooks on every linear layer and attention module inside the blocks of the vision tower and the language
-    model, where the sliced call bound to the current thread may pause; in any other thread they do nothing. They
-    are installed only while a call runs (``install`` / ``remove`` from the slicer's thread, outside any forward),
-    so traffic with nothing joining pays nothing for them."""
+    model, and (given the runtime) at the start of the language model's attention function, between the key/value
+    projections and the attention itself, where the sliced call bound to the current thread may pause; in any
+    other thread they do nothing. They are installed only while a call runs (``install`` / ``remove`` from the
+    slicer's thread, outside any forward), so traffic with nothing joining pays nothing for them."""
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, adapter: ModelAdapter, runtime: Runtime | None = None) -> None:
         self._local = threading.local()
+        self._runtime = runtime
         towers = [("vision", block) for block in adapter.vision_blocks] + [("text", block) for block in adapter.decoder_layers]
         self._points = [
             (module, f"{tower} {name}") for tower, block in towers for name, module in block.named_modules()
@@ -99,6 +102,8 @@ class Checkpoints:
         """Bind ``call`` to the current thread and install the hooks."""
         self._local.call = call
         self._handles = [module.register_forward_pre_hook(partial(self._reached, key)) for module, key in self._points]
+        if self._runtime is not None:
+            self._handles.append(self._runtime.register_attention_pre_hook(lambda module: self.reached("text attention")))
 
     def remove(self) -> None:
         """Remove the hooks and unbind the current thread's call."""
@@ -122,8 +127,8 @@ class Slicer:
     """The checkpoints on a model and the one thread that runs its sliced calls, one call at a time; ``close`` ends
     the thread."""
 
-    def __init__(self, adapter: ModelAdapter, name: str = "seeright-admission") -> None:
-        self.checkpoints = Checkpoints(adapter)
+    def __init__(self, adapter: ModelAdapter, runtime: Runtime | None = None, name: str = "seeright-admission") -> None:
+        self.checkpoints = Checkpoints(adapter, runtime)
         self._pending: queue.SimpleQueue[SlicedCall | None] = queue.SimpleQueue()
         self._current: SlicedCall | None = None
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -150,8 +155,7 @@ class Slicer:
     def _serve(self) -> None:
         while (call := self._pending.get()) is not None:
             self._current = call
-            self.checkpoints.install(call)
-            call._execute(before_end=self.checkpoints.remove)
+            call._execute(before=partial(self.checkpoints.install, call), before_end=self.checkpoints.remove)
 
 
 class SlicedCall(Generic[T]):
@@ -226,9 +230,11 @@ class SlicedCall(Generic[T]):
         if self._abandoned:
             raise Abandoned
 
-    def _execute(self, before_end: Callable[[], None]) -> None:
-        """Run ``fn`` (in the slicer's thread), then ``before_end`` while the owner still waits."""
+    def _execute(self, before: Callable[[], None], before_end: Callable[[], None]) -> None:
+        """Run ``before`` and ``fn`` (in the slicer's thread), then ``before_end`` while the owner still waits; what
+        either raises is the call's error."""
         try:
+            before()
             self._value = self._fn()
         except BaseException as exc:  # noqa: BLE001 - handed to the owner by result()
             self._error = exc

@@ -41,8 +41,8 @@ def test_serving_bench_reports_short_behind_long_joiners_and_open_loop_per_step_
     for run in result["runs"]:
         assert run["short_behind_long"]["ratio"] > 0
         assert [j["joiner"] for j in run["joiners"]] == ["plain", "vhr"] and all(j["status"] == "ok" for j in run["joiners"])
-        assert all(j["longest_gap_s"] >= j["median_gap_s"] > 0 for j in run["joiners"])
+        assert all(j["longest_gap_s"] >= j["median_gap_s"] > 0 and j["alone_gap_s"] > 0 for j in run["joiners"])
         load = run["open_loop"][0]
         assert load["requests"] == 6 and load["refused"] == 0 and load["failed"] == 0
         assert 0 < load["ttft_s"]["p50"] <= load["ttft_s"]["p99"] and load["tokens_per_s"] > 0
-    assert "step budget 2" in serving_bench.table(result)
+    assert "step budget 2" in serving_bench.table(result) and "; alone " in serving_bench.table(result)

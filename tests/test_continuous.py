@@ -30,7 +30,7 @@ def staggered(
     ``segments``, an admission that starts while rows decode runs that many segments (between the model's
     blocks) per decode step, in its own thread, as the scheduler's step budget runs it."""
     batch, outputs, index = RunningBatch(engine), {}, {}
-    slicer = Slicer(engine.adapter)
+    slicer = Slicer(engine.adapter, engine.runtime)
     waiting = sorted(range(len(requests)), key=lambda i: joins[i])
     admitting: tuple[list[int], SlicedCall] | None = None
     step = 0
@@ -104,6 +104,26 @@ def test_leaving_rows_free_their_cache():
     while len(batch):
         batch.step()
     assert batch.cache is None and batch.cached_tokens == 0
+
+
+def test_a_sliced_call_whose_checkpoints_fail_to_install_fails_alone_and_the_slicer_goes_on(monkeypatch):
+    engine = engine_for(FAMILIES[0])
+    slicer = Slicer(engine.adapter, engine.runtime)
+    try:
+        install = slicer.checkpoints.install
+        monkeypatch.setattr(slicer.checkpoints, "install", lambda call: (_ for _ in ()).throw(RuntimeError("no hooks")))
+        failing = slicer.call(lambda: "never")
+        assert failing.run() and engine.runtime.attention_pre_hooks == {}
+        with pytest.raises(RuntimeError, match="no hooks"):
+            failing.result()
+        monkeypatch.setattr(slicer.checkpoints, "install", install)
+        paused = slicer.call(lambda: engine.generate_batch([GenerationRequest(prompt=QUESTIONS[0], max_new_tokens=2)])[0])
+        assert not paused.run(Slice(segments=1)) and len(engine.runtime.attention_pre_hooks) == 1  # paused, hooked
+        while not paused.run(Slice(segments=3)):
+            pass
+        assert paused.slices > 2 and paused.result().token_ids and engine.runtime.attention_pre_hooks == {}
+    finally:
+        slicer.close()
 
 
 @pytest.mark.parametrize("plan", [{}, {"carve": {}}, {"vemask": {}}], ids=["plain", "carve", "vemask"])

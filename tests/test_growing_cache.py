@@ -83,3 +83,21 @@ def test_selected_rows_are_copied_once_with_room():
     assert torch.equal(kept.layers[0].keys, cache.layers[0].keys[[2, 0], :, 1:])
     assert torch.equal(kept.layers[0].values, cache.layers[0].values[[2, 0], :, 1:])
     assert kept.layers[0].buffers[0].shape == (2 + 1, 2, 6 + 4, 4)  # the kept rows and tokens, with the room
+
+
+def test_keeping_the_first_rows_whole_copies_nothing_and_their_old_rows_take_the_next_newcomer():
+    cache = GrowingCache(spare=4, spare_rows=0)
+    cache.update(*_states(3, 7, 0), 0)
+    keys, values = cache.layers[0].keys.clone(), cache.layers[0].values.clone()
+    kept = cache.rows(torch.tensor([0, 1]), start=0)
+    assert torch.equal(kept.layers[0].keys, keys[:2]) and torch.equal(kept.layers[0].values, values[:2])
+    assert kept.layers[0].keys.data_ptr() == cache.layers[0].keys.data_ptr()  # no copy
+    step = _states(2, 1, 1)
+    assert torch.equal(kept.update(*step, 0)[0], torch.cat([keys[:2], step[0]], dim=2))  # decodes on in place
+    newcomer = GrowingCache()
+    newcomer.update(*_states(1, 6, 2), 0)
+    joined = kept.with_rows(newcomer, 8)
+    assert joined.layers[0].keys.data_ptr() == cache.layers[0].keys.data_ptr()  # into the dropped row: no copy
+    assert torch.equal(joined.layers[0].keys, _stacked_reference(kept.layers[0].keys, newcomer.layers[0].keys, 8))
+    reordered = cache.rows(torch.tensor([1, 0]), start=0)  # not the first rows in order: copied
+    assert reordered.layers[0].keys.data_ptr() != cache.layers[0].keys.data_ptr()

@@ -94,20 +94,35 @@ async def short_behind_long(scheduler: Scheduler, short_tokens: int, long_tokens
 
 async def joiner(
     scheduler: Scheduler, method: str | None, stream_tokens: int, join_tokens: int, delay: float, seed: int = 0,
+    alone: Timeline | None = None,
 ) -> dict[str, Any]:
-    """One plain stream, one request joining it after ``delay`` (plain, or with ``method`` at its defaults)."""
+    """One plain stream, one request joining it after ``delay`` (plain, or with ``method`` at its defaults). The
+    longest gap counts the stream's gaps while the joiner was there (from its sending to its end, its leaving
+    included); ``alone``, the same stream run with nothing joining, gives the longest gap of the same window without
+    a joiner: what the machine's own jitter puts there."""
     running = asyncio.ensure_future(_send(scheduler, _request("long", stream_tokens, 200 + seed)))
     await asyncio.sleep(delay)
     joined = await _send(scheduler, _request("short", join_tokens, 300 + seed, {method: {}} if method else None))
     stream = await running
-    pairs = list(zip(stream.tokens, stream.tokens[1:]))
-    gaps = [b - a for a, b in pairs]
-    after = [b - a for a, b in pairs if b >= joined.sent]  # gaps once it was sent
-    beside = [b - a for a, b in pairs if joined.tokens and joined.tokens[0] < b <= joined.done]  # while it decodes too
-    median, longest = statistics.median(gaps), max(after or [0.0])
+    start, end = joined.sent - stream.sent, joined.done - stream.sent  # the joiner's window, from the stream's start
+    gaps = _gaps(stream)
+    during = _window(stream, start, end)
+    beside = [b - a for a, b in zip(stream.tokens, stream.tokens[1:]) if joined.tokens and joined.tokens[0] < b <= joined.done]
+    median, longest = statistics.median(gaps), max(during or [0.0])
+    control = _window(alone, start, end) if alone is not None else []
     return {"joiner": method or "plain", "stream_tokens": len(stream.tokens), "joined_s": joined.done - joined.sent,
             "median_gap_s": median, "longest_gap_s": longest, "ratio": longest / median, "status": joined.status,
+            "alone_gap_s": max(control) if control else None,
             "beside_gap_s": statistics.median(beside) if beside else None, "stream_outlasted": stream.done >= joined.done}
+
+
+def _gaps(timeline: Timeline) -> list[float]:
+    return [b - a for a, b in zip(timeline.tokens, timeline.tokens[1:])]
+
+
+def _window(timeline: Timeline, start: float, end: float) -> list[float]:
+    """The gaps of ``timeline`` that overlap ``[start, end]`` (seconds after it was sent)."""
+    return [b - a for a, b in zip(timeline.tokens, timeline.tokens[1:]) if b - timeline.sent >= start and a - timeline.sent <= end]
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -185,8 +200,9 @@ async def _measure(scheduler: Any, methods: list[str], joiners: list[str], args:
     result = {"short_behind_long": await short_behind_long(scheduler, args.short_tokens, args.long_tokens, args.delay, args.reps)}
     if args.joiners is not None:
         names = [None, *joiners]
+        alone = await _send(scheduler, _request("long", args.joiner_stream_tokens, 199))  # the control: nothing joins
         result["joiners"] = [
-            await joiner(scheduler, name, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay, i)
+            await joiner(scheduler, name, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay, i, alone)
             for i, name in enumerate(names)
         ]
     for rate in args.rate:
@@ -217,14 +233,20 @@ def table(result: dict[str, Any]) -> str:
                     f"{s['short_behind_long_s']:.2f} s against {s['short_alone_s']:.2f} s alone ({s['ratio']:.2f}x)")
     if any(run.get("joiners") for run in runs):
         heads = [f"step budget {_budget(run)}" for run in runs if run.get("joiners")]
-        rows += ["", "A running stream while one request joins: its longest gap (x its median gap), its median gap while the "
-                 "joiner decodes beside it (the grown batch's step), and the joiner's own time:", "",
+        tables = [run["joiners"] for run in runs if run.get("joiners")]
+        windowed = any("alone_gap_s" in r for t in tables for r in t)  # records before it: every gap after the sending
+        longest = ("its longest gap while the joiner was there, from its sending to its leaving (x its median gap; "
+                   "alone: the longest gap of the same window in the same stream with nothing joining)" if windowed
+                   else "its longest gap after the joiner was sent (x its median gap)")
+        rows += ["", f"A running stream while one request joins: {longest}, its median gap while the joiner decodes beside "
+                 "it (the grown batch's step), and the joiner's own time:", "",
                  "| the request that joins | " + " | ".join(f"{h}: longest gap | beside | joiner's time" for h in heads) + " |",
                  "|---|" + "---|---|---|" * len(heads)]
-        tables = [run["joiners"] for run in runs if run.get("joiners")]
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
+        alone = lambda r: f"; alone {ms(r['alone_gap_s'])}" if r.get("alone_gap_s") is not None else ""  # noqa: E731
         for i, first in enumerate(tables[0]):
-            cells = [f"{t[i]['longest_gap_s'] * 1000:.0f} ms ({t[i]['ratio']:.1f}x){'' if t[i].get('stream_outlasted', True) else ' †'}"
+            cells = [f"{t[i]['longest_gap_s'] * 1000:.0f} ms ({t[i]['ratio']:.1f}x{alone(t[i])})"
+                     f"{'' if t[i].get('stream_outlasted', True) else ' †'}"
                      f" | {ms(t[i].get('beside_gap_s'))} | {t[i]['joined_s']:.2f} s" for t in tables]
             rows.append(f"| {first['joiner']} | " + " | ".join(cells) + " |")
         medians = ", ".join(f"{h}: {statistics.median(r['median_gap_s'] for r in t) * 1000:.0f} ms" for h, t in zip(heads, tables))
