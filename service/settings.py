@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         ),
     )
     step_budget: float | None = Field(
-        2.0, gt=0,
+        1.0, gt=0,
         description=(
             "Newcomer work (admission passes and prefill) run per decode step while rows decode, as a multiple of "
             "the decode step's time: a running stream's longest gap is about 1 + step_budget decode steps, a "

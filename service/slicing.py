@@ -59,10 +59,11 @@ class StepBudget:
     own time (a moving average), at least ``floor_s``; or, where ``segments`` is set, that many segments between
     checkpoints (machine-independent: the tests draw it). A running row's longest gap between tokens is then
     about ``1 + ratio`` decode steps, and a newcomer's admission while rows decode takes about ``1 + 1 / ratio``
-    times its time alone. The default, 2, is the budget of ``seeright bench --serving --step-budget 0 1 2``'s record
-    in docs/engines.md with the smaller cost to time to first token and throughput."""
+    times its time alone. The default, 1, is the budget of ``seeright bench --serving --step-budget 0 1 2``'s records
+    in docs/engines.md whose longest gaps stay near 3x the median gap, at no cost to time to first token at 0.5
+    arrivals/s (2 costs less of it at 1 and 2 arrivals/s, but its gaps reach 3.3-5.5x)."""
 
-    ratio: float = 2.0
+    ratio: float = 1.0
     floor_s: float = 0.005
     segments: int | None = None
 
