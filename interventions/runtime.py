@@ -16,8 +16,9 @@ active it installs the hooks that context's methods need, and only those:
 * where a row carries a LoRA adapter, forward hooks that add its low-rank delta to its own rows of each adapted
   linear layer (:mod:`seeright.interventions.lora`).
 
-``Runtime.register_attention_pre_hook`` adds a callback that the attention function calls first, with the layer's
-attention module (the scheduler's slicer pauses an admission there: :mod:`seeright.service.slicing`).
+``Runtime.register_attention_hook`` adds a callback that the attention function calls with the layer's attention
+module and a stage: ``"start"`` first, then, where rows are recomputed with edits, ``"scores"`` and ``"probs"``
+after each of those (the scheduler's slicer pauses an admission there: :mod:`seeright.service.slicing`).
 
 The attention function runs SDPA for the rows of the batch that need no attention probabilities in this
 layer, and recomputes eagerly the rows that do, for their needed query rows only (at decode one row per
@@ -38,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -210,15 +212,21 @@ class Runtime:
             setattr(layer.self_attn, RUNTIME_ATTR, self)
         self.lora_modules = row_modules(model, adapter.language_model)
         self.lora_stacks = LoraStacks()
-        self.attention_pre_hooks: OrderedDict[int, Callable[[nn.Module], None]] = OrderedDict()
+        self.attention_hooks: OrderedDict[int, Callable[[nn.Module, str], None]] = OrderedDict()
 
-    def register_attention_pre_hook(self, hook: Callable[[nn.Module], None]) -> RemovableHandle:
-        """Call ``hook(attention module)`` at the start of every decoder layer's attention function, in every
-        thread (a hook that should act in one thread checks, as :func:`this_thread_only` does), until the handle is
-        removed."""
-        handle = RemovableHandle(self.attention_pre_hooks)
-        self.attention_pre_hooks[handle.id] = hook
+    def register_attention_hook(self, hook: Callable[[nn.Module, str], None]) -> RemovableHandle:
+        """Call ``hook(attention module, stage)`` in every decoder layer's attention function: at its start
+        (``"start"``) and, where it recomputes rows with the methods' edits, after their scores (``"scores"``) and
+        after their probabilities (``"probs"``); in every thread (a hook that should act in one thread checks, as
+        :func:`this_thread_only` does), until the handle is removed."""
+        handle = RemovableHandle(self.attention_hooks)
+        self.attention_hooks[handle.id] = hook
         return handle
+
+    def reached(self, module: nn.Module, stage: str) -> None:
+        """Run the attention hooks for ``module`` at ``stage``."""
+        for hook in tuple(self.attention_hooks.values()):
+            hook(module, stage)
 
     @property
     def context(self) -> ForwardContext | None:
@@ -334,13 +342,19 @@ def eager_scores(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor | No
 def edited_attention(
     groups: list[Group], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None,
     keep: torch.Tensor | None, scaling: float, layer: int, step: int, q0: int,
+    reached: Callable[[str], None] | None = None,
 ) -> torch.Tensor | None:
     """Attention with the methods' edits, for query rows ``q0:``: scores, each group's ``edit_scores``, softmax,
     each group's ``edit_probs``, then the weighted values ``[n, q - q0, H, d]`` (None without ``value``: rows
     that are only read). ``query`` ``[n, H, q - q0, d]``, ``key``/``value`` ``[n, H_kv, T, d]`` (grouped as in
-    :func:`eager_scores`). Both engines' runtimes call it (:mod:`seeright.service.vllm.worker`)."""
+    :func:`eager_scores`). Both engines' runtimes call it (:mod:`seeright.service.vllm.worker`); ``reached`` is called
+    after the scores and after the probabilities (``"scores"``, ``"probs"``)."""
     scores = _edit(groups, "edit_scores", eager_scores(query, key, keep, scaling), layer, step, q0)
+    if reached is not None:
+        reached("scores")
     probs = _edit(groups, "edit_probs", torch.softmax(scores, dim=-1), layer, step, q0)
+    if reached is not None:
+        reached("probs")
     if value is None:
         return None
     n, heads, q, total = probs.shape
@@ -387,9 +401,9 @@ def seeright_attention(
     twice. Otherwise SDPA runs for the whole batch and those rows are gathered and recomputed.
     """
     runtime: Runtime | None = getattr(module, RUNTIME_ATTR, None)
-    if runtime is not None and runtime.attention_pre_hooks:
-        for hook in tuple(runtime.attention_pre_hooks.values()):
-            hook(module)
+    reached = partial(runtime.reached, module) if runtime is not None and runtime.attention_hooks else None
+    if reached is not None:
+        reached("start")
     ctx = runtime.context if runtime is not None else None
     plan = ctx.probs_plan(module.layer_idx, query.device) if ctx is not None else None
     kw = dict(dropout=dropout, scaling=scaling, **kwargs)
@@ -414,7 +428,7 @@ def seeright_attention(
     keep = keep_mask(attention_mask, plan.rows, q0, q_len, kv_len, device)
     values = pick(value) if plan.any_write else None
     new = edited_attention(plan.groups, pick(query)[:, :, q0:], pick(key), values, keep, scaling, layer, ctx.step,
-                           q0)  # [n, q', H, d]
+                           q0, reached)  # [n, q', H, d]
     if new is not None:
         if own is None:
             own = new.contiguous()

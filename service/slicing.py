@@ -5,7 +5,7 @@ CARVE's collection generations, VE masking's attack; then its prefill), and a fi
 (AGSER's), run in a thread of their own as a :class:`SlicedCall` (run by a :class:`Slicer`'s one thread), strictly
 alternating with the scheduler's thread: the scheduler hands it a :class:`Slice`, waits until it pauses or ends,
 then runs one decode step of the running rows. The call pauses at :class:`Checkpoints`, forward pre-hooks on every
-linear layer and every attention module in the blocks of the language model and the vision tower, and the start of
+linear layer and every attention module in the blocks of the language model and the vision tower, and points in
 the language model's attention function (a few milliseconds of work apart for a 7B model's prompt on a GPU, up to
 tens on a CPU), which act only in a sliced call's own thread. The admission computes exactly what it computes whole
 (the same forwards, only split in time), whatever the method, so a running row waits at most one slice of newcomer
@@ -84,8 +84,9 @@ class Abandoned(Exception):
 
 class Checkpoints:
     """Pre-hooks on every linear layer and attention module inside the blocks of the vision tower and the language
-    model, and (given the runtime) at the start of the language model's attention function, between the key/value
-    projections and the attention itself, where the sliced call bound to the current thread may pause; in any
+    model, and (given the runtime) in the language model's attention function (at its start, between the key/value
+    projections and the attention itself, and between the stages of an attention recomputed with edits: scores,
+    probabilities, weighted values), where the sliced call bound to the current thread may pause; in any
     other thread they do nothing. They are installed only while a call runs (``install`` / ``remove`` from the
     slicer's thread, outside any forward), so traffic with nothing joining pays nothing for them."""
 
@@ -104,7 +105,7 @@ class Checkpoints:
         self._local.call = call
         self._handles = [module.register_forward_pre_hook(partial(self._reached, key)) for module, key in self._points]
         if self._runtime is not None:
-            self._handles.append(self._runtime.register_attention_pre_hook(lambda module: self.reached("text attention")))
+            self._handles.append(self._runtime.register_attention_hook(lambda module, stage: self.reached(f"text attention {stage}")))
 
     def remove(self) -> None:
         """Remove the hooks and unbind the current thread's call."""

@@ -113,15 +113,15 @@ def test_a_sliced_call_whose_checkpoints_fail_to_install_fails_alone_and_the_sli
         install = slicer.checkpoints.install
         monkeypatch.setattr(slicer.checkpoints, "install", lambda call: (_ for _ in ()).throw(RuntimeError("no hooks")))
         failing = slicer.call(lambda: "never")
-        assert failing.run() and engine.runtime.attention_pre_hooks == {}
+        assert failing.run() and engine.runtime.attention_hooks == {}
         with pytest.raises(RuntimeError, match="no hooks"):
             failing.result()
         monkeypatch.setattr(slicer.checkpoints, "install", install)
         paused = slicer.call(lambda: engine.generate_batch([GenerationRequest(prompt=QUESTIONS[0], max_new_tokens=2)])[0])
-        assert not paused.run(Slice(segments=1)) and len(engine.runtime.attention_pre_hooks) == 1  # paused, hooked
+        assert not paused.run(Slice(segments=1)) and len(engine.runtime.attention_hooks) == 1  # paused, hooked
         while not paused.run(Slice(segments=3)):
             pass
-        assert paused.slices > 2 and paused.result().token_ids and engine.runtime.attention_pre_hooks == {}
+        assert paused.slices > 2 and paused.result().token_ids and engine.runtime.attention_hooks == {}
     finally:
         slicer.close()
 
