@@ -60,8 +60,8 @@ class StepBudget:
     checkpoints (machine-independent: the tests draw it). A running row's longest gap between tokens is then
     about ``1 + ratio`` decode steps, and a newcomer's admission while rows decode takes about ``1 + 1 / ratio``
     times its time alone. The default, 1, is the budget of ``seeright bench --serving --step-budget 0 1 2``'s records
-    in docs/engines.md whose longest gaps stay near 3x the median gap, at no cost to time to first token at 0.5
-    arrivals/s (2 costs less of it at 1 and 2 arrivals/s, but its gaps reach 3.3-5.5x)."""
+    in docs/engines.md whose longest gaps stay near 3x the median gap (2's reach 3-5.5x), with a median time to
+    first token at 0.5 arrivals/s within 1.25x of whole admissions'."""
 
     ratio: float = 1.0
     floor_s: float = 0.005
