@@ -105,19 +105,14 @@ async def joiner(
     joined = await _send(scheduler, _request("short", join_tokens, 300 + seed, {method: {}} if method else None))
     stream = await running
     start, end = joined.sent - stream.sent, joined.done - stream.sent  # the joiner's window, from the stream's start
-    gaps = _gaps(stream)
-    during = _window(stream, start, end)
-    beside = [b - a for a, b in zip(stream.tokens, stream.tokens[1:]) if joined.tokens and joined.tokens[0] < b <= joined.done]
-    median, longest = statistics.median(gaps), max(during or [0.0])
+    pairs = list(zip(stream.tokens, stream.tokens[1:]))
+    beside = [b - a for a, b in pairs if joined.tokens and joined.tokens[0] < b <= joined.done]  # while it decodes too
+    median, longest = statistics.median(b - a for a, b in pairs), max(_window(stream, start, end) or [0.0])
     control = _window(alone, start, end) if alone is not None else []
     return {"joiner": method or "plain", "stream_tokens": len(stream.tokens), "joined_s": joined.done - joined.sent,
             "median_gap_s": median, "longest_gap_s": longest, "ratio": longest / median, "status": joined.status,
             "alone_gap_s": max(control) if control else None,
             "beside_gap_s": statistics.median(beside) if beside else None, "stream_outlasted": stream.done >= joined.done}
-
-
-def _gaps(timeline: Timeline) -> list[float]:
-    return [b - a for a, b in zip(timeline.tokens, timeline.tokens[1:])]
 
 
 def _window(timeline: Timeline, start: float, end: float) -> list[float]:
