@@ -16,9 +16,10 @@ active it installs the hooks that context's methods need, and only those:
 * where a row carries a LoRA adapter, forward hooks that add its low-rank delta to its own rows of each adapted
   linear layer (:mod:`seeright.interventions.lora`).
 
-``Runtime.register_attention_hook`` adds a callback that the attention function calls with the layer's attention
-module and a stage: ``"start"`` first, then, where rows are recomputed with edits, ``"scores"`` and ``"probs"``
-after each of those (the scheduler's slicer pauses an admission there: :mod:`seeright.service.slicing`).
+``Runtime.register_progress_hook`` adds a callback that code run on the model calls with where it is: the attention
+function with ``"text attention start"`` first, then, where rows are recomputed with edits, ``"text attention
+scores"`` and ``"text attention probs"`` after each of those; the engine's admission between its stages (the
+scheduler's slicer pauses an admission there: :mod:`seeright.service.slicing`).
 
 The attention function runs SDPA for the rows of the batch that need no attention probabilities in this
 layer, and recomputes eagerly the rows that do, for their needed query rows only (at decode one row per
@@ -39,7 +40,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -212,21 +212,22 @@ class Runtime:
             setattr(layer.self_attn, RUNTIME_ATTR, self)
         self.lora_modules = row_modules(model, adapter.language_model)
         self.lora_stacks = LoraStacks()
-        self.attention_hooks: OrderedDict[int, Callable[[nn.Module, str], None]] = OrderedDict()
+        self.progress_hooks: OrderedDict[int, Callable[[str], None]] = OrderedDict()
 
-    def register_attention_hook(self, hook: Callable[[nn.Module, str], None]) -> RemovableHandle:
-        """Call ``hook(attention module, stage)`` in every decoder layer's attention function: at its start
-        (``"start"``) and, where it recomputes rows with the methods' edits, after their scores (``"scores"``) and
-        after their probabilities (``"probs"``); in every thread (a hook that should act in one thread checks, as
+    def register_progress_hook(self, hook: Callable[[str], None]) -> RemovableHandle:
+        """Call ``hook(where)`` at the points :meth:`reached` names: in every decoder layer's attention function at
+        its start (``"text attention start"``) and, where it recomputes rows with the methods' edits, after their
+        scores and probabilities (``"text attention scores"``, ``"... probs"``); between an admission's stages
+        (``"admission ..."``). In every thread (a hook that should act in one thread checks, as
         :func:`this_thread_only` does), until the handle is removed."""
-        handle = RemovableHandle(self.attention_hooks)
-        self.attention_hooks[handle.id] = hook
+        handle = RemovableHandle(self.progress_hooks)
+        self.progress_hooks[handle.id] = hook
         return handle
 
-    def reached(self, module: nn.Module, stage: str) -> None:
-        """Run the attention hooks for ``module`` at ``stage``."""
-        for hook in tuple(self.attention_hooks.values()):
-            hook(module, stage)
+    def reached(self, where: str) -> None:
+        """Run the progress hooks at ``where``."""
+        for hook in tuple(self.progress_hooks.values()):
+            hook(where)
 
     @property
     def context(self) -> ForwardContext | None:
@@ -376,6 +377,11 @@ def _edit(groups: list[Group], what: str, tensor: torch.Tensor, layer: int, step
     return tensor
 
 
+def _attention_progress(runtime: Runtime) -> Callable[[str], None]:
+    """``reached(stage)`` for the attention function: the runtime's progress hooks at ``"text attention {stage}"``."""
+    return lambda stage: runtime.reached(f"text attention {stage}")
+
+
 def _sdpa_rows(module, query, key, value, attention_mask, lo, hi, **kwargs):
     """SDPA on batch rows ``lo:hi`` (views, no copies)."""
     mask = attention_mask
@@ -401,7 +407,7 @@ def seeright_attention(
     twice. Otherwise SDPA runs for the whole batch and those rows are gathered and recomputed.
     """
     runtime: Runtime | None = getattr(module, RUNTIME_ATTR, None)
-    reached = partial(runtime.reached, module) if runtime is not None and runtime.attention_hooks else None
+    reached = _attention_progress(runtime) if runtime is not None and runtime.progress_hooks else None
     if reached is not None:
         reached("start")
     ctx = runtime.context if runtime is not None else None

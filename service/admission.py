@@ -18,6 +18,7 @@ from seeright.interventions.adapters import ChatTurn, EncodedPrompt, ModelAdapte
 from seeright.interventions.lora import Lora
 from seeright.interventions.methods.base import Passes, RequestInputs, RowState
 from seeright.interventions.registry import MethodRegistry
+from seeright.interventions.runtime import Runtime
 from seeright.service.model_configs import ModelConfig
 from seeright.service.requests import GenerationRequest, RequestError
 
@@ -31,6 +32,7 @@ class Admission:
     adapter: ModelAdapter
     passes: Passes
     loras: dict[str, Lora]  # LoRA adapters by name (a request's ``adapter``)
+    runtime: Runtime  # ``admit`` reports its stages to its progress hooks (where a sliced admission may pause)
     max_prompt_tokens: int | None = None  # a longer prompt (images included) is a 400 naming ``messages``
 
     def encode(self, turns: list[ChatTurn], images: list) -> EncodedPrompt:
@@ -38,7 +40,9 @@ class Admission:
 
     def admit(self, requests: Sequence[GenerationRequest]) -> tuple[list[RequestInputs], list[list[RowState]]]:
         """Everything before decoding: check, bind, fit images, rewrite, encode, analysis passes (batched per
-        method). Each request's inputs (with its encoded prompt) and its rows' method states."""
+        method). Each request's inputs (with its encoded prompt) and its rows' method states. The runtime's progress
+        hooks are called after each method's rewrite and preparation and each contrast prompt (``"admission ..."``;
+        the passes' ``encode`` calls them after each prompt)."""
         for r in requests:
             self._check_images(r)
         inputs = [RequestInputs(turns=r.chat(), images=list(r.images), lora=self.lora_of(r)) for r in requests]
@@ -50,6 +54,7 @@ class Admission:
             users = [s for row in states for s in row if s.hooks is method]
             if users:
                 method.rewrite(users, self.passes)
+                self.runtime.reached("admission rewrite")
         for i, inp in enumerate(inputs):
             try:
                 inp.prompt = self.passes.encode(inp.turns, inp.images)
@@ -67,10 +72,12 @@ class Admission:
             users = [s for row in states for s in row if s.hooks is method]
             if users:
                 method.prepare(users, self.passes)
+                self.runtime.reached("admission prepare")
         for row in states:
             for state in row:
                 if state.hooks.contrasts(state.params):
                     state.data["contrast_prompt"] = state.hooks.contrast_prompt(state, self.passes)
+                    self.runtime.reached("admission contrast")
         return inputs, states
 
     def lora_of(self, request: GenerationRequest) -> Lora | None:

@@ -135,6 +135,11 @@ class Joined:
     positions: torch.Tensor
     prefills: list[Prefilled]
 
+    @property
+    def newcomers(self) -> list[Row]:
+        """The prefilled rows, in the order of their logits (a request's branch may be in another prefill)."""
+        return [row for p in self.prefills for row in p.rows]
+
 
 class RunningBatch:
     """The rows of one engine being decoded together. ``prepare``, ``prefill`` and ``joined`` change no batch
@@ -220,13 +225,18 @@ class RunningBatch:
 
     def join(self, rows: list[Row]) -> None:
         """Prefill prepared rows (and their contrast branches and candidates) together and add them to the batch."""
-        self.install(self.joined([self.prefill(rows)]))
+        self.install(self.joined(self.prefill(rows)))
 
-    def prefill(self, rows: list[Row]) -> Prefilled:
-        """One prefill forward of prepared rows (with their branches and candidates) alone; the batch is not
-        touched."""
+    def prefill(self, rows: list[Row], apart: bool = False) -> list[Prefilled]:
+        """Prefill prepared rows (with their branches and candidates) alone, the batch untouched: one forward of
+        them all, or with ``apart`` one forward per row (a request's contrast branch and candidates included), so
+        that a sliced admission's segments hold one row's work (:mod:`seeright.service.slicing`)."""
+        members = [member for row in rows for member in row.members()]
+        return [self._prefill(group) for group in ([[m] for m in members] if apart else [members])]
+
+    def _prefill(self, rows: list[Row]) -> Prefilled:
+        """One prefill forward of ``rows``."""
         engine = self.engine
-        rows = [member for row in rows for member in row.members()]
         prompts, states = [row.prompt for row in rows], [row.states for row in rows]
         with torch.inference_mode():
             batch = engine.collate(prompts)
@@ -262,8 +272,7 @@ class RunningBatch:
             joined = self.joined(joined.prefills)
         self.rows, self.cache, self.mask, self.positions = joined.rows, joined.cache, joined.mask, joined.positions
         self._relayout()
-        for p in joined.prefills:
-            self._take(p.rows, p.logits)
+        self._take(joined.newcomers, torch.cat([p.logits for p in joined.prefills]))
 
     @property
     def reserved(self) -> int:

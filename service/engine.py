@@ -38,7 +38,7 @@ from seeright.interventions.registry import MethodRegistry
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.model_zoo import builtin_model, resolve_model_path
 from seeright.service.admission import Admission, image_counts, place_rows, row_loras
-from seeright.service.batching import RunningBatch
+from seeright.service.batching import Row, RunningBatch
 from seeright.service.decoding import RowDecoding, RowSampler, RowStops, RowStreamer
 from seeright.service.growing_cache import GrowingCache
 from seeright.service.model_configs import ModelConfig, find_model_config
@@ -317,10 +317,16 @@ class Engine(Admission):
     def greedy(
         self, prompts: Sequence[EncodedPrompt], rows: Sequence[Sequence[RowState]], max_new_tokens: int
     ) -> list[list[int]]:
-        """Batched greedy generation with ``rows``' hooks; the new token ids of each row."""
-        decoding = [RowDecoding(max_new_tokens)] * len(prompts)
-        sequences, _, prompt_len, _ = self._generate(prompts, rows, decoding, None, None)
-        return [seq[prompt_len:].tolist() for seq in sequences]
+        """Greedy generation with ``rows``' hooks, in a running batch of its own: each row prefilled in a forward of
+        its own (so that a sliced admission's segments hold one row's work, :mod:`seeright.service.slicing`), then
+        all decoded together. The new token ids of each row, up to its EOS or ``max_new_tokens``."""
+        batch, request = RunningBatch(self), GenerationRequest(max_new_tokens=max_new_tokens)
+        members = [Row(request, prompt, list(states), decoding_of(request), lora=lora)
+                   for prompt, states, lora in zip(prompts, rows, row_loras(rows))]
+        batch.install(batch.joined(batch.prefill(members, apart=True)))
+        while len(batch):
+            batch.step()
+        return [row.tokens for row in members]
 
     def _generate(
         self,
@@ -504,7 +510,11 @@ class EnginePasses:
         self.cache = Memo()
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
-        return self._engine.encode(turns, images)
+        """The prompt's tokens and images; then the runtime's progress hooks at ``"admission encode"`` (a sliced
+        admission may pause after each prompt's image processing)."""
+        prompt = self._engine.encode(turns, images)
+        self._engine.runtime.reached("admission encode")
+        return prompt
 
     def eos_token_ids(self) -> list[int]:
         return self._engine.eos_token_ids()

@@ -2,8 +2,8 @@
 
 Requests wait in a bounded queue. One worker thread owns the engine: between decoding steps it admits
 waiting requests into the running batch (up to ``max_batch_size`` rows; their prefill runs as one forward
-of the newcomers; while rows decode, at most one newcomer whose methods run extra passes is admitted at a
-time), then runs one decode step for every running row; a row leaves as soon as it finishes or its client
+of the newcomers, or one per row while rows decode under a step budget; while rows decode, at most one newcomer
+whose methods run extra passes is admitted at a time), then runs one decode step for every running row; a row leaves as soon as it finishes or its client
 goes, and its cache rows are freed at once (``seeright.service.batching.RunningBatch``). So a short request
 never waits for a long one to finish. With ``step_budget`` (on by default), work that starts while rows decode
 (an admission; a finished request's reflection passes) runs a slice per decode step, paused between blocks of
@@ -136,7 +136,7 @@ class Scheduler:
         self.batch_wait_s = batch_wait_s
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.running = 0
-        self.batches = 0  # admission batches: newcomers prefilled together
+        self.batches = 0  # admissions that joined rows to the batch
         self.cancelled = 0
         self._thread: threading.Thread | None = None
 
@@ -267,8 +267,8 @@ class Scheduler:
         joined, waiting = admission.call.result()
         if joined is not None:
             batch.install(joined)
-            self.batches += len(joined.prefills)
-            for row in [row for p in joined.prefills for row in p.rows]:
+            self.batches += 1
+            for row in joined.newcomers:
                 if row.parent is None and row.reason is not None:  # finished with its first token
                     self._finish(batch, row, jobs)
         return waiting
@@ -355,11 +355,13 @@ class Scheduler:
         return fitting
 
     def _prefill(self, batch: RunningBatch, rows: list[Row], jobs: dict[int, Job]) -> list[Prefilled]:
-        """Prefill ``rows`` together; a failing prefill is retried row by row, so it fails alone."""
+        """Prefill ``rows``: together on an idle server; while rows decode under a step budget, one forward per row
+        (a contrast branch's and each candidate's too), so that no slice holds several rows' work. A failing
+        prefill is retried row by row, so it fails alone."""
         if not rows:
             return []
         try:
-            return [batch.prefill(rows)]
+            return batch.prefill(rows, apart=self.step_budget is not None and len(batch) > 0)
         except Exception as exc:  # isolate the failing request
             log.warning("prefill of %d failed: %r", len(rows), exc)
             if len(rows) == 1:

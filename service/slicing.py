@@ -84,10 +84,11 @@ class Abandoned(Exception):
 
 class Checkpoints:
     """Pre-hooks on every linear layer and attention module inside the blocks of the vision tower and the language
-    model, and (given the runtime) in the language model's attention function (at its start, between the key/value
-    projections and the attention itself, and between the stages of an attention recomputed with edits: scores,
-    probabilities, weighted values), where the sliced call bound to the current thread may pause; in any
-    other thread they do nothing. They are installed only while a call runs (``install`` / ``remove`` from the
+    model, and (given the runtime, as its progress hooks) in the language model's attention function (at its start,
+    between the key/value projections and the attention itself, and between the stages of an attention recomputed
+    with edits: scores, probabilities, weighted values) and between an admission's stages (each method's rewrite,
+    each prompt's encoding, ...), where the sliced call bound to the current thread may pause; in any other thread
+    they do nothing. They are installed only while a call runs (``install`` / ``remove`` from the
     slicer's thread, outside any forward), so traffic with nothing joining pays nothing for them."""
 
     def __init__(self, adapter: ModelAdapter, runtime: Runtime | None = None) -> None:
@@ -105,7 +106,7 @@ class Checkpoints:
         self._local.call = call
         self._handles = [module.register_forward_pre_hook(partial(self._reached, key)) for module, key in self._points]
         if self._runtime is not None:
-            self._handles.append(self._runtime.register_attention_hook(lambda module, stage: self.reached(f"text attention {stage}")))
+            self._handles.append(self._runtime.register_progress_hook(self.reached))
 
     def remove(self) -> None:
         """Remove the hooks and unbind the current thread's call."""

@@ -40,11 +40,12 @@ def staggered(
             if admitting is None and (now or not len(batch)):
                 now = now or [waiting[0]]
                 waiting = [i for i in waiting if i not in now]
-                admitting = now, slicer.call(lambda now=now: batch.joined([batch.prefill(batch.prepare([requests[i] for i in now]))]))
+                apart = bool(segments and len(batch))  # sliced: a forward per row, as the scheduler prefills then
+                admitting = now, slicer.call(lambda now=now, apart=apart: batch.joined(batch.prefill(batch.prepare([requests[i] for i in now]), apart)))
             if admitting is not None and admitting[1].run(Slice(segments=segments) if segments and len(batch) else UNBOUNDED):
                 joined = admitting[1].result()
                 batch.install(joined)
-                for i, row in zip(admitting[0], [r for r in joined.prefills[0].rows if r.parent is None]):
+                for i, row in zip(admitting[0], [r for r in joined.newcomers if r.parent is None]):
                     index[id(row)] = i
                     if row.reason is not None:
                         outputs[i] = batch.output(row)
@@ -113,15 +114,15 @@ def test_a_sliced_call_whose_checkpoints_fail_to_install_fails_alone_and_the_sli
         install = slicer.checkpoints.install
         monkeypatch.setattr(slicer.checkpoints, "install", lambda call: (_ for _ in ()).throw(RuntimeError("no hooks")))
         failing = slicer.call(lambda: "never")
-        assert failing.run() and engine.runtime.attention_hooks == {}
+        assert failing.run() and engine.runtime.progress_hooks == {}
         with pytest.raises(RuntimeError, match="no hooks"):
             failing.result()
         monkeypatch.setattr(slicer.checkpoints, "install", install)
         paused = slicer.call(lambda: engine.generate_batch([GenerationRequest(prompt=QUESTIONS[0], max_new_tokens=2)])[0])
-        assert not paused.run(Slice(segments=1)) and len(engine.runtime.attention_hooks) == 1  # paused, hooked
+        assert not paused.run(Slice(segments=1)) and len(engine.runtime.progress_hooks) == 1  # paused, hooked
         while not paused.run(Slice(segments=3)):
             pass
-        assert paused.slices > 2 and paused.result().token_ids and engine.runtime.attention_hooks == {}
+        assert paused.slices > 2 and paused.result().token_ids and engine.runtime.progress_hooks == {}
     finally:
         slicer.close()
 

@@ -19,7 +19,7 @@ LLaVA path writes ``"<image>\nUSER: {q}\nASSISTANT:"``, not LLaVA-1.5's ``"USER:
 Qwen it uses the chat template, as here. Resolution: ``max_pixels`` fits Qwen images as the release's processor
 (256*28*28) before anything else; LLaVA's processor resizes to 336 either way.
 
-Cost: two collection passes of up to ``collect_tokens`` steps (batched together) before the answer, whose
+Cost: two collection passes of up to ``collect_tokens`` steps (each prefilled alone, decoded together) before the answer, whose
 prompt carries a second image with the release's requery (about 2.6x a plain request on the benchmark
 model; the release reports 7.9x).
 
@@ -168,9 +168,9 @@ class _AttentionCollector(Hooks):
         last = probs[:, :, -1].mean(1)  # [n, T]
         for row, state in enumerate(states):
             maps = state.data["maps"]
-            if len(maps) <= step:
+            if layer == state.params.layers[0]:  # a forward's first read: a new step (its number is not needed)
                 maps.append([])
-            maps[step].append(last[row, state.layout.image_positions.to(probs.device)])
-            if len(maps[step]) == len(state.params.layers):
-                maps[step] = torch.stack(maps[step])
+            maps[-1].append(last[row, state.layout.image_positions.to(probs.device)])
+            if len(maps[-1]) == len(state.params.layers):
+                maps[-1] = torch.stack(maps[-1])
         return probs
