@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -43,7 +44,8 @@ T = TypeVar("T")
 class Slice:
     """How long a sliced call may run before it pauses: until ``seconds`` would be exceeded (the segment that
     starts at a checkpoint is predicted to cost what it cost when it last started at the same place of a block,
-    e.g. the attention of the layer before), or for ``segments`` segments. A call always runs at least one
+    e.g. the attention of the layer before, scaled by the size of the module's input: the first layer of a prompt's
+    prefill after a decode step's), or for ``segments`` segments. A call always runs at least one
     segment per slice, so it advances."""
 
     seconds: float = math.inf
@@ -115,15 +117,15 @@ class Checkpoints:
         self._handles = []
         self._local.call = None
 
-    def reached(self, key: str, alone: bool = False) -> None:
+    def reached(self, key: str, alone: bool = False, size: int | None = None) -> None:
         """Checkpoint ``key``: the current thread's sliced call (if any) may pause here (see
         :meth:`SlicedCall.checkpoint`)."""
         call = getattr(self._local, "call", None)
         if call is not None:
-            call.checkpoint(key, alone)
+            call.checkpoint(key, alone, size)
 
     def _reached(self, key: str, module: nn.Module, args: Any) -> None:
-        self.reached(key)
+        self.reached(key, size=args[0].numel() if args and isinstance(args[0], torch.Tensor) else None)
 
 
 class Slicer:
@@ -173,7 +175,8 @@ class SlicedCall(Generic[T]):
         self._began = self._last = 0.0
         self._segments = 0
         self._at: str | None = None  # the checkpoint the running segment started at
-        self._cost: dict[str, float] = {}  # the last cost of the segment that starts at each checkpoint
+        self._size: int | None = None  # the size of the input of the module the running segment starts with
+        self._cost: dict[str, tuple[float, int | None]] = {}  # the last cost of the segment from each checkpoint, its size
         self._abandoned = False
         self._value: T | None = None
         self._error: BaseException | None = None
@@ -214,17 +217,18 @@ class SlicedCall(Generic[T]):
         self._abandoned = True
         self.run()
 
-    def checkpoint(self, key: str, alone: bool = False) -> None:
-        """Called in the slicer's thread at checkpoint ``key`` (which module of a block): pause here if the slice is
-        spent, or would be by the segment that starts here; with ``alone``, also if anything ran in this slice."""
+    def checkpoint(self, key: str, alone: bool = False, size: int | None = None) -> None:
+        """Called in the slicer's thread at checkpoint ``key`` (which module of a block, with ``size`` the number of
+        elements of its input where known): pause here if the slice is spent, or would be by the segment that
+        starts here; with ``alone``, also if anything ran in this slice."""
         now = time.perf_counter()
         segment, self._last = now - self._last, now
         if self._at is not None:
-            self._cost[self._at] = segment
-        self._at = key
+            self._cost[self._at] = segment, self._size
+        self._at, self._size = key, size
         self._segments += 1
         s = self._slice
-        coming = self._cost.get(key, segment)
+        coming = _predicted(self._cost.get(key), size, segment)
         spent = (s.segments is not None and self._segments >= s.segments) or (now - self._began) + coming > s.seconds
         if not (spent or (alone and self._segments > 1)):
             return
@@ -245,3 +249,12 @@ class SlicedCall(Generic[T]):
             before_end()
             self.done = True
             self._paused.release()
+
+
+def _predicted(last: tuple[float, int | None] | None, size: int | None, fallback: float) -> float:
+    """The predicted cost of a segment: its last cost at the same checkpoint, scaled by the input's size when both
+    are known; ``fallback`` (the segment just run) for a checkpoint not met before."""
+    if last is None:
+        return fallback
+    cost, was = last
+    return cost * size / was if size and was else cost

@@ -127,6 +127,26 @@ def test_a_sliced_call_whose_checkpoints_fail_to_install_fails_alone_and_the_sli
         slicer.close()
 
 
+def test_a_segment_is_predicted_from_its_last_cost_at_the_same_checkpoint_scaled_by_its_input():
+    """The first layer of a prompt's prefill after a decode step's: the same module, a thousand times the input."""
+    engine = engine_for(FAMILIES[0])
+    slicer = Slicer(engine.adapter, engine.runtime)
+    after: list[bool] = []
+
+    def work() -> None:
+        slicer.checkpoints.reached("k", size=1)
+        time.sleep(0.002)
+        slicer.checkpoints.reached("k", size=1000)  # predicted 1000 x 2 ms: over the slice, so it pauses here
+        after.append(True)
+
+    try:
+        call = slicer.call(work)
+        assert not call.run(Slice(seconds=0.5)) and not after
+        assert call.run(Slice(seconds=0.5)) and after
+    finally:
+        slicer.close()
+
+
 @pytest.mark.parametrize("plan", [{}, {"carve": {}}, {"vemask": {}}], ids=["plain", "carve", "vemask"])
 def test_a_running_stream_keeps_decoding_while_a_newcomer_is_admitted(plan):
     """Through the scheduler with a step budget of two segments: the running request gets tokens between the
