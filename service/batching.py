@@ -3,8 +3,8 @@
 :class:`RunningBatch` holds the rows being decoded: one left-padded KV cache for all of them, their
 attention mask, each row's next position, method states and decoding settings. A newcomer joins in three
 parts: ``prepare`` (check, bind, rewrite, encode, analysis passes; ``Engine.admit``), ``prefill`` (one forward
-of the newcomers alone) and ``joined`` (their caches merged with the batch's, left-padding the shorter side);
-none of them changes the batch, so the scheduler may run them in its admission thread a slice at a time
+of the newcomers alone, or one per row) and ``joined`` (their caches merged with the batch's, left-padding the
+shorter side); none of them changes the batch, so the scheduler may run them in its admission thread a slice at a time
 (:mod:`seeright.service.slicing`). ``install`` then makes the merged batch the running one and takes the
 newcomers' first tokens (``admit`` does all of it at once). ``step()`` runs one decode forward for every running
 row and returns the rows that finished; their cache rows are dropped at once. Every forward is either a prefill

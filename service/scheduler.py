@@ -2,9 +2,9 @@
 
 Requests wait in a bounded queue. One worker thread owns the engine: between decoding steps it admits
 waiting requests into the running batch (up to ``max_batch_size`` rows; their prefill runs as one forward
-of the newcomers, or one per row while rows decode under a step budget; while rows decode, at most one newcomer
-whose methods run extra passes is admitted at a time), then runs one decode step for every running row; a row leaves as soon as it finishes or its client
-goes, and its cache rows are freed at once (``seeright.service.batching.RunningBatch``). So a short request
+of the newcomers, or one per row while rows decode under a step budget; while rows decode, at most one
+newcomer whose methods run extra passes is admitted at a time), then runs one decode step for every running
+row; a row leaves as soon as it finishes or its client goes, and its cache rows are freed at once (``seeright.service.batching.RunningBatch``). So a short request
 never waits for a long one to finish. With ``step_budget`` (on by default), work that starts while rows decode
 (an admission; a finished request's reflection passes) runs a slice per decode step, paused between blocks of
 the model in the slicer's thread (``seeright.service.slicing``): a running row's longest gap between tokens is
