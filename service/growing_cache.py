@@ -3,17 +3,21 @@
 transformers' ``DynamicCache`` appends each decode step's keys and values with ``torch.cat``, so every step copies
 the whole cache of every layer (rows x cached tokens), a cost that grows with the batch and the context and that
 the running rows pay at every token. Here each layer keeps its keys and values in buffers with room: ``spare``
-token slots along the sequence and ``spare_rows`` rows along the batch (the running batch keeps two on a CPU, where
-rows never written take no memory). ``keys`` and ``values`` are views of the buffers' first rows and tokens; an
-update writes the new tokens into the room, and a copy happens only when the room runs out (once per ``spare``
-tokens). The attention reads the same numbers as from a concatenated cache.
+token slots after the cached tokens and ``spare_rows`` rows along the batch (the running batch keeps two on a CPU,
+where rows never written take no memory). ``keys`` and ``values`` are views of the buffers' first rows and of
+their tokens from column ``start`` on; an update writes the new tokens into the room after them, and a copy
+happens only when that room runs out (once per ``spare`` tokens). The attention reads the same numbers as from a
+concatenated cache.
 
-Joining rows to a batch (:meth:`GrowingCache.with_rows`) writes the newcomers into the spare rows when their prompts
-fit the batch's length, without copying the running rows; otherwise it stacks all rows into new buffers.
+Dropping rows (:meth:`GrowingCache.rows`) keeps the buffers when the kept rows are the first ones: the padding no
+row needs any more is trimmed by moving ``start``, and those columns become leading room. Joining rows to the
+left-padded batch (:meth:`GrowingCache.with_rows`) writes the newcomers into the spare rows, and when their prompts
+are longer than the batch's rows, widens the batch into its leading room (the running rows' new padding zeroed
+there), without copying the running rows; only without enough room does it stack all rows into new buffers.
 
 Code that replaces ``keys`` / ``values`` (a crop or a row selection by transformers, the batch's drops) stays
-correct: an update checks that they are still views of the buffers' first rows and tokens, and moves them into new
-buffers if not.
+correct: an update checks that they are still views of the buffers' first rows from column ``start`` on, and
+moves them into new buffers if not.
 """
 
 from __future__ import annotations
@@ -27,47 +31,50 @@ DEFAULT_SPARE_ROWS = 2  # rows of room the running batch keeps on a CPU (service
 
 
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose ``keys`` / ``values`` ``[B, H, T, D]`` are views of the first rows and tokens of
-    buffers ``[B + row room, H, T + token room, D]``."""
+    """A ``DynamicLayer`` whose ``keys`` / ``values`` ``[B, H, T, D]`` are views of the first rows and of tokens
+    ``start : start + T`` of buffers ``[B + row room, H, start + T + token room, D]``."""
 
     def __init__(self, spare: int = DEFAULT_SPARE, spare_rows: int = 0) -> None:
         super().__init__()
         self.spare, self.spare_rows = spare, spare_rows
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.start = 0  # the buffers' column of the first cached token
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``key_states`` / ``value_states`` ``[B, H, q, D]`` after the cached tokens; return all of them."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         rows, length, new = key_states.shape[0], self.get_seq_length(), key_states.shape[-2]
-        if not self.in_buffers() or self.buffers[0].shape[2] < length + new or (length and self.keys.shape[0] != rows):
+        if (not self.in_buffers() or self.buffers[0].shape[2] < self.start + length + new
+                or (length and self.keys.shape[0] != rows)):
             self._regrow(key_states, value_states, length)
         keys, values = self.buffers
-        keys[:rows, :, length : length + new].copy_(key_states)
-        values[:rows, :, length : length + new].copy_(value_states)
-        self.keys, self.values = keys[:rows, :, : length + new], values[:rows, :, : length + new]
+        start, end = self.start, self.start + length
+        keys[:rows, :, end : end + new].copy_(key_states)
+        values[:rows, :, end : end + new].copy_(value_states)
+        self.keys, self.values = keys[:rows, :, start : end + new], values[:rows, :, start : end + new]
         return self.keys, self.values
 
     def in_buffers(self) -> bool:
-        """Whether ``keys`` / ``values`` are still views of the buffers' first rows and tokens (nothing replaced
-        them since the last update)."""
+        """Whether ``keys`` / ``values`` are still views of the buffers' first rows from column ``start`` on
+        (nothing replaced them since the last update)."""
         if self.buffers is None:
             return False
         for cached, buffer in zip((self.keys, self.values), self.buffers):
             if not cached.numel():
                 continue
-            if (cached.data_ptr() != buffer.data_ptr() or cached.stride() != buffer.stride() or cached.dtype != buffer.dtype
-                    or cached.shape[0] > buffer.shape[0] or cached.shape[1] != buffer.shape[1]):
+            if (cached.data_ptr() != buffer[:, :, self.start :].data_ptr() or cached.stride() != buffer.stride()
+                    or cached.dtype != buffer.dtype or cached.shape[0] > buffer.shape[0] or cached.shape[1] != buffer.shape[1]):
                 return False
         return True
 
-    def hold(self, keys: torch.Tensor, values: torch.Tensor, rows: int, length: int) -> None:
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, rows: int, length: int, start: int = 0) -> None:
         """Take ``keys`` / ``values`` ``[capacity rows, H, capacity tokens, D]`` as the buffers, their first ``rows``
-        rows and ``length`` tokens cached (no copy)."""
+        rows and ``length`` tokens from column ``start`` on cached (no copy)."""
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
-        self.buffers = (keys, values)
-        self.keys, self.values = keys[:rows, :, :length], values[:rows, :, :length]
+        self.buffers, self.start = (keys, values), start
+        self.keys, self.values = keys[:rows, :, start : start + length], values[:rows, :, start : start + length]
 
     def _regrow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int) -> None:
         """New buffers with room holding the ``length`` cached tokens."""
@@ -79,10 +86,10 @@ class GrowingLayer(DynamicLayer):
             if length:
                 buffer[:rows, :, :length].copy_(cached)
             buffers.append(buffer)
-        self.buffers = (buffers[0], buffers[1])
+        self.buffers, self.start = (buffers[0], buffers[1]), 0
 
     def reset(self) -> None:
-        self.buffers = None
+        self.buffers, self.start = None, 0
         super().reset()
 
 
@@ -99,20 +106,23 @@ class GrowingCache(DynamicCache):
         return GrowingLayer(self.spare, self.spare_rows)
 
     def with_rows(self, new: DynamicCache, width: int) -> GrowingCache:
-        """This cache's rows, then ``new``'s, left-padded with zeros to ``width`` tokens. ``new``'s rows are written
-        into this cache's spare rows when they fit (its rows already ``width`` tokens long): this cache is then
+        """This cache's rows, then ``new``'s, left-padded with zeros to ``width`` tokens (at least this cache's
+        length). ``new``'s rows are written into this cache's spare rows when there are enough, and this cache's rows
+        are widened into its leading room when ``width`` is longer (their new padding zeroed): this cache is then
         unchanged but shares its buffers with the result, which replaces it. Otherwise all rows are stacked into new
         buffers with room."""
         joined = GrowingCache(self.spare, self.spare_rows)
         for old, added in zip(self.layers, new.layers):
             layer = joined._layer()
-            rows, more = old.keys.shape[0], added.keys.shape[0]
-            fits = (isinstance(old, GrowingLayer) and old.in_buffers() and old.keys.shape[2] == width
+            rows, more, wider = old.keys.shape[0], added.keys.shape[0], width - old.keys.shape[2]
+            fits = (isinstance(old, GrowingLayer) and old.in_buffers() and 0 <= wider <= old.start
                     and old.buffers[0].shape[0] >= rows + more)
             if fits:
+                start = old.start - wider
                 for buffer, part in zip(old.buffers, (added.keys, added.values)):
-                    _write_padded(buffer[rows : rows + more], part, width, 2)
-                layer.hold(*old.buffers, rows + more, width)
+                    buffer[:rows, :, start : old.start].zero_()
+                    _write_padded(buffer[rows : rows + more, :, start:], part, width, 2)
+                layer.hold(*old.buffers, rows + more, width, start)
             else:
                 layer.hold(stacked(old.keys, added.keys, width, 2, self.spare, self.spare_rows),
                            stacked(old.values, added.values, width, 2, self.spare, self.spare_rows), rows + more, width)
@@ -120,11 +130,11 @@ class GrowingCache(DynamicCache):
         return joined
 
     def rows(self, index: torch.Tensor, start: int) -> GrowingCache:
-        """A new cache of the rows ``index`` of this one, from token ``start`` on: one copy of what it keeps, or none
-        when it keeps this cache's first rows whole (the rows after them become room; this cache then shares its
-        buffers with the result, which replaces it)."""
-        if start == 0 and self._first_rows_in_buffers(index):
-            return self._first_rows(len(index))
+        """A new cache of the rows ``index`` of this one, from token ``start`` on: none when it keeps this cache's
+        first rows (the rows after them become room, and the tokens before ``start`` leading room; this cache then
+        shares its buffers with the result, which replaces it), else one copy of what it keeps."""
+        if self._first_rows_in_buffers(index):
+            return self._first_rows(len(index), start)
         kept = GrowingCache(self.spare, self.spare_rows)
         for layer in self.layers:
             length = layer.keys.shape[2] - start
@@ -144,12 +154,13 @@ class GrowingCache(DynamicCache):
         first = torch.equal(index, torch.arange(len(index), device=index.device))
         return first and all(isinstance(layer, GrowingLayer) and layer.in_buffers() for layer in self.layers)
 
-    def _first_rows(self, count: int) -> GrowingCache:
-        """A cache of this one's first ``count`` rows, on the same buffers (no copy)."""
+    def _first_rows(self, count: int, trim: int) -> GrowingCache:
+        """A cache of this one's first ``count`` rows without their first ``trim`` tokens, on the same buffers (no
+        copy)."""
         kept = GrowingCache(self.spare, self.spare_rows)
         for layer in self.layers:
             held = kept._layer()
-            held.hold(*layer.buffers, count, layer.keys.shape[2])
+            held.hold(*layer.buffers, count, layer.keys.shape[2] - trim, layer.start + trim)
             kept.layers.append(held)
         return kept
 

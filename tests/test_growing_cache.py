@@ -101,3 +101,28 @@ def test_keeping_the_first_rows_whole_copies_nothing_and_their_old_rows_take_the
     assert torch.equal(joined.layers[0].keys, _stacked_reference(kept.layers[0].keys, newcomer.layers[0].keys, 8))
     reordered = cache.rows(torch.tensor([1, 0]), start=0)  # not the first rows in order: copied
     assert reordered.layers[0].keys.data_ptr() != cache.layers[0].keys.data_ptr()
+
+
+def test_padding_dropped_with_the_last_rows_becomes_room_a_longer_newcomer_widens_the_batch_into_without_a_copy():
+    cache = GrowingCache(spare=4, spare_rows=0)
+    cache.update(*_states(3, 7, 0), 0)
+    keys = cache.layers[0].keys.clone()
+    kept = cache.rows(torch.tensor([0, 1]), start=3)
+    assert torch.equal(kept.layers[0].keys, keys[:2, :, 3:])
+    assert kept.layers[0].buffers[0] is cache.layers[0].buffers[0] and kept.layers[0].start == 3  # no copy
+    step = _states(2, 1, 1)
+    assert torch.equal(kept.update(*step, 0)[0], torch.cat([keys[:2, :, 3:], step[0]], dim=2))  # decodes on in place
+    before = kept.layers[0].keys.clone()  # 5 tokens from column 3
+    newcomer = GrowingCache()
+    newcomer.update(*_states(1, 7, 2), 0)  # 2 tokens longer: the rows widen into the trimmed columns
+    joined = kept.with_rows(newcomer, 7)
+    layer = joined.layers[0]
+    assert layer.buffers[0] is cache.layers[0].buffers[0] and layer.start == 1
+    assert torch.equal(layer.keys, _stacked_reference(before, newcomer.layers[0].keys, 7))
+    assert torch.equal(kept.layers[0].keys, before)  # the kept cache is unchanged until the joined one replaces it
+
+    wider = GrowingCache()
+    wider.update(*_states(1, 9, 3), 0)  # 2 tokens wider, 1 column of room left (and no spare row): stacked anew
+    restacked = joined.with_rows(wider, 9)
+    assert restacked.layers[0].buffers[0] is not layer.buffers[0]
+    assert torch.equal(restacked.layers[0].keys, _stacked_reference(layer.keys, wider.layers[0].keys, 9))
