@@ -241,12 +241,14 @@ class Scheduler:
         call = self._slicer.call(lambda: self._admit(batch, fitting, now, jobs))
         return Admission(call, now, len(now) + len(fitting)), rest, later
 
+    def _sliced(self, batch: RunningBatch) -> bool:
+        """Whether work besides decoding runs a slice per decode step now: under a step budget, while rows decode."""
+        return self.step_budget is not None and len(batch) > 0
+
     def _slice(self, batch: RunningBatch) -> Slice:
         """What an admission may run before the next decode step: everything when no row decodes or without a
         step budget."""
-        if self.step_budget is None or not len(batch):
-            return UNBOUNDED
-        return self.step_budget.slice(self.decode_s)
+        return self.step_budget.slice(self.decode_s) if self._sliced(batch) else UNBOUNDED
 
     def _admit(self, batch: RunningBatch, fitting: list[Row], newcomers: list[Job], jobs: dict[int, Job]) -> tuple[Joined | None, list[Row]]:
         """An admission's work (in the slicer's thread): prepare ``newcomers``, prefill, beside the
@@ -361,7 +363,7 @@ class Scheduler:
         if not rows:
             return []
         try:
-            return batch.prefill(rows, apart=self.step_budget is not None and len(batch) > 0)
+            return batch.prefill(rows, apart=self._sliced(batch))
         except Exception as exc:  # isolate the failing request
             log.warning("prefill of %d failed: %r", len(rows), exc)
             if len(rows) == 1:
@@ -400,7 +402,7 @@ class Scheduler:
         if row.reason == "cancelled":
             self.cancelled += 1
             job.resolve(asyncio.CancelledError())
-        elif self.step_budget is not None and len(batch) and _reflects(row):  # passes of its own: a slice per step
+        elif self._sliced(batch) and _reflects(row):  # passes of its own: a slice per step
             self._finishing.append(Finishing(self._slicer.call(lambda: batch.output(row)), [job]))
         else:
             self._resolve(job, lambda: batch.output(row))
