@@ -33,7 +33,7 @@ from seeright.interventions.methods.base import HookPoint, RequestInputs, RowSta
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.service.admission import image_counts, place_rows
 from seeright.service.decoding import RowDecoding, candidate_seed, choose_token, stop_reason
-from seeright.service.growing_cache import DEFAULT_SPARE_ROWS, GrowingCache, stacked
+from seeright.service.growing_cache import DEFAULT_SPARE_ROWS, GrowingCache, Reserved, stacked
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, streamed_token,
 )
@@ -250,17 +250,32 @@ class RunningBatch:
                                    logits_to_keep=1)
         return Prefilled(rows, cache, batch["attention_mask"], positions, out.logits[:, -1])
 
-    def joined(self, prefills: Sequence[Prefilled]) -> Joined:
-        """The batch with ``prefills`` merged in (caches left-padded to one length and stacked), computed without
-        changing the batch: an admission's thread builds it, the scheduler's installs it with no step between."""
+    def reserve(self, prefills: Sequence[Prefilled], between: Callable[[], None] = lambda: None) -> Reserved | None:
+        """Make resident the cache memory that merging ``prefills`` will write (``GrowingCache.reserve``: a fresh
+        page's first write costs a page fault, more than the copy on a CPU), ``between`` running before each layer;
+        changes nothing a decode step sees. For :meth:`joined`."""
+        if self.cache is None:
+            return None
+        with torch.inference_mode():
+            return self.cache.reserve(sum(len(p.rows) for p in prefills), self._width(prefills), between)
+
+    def _width(self, prefills: Sequence[Prefilled]) -> int:
+        """The batch's length with ``prefills`` merged in (every row left-padded to it)."""
+        return max([p.mask.shape[1] for p in prefills] + ([] if self.mask is None else [self.mask.shape[1]]))
+
+    def joined(self, prefills: Sequence[Prefilled], reserved: Reserved | None = None) -> Joined:
+        """The batch with ``prefills`` merged in (caches left-padded to one length and stacked; into the memory of
+        :meth:`reserve` where it still fits), computed without changing the batch: an admission's thread builds it,
+        the scheduler's installs it with no step between."""
         rows, cache, mask, positions = self.rows, self.cache, self.mask, self.positions
+        width = self._width(prefills)
         for p in prefills:
             if cache is None:
                 rows, cache, mask, positions = list(p.rows), p.cache, p.mask, p.positions
                 continue
-            width = max(mask.shape[1], p.mask.shape[1])
             with torch.inference_mode():  # it may write into the running cache's spare rows
-                rows, cache = [*rows, *p.rows], cache.with_rows(p.cache, width)
+                rows, cache = [*rows, *p.rows], cache.with_rows(p.cache, width, reserved)
+            reserved = None  # the first merge took the new buffers, with room for the other prefills' rows
             mask = stacked(mask, p.mask, width, 1)
             positions = torch.cat([positions, p.positions])
         return Joined(self.cache, rows, cache, mask, positions, list(prefills))

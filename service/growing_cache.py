@@ -15,6 +15,10 @@ left-padded batch (:meth:`GrowingCache.with_rows`) writes the newcomers into the
 are longer than the batch's rows, widens the batch into its leading room (the running rows' new padding zeroed
 there), without copying the running rows; only without enough room does it stack all rows into new buffers.
 
+Memory a join writes to is made resident beforehand by :meth:`GrowingCache.reserve`, which an admission runs a layer
+per slice: on a CPU, the first write to a fresh page costs a page fault, several times the copy itself, and a join's
+copy lands between two decode steps of the running rows.
+
 Code that replaces ``keys`` / ``values`` (a crop or a row selection by transformers, the batch's drops) stays
 correct: an update checks that they are still views of the buffers' first rows from column ``start`` on, and
 moves them into new buffers if not.
@@ -22,12 +26,16 @@ moves them into new buffers if not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 DEFAULT_SPARE = 128  # token slots of room per row: a regrowth (one copy of the layer) every 128 decode steps
 DEFAULT_SPARE_ROWS = 2  # rows of room the running batch keeps on a CPU (service/batching.py)
+
+Reserved = list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer: zeroed buffers for a join, or None (in place)
 
 
 class GrowingLayer(DynamicLayer):
@@ -105,24 +113,46 @@ class GrowingCache(DynamicCache):
     def _layer(self) -> GrowingLayer:
         return GrowingLayer(self.spare, self.spare_rows)
 
-    def with_rows(self, new: DynamicCache, width: int) -> GrowingCache:
+    def reserve(self, more: int, width: int, between: Callable[[], None] = lambda: None) -> Reserved:
+        """Make resident the memory that :meth:`with_rows` of ``more`` rows at ``width`` tokens will write: the
+        spare rows of a layer they fit in (zeroed; no decode step reads or writes them), else new zeroed buffers of
+        the joined size with room (returned for ``with_rows``). ``between`` runs before each layer (an admission's
+        checkpoint: a layer's work per slice at most). Changes nothing a decode step sees."""
+        reserved: Reserved = []
+        for layer in self.layers:
+            between()
+            rows, (_, heads, length, dim) = layer.keys.shape[0], layer.keys.shape
+            if _fits(layer, more, max(width - length, 0)):  # decode steps since the width was taken made it longer
+                for buffer in layer.buffers:
+                    buffer[rows : rows + more].zero_()
+                reserved.append(None)
+            else:
+                shape = (rows + more + self.spare_rows, heads, width + self.spare, dim)
+                reserved.append((layer.keys.new_zeros(shape), layer.values.new_zeros(shape)))
+        return reserved
+
+    def with_rows(self, new: DynamicCache, width: int, reserved: Reserved | None = None) -> GrowingCache:
         """This cache's rows, then ``new``'s, left-padded with zeros to ``width`` tokens (at least this cache's
         length). ``new``'s rows are written into this cache's spare rows when there are enough, and this cache's rows
         are widened into its leading room when ``width`` is longer (their new padding zeroed): this cache is then
-        unchanged but shares its buffers with the result, which replaces it. Otherwise all rows are stacked into new
-        buffers with room."""
+        unchanged but shares its buffers with the result, which replaces it. Otherwise all rows are stacked into the
+        layer's ``reserved`` buffers where they hold them (:meth:`reserve`), else into new buffers with room."""
         joined = GrowingCache(self.spare, self.spare_rows)
-        for old, added in zip(self.layers, new.layers):
+        for i, (old, added) in enumerate(zip(self.layers, new.layers)):
             layer = joined._layer()
             rows, more, wider = old.keys.shape[0], added.keys.shape[0], width - old.keys.shape[2]
-            fits = (isinstance(old, GrowingLayer) and old.in_buffers() and 0 <= wider <= old.start
-                    and old.buffers[0].shape[0] >= rows + more)
-            if fits:
+            held = None if reserved is None else reserved[i]
+            if _fits(old, more, wider):
                 start = old.start - wider
                 for buffer, part in zip(old.buffers, (added.keys, added.values)):
                     buffer[:rows, :, start : old.start].zero_()
                     _write_padded(buffer[rows : rows + more, :, start:], part, width, 2)
                 layer.hold(*old.buffers, rows + more, width, start)
+            elif held is not None and _holds(held[0], old.keys, rows + more, width):
+                for buffer, first, second in zip(held, (old.keys, old.values), (added.keys, added.values)):
+                    _write_padded(buffer[:rows], first, width, 2)
+                    _write_padded(buffer[rows : rows + more], second, width, 2)
+                layer.hold(*held, rows + more, width)
             else:
                 layer.hold(stacked(old.keys, added.keys, width, 2, self.spare, self.spare_rows),
                            stacked(old.values, added.values, width, 2, self.spare, self.spare_rows), rows + more, width)
@@ -163,6 +193,19 @@ class GrowingCache(DynamicCache):
             held.hold(*layer.buffers, count, layer.keys.shape[2] - trim, layer.start + trim)
             kept.layers.append(held)
         return kept
+
+
+def _fits(layer: DynamicLayer, more: int, wider: int) -> bool:
+    """Whether ``more`` rows join ``layer`` in place: into its spare rows, its rows widened by ``wider`` tokens into
+    its leading room."""
+    return (isinstance(layer, GrowingLayer) and layer.in_buffers() and 0 <= wider <= layer.start
+            and layer.buffers[0].shape[0] >= layer.keys.shape[0] + more)
+
+
+def _holds(buffer: torch.Tensor, like: torch.Tensor, rows: int, width: int) -> bool:
+    """Whether ``buffer`` has ``rows`` rows and ``width`` tokens of ``like``'s heads, size and type."""
+    return (buffer.shape[0] >= rows and buffer.shape[2] >= width and buffer.shape[1] == like.shape[1]
+            and buffer.shape[3] == like.shape[3] and buffer.dtype == like.dtype and buffer.device == like.device)
 
 
 def stacked(first: torch.Tensor, second: torch.Tensor, width: int, dim: int, room: int = 0, row_room: int = 0) -> torch.Tensor:

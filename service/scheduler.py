@@ -128,7 +128,9 @@ class Scheduler:
     ) -> None:
         self.engine = engine
         self.step_budget = step_budget
-        self.decode_s: float | None = None  # moving average of a decode step's time
+        self.decode_s: float | None = None  # moving average of an undisturbed decode step's time (``_timed``)
+        self._decode_rows = 0  # the batch's rows at its last sample
+        self._disturbed = False  # whether newcomer work ran since the last decode step
         self._slicer: Slicer | None = None  # the worker's, while it runs
         self._finishing: list[Finishing] = []  # finished requests whose reflection passes run a slice per step
         self.max_batch_size = max_batch_size
@@ -218,6 +220,7 @@ class Scheduler:
         slice of the admission (whose last slice merges its rows' caches with the batch's; they join at once).
         Returns the rows an admission that ended left waiting (None while it goes on)."""
         slice_ = self._slice(batch)
+        self._disturbed = bool(self._finishing) or admission is not None
         if self._finishing:
             finishing = self._finishing[0]
             if finishing.call.run(slice_):
@@ -261,8 +264,9 @@ class Scheduler:
         prefills = self._prefill(batch, joining, jobs)
         if not prefills:
             return None, rows[len(joining):]
+        reserved = batch.reserve(prefills, between=lambda: self._slicer.checkpoint("reserve"))  # a layer per slice at most
         self._slicer.checkpoint("join", alone=True)  # no decode step may change the batch during the merge
-        return batch.joined(prefills), rows[len(joining):]
+        return batch.joined(prefills, reserved), rows[len(joining):]
 
     def _admitted(self, batch: RunningBatch, admission: Admission, jobs: dict[int, Job]) -> list[Row]:
         """Install an ended admission's merged batch (its rows take their first tokens); the rows it left waiting."""
@@ -383,7 +387,7 @@ class Scheduler:
         return kept
 
     def _step(self, batch: RunningBatch, jobs: dict[int, Job]) -> None:
-        started = time.perf_counter()
+        started, rows = time.perf_counter(), len(batch)
         try:
             finished = batch.step()
         except Exception as exc:  # the rows of a failed step cannot be replayed: they fail together
@@ -392,10 +396,20 @@ class Scheduler:
                 jobs.pop(id(row)).resolve(exc)
             batch.clear()
             return
-        took = time.perf_counter() - started
-        self.decode_s = took if self.decode_s is None else 0.8 * self.decode_s + 0.2 * took
+        self._timed(time.perf_counter() - started, rows)
         for row in finished:
             self._finish(batch, row, jobs)
+
+    def _timed(self, took: float, rows: int) -> None:
+        """Update ``decode_s``, the step budget's measure, with a step of ``rows`` rows that took ``took`` s, from
+        the steps that followed no newcomer work, as the running rows see them alone: one that follows a slice runs
+        slower on a CPU, and a budget measured on it would grow with it. A step after newcomer work counts only when
+        the batch's rows changed since the last measure (no undisturbed step of this batch yet)."""
+        if self.decode_s is not None and self._disturbed and rows == self._decode_rows:
+            return
+        fresh = self.decode_s is None or self._disturbed
+        self.decode_s = took if fresh else 0.8 * self.decode_s + 0.2 * took
+        self._decode_rows = rows
 
     def _finish(self, batch: RunningBatch, row: Row, jobs: dict[int, Job]) -> None:
         job = jobs.pop(id(row))

@@ -43,9 +43,9 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Slice:
     """How long a sliced call may run before it pauses: until ``seconds`` would be exceeded (the segment that
-    starts at a checkpoint is predicted to cost what it cost when it last started at the same place of a block,
-    e.g. the attention of the layer before, scaled by the size of the module's input: the first layer of a prompt's
-    prefill after a decode step's), or for ``segments`` segments. A call always runs at least one
+    starts at a checkpoint is predicted to cost what it cost when it last started at the same place of a block, in
+    this call or an earlier one, e.g. the attention of the layer before, scaled by the size of the module's input:
+    the first layer of a prompt's prefill after a decode step's), or for ``segments`` segments. A call always runs at least one
     segment per slice, so it advances."""
 
     seconds: float = math.inf
@@ -134,6 +134,9 @@ class Slicer:
 
     def __init__(self, adapter: ModelAdapter, runtime: Runtime | None = None, name: str = "seeright-admission") -> None:
         self.checkpoints = Checkpoints(adapter, runtime)
+        # the last cost of the segment from each checkpoint and the size of its input, over all calls: an
+        # admission's first segment of a kind is predicted from the previous admission's
+        self.costs: dict[str, tuple[float, int | None]] = {}
         self._pending: queue.SimpleQueue[SlicedCall | None] = queue.SimpleQueue()
         self._current: SlicedCall | None = None
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -176,7 +179,6 @@ class SlicedCall(Generic[T]):
         self._segments = 0
         self._at: str | None = None  # the checkpoint the running segment started at
         self._size: int | None = None  # the size of the input of the module the running segment starts with
-        self._cost: dict[str, tuple[float, int | None]] = {}  # the last cost of the segment from each checkpoint, its size
         self._abandoned = False
         self._value: T | None = None
         self._error: BaseException | None = None
@@ -224,11 +226,11 @@ class SlicedCall(Generic[T]):
         now = time.perf_counter()
         segment, self._last = now - self._last, now
         if self._at is not None:
-            self._cost[self._at] = segment, self._size
+            self._slicer.costs[self._at] = segment, self._size
         self._at, self._size = key, size
         self._segments += 1
         s = self._slice
-        coming = _predicted(self._cost.get(key), size, segment)
+        coming = _predicted(self._slicer.costs.get(key), size, segment)
         spent = (s.segments is not None and self._segments >= s.segments) or (now - self._began) + coming > s.seconds
         if not (spent or (alone and self._segments > 1)):
             return

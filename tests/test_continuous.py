@@ -147,6 +147,18 @@ def test_a_segment_is_predicted_from_its_last_cost_at_the_same_checkpoint_scaled
         slicer.close()
 
 
+def test_the_step_budget_is_measured_on_decode_steps_that_followed_no_newcomer_work():
+    """A step slowed by the slice before it does not grow the next slice; a batch whose rows changed is measured
+    on its first step whatever came before it."""
+    scheduler = Scheduler(engine_for(FAMILIES[0]), step_budget=StepBudget(ratio=1.0, floor_s=0.0))
+    for disturbed, took, rows, want in [(False, 0.010, 1, 0.010), (True, 0.050, 1, 0.010), (False, 0.020, 1, 0.012),
+                                        (True, 0.030, 3, 0.030), (True, 0.090, 3, 0.030), (False, 0.020, 3, 0.028)]:
+        scheduler._disturbed = disturbed
+        scheduler._timed(took, rows)
+        assert scheduler.decode_s == pytest.approx(want)
+        assert scheduler.step_budget.slice(scheduler.decode_s).seconds == pytest.approx(want)
+
+
 @pytest.mark.parametrize("plan", [{}, {"carve": {}}, {"vemask": {}}], ids=["plain", "carve", "vemask"])
 def test_a_running_stream_keeps_decoding_while_a_newcomer_is_admitted(plan):
     """Through the scheduler with a step budget of two segments: the running request gets tokens between the

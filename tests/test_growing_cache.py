@@ -126,3 +126,54 @@ def test_padding_dropped_with_the_last_rows_becomes_room_a_longer_newcomer_widen
     restacked = joined.with_rows(wider, 9)
     assert restacked.layers[0].buffers[0] is not layer.buffers[0]
     assert torch.equal(restacked.layers[0].keys, _stacked_reference(layer.keys, wider.layers[0].keys, 9))
+
+
+def _fill_nan(buffer: torch.Tensor) -> torch.Tensor:
+    """``buffer`` filled with NaN, so that a test sees what a reservation zeroed (fresh memory may hold anything)."""
+    return buffer.fill_(float("nan"))
+
+
+def test_a_reservation_zeroes_only_the_spare_rows_a_join_fits_in_and_the_join_writes_there():
+    running = GrowingCache(spare=4, spare_rows=2)
+    running.update(*_states(2, 6, 0), 0)
+    running.update(*_states(2, 6, 1), 1)
+    for layer in running.layers:
+        for buffer in layer.buffers:
+            _fill_nan(buffer[2:])
+    keys = [layer.keys.clone() for layer in running.layers]
+    layers = []
+    reserved = running.reserve(1, 6, between=lambda: layers.append(len(layers)))
+    assert reserved == [None, None] and layers == [0, 1]  # in place, a checkpoint before each layer
+    assert running.reserve(1, 5) == [None, None]  # a width taken before decode steps made the rows longer: in place
+    for layer, before in zip(running.layers, keys):
+        assert torch.equal(layer.keys, before)  # the running rows untouched
+        assert all(torch.equal(buffer[2:3], torch.zeros_like(buffer[2:3])) for buffer in layer.buffers)
+    newcomer = GrowingCache()
+    newcomer.update(*_states(1, 4, 2), 0)
+    newcomer.update(*_states(1, 4, 3), 1)
+    joined = running.with_rows(newcomer, 6, reserved)
+    for i, layer in enumerate(joined.layers):
+        assert layer.buffers[0] is running.layers[i].buffers[0]
+        assert torch.equal(layer.keys, _stacked_reference(keys[i], newcomer.layers[i].keys, 6))
+
+
+def test_a_join_that_needs_new_buffers_takes_the_reserved_ones_even_after_decode_steps_and_falls_back_when_they_are_short():
+    running = GrowingCache(spare=4, spare_rows=0)
+    running.update(*_states(2, 6, 0), 0)
+    newcomer = GrowingCache()
+    newcomer.update(*_states(1, 8, 1), 0)  # wider than the running rows, and no spare row: new buffers
+    reserved = running.reserve(1, 8)
+    assert reserved[0] is not None and torch.count_nonzero(reserved[0][0]) == 0
+    running.update(*_states(2, 1, 2), 0)  # a decode step between the reservation and the join
+    joined = running.with_rows(newcomer, 8, reserved)
+    assert joined.layers[0].buffers[0] is reserved[0][0]
+    assert torch.equal(joined.layers[0].keys, _stacked_reference(running.layers[0].keys, newcomer.layers[0].keys, 8))
+    assert torch.equal(joined.layers[0].values, _stacked_reference(running.layers[0].values, newcomer.layers[0].values, 8))
+    keys, values = _states(3, 1, 3)
+    assert torch.equal(joined.update(keys, values, 0)[0][:, :, -1:], keys)  # it decodes on in the reserved room
+
+    longest = GrowingCache()
+    longest.update(*_states(1, 20, 4), 0)  # wider than the reservation's room: stacked anew
+    fallback = running.with_rows(longest, 20, reserved)
+    assert fallback.layers[0].buffers[0] is not reserved[0][0]
+    assert torch.equal(fallback.layers[0].keys, _stacked_reference(running.layers[0].keys, longest.layers[0].keys, 20))
