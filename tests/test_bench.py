@@ -35,14 +35,16 @@ def test_bench_table(capsys):
 def test_serving_bench_reports_short_behind_long_joiners_and_open_loop_per_step_budget(capsys):
     assert main(["bench", "--serving", "--model", "tiny-random/llava", "--reps", "1", "--long-tokens", "12", "--delay", "0.05",
                  "--rate", "50", "--requests", "6", "--joiners", "vhr", "--joiner-stream-tokens", "30",
-                 "--joiner-delay", "0.05", "--step-budget", "0", "2"]) == 0
+                 "--joiner-delay", "0.05", "--joiner-repeats", "2", "--step-budget", "0", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [run["step_budget"] for run in result["runs"]] == [None, 2.0]
     for run in result["runs"]:
         assert run["short_behind_long"]["ratio"] > 0
         assert [j["joiner"] for j in run["joiners"]] == ["plain", "vhr"] and all(j["status"] == "ok" for j in run["joiners"])
         assert all(j["longest_gap_s"] >= j["median_gap_s"] > 0 and j["alone_gap_s"] > 0 for j in run["joiners"])
+        assert all(len(j["ratios"]) == 2 and j["ratio"] == min(j["ratios"]) for j in run["joiners"])  # the lower median
         load = run["open_loop"][0]
         assert load["requests"] == 6 and load["refused"] == 0 and load["failed"] == 0
         assert 0 < load["ttft_s"]["p50"] <= load["ttft_s"]["p99"] and load["tokens_per_s"] > 0
     assert "step budget 2" in serving_bench.table(result) and "; alone " in serving_bench.table(result)
+    assert "; worst " in serving_bench.table(result) and "the run of 2 whose ratio is the median" in serving_bench.table(result)

@@ -6,7 +6,8 @@
 * **Joiners**: a plain streamed caption of ``--joiner-stream-tokens`` tokens runs alone; ``--joiner-delay``
   seconds after it starts, one ``--short-tokens`` request joins, plain or with one method (``--joiners``). Reported
   per joiner: the running stream's median gap between tokens and its longest gap (the freeze a streaming client
-  sees while the newcomer's prefill and method passes run), and their ratio.
+  sees while the newcomer's prefill and method passes run), and their ratio; with ``--joiner-repeats N``, the run
+  whose ratio is the median of N (each with a stream and a joiner of their own), and every run's ratio.
 * **Open loop**: requests arrive at a fixed rate whatever the server does (``--rate`` per second, for
   ``--requests``), a mix of short answers and long captions, with and without interventions (the methods of
   the mixed loads). Reported: time to first token and per-token latency percentiles, tokens/s, and how many
@@ -196,13 +197,19 @@ async def _measure(scheduler: Any, methods: list[str], joiners: list[str], args:
     if args.joiners is not None:
         names = [None, *joiners]
         alone = await _send(scheduler, _request("long", args.joiner_stream_tokens, 199))  # the control: nothing joins
-        result["joiners"] = [
-            await joiner(scheduler, name, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay, i, alone)
-            for i, name in enumerate(names)
-        ]
+        result["joiners"] = [await _repeated(scheduler, name, i, alone, args) for i, name in enumerate(names)]
     for rate in args.rate:
         result.setdefault("open_loop", []).append(await open_loop(scheduler, rate, args.requests, methods, args.long_tokens))
     return result
+
+
+async def _repeated(scheduler: Any, method: str | None, index: int, alone: Timeline, args: argparse.Namespace) -> dict[str, Any]:
+    """``--joiner-repeats`` runs of one joiner (each its own seeds): the run whose ratio is the median (the lower
+    one of an even count), with every run's ratio (``ratios``)."""
+    runs = [await joiner(scheduler, method, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay,
+                         index + 100 * k, alone) for k in range(args.joiner_repeats)]
+    ordered = sorted(runs, key=lambda r: r["ratio"])
+    return {**ordered[(len(ordered) - 1) // 2], "ratios": [r["ratio"] for r in runs]}
 
 
 def _budget(run: dict[str, Any]) -> str:
@@ -233,14 +240,17 @@ def table(result: dict[str, Any]) -> str:
         longest = ("its longest gap while the joiner was there, from its sending to its leaving (x its median gap; "
                    "alone: the longest gap of the same window in the same stream with nothing joining)" if windowed
                    else "its longest gap after the joiner was sent (x its median gap)")
+        repeats = max(len(r.get("ratios", [])) for t in tables for r in t)
+        of = f"; each the run of {repeats} whose ratio is the median, the worst run's ratio beside it" if repeats > 1 else ""
         rows += ["", f"A running stream while one request joins: {longest}, its median gap while the joiner decodes beside "
-                 "it (the grown batch's step), and the joiner's own time:", "",
+                 f"it (the grown batch's step), and the joiner's own time{of}:", "",
                  "| the request that joins | " + " | ".join(f"{h}: longest gap | beside | joiner's time" for h in heads) + " |",
                  "|---|" + "---|---|---|" * len(heads)]
         ms = lambda v: "-" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
         alone = lambda r: f"; alone {ms(r['alone_gap_s'])}" if r.get("alone_gap_s") is not None else ""  # noqa: E731
+        worst = lambda r: f"; worst {max(r['ratios']):.1f}x" if len(r.get("ratios", [])) > 1 else ""  # noqa: E731
         for i, first in enumerate(tables[0]):
-            cells = [f"{t[i]['longest_gap_s'] * 1000:.0f} ms ({t[i]['ratio']:.1f}x{alone(t[i])})"
+            cells = [f"{t[i]['longest_gap_s'] * 1000:.0f} ms ({t[i]['ratio']:.1f}x{worst(t[i])}{alone(t[i])})"
                      f"{'' if t[i].get('stream_outlasted', True) else ' †'}"
                      f" | {ms(t[i].get('beside_gap_s'))} | {t[i]['joined_s']:.2f} s" for t in tables]
             rows.append(f"| {first['joiner']} | " + " | ".join(cells) + " |")
@@ -282,6 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--joiner-stream-tokens", type=int, default=400,
                         help="tokens of the running stream (long enough to outlast the joiner)")
     parser.add_argument("--joiner-delay", type=float, default=1.5, help="seconds after the stream starts that one joins")
+    parser.add_argument("--joiner-repeats", type=int, default=1,
+                        help="runs per joiner (each with a stream of its own): the median run is reported, and every ratio")
 
 
 def main() -> None:
