@@ -33,7 +33,7 @@ from seeright.interventions.methods.base import HookPoint, RequestInputs, RowSta
 from seeright.interventions.runtime import ForwardContext, Runtime
 from seeright.service.admission import image_counts, place_rows
 from seeright.service.decoding import RowDecoding, candidate_seed, choose_token, stop_reason
-from seeright.service.growing_cache import DEFAULT_SPARE_ROWS, GrowingCache, Reserved, stacked
+from seeright.service.growing_cache import DEFAULT_SPARE, DEFAULT_SPARE_ROWS, GrowingCache, Reserved, stacked
 from seeright.service.requests import (
     GenerationOutput, GenerationRequest, StreamedToken, add_logprobs, decoding_of, streamed_token,
 )
@@ -146,12 +146,14 @@ class RunningBatch:
     state, so an admission may run them in its own thread between the scheduler's decode steps (never during
     one); ``install``, ``step`` and the rest belong to the scheduler's thread."""
 
-    def __init__(self, engine: BatchEngine) -> None:
+    def __init__(self, engine: BatchEngine, spare_rows: int = DEFAULT_SPARE_ROWS, spare: int = DEFAULT_SPARE) -> None:
+        """``spare_rows``: rows of room in the cache, so that a newcomer joins without a copy of the running rows, on a
+        CPU only (where that copy costs a running stream a decode step's time, and rows of room never written take no
+        memory); ``spare``: token slots of room per row (a copy of the cache each time they run out)."""
         self.engine = engine
         self.eos = set(engine.eos_token_ids())
-        # rows of room in the cache, so that a newcomer joins without a copy of the running rows: on a CPU, where that
-        # copy costs a running stream a decode step's time and rows of room never written take no memory
-        self.spare_rows = DEFAULT_SPARE_ROWS if torch.device(engine.device).type == "cpu" else 0
+        self.spare_rows = spare_rows if torch.device(engine.device).type == "cpu" else 0
+        self.spare = spare
         self.clear()
 
     def clear(self) -> None:
@@ -242,7 +244,7 @@ class RunningBatch:
             batch = engine.collate(prompts)
             place_rows(prompts, states)
             position_ids, positions = engine.adapter.prefill_positions(batch)
-            cache = GrowingCache(spare_rows=self.spare_rows)
+            cache = GrowingCache(self.spare, self.spare_rows)
             context = ForwardContext(states, image_counts=image_counts(prompts), loras=[row.lora for row in rows])
             active = nullcontext() if context.idle else engine.runtime.activate(context)
             with active:
@@ -261,7 +263,7 @@ class RunningBatch:
 
     def _width(self, prefills: Sequence[Prefilled]) -> int:
         """The batch's length with ``prefills`` merged in (every row left-padded to it)."""
-        return max([p.mask.shape[1] for p in prefills] + ([] if self.mask is None else [self.mask.shape[1]]))
+        return max([p.mask.shape[1] for p in prefills] + ([] if self.mask is None else [self.mask.shape[1]]), default=0)
 
     def joined(self, prefills: Sequence[Prefilled], reserved: Reserved | None = None) -> Joined:
         """The batch with ``prefills`` merged in (caches left-padded to one length and stacked; into the memory of

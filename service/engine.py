@@ -319,8 +319,10 @@ class Engine(Admission):
     ) -> list[list[int]]:
         """Greedy generation with ``rows``' hooks, in a running batch of its own: each row prefilled in a forward of
         its own (so that a sliced admission's segments hold one row's work, :mod:`seeright.service.slicing`), then
-        all decoded together. The new token ids of each row, up to its EOS or ``max_new_tokens``."""
-        batch, request = RunningBatch(self), GenerationRequest(max_new_tokens=max_new_tokens)
+        all decoded together, its cache sized to them: room for the rows that join the first and for
+        ``max_new_tokens``. The new token ids of each row, up to its EOS or ``max_new_tokens``."""
+        batch = RunningBatch(self, spare_rows=max(len(prompts) - 1, 0), spare=max_new_tokens)
+        request = GenerationRequest(max_new_tokens=max_new_tokens)
         members = [Row(request, prompt, list(states), decoding_of(request), lora=lora)
                    for prompt, states, lora in zip(prompts, rows, row_loras(rows))]
         batch.install(batch.joined(batch.prefill(members, apart=True)))

@@ -45,8 +45,8 @@ class Slice:
     """How long a sliced call may run before it pauses: until ``seconds`` would be exceeded (the segment that
     starts at a checkpoint is predicted to cost what it cost when it last started at the same place of a block, in
     this call or an earlier one, e.g. the attention of the layer before, scaled by the size of the module's input:
-    the first layer of a prompt's prefill after a decode step's), or for ``segments`` segments. A call always runs at least one
-    segment per slice, so it advances."""
+    the first layer of a prompt's prefill after a decode step's), or for ``segments`` segments. A call always runs
+    at least one segment per slice, so it advances."""
 
     seconds: float = math.inf
     segments: int | None = None
