@@ -41,8 +41,9 @@ class Admission:
     def admit(self, requests: Sequence[GenerationRequest]) -> tuple[list[RequestInputs], list[list[RowState]]]:
         """Everything before decoding: check, bind, fit images, rewrite, encode, analysis passes (batched per
         method). Each request's inputs (with its encoded prompt) and its rows' method states. The runtime's progress
-        hooks are called after each method's rewrite and preparation and each contrast prompt (``"admission ..."``;
-        the passes' ``encode`` calls them after each prompt)."""
+        hooks are called before each method's rewrite and preparation and each contrast prompt (``"admission ...
+        {method}"``; the passes' ``encode`` calls them before each prompt), so that a sliced admission may pause before
+        each and predicts each from the last one of its kind."""
         for r in requests:
             self._check_images(r)
         inputs = [RequestInputs(turns=r.chat(), images=list(r.images), lora=self.lora_of(r)) for r in requests]
@@ -53,8 +54,8 @@ class Admission:
         for method in self.methods.values():
             users = [s for row in states for s in row if s.hooks is method]
             if users:
+                self.runtime.reached(f"admission rewrite {method.name}")
                 method.rewrite(users, self.passes)
-                self.runtime.reached("admission rewrite")
         for i, inp in enumerate(inputs):
             try:
                 inp.prompt = self.passes.encode(inp.turns, inp.images)
@@ -71,13 +72,13 @@ class Admission:
         for method in self.methods.values():
             users = [s for row in states for s in row if s.hooks is method]
             if users:
+                self.runtime.reached(f"admission prepare {method.name}")
                 method.prepare(users, self.passes)
-                self.runtime.reached("admission prepare")
         for row in states:
             for state in row:
                 if state.hooks.contrasts(state.params):
+                    self.runtime.reached(f"admission contrast {state.hooks.name}")
                     state.data["contrast_prompt"] = state.hooks.contrast_prompt(state, self.passes)
-                    self.runtime.reached("admission contrast")
         return inputs, states
 
     def lora_of(self, request: GenerationRequest) -> Lora | None:

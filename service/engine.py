@@ -512,11 +512,10 @@ class EnginePasses:
         self.cache = Memo()
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
-        """The prompt's tokens and images; then the runtime's progress hooks at ``"admission encode"`` (a sliced
-        admission may pause after each prompt's image processing)."""
-        prompt = self._engine.encode(turns, images)
+        """The prompt's tokens and images, after the runtime's progress hooks at ``"admission encode"`` (a sliced
+        admission may pause before each prompt's image processing, a segment of its own)."""
         self._engine.runtime.reached("admission encode")
-        return prompt
+        return self._engine.encode(turns, images)
 
     def eos_token_ids(self) -> list[int]:
         return self._engine.eos_token_ids()

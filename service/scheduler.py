@@ -241,7 +241,7 @@ class Scheduler:
         if not now and not fitting:
             return None, prepared, later
         rest = prepared[len(fitting):]
-        call = self._slicer.call(lambda: self._admit(batch, fitting, now, jobs))
+        call = self._slicer.call(lambda: self._admit(batch, fitting, now, jobs), "admission")
         return Admission(call, now, len(now) + len(fitting)), rest, later
 
     def _sliced(self, batch: RunningBatch) -> bool:
@@ -417,7 +417,7 @@ class Scheduler:
             self.cancelled += 1
             job.resolve(asyncio.CancelledError())
         elif self._sliced(batch) and _reflects(row):  # passes of its own: a slice per step
-            self._finishing.append(Finishing(self._slicer.call(lambda: batch.output(row)), [job]))
+            self._finishing.append(Finishing(self._slicer.call(lambda: batch.output(row), "reflection"), [job]))
         else:
             self._resolve(job, lambda: batch.output(row))
 

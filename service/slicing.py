@@ -88,8 +88,8 @@ class Checkpoints:
     """Pre-hooks on every linear layer and attention module inside the blocks of the vision tower and the language
     model, and (given the runtime, as its progress hooks) in the language model's attention function (at its start,
     between the key/value projections and the attention itself, and between the stages of an attention recomputed
-    with edits: scores, probabilities, weighted values) and between an admission's stages (each method's rewrite,
-    each prompt's encoding, ...), where the sliced call bound to the current thread may pause; in any other thread
+    with edits: scores, probabilities, weighted values) and before each of an admission's stages (each method's
+    rewrite, each prompt's encoding, ...), where the sliced call bound to the current thread may pause; in any other thread
     they do nothing. They are installed only while a call runs (``install`` / ``remove`` from the
     slicer's thread, outside any forward), so traffic with nothing joining pays nothing for them."""
 
@@ -142,9 +142,11 @@ class Slicer:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def call(self, fn: Callable[[], T]) -> SlicedCall[T]:
-        """``fn`` as a call this slicer's thread runs a slice at a time (it starts at the call's first ``run``)."""
-        return SlicedCall(fn, self)
+    def call(self, fn: Callable[[], T], kind: str = "call") -> SlicedCall[T]:
+        """``fn`` as a call this slicer's thread runs a slice at a time (it starts at the call's first ``run``). It
+        starts at checkpoint ``"{kind} start"``, so that its first segment is predicted from the previous call of
+        that ``kind`` (an admission, a reflection)."""
+        return SlicedCall(fn, self, kind)
 
     def checkpoint(self, key: str, alone: bool = False) -> None:
         """A checkpoint outside the model's blocks; with ``alone``, what follows starts a slice of its own (unless
@@ -169,8 +171,9 @@ class Slicer:
 class SlicedCall(Generic[T]):
     """``fn()`` run by a :class:`Slicer`'s thread, a slice at a time; the caller's thread waits while it runs."""
 
-    def __init__(self, fn: Callable[[], T], slicer: Slicer) -> None:
+    def __init__(self, fn: Callable[[], T], slicer: Slicer, kind: str = "call") -> None:
         self._fn = fn
+        self._kind = kind
         self._slicer = slicer
         self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
         self._started = False
@@ -223,10 +226,8 @@ class SlicedCall(Generic[T]):
         """Called in the slicer's thread at checkpoint ``key`` (which module of a block, with ``size`` the number of
         elements of its input where known): pause here if the slice is spent, or would be by the segment that
         starts here; with ``alone``, also if anything ran in this slice."""
-        now = time.perf_counter()
-        segment, self._last = now - self._last, now
-        if self._at is not None:
-            self._slicer.costs[self._at] = segment, self._size
+        segment = self._ended()
+        now = self._last
         self._at, self._size = key, size
         self._segments += 1
         s = self._slice
@@ -239,12 +240,22 @@ class SlicedCall(Generic[T]):
         if self._abandoned:
             raise Abandoned
 
+    def _ended(self) -> float:
+        """End the running segment: its time, recorded as the cost of the segment from its checkpoint."""
+        now = time.perf_counter()
+        segment, self._last = now - self._last, now
+        if self._at is not None:
+            self._slicer.costs[self._at] = segment, self._size
+        return segment
+
     def _execute(self, before: Callable[[], None], before_end: Callable[[], None]) -> None:
         """Run ``before`` and ``fn`` (in the slicer's thread), then ``before_end`` while the owner still waits; what
         either raises is the call's error."""
         try:
             before()
+            self.checkpoint(f"{self._kind} start")
             self._value = self._fn()
+            self._ended()
         except BaseException as exc:  # noqa: BLE001 - handed to the owner by result()
             self._error = exc
         finally:

@@ -147,6 +147,27 @@ def test_a_segment_is_predicted_from_its_last_cost_at_the_same_checkpoint_scaled
         slicer.close()
 
 
+def test_a_calls_first_segment_is_predicted_from_the_last_call_of_its_kind():
+    """A call starts at checkpoint "{kind} start": work before its first checkpoint that overran a slice last time
+    waits for a slice of its own."""
+    engine = engine_for(FAMILIES[0])
+    slicer = Slicer(engine.adapter, engine.runtime)
+    started: list[int] = []
+
+    def work() -> None:
+        started.append(1)
+        time.sleep(0.05)
+
+    try:
+        assert slicer.call(work, "x").run(Slice(seconds=0.01)) and started == [1]  # nothing known: it runs whole
+        call = slicer.call(work, "x")
+        assert not call.run(Slice(seconds=0.01)) and started == [1]  # predicted 50 ms: it pauses before starting
+        assert call.run(Slice(seconds=0.01)) and started == [1, 1]  # then runs in the next slice, alone
+        assert slicer.call(work, "y").run(Slice(seconds=0.01)) and started == [1, 1, 1]  # another kind: unknown
+    finally:
+        slicer.close()
+
+
 def test_the_step_budget_is_measured_on_decode_steps_that_followed_no_newcomer_work():
     """A step slowed by the slice before it does not grow the next slice; a batch whose rows changed is measured
     on its first step whatever came before it."""
