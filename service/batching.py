@@ -234,17 +234,21 @@ class RunningBatch:
         them all, or with ``apart`` one forward per row (a request's contrast branch and candidates included), so
         that a sliced admission's segments hold one row's work (:mod:`seeright.service.slicing`)."""
         members = [member for row in rows for member in row.members()]
-        return [self._prefill(group) for group in ([[m] for m in members] if apart else [members])]
+        groups = [[m] for m in members] if apart else [members]
+        # the first prefill's cache may become the batch's (when it is empty): it takes the batch's spare rows; the
+        # others are merged into a batch's cache and dropped, and take no more than the running batch's default
+        return [self._prefill(group, self.spare_rows if i == 0 else min(self.spare_rows, DEFAULT_SPARE_ROWS))
+                for i, group in enumerate(groups)]
 
-    def _prefill(self, rows: list[Row]) -> Prefilled:
-        """One prefill forward of ``rows``."""
+    def _prefill(self, rows: list[Row], spare_rows: int) -> Prefilled:
+        """One prefill forward of ``rows``, into a cache with ``spare_rows`` rows of room."""
         engine = self.engine
         prompts, states = [row.prompt for row in rows], [row.states for row in rows]
         with torch.inference_mode():
             batch = engine.collate(prompts)
             place_rows(prompts, states)
             position_ids, positions = engine.adapter.prefill_positions(batch)
-            cache = GrowingCache(self.spare, self.spare_rows)
+            cache = GrowingCache(self.spare, spare_rows)
             context = ForwardContext(states, image_counts=image_counts(prompts), loras=[row.lora for row in rows])
             active = nullcontext() if context.idle else engine.runtime.activate(context)
             with active:

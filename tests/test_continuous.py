@@ -147,6 +147,18 @@ def test_a_segment_is_predicted_from_its_last_cost_at_the_same_checkpoint_scaled
         slicer.close()
 
 
+def test_only_the_first_prefill_of_an_admission_takes_the_batchs_spare_rows():
+    """The first prefill's cache may become the batch's; the others are merged and dropped: a pass batch of n rows
+    (n - 1 spare rows) must not allocate n x n rows at once (a fork of the process once failed on that)."""
+    engine = engine_for(FAMILIES[0])
+    batch = RunningBatch(engine, spare_rows=5)
+    rows = batch.prepare([GenerationRequest(prompt=QUESTIONS[0], max_new_tokens=2) for _ in range(3)])
+    prefills = batch.prefill(rows, apart=True)
+    assert [p.cache.layers[0].buffers[0].shape[0] for p in prefills] == [1 + 5, 1 + 2, 1 + 2]
+    batch.install(batch.joined(prefills))
+    assert len(batch) == 3 and batch.cache.layers[0].buffers[0] is prefills[0].cache.layers[0].buffers[0]  # joined in place
+
+
 def test_a_calls_first_segment_is_predicted_from_the_last_call_of_its_kind():
     """A call starts at checkpoint "{kind} start": work before its first checkpoint that overran a slice last time
     waits for a slice of its own."""
