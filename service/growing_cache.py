@@ -150,8 +150,7 @@ class GrowingCache(DynamicCache):
                 layer.hold(*old.buffers, rows + more, width, start)
             elif held is not None and _holds(held[0], old.keys, rows + more, width):
                 for buffer, first, second in zip(held, (old.keys, old.values), (added.keys, added.values)):
-                    _write_padded(buffer[:rows], first, width, 2)
-                    _write_padded(buffer[rows : rows + more], second, width, 2)
+                    _stack_into(buffer, first, second, width, 2)
                 layer.hold(*held, rows + more, width)
             else:
                 layer.hold(stacked(old.keys, added.keys, width, 2, self.spare, self.spare_rows),
@@ -215,9 +214,15 @@ def stacked(first: torch.Tensor, second: torch.Tensor, width: int, dim: int, roo
     shape = list(first.shape)
     shape[0], shape[dim] = first.shape[0] + second.shape[0] + row_room, width + room
     out = torch.empty(shape, dtype=first.dtype, device=first.device)
+    _stack_into(out, first, second, width, dim)
+    return out
+
+
+def _stack_into(out: torch.Tensor, first: torch.Tensor, second: torch.Tensor, width: int, dim: int) -> None:
+    """Write ``first``'s rows, then ``second``'s, into ``out``'s first rows, each left-padded with zeros to ``width``
+    along ``dim``."""
     _write_padded(out[: first.shape[0]], first, width, dim)
     _write_padded(out[first.shape[0] : first.shape[0] + second.shape[0]], second, width, dim)
-    return out
 
 
 def _write_padded(target: torch.Tensor, part: torch.Tensor, width: int, dim: int) -> None:

@@ -130,7 +130,6 @@ class Scheduler:
         self.step_budget = step_budget
         self.decode_s: float | None = None  # moving average of an undisturbed decode step's time (``_timed``)
         self._decode_rows = 0  # the batch's rows at its last sample
-        self._disturbed = False  # whether newcomer work ran since the last decode step
         self._slicer: Slicer | None = None  # the worker's, while it runs
         self._finishing: list[Finishing] = []  # finished requests whose reflection passes run a slice per step
         self.max_batch_size = max_batch_size
@@ -190,11 +189,12 @@ class Scheduler:
                     prepared = self._not_cancelled(prepared, jobs)
                     if admission is None:
                         admission, prepared, held = self._admission(batch, prepared, held, jobs)
+                    disturbed = admission is not None or bool(self._finishing)  # newcomer work runs before this step
                     waiting = self._newcomer_work(batch, admission, jobs)
                     if waiting is not None:
                         prepared, admission = prepared + waiting, None
                     if len(batch):
-                        self._step(batch, jobs)
+                        self._step(batch, jobs, disturbed)
                 except Exception as exc:  # a bug must not kill the worker: fail what it held, keep serving
                     log.exception("scheduler loop failed")
                     for pending in [*([admission] if admission is not None else []), *self._finishing]:
@@ -220,7 +220,6 @@ class Scheduler:
         slice of the admission (whose last slice merges its rows' caches with the batch's; they join at once).
         Returns the rows an admission that ended left waiting (None while it goes on)."""
         slice_ = self._slice(batch)
-        self._disturbed = bool(self._finishing) or admission is not None
         if self._finishing:
             finishing = self._finishing[0]
             if finishing.call.run(slice_):
@@ -386,7 +385,8 @@ class Scheduler:
                 kept.append(row)
         return kept
 
-    def _step(self, batch: RunningBatch, jobs: dict[int, Job]) -> None:
+    def _step(self, batch: RunningBatch, jobs: dict[int, Job], disturbed: bool) -> None:
+        """One decode step of the batch; ``disturbed``: newcomer work ran since the last one (``_timed``)."""
         started, rows = time.perf_counter(), len(batch)
         try:
             finished = batch.step()
@@ -396,18 +396,18 @@ class Scheduler:
                 jobs.pop(id(row)).resolve(exc)
             batch.clear()
             return
-        self._timed(time.perf_counter() - started, rows)
+        self._timed(time.perf_counter() - started, rows, disturbed)
         for row in finished:
             self._finish(batch, row, jobs)
 
-    def _timed(self, took: float, rows: int) -> None:
+    def _timed(self, took: float, rows: int, disturbed: bool) -> None:
         """Update ``decode_s``, the step budget's measure, with a step of ``rows`` rows that took ``took`` s, from
         the steps that followed no newcomer work, as the running rows see them alone: one that follows a slice runs
         slower on a CPU, and a budget measured on it would grow with it. A step after newcomer work counts only when
         the batch's rows changed since the last measure (no undisturbed step of this batch yet)."""
-        if self.decode_s is not None and self._disturbed and rows == self._decode_rows:
+        if self.decode_s is not None and disturbed and rows == self._decode_rows:
             return
-        fresh = self.decode_s is None or self._disturbed
+        fresh = self.decode_s is None or disturbed
         self.decode_s = took if fresh else 0.8 * self.decode_s + 0.2 * took
         self._decode_rows = rows
 

@@ -186,8 +186,7 @@ def test_the_step_budget_is_measured_on_decode_steps_that_followed_no_newcomer_w
     scheduler = Scheduler(engine_for(FAMILIES[0]), step_budget=StepBudget(ratio=1.0, floor_s=0.0))
     for disturbed, took, rows, want in [(False, 0.010, 1, 0.010), (True, 0.050, 1, 0.010), (False, 0.020, 1, 0.012),
                                         (True, 0.030, 3, 0.030), (True, 0.090, 3, 0.030), (False, 0.020, 3, 0.028)]:
-        scheduler._disturbed = disturbed
-        scheduler._timed(took, rows)
+        scheduler._timed(took, rows, disturbed)
         assert scheduler.decode_s == pytest.approx(want)
         assert scheduler.step_budget.slice(scheduler.decode_s).seconds == pytest.approx(want)
 
