@@ -3,7 +3,8 @@
 With ``vllm_step_tokens`` set, vLLM's chunked prefill is on and each step runs at most that many tokens (the
 scheduler's ``max_num_scheduled_tokens``; vLLM's ``max_num_batched_tokens`` stays large enough for the longest
 prompt, so that the runner's buffers can hold one whole): the running rows' decode tokens plus newcomers' prompt
-tokens. vLLM splits plain prompts across steps by itself. A request whose methods act on its prompt must be
+tokens. vLLM splits plain prompts across steps by itself, and the prompts of requests whose methods act on the
+last prompt row's attention at most. A request whose methods act on its prompt before its last row must be
 prefilled in one forward (:func:`~seeright.service.vllm.worker.whole_prompt`), and a request with a contrast
 branch (:attr:`~seeright.interventions.methods.base.HookPoint.LOGITS`) is two vLLM requests that must be prefilled
 in the same step and then decode in lockstep (both carry the branch's key,

@@ -34,11 +34,12 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   that token.
 
 Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
-forward is step ``answered``). A request whose methods act on its prompt (:func:`whole_prompt`: a hook wants the
-prefill, a contrast branch, a guided-decoding candidate) is prefilled in one forward (the engine's scheduler,
-:mod:`seeright.service.vllm.scheduling`, never splits it); the others may be prefilled in chunks across steps, as
-vLLM's chunked prefill splits plain prompts: their hooks read nothing before the first decode step, and their
-keys and values are kept chunk by chunk. No method request reads a prefix-cache hit. A forward that does not fit
+forward is step ``answered``). A request whose methods act on its prompt before its last row (:func:`whole_prompt`:
+a hook wants the prefill's residual stream, heads or earlier rows' attention, a contrast branch, a guided-decoding
+candidate) is prefilled in one forward (the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never
+splits it); the others may be prefilled in chunks across steps, as vLLM's chunked prefill splits plain prompts:
+their keys and values are kept chunk by chunk, and a hook on the last prompt row's attention runs in the chunk
+that holds that row, over every key kept. No method request reads a prefix-cache hit. A forward that does not fit
 this (a preempted request recomputed in one forward, a split prompt that had to be whole, speculative tokens)
 cannot replay per-step edits: the request's states are marked failed and its output is refused by the engine
 client, never returned silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
@@ -75,7 +76,7 @@ class Tracked:
     prompt_len: int
     keeps_kv: bool
     answered: int = 0  # a guided-decoding continuation: the answer's tokens at the end of its prompt
-    chunked: bool = False  # its prompt may be prefilled in chunks (no hook reads the prefill)
+    chunked: bool = False  # its prompt may be prefilled in chunks (no hook acts on a prompt row but the last)
     prefilled: int = 0  # prompt tokens run so far
     sampler: CandidateSampler | None = None  # a guided-decoding candidate draws its own tokens
     branch: str | None = None  # the key its contrast branch carries
@@ -279,21 +280,28 @@ class WorkerRuntime:
             plan = ctx.probs_plan(layer, query.device)
             if plan is None:
                 continue
-            q0, length = plan.q0, row.end - row.query_start
-            q = query[row.query_start + q0:row.end].view(length - q0, self.num_heads, self.head_dim).transpose(0, 1)[None]
-            total = keys.shape[1]
+            # the hooks number a prefill's rows from the prompt's start; a chunk's first row is at its first position
+            q0, offset = plan.q0, row.first_position if ctx.step == 0 else 0
+            rows = row.end - row.query_start - (q0 - offset)  # the rows this forward holds from q0 on
+            if q0 < offset:
+                tracked.error = f"layer {layer} reads prompt rows from {q0}, the forward starts at position {offset}"
+                continue
+            if rows <= 0:  # a chunk before the rows its hooks act on
+                continue
+            top = row.end - rows
+            q = query[top:row.end].view(rows, self.num_heads, self.head_dim).transpose(0, 1)[None]
             keep = None
             if ctx.step == 0:
-                positions = torch.arange(q0, length, device=query.device)
-                keep = (torch.arange(total, device=query.device)[None, :] <= positions[:, None])[None, None]
+                positions = torch.arange(q0, q0 + rows, device=query.device)
+                keep = (torch.arange(keys.shape[1], device=query.device)[None, :] <= positions[:, None])[None, None]
             v = values[None] if plan.any_write else None
             new = edited_attention(plan.groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
             if new is None or not bool(plan.write[0]):
                 continue
-            first = max(q0, int(plan.starts[0]))
+            skip = max(q0, int(plan.starts[0])) - q0
             if edited is None:
                 edited = output.clone()
-            edited[row.query_start + first:row.end] = new[0, first - q0:].reshape(length - first, -1).to(output.dtype)
+            edited[top + skip:row.end] = new[0, skip:].reshape(rows - skip, -1).to(output.dtype)
         return edited
 
     def _keep(
@@ -397,20 +405,28 @@ def seeright_args(params: Any) -> dict[str, Any] | None:
 
 def whole_prompt(args: dict[str, Any] | None) -> bool:
     """Whether a request with these seeright arguments must be prefilled in one forward: its methods read or edit
-    the prefill (``reads_prefill``, set by the engine client from the hooks), it is half of a contrast pair (both
-    prefill in one step, then decode in lockstep) or a guided-decoding candidate (its sampler draws at every step
-    that samples). Plain requests and those whose methods start at the first decode step may be chunked."""
+    the prefill before its last row (``reads_prefill``, set by the engine client from the hooks), it is half of a
+    contrast pair (both prefill in one step, then decode in lockstep) or a guided-decoding candidate (its sampler
+    draws at every step that samples). Plain requests, those whose methods start at the first decode step and those
+    whose hooks act on the last prompt row's attention only may be chunked."""
     if not args:
         return False
     return bool(args.get("reads_prefill", True) or "branch" in args or "sampler" in args or args.get("answered"))
 
 
 def reads_prefill(states: Sequence[RowState], layers: Iterable[int]) -> bool:
-    """Whether any of the states' hooks reads or edits the prefill in one of ``layers`` (the residual stream, the
-    heads' outputs or the attention); the language model's hook points only: the vision tower's and the logits'
-    act on whole images and on sampled steps."""
-    return any(s.hooks.wants("hidden", s, layer, 0) or s.hooks.wants("heads", s, layer, 0)
-               or s.hooks.probs_from(s, layer, 0) is not None for s in states for layer in layers)
+    """Whether any of the states' hooks reads or edits the prefill in one of ``layers`` at any prompt row but the
+    last: the residual stream or the heads' outputs at all, the attention from an earlier row on. A hook that acts
+    only on the last prompt row's attention (PAI's and PAINT's edit, the attention map's and AGSER's reading) sees
+    that row over every key however the prompt was split, since the worker keeps each chunk's keys and values; its
+    prompt may be chunked. The language model's hook points only: the vision tower's and the logits' act on whole
+    images and on sampled steps. The states carry their prompt's layout."""
+    def before_last(state: RowState, layer: int) -> bool:
+        start = state.hooks.probs_from(state, layer, 0)
+        return start is not None and start < state.layout.length - 1
+
+    return any(s.hooks.wants("hidden", s, layer, 0) or s.hooks.wants("heads", s, layer, 0) or before_last(s, layer)
+               for s in states for layer in layers)
 
 
 def _edited_pixels(items: list[Any], state: RowState) -> list[Any]:
