@@ -267,15 +267,16 @@ def test_the_shapes_testbed_on_vllm_scores_as_on_the_transformers_engine(served,
 
 
 class FakeRequest:
-    """What the scheduler reads of a vLLM request: plain, a method request (``whole``: its methods act on the
-    prompt, or not), or a pair's member."""
+    """What the scheduler reads of a vLLM request: plain, a method request (``tail``: the first prompt row its
+    methods act on; 0: every row, the prompt's length: none), or a pair's member."""
 
     def __init__(self, request_id: str, pair: str | None = None, tokens: int = 100, images: int = 0,
-                 whole: bool | None = None, computed: int = 0):
+                 tail: int | None = None, computed: int = 0):
         from types import SimpleNamespace
 
-        args = {"branch": pair} if pair else {"states": b"", "reads_prefill": whole} if whole is not None else None
+        args = {"branch": pair} if pair else {"states": b"", "tail": tail} if tail is not None else None
         self.request_id, self.num_tokens, self.num_computed_tokens, self.num_output_tokens = request_id, tokens, computed, 0
+        self.num_prompt_tokens = tokens
         self.num_encoder_inputs = images
         self.sampling_params = SimpleNamespace(extra_args={"seeright": args} if args else None)
 
@@ -297,6 +298,7 @@ def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000, cap
             self.waiting, self.queued, self.finished = FCFSRequestQueue(), [], []
             self.running = [FakeRequest(f"r{i}", tokens=101, computed=100) for i in range(running)]
             self.max_num_active_reqs, self.max_num_scheduled_tokens, self.num_spec_tokens = 64, tokens, 0
+            self.max_num_running_reqs = 64
             self.max_num_encoder_input_tokens, self.block_size = 4096, 16
             self.scheduler_config = SimpleNamespace(max_num_batched_tokens=capacity)
             self.kv_cache_manager = SimpleNamespace(block_pool=SimpleNamespace(get_num_free_blocks=lambda: blocks))
@@ -310,6 +312,9 @@ def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000, cap
 
         def schedule(self):
             return [r.request_id for r in self.waiting], self.max_num_scheduled_tokens
+
+        def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+            return num_new_tokens
 
     class Scheduler(WholePrompts, Base):
         pass
@@ -346,8 +351,8 @@ def test_the_step_budget_splits_plain_prompts_and_keeps_method_prompts_whole():
     alone in a step whose budget is raised to hold it (once no running prompt is being split); plain prompts and
     method prompts read only from the first decode step on are left to vLLM's chunking."""
     scheduler = fake_scheduler(running=50, tokens=300)  # 250 tokens left beside 50 decoding rows
-    for request in (FakeRequest("plain", tokens=400), FakeRequest("var", tokens=200, whole=True),
-                    FakeRequest("lookback", tokens=400, whole=False)):
+    for request in (FakeRequest("plain", tokens=400), FakeRequest("var", tokens=200, tail=0),
+                    FakeRequest("lookback", tokens=400, tail=400)):
         scheduler.add_request(request)
     assert scheduler.schedule() == (["var", "plain", "lookback"], 300)
 
@@ -359,7 +364,7 @@ def test_the_step_budget_splits_plain_prompts_and_keeps_method_prompts_whole():
 
     scheduler = fake_scheduler(running=1, tokens=300)
     scheduler.running.append(FakeRequest("splitting", tokens=900, computed=300))  # a plain prompt being split
-    for request in (FakeRequest("vhr", tokens=100, whole=True), FakeRequest("later")):
+    for request in (FakeRequest("vhr", tokens=100, tail=0), FakeRequest("later")):
         scheduler.add_request(request)
     assert scheduler.schedule() == ([], 300)  # no room: it sits the step out, and the plain one behind it too
     assert [r.request_id for r in scheduler.waiting] == ["vhr", "later"]
@@ -367,10 +372,38 @@ def test_the_step_budget_splits_plain_prompts_and_keeps_method_prompts_whole():
     assert scheduler.schedule() == (["vhr", "later"], 300)
 
     scheduler = fake_scheduler(running=1, tokens=300, capacity=350)
-    scheduler.add_request(FakeRequest("huge", tokens=400, whole=True))  # more than vLLM's capacity beside a row
+    scheduler.add_request(FakeRequest("huge", tokens=400, tail=0))  # more than vLLM's capacity beside a row
     assert scheduler.schedule() == ([], 300)
     scheduler.running = []
     assert scheduler.schedule() == (["huge"], 350)  # alone, it goes regardless (vLLM then refuses or the worker fails it)
+
+
+def test_a_split_prompts_tail_runs_in_one_chunk():
+    """A prompt whose methods act on its rows from ``tail`` on is split, but no chunk ends inside those rows: a
+    chunk that would is cut where they begin, and they wait for a step that holds them all; where they could never
+    fit beside the decoding rows, they get a step whose budget is raised to hold them, once no other prompt is being
+    split, and no newcomer starts in it."""
+    scheduler = fake_scheduler()
+    vif = FakeRequest("vif", tokens=100, tail=90)
+    cut = scheduler._reserve_prefill_lookahead
+    assert cut(vif, 0, 64) == 64 and cut(vif, 64, 32) == 26  # cut where the tail begins
+    assert cut(vif, 90, 5) == 0 and cut(vif, 90, 10) == 10 and cut(vif, 64, 36) == 36  # the tail whole, or not now
+    assert cut(FakeRequest("pai", tokens=100, tail=99), 0, 64) == 64  # a last row's tail cuts nothing else
+    assert cut(FakeRequest("plain", tokens=100), 0, 64) == 64
+
+    scheduler = fake_scheduler(running=52, tokens=60)  # 52 decoding rows: 8 tokens left, the tail needs 10
+    scheduler.running.append(FakeRequest("vif", tokens=100, tail=90, computed=90))
+    scheduler.add_request(FakeRequest("later"))
+    assert scheduler.schedule() == ([], 62)  # raised to hold it beside them; no newcomer in that step
+    assert [r.request_id for r in scheduler.waiting] == ["later"] and scheduler.max_num_scheduled_tokens == 60
+    scheduler.running = scheduler.running[2:]  # 50 decoding rows: 10 tokens left, it fits as it is
+    assert scheduler.schedule() == (["later"], 60)
+
+    scheduler = fake_scheduler(running=52, tokens=60)
+    scheduler.running += [FakeRequest("splitting", tokens=900, computed=300),  # a plain prompt being split
+                          FakeRequest("vif", tokens=100, tail=90, computed=90)]
+    scheduler.add_request(FakeRequest("later"))
+    assert scheduler.schedule() == (["later"], 60)  # no raise while another prompt is split
 
 
 def test_states_with_a_bad_signature_are_not_unpickled(served, image):

@@ -45,7 +45,7 @@ from seeright.service.settings import Settings
 from seeright.service.vllm.candidates import guide_of, guide_refusal, guided
 from seeright.service.vllm.passes import VllmPasses
 from seeright.service.vllm.transport import EngineFailure, pack_states, unpack_states
-from seeright.service.vllm.worker import EXTRA_ARGS_KEY, reads_prefill
+from seeright.service.vllm.worker import EXTRA_ARGS_KEY, prefill_tail
 
 WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN, HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
 # run by the engine client: contrasts (a branch request and the worker's logits wrapper), vision masks (the client's
@@ -332,7 +332,7 @@ class VllmEngineClient:
         key = uuid.uuid4().hex
         prompt["cache_salt"] = key
         return key, {"key": key, "states": pack_states(states, self._key),
-                     "reads_prefill": reads_prefill(states, range(self.spec.info.num_layers))}
+                     "tail": prefill_tail(states, range(self.spec.info.num_layers))}
 
     async def _collect(self, key: str, sent: Sequence[RowState]) -> tuple[list[RowState], dict[str, Any]]:
         """The request's states as the worker's hooks left them, with the request inputs of the ``sent`` states

@@ -3,9 +3,11 @@
 With ``vllm_step_tokens`` set, vLLM's chunked prefill is on and each step runs at most that many tokens (the
 scheduler's ``max_num_scheduled_tokens``; vLLM's ``max_num_batched_tokens`` stays large enough for the longest
 prompt, so that the runner's buffers can hold one whole): the running rows' decode tokens plus newcomers' prompt
-tokens. vLLM splits plain prompts across steps by itself, and the prompts of requests whose methods act on the
-last prompt row's attention at most. A request whose methods act on its prompt before its last row must be
-prefilled in one forward (:func:`~seeright.service.vllm.worker.whole_prompt`), and a request with a contrast
+tokens. vLLM splits plain prompts across steps by itself. A request whose methods act on its last prompt rows'
+attention (``SamplingParams.extra_args["seeright"]["tail"]``, the first of those rows:
+:func:`~seeright.service.vllm.worker.prefill_tail`) is split too, but no chunk ends inside those rows: they run in
+one chunk. A request whose methods act on every prompt row must be prefilled in one forward
+(:func:`~seeright.service.vllm.worker.whole_prompt`), and a request with a contrast
 branch (:attr:`~seeright.interventions.methods.base.HookPoint.LOGITS`) is two vLLM requests that must be prefilled
 in the same step and then decode in lockstep (both carry the branch's key,
 ``SamplingParams.extra_args["seeright"]["branch"]``). :class:`WholePrompts`:
@@ -19,6 +21,10 @@ in the same step and then decode in lockstep (both carry the branch's key,
   hold it, once no running prompt is still being split (the running streams then wait for that one prefill,
   as they would without a budget); any other group sits the step out, and under first-come-first-served so do the
   requests queued behind it (no one overtakes it, so a stream of plain prompts cannot starve it);
+* cuts a split prompt's chunk where its tail begins unless the chunk reaches the prompt's end; a tail that does not
+  fit what a step has left waits for a step where it does, and one that could never fit beside the decoding rows
+  goes in a step whose budget is raised to hold it, once no other running prompt is still being split, with no
+  newcomer in that step;
 * drops held members when one of them is aborted.
 
 The room is counted conservatively (no prefix-cache hit assumed). Under vLLM's priority policy the waiting queue is
@@ -49,6 +55,12 @@ def pair_of(request: Request) -> str | None:
     """The key of the pair ``request`` belongs to (the branch's key, which both members carry), or None."""
     branch = (seeright_args(request.sampling_params) or {}).get("branch")
     return None if branch is None else str(branch)
+
+
+def tail_of(request: Request) -> int | None:
+    """The first prompt row from which ``request``'s prompt must run in one chunk, or None (no such row)."""
+    tail = (seeright_args(request.sampling_params) or {}).get("tail")
+    return None if tail is None or tail >= request.num_prompt_tokens else int(tail)
 
 
 def whole_group(request: Request) -> str | None:
@@ -109,16 +121,45 @@ class WholePrompts:
             request_ids = ids
         return super().finish_requests(request_ids, finished_status)  # type: ignore[misc]
 
+    def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """vLLM's cut of a prefill chunk, then no chunk that ends inside the request's tail (0: it waits a step)."""
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)  # type: ignore[misc]
+        tail = tail_of(request)
+        if tail is None or num_computed_tokens + num_new_tokens >= request.num_prompt_tokens:
+            return num_new_tokens
+        return max(min(num_new_tokens, tail - num_computed_tokens), 0)
+
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         s: Any = self
         budget = s.max_num_scheduled_tokens
-        held_back, raised = self._line_up()
+        held_back, raised = self._tail_step()
+        if raised is None:
+            held_back, raised = self._line_up()
         s.max_num_scheduled_tokens = raised or budget
         try:
             return super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
             s.max_num_scheduled_tokens = budget
             self._prepend(held_back)
+
+    def _tail_step(self) -> tuple[list[Request], int | None]:
+        """Where running prompts wait with their tail next and the tails do not fit beside the decoding rows, once no
+        other running prompt is still being split: this step's budget raised to hold them, and every waiting request
+        held back (nothing else starts in that step); else nothing held and no raise."""
+        s: Any = self
+        per_decode = 1 + s.num_spec_tokens
+        tails = [r for r in s.running if (t := tail_of(r)) is not None and r.num_computed_tokens == t]
+        if not tails:
+            return [], None
+        others = [r for r in s.running if all(r is not t for t in tails)]
+        if any(r.num_tokens - r.num_computed_tokens > per_decode for r in others):
+            return [], None  # a prompt still being split goes first; the tails wait for it
+        need = per_decode * len(others) + sum(r.num_prompt_tokens - r.num_computed_tokens for r in tails)
+        if need <= s.max_num_scheduled_tokens:
+            return [], None
+        held = list(s.waiting)
+        s.waiting.remove_requests(held)
+        return held, min(s.scheduler_config.max_num_batched_tokens, need)
 
     def _line_up(self) -> tuple[list[Request], int | None]:
         """Put the waiting groups that fit this step first in the queue and take out those that sit it out (and,

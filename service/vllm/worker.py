@@ -34,12 +34,13 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   that token.
 
 Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
-forward is step ``answered``). A request whose methods act on its prompt before its last row (:func:`whole_prompt`:
-a hook wants the prefill's residual stream, heads or earlier rows' attention, a contrast branch, a guided-decoding
-candidate) is prefilled in one forward (the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never
-splits it); the others may be prefilled in chunks across steps, as vLLM's chunked prefill splits plain prompts:
-their keys and values are kept chunk by chunk, and a hook on the last prompt row's attention runs in the chunk
-that holds that row, over every key kept. No method request reads a prefix-cache hit. A forward that does not fit
+forward is step ``answered``). A request whose methods act on every prompt row (:func:`whole_prompt`: a hook wants
+the prefill's residual stream or heads, a contrast branch, a guided-decoding candidate) is prefilled in one forward
+(the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it); the others may be prefilled in
+chunks across steps, as vLLM's chunked prefill splits plain prompts, with the rows their hooks act on
+(:func:`prefill_tail`: a last rows' attention) in one chunk, which the scheduler keeps whole: their keys and values
+are kept chunk by chunk, and those rows' explicit attention runs over every key kept. No method request reads a
+prefix-cache hit. A forward that does not fit
 this (a preempted request recomputed in one forward, a split prompt that had to be whole, speculative tokens)
 cannot replay per-step edits: the request's states are marked failed and its output is refused by the engine
 client, never returned silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
@@ -76,7 +77,7 @@ class Tracked:
     prompt_len: int
     keeps_kv: bool
     answered: int = 0  # a guided-decoding continuation: the answer's tokens at the end of its prompt
-    chunked: bool = False  # its prompt may be prefilled in chunks (no hook acts on a prompt row but the last)
+    chunked: bool = False  # its prompt may be prefilled in chunks (its hooks act on a tail of rows: prefill_tail)
     prefilled: int = 0  # prompt tokens run so far
     sampler: CandidateSampler | None = None  # a guided-decoding candidate draws its own tokens
     branch: str | None = None  # the key its contrast branch carries
@@ -190,7 +191,7 @@ class WorkerRuntime:
             return Tracked(ForwardContext([[]]), request_id, prompt_len, keeps_kv=False, error=str(exc))
         answered = int(args.get("answered", 0))
         tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states),
-                          answered=answered, chunked=not whole_prompt(args) and not reads_prefill(states, self.layers),
+                          answered=answered, chunked=not whole_prompt(args) and prefill_tail(states, self.layers) > 0,
                           sampler=sampler, branch=args.get("branch"),
                           contrast=next((s for s in states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None))
         if (tracked.branch is None) != (tracked.contrast is None):
@@ -404,29 +405,32 @@ def seeright_args(params: Any) -> dict[str, Any] | None:
 
 
 def whole_prompt(args: dict[str, Any] | None) -> bool:
-    """Whether a request with these seeright arguments must be prefilled in one forward: its methods read or edit
-    the prefill before its last row (``reads_prefill``, set by the engine client from the hooks), it is half of a
+    """Whether a request with these seeright arguments must be prefilled in one forward: its methods' hooks act on
+    every prompt row (``tail`` 0, set by the engine client from the hooks: :func:`prefill_tail`), it is half of a
     contrast pair (both prefill in one step, then decode in lockstep) or a guided-decoding candidate (its sampler
-    draws at every step that samples). Plain requests, those whose methods start at the first decode step and those
-    whose hooks act on the last prompt row's attention only may be chunked."""
+    draws at every step that samples). Plain requests and the others may be chunked, their tail in one chunk."""
     if not args:
         return False
-    return bool(args.get("reads_prefill", True) or "branch" in args or "sampler" in args or args.get("answered"))
+    return bool(args.get("tail", 0) == 0 or "branch" in args or "sampler" in args or args.get("answered"))
 
 
-def reads_prefill(states: Sequence[RowState], layers: Iterable[int]) -> bool:
-    """Whether any of the states' hooks reads or edits the prefill in one of ``layers`` at any prompt row but the
-    last: the residual stream or the heads' outputs at all, the attention from an earlier row on. A hook that acts
-    only on the last prompt row's attention (PAI's and PAINT's edit, the attention map's and AGSER's reading) sees
-    that row over every key however the prompt was split, since the worker keeps each chunk's keys and values; its
-    prompt may be chunked. The language model's hook points only: the vision tower's and the logits' act on whole
-    images and on sampled steps. The states carry their prompt's layout."""
-    def before_last(state: RowState, layer: int) -> bool:
-        start = state.hooks.probs_from(state, layer, 0)
-        return start is not None and start < state.layout.length - 1
-
-    return any(s.hooks.wants("hidden", s, layer, 0) or s.hooks.wants("heads", s, layer, 0) or before_last(s, layer)
-               for s in states for layer in layers)
+def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
+    """The first prompt row the states' hooks act on in the prefill, in ``layers``: 0 where a hook reads or edits the
+    residual stream or the heads' outputs (they see every row at once), else the first row whose attention a hook
+    reads or edits (PAI's, PAINT's, the attention map's and AGSER's: the last; ViF's: the first after the image), else
+    the prompt's length. The prompt may be split anywhere before it: the rows from it on must be computed in one
+    forward, where their attention is computed over every key kept from the chunks before. The language model's hook
+    points only (the vision tower's and the logits' act on whole images and on sampled steps); the states carry
+    their prompt's layout."""
+    tail = min(s.layout.length for s in states) if states else 0
+    for s in states:
+        for layer in layers:
+            if s.hooks.wants("hidden", s, layer, 0) or s.hooks.wants("heads", s, layer, 0):
+                return 0
+            start = s.hooks.probs_from(s, layer, 0)
+            if start is not None:
+                tail = min(tail, start)
+    return tail
 
 
 def _edited_pixels(items: list[Any], state: RowState) -> list[Any]:
