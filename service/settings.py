@@ -24,8 +24,8 @@ class Settings(BaseSettings):
         512, ge=16,
         description=(
             "--engine vllm: tokens one step runs, decoding rows' and newcomers' prompts together (vLLM's chunked "
-            "prefill): a plain prompt, or one whose methods start at the first decode step, is split across steps; "
-            "one whose methods act on the prompt runs whole, in a step of its own if it is longer than the budget "
+            "prefill): a prompt is split across steps, the rows its methods act on in one chunk; one whose methods "
+            "act on every prompt row runs whole, in a step of its own if it is longer than the budget "
             "(docs/engines.md); none: chunked prefill off, every prompt whole."
         ),
     )

@@ -10,8 +10,8 @@ Requests without interventions run on vLLM unchanged. A request with interventio
 transformers engine (:meth:`~seeright.service.admission.Admission.admit`: binding, input rewriting, encoding,
 analysis passes), with the passes run as vLLM requests (:mod:`seeright.service.vllm.passes`); its method states
 then travel with it to the worker, which runs the methods' hooks on its rows (:mod:`seeright.service.vllm.worker`),
-and come back with their diagnostics when it ends. The methods' vision-tower passes (PAINT's [CLS] attention, VE
-masking's attack) run on the client's own copy of the tower and projector (:meth:`Engine.load_tower`, loaded when
+and come back with their diagnostics when it ends. The methods' vision-tower passes (a [CLS] token's attention, an
+attack on the tower) run on the client's own copy of the tower and projector (:meth:`Engine.load_tower`, loaded when
 the workers are hooked); where a method masks the tower's attention, the client computes the request's image
 embeddings under the masks and vLLM takes them in place of its own tower's. What the engine does not host is a
 400 that names the reason (:func:`not_hosted`).

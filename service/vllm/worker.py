@@ -417,7 +417,7 @@ def whole_prompt(args: dict[str, Any] | None) -> bool:
 def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
     """The first prompt row the states' hooks act on in the prefill, in ``layers``: 0 where a hook reads or edits the
     residual stream or the heads' outputs (they see every row at once), else the first row whose attention a hook
-    reads or edits (PAI's, PAINT's, the attention map's and AGSER's: the last; ViF's: the first after the image), else
+    reads or edits (often the last: the attention the next token is predicted from), else
     the prompt's length. The prompt may be split anywhere before it: the rows from it on must be computed in one
     forward, where their attention is computed over every key kept from the chunks before. The language model's hook
     points only (the vision tower's and the logits' act on whole images and on sampled steps); the states carry
