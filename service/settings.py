@@ -25,7 +25,7 @@ class Settings(BaseSettings):
         description=(
             "--engine vllm: tokens one step runs, decoding rows' and newcomers' prompts together (vLLM's chunked "
             "prefill): a prompt is split across steps, the rows its methods act on in one chunk; one whose methods "
-            "act on every prompt row runs whole, in a step of its own if it is longer than the budget "
+            "edit every prompt row runs whole, in a step of its own if it is longer than the budget "
             "(docs/engines.md); none: chunked prefill off, every prompt whole."
         ),
     )

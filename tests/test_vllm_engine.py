@@ -78,8 +78,8 @@ def served(adapter):
     """The app on the vLLM engine (its lifespan starts vLLM) serving one LoRA adapter; ``served.portal`` runs
     coroutines on its loop. Its step budget (32 tokens) is below every prompt here (about 50 tokens with the
     image): vLLM splits the plain prompts and the method prompts, with the rows the methods act on in one chunk
-    (ViF's and GIFT's are cut where those rows begin), and the scheduler gives each prompt that must run whole (VAR's,
-    VHR's, contrast pairs, guided-decoding candidates) a step of its own."""
+    (VAR's, ViF's and GIFT's are cut where those rows begin), and the scheduler gives each prompt that must run whole
+    (VHR's, contrast pairs, guided-decoding candidates) a step of its own."""
     app = create_app(Settings(model=MODEL, engine="vllm", vllm_max_model_len=1024, max_batch_size=24, vllm_step_tokens=32,
                               adapters={"smol-lora": adapter}))
     with TestClient(app) as client:

@@ -10,9 +10,11 @@ from seeright.service.vllm.worker import prefill_tail
 
 # the first prompt row each method's hooks act on, from the prompt's layout
 TAILS = {
-    "var": lambda layout: 0, "vhr": lambda layout: 0,  # the residual stream (VAR's sinks), every row's heads (VHR)
+    "vhr": lambda layout: 0,  # every row's heads
     "gift": lambda layout: layout.query_span[0] - 1,  # its fused saliency: the question's rows' attention
-    "vif": lambda layout: layout.image_end,  # the attention of the rows after the image
+    # the attention of the rows after the image (VAR: its sinks are read from every row's residual stream, which the
+    # worker keeps across chunks)
+    "var": lambda layout: layout.image_end, "vif": lambda layout: layout.image_end,
     **dict.fromkeys(["pai", "paint", "attention_map", "agser"], lambda layout: layout.length - 1),  # the last row's
     # from the first decode step on
     **dict.fromkeys(["carve", "vemask", "ritual", "vcd", "lookback", "lookback_decoding"], lambda layout: layout.length),

@@ -34,13 +34,13 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   that token.
 
 Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
-forward is step ``answered``). A request whose methods act on every prompt row (:func:`whole_prompt`: a hook wants
-the prefill's residual stream or heads, a contrast branch, a guided-decoding candidate) is prefilled in one forward
-(the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it); the others may be prefilled in
-chunks across steps, as vLLM's chunked prefill splits plain prompts, with the rows their hooks act on
-(:func:`prefill_tail`: a last rows' attention) in one chunk, which the scheduler keeps whole: their keys and values
-are kept chunk by chunk, and those rows' explicit attention runs over every key kept. No method request reads a
-prefix-cache hit. A forward that does not fit
+forward is step ``answered``). A request whose methods edit every prompt row (:func:`whole_prompt`: a hook on the
+prefill's heads, a contrast branch, a guided-decoding candidate) is prefilled in one forward (the engine's
+scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it); the others may be prefilled in chunks across
+steps, as vLLM's chunked prefill splits plain prompts, with the rows their hooks act on (:func:`prefill_tail`: the
+last rows' attention) in one chunk, which the scheduler keeps whole: their keys and values are kept chunk by chunk,
+those rows' explicit attention runs over every key kept, and a hook on the residual stream sees the whole prompt's
+in that chunk (the earlier chunks' rows kept). No method request reads a prefix-cache hit. A forward that does not fit
 this (a preempted request recomputed in one forward, a split prompt that had to be whole, speculative tokens)
 cannot replay per-step edits: the request's states are marked failed and its output is refused by the engine
 client, never returned silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
@@ -85,6 +85,7 @@ class Tracked:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H_kv, capacity, d]
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     stored: dict[int, int] = field(default_factory=dict)  # layer -> positions kept
+    streams: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> a split prompt's residual stream so far
     error: str | None = None
 
     @property
@@ -224,9 +225,11 @@ class WorkerRuntime:
                 "recomputed (preempted) or partly cached request cannot replay its per-step edits")
 
     def _retire(self, runner: Any) -> None:
-        """Requests that left vLLM wait for their client's ``collect``, the oldest dropped past ``MAX_UNCLAIMED``."""
+        """Requests that left vLLM wait for their client's ``collect`` (their states only: the copies of keys, values
+        and residual streams go), the oldest dropped past ``MAX_UNCLAIMED``."""
         for key in [k for k, t in self.tracked.items() if t.request_id not in runner.requests]:
-            self.finished[key] = self.tracked.pop(key)
+            done = self.finished[key] = self.tracked.pop(key)
+            done.keys, done.values, done.streams = {}, {}, {}
         while len(self.finished) > MAX_UNCLAIMED:
             self.finished.popitem(last=False)
         if len(self.branch_errors) > MAX_UNCLAIMED:  # branches whose request never ran
@@ -260,8 +263,26 @@ class WorkerRuntime:
         for row, groups in self._wanting("hidden", layer, hidden.device):
             if stream is None:
                 stream = hidden if residual is None else hidden + residual
+            rows = self._prompt_stream(row, layer, stream[row.query_start:row.end])
+            if rows is None:
+                continue
             for g in groups:
-                g.hooks.observe_hidden(layer, stream[row.query_start:row.end][None], g.states, row.tracked.context.step)
+                g.hooks.observe_hidden(layer, rows[None], g.states, row.tracked.context.step)
+
+    @staticmethod
+    def _prompt_stream(row: Slice, layer: int, rows: torch.Tensor) -> torch.Tensor | None:
+        """The residual stream a HIDDEN hook sees in this forward: its own rows, but in a prefill split into chunks
+        the whole prompt's, once its last chunk runs (each earlier chunk's rows are kept until then: they are what
+        the whole prompt's forward has there, since no hook edits a row before the prompt's tail); None before."""
+        tracked = row.tracked
+        if tracked.context.step != 0 or (row.first_position == 0 and row.end - row.start == tracked.prompt_len):
+            return rows
+        kept = tracked.streams.pop(layer, None)
+        rows = rows.clone() if kept is None else torch.cat([kept, rows])
+        if row.first_position + row.end - row.start < tracked.prompt_len:
+            tracked.streams[layer] = rows
+            return None
+        return rows
 
     def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """Attention forward hook: keep the keys and values of tracked requests that need them; recompute the
@@ -405,7 +426,7 @@ def seeright_args(params: Any) -> dict[str, Any] | None:
 
 
 def whole_prompt(args: dict[str, Any] | None) -> bool:
-    """Whether a request with these seeright arguments must be prefilled in one forward: its methods' hooks act on
+    """Whether a request with these seeright arguments must be prefilled in one forward: its methods' hooks edit
     every prompt row (``tail`` 0, set by the engine client from the hooks: :func:`prefill_tail`), it is half of a
     contrast pair (both prefill in one step, then decode in lockstep) or a guided-decoding candidate (its sampler
     draws at every step that samples). Plain requests and the others may be chunked, their tail in one chunk."""
@@ -415,17 +436,17 @@ def whole_prompt(args: dict[str, Any] | None) -> bool:
 
 
 def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
-    """The first prompt row the states' hooks act on in the prefill, in ``layers``: 0 where a hook reads or edits the
-    residual stream or the heads' outputs (they see every row at once), else the first row whose attention a hook
-    reads or edits (often the last: the attention the next token is predicted from), else
-    the prompt's length. The prompt may be split anywhere before it: the rows from it on must be computed in one
-    forward, where their attention is computed over every key kept from the chunks before. The language model's hook
-    points only (the vision tower's and the logits' act on whole images and on sampled steps); the states carry
-    their prompt's layout."""
+    """The first prompt row the states' hooks act on in the prefill, in ``layers``: 0 where a hook edits the heads'
+    outputs (it sees every row at once), else the first row whose attention a hook reads or edits (often the last:
+    the attention the next token is predicted from), else the prompt's length. The prompt may be split anywhere
+    before it: the rows from it on must be computed in one forward, where their attention is computed over every key
+    kept from the chunks before. A hook that reads the residual stream sees the whole prompt's in that forward (the
+    worker keeps the earlier chunks' rows, which no hook edits). The language model's hook points only (the vision
+    tower's and the logits' act on whole images and on sampled steps); the states carry their prompt's layout."""
     tail = min(s.layout.length for s in states) if states else 0
     for s in states:
         for layer in layers:
-            if s.hooks.wants("hidden", s, layer, 0) or s.hooks.wants("heads", s, layer, 0):
+            if s.hooks.wants("heads", s, layer, 0):
                 return 0
             start = s.hooks.probs_from(s, layer, 0)
             if start is not None:
