@@ -148,10 +148,11 @@ class WholePrompts:
         held back (nothing else starts in that step); else nothing held and no raise."""
         s: Any = self
         per_decode = 1 + s.num_spec_tokens
-        tails = [r for r in s.running if (t := tail_of(r)) is not None and r.num_computed_tokens == t]
+        tails = [r for r in s.running if r.num_computed_tokens == tail_of(r)]
         if not tails:
             return [], None
-        others = [r for r in s.running if all(r is not t for t in tails)]
+        waiting_tails = {id(r) for r in tails}
+        others = [r for r in s.running if id(r) not in waiting_tails]
         if any(r.num_tokens - r.num_computed_tokens > per_decode for r in others):
             return [], None  # a prompt still being split goes first; the tails wait for it
         need = per_decode * len(others) + sum(r.num_prompt_tokens - r.num_computed_tokens for r in tails)

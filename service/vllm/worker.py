@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 from seeright.interventions.methods.base import Hooks, Method, RowState
-from seeright.interventions.runtime import ForwardContext, Group, edited_attention
+from seeright.interventions.runtime import ForwardContext, Group, edited_attention, keep_mask
 from seeright.service.vllm.sampling import CandidateSampler
 from seeright.service.vllm.transport import pack_states, unpack, unpack_states
 
@@ -313,9 +313,8 @@ class WorkerRuntime:
             top = row.end - rows
             q = query[top:row.end].view(rows, self.num_heads, self.head_dim).transpose(0, 1)[None]
             keep = None
-            if ctx.step == 0:
-                positions = torch.arange(q0, q0 + rows, device=query.device)
-                keep = (torch.arange(keys.shape[1], device=query.device)[None, :] <= positions[:, None])[None, None]
+            if ctx.step == 0:  # causal over the keys kept: the forward's rows are the last of them
+                keep = keep_mask(None, plan.rows, q0 - offset, row.end - row.query_start, keys.shape[1], query.device)
             v = values[None] if plan.any_write else None
             new = edited_attention(plan.groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
             if new is None or not bool(plan.write[0]):
