@@ -4,13 +4,17 @@ the first row its hooks act on (``prefill_tail``). Exactness under a split is te
 
 from __future__ import annotations
 
+from seeright.interventions.layout import TokenLayout
+from seeright.interventions.methods.base import RowState
+from seeright.interventions.methods.vhr import _TextHeadCapture
 from seeright.interventions.registry import MethodRegistry
+from seeright.interventions.spec import VHRParams
 from seeright.service.engine import GenerationRequest
 from seeright.service.vllm.worker import prefill_tail
 
 # the first prompt row each method's hooks act on, from the prompt's layout
 TAILS = {
-    "vhr": lambda layout: 0,  # every row's heads
+    "vhr": lambda layout: 0,  # every row's heads, by a selection made at the last
     "gift": lambda layout: layout.query_span[0] - 1,  # its fused saliency: the question's rows' attention
     # the attention of the rows after the image (VAR: its sinks are read from every row's residual stream, which the
     # worker keeps across chunks)
@@ -31,3 +35,35 @@ def test_a_prompt_runs_in_one_chunk_from_the_first_row_its_hooks_act_on(llava, i
             state.layout = layout
         assert 0 < layout.image_end < layout.query_span[0] < layout.length - 1
         assert prefill_tail(rows[0], range(llava.info.num_layers)) == expected(layout), name
+
+
+def _tail(llava, images, interventions):
+    inputs, rows = llava.admit([GenerationRequest(prompt="What is in the image?", images=[images[0]],
+                                                  interventions=interventions)])
+    layout = inputs[0].prompt.layout
+    for state in rows[0]:
+        state.layout = layout
+    return prefill_tail(rows[0], range(llava.info.num_layers)), layout
+
+
+def test_vhrs_prompt_splits_unless_a_selection_scales_every_row(llava, images):
+    """The selection reads the last row: scaling only that row splits before it; fixed heads scale each row on its
+    own (no row constrains the split); a selection applied to every row needs the whole prompt."""
+    fixed = {"1": [0, 2], "3": [1]}
+    cases = [({}, lambda layout: 0), ({"prefill_positions": "last"}, lambda layout: layout.length - 1),
+             ({"heads": fixed}, lambda layout: layout.length),
+             ({"heads": fixed, "prefill_positions": "last"}, lambda layout: layout.length - 1)]
+    for params, expected in cases:
+        tail, layout = _tail(llava, images, {"vhr": params})
+        assert tail == expected(layout), params
+    tail, layout = _tail(llava, images, {"vhr": {"prefill_positions": "last"}, "pai": {}, "var": {}})
+    assert tail == layout.image_end  # the earliest row any of a request's hooks acts on
+
+
+def test_vhrs_text_only_pass_splits_before_its_last_row():
+    """The pass records the heads' outputs at the prompt's last row and edits nothing."""
+    capture = _TextHeadCapture()
+    state = RowState(hooks=capture, params=VHRParams(layers=[1, 2]))
+    state.layout = TokenLayout(length=9, pad=0, image_spans=(), image_grids=(), query_span=(1, 8))
+    assert prefill_tail([state], range(4)) == 8
+    assert prefill_tail([state], [0, 3]) == 9  # no hooked layer in these: nothing constrains the split

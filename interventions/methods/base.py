@@ -173,6 +173,13 @@ class Hooks:
     def wants_heads(self, state: RowState, layer: int, step: int) -> bool:
         return False
 
+    def heads_from(self, state: RowState, layer: int, step: int) -> int | None:
+        """Where :meth:`wants_heads`: the first query row from which ``edit_heads`` must see the rows in one forward
+        (it leaves the rows before it as they are); None where it edits each row on its own, so that a prompt's rows
+        may come in chunks, each edited as it runs. The default, 0: every row at once (an engine that splits prompts
+        keeps such a prompt whole)."""
+        return 0
+
     def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
         """Edit per-head outputs ``[n, q, H, head_dim]`` before ``o_proj``."""
         return heads

@@ -80,6 +80,14 @@ class VHR(Method):
     def wants_heads(self, state: RowState, layer: int, step: int) -> bool:
         return layer in state.params.layers
 
+    def heads_from(self, state: RowState, layer: int, step: int) -> int | None:
+        """In the prefill, scaling every row by a selection made at the last needs every row at once (0); scaling
+        the last row only (``prefill_positions="last"``) needs that row (the rows before it are left as they are);
+        fixed heads scale each row on its own (None), as every decode step does."""
+        if step == 0 and state.params.prefill_positions == "last" and state.layout is not None:
+            return state.layout.length - 1
+        return None if step > 0 or state.params.heads is not None else 0
+
     def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
         selecting = [row for row, s in enumerate(states) if s.params.heads is None]
         if step == 0 and selecting:
@@ -128,6 +136,9 @@ class _TextHeadCapture(Hooks):
 
     def wants_heads(self, state: RowState, layer: int, step: int) -> bool:
         return step == 0 and layer in state.params.layers
+
+    def heads_from(self, state: RowState, layer: int, step: int) -> int | None:
+        return 0 if state.layout is None else state.layout.length - 1  # the last row's outputs, read only
 
     def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
         last = heads[:, -1].float()

@@ -6,7 +6,7 @@ prompt, so that the runner's buffers can hold one whole): the running rows' deco
 tokens. vLLM splits plain prompts across steps by itself. A request whose methods act on its last prompt rows'
 attention (``SamplingParams.extra_args["seeright"]["tail"]``, the first of those rows:
 :func:`~seeright.service.vllm.worker.prefill_tail`) is split too, but no chunk ends inside those rows: they run in
-one chunk. A request whose methods edit every prompt row must be prefilled in one forward
+one chunk. A request whose methods edit every prompt row together (``tail`` 0) must be prefilled in one forward
 (:func:`~seeright.service.vllm.worker.whole_prompt`), and a request with a contrast
 branch (:attr:`~seeright.interventions.methods.base.HookPoint.LOGITS`) is two vLLM requests that must be prefilled
 in the same step and then decode in lockstep (both carry the branch's key,

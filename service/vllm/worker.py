@@ -34,17 +34,17 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   that token.
 
 Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
-forward is step ``answered``). A request whose methods edit every prompt row (:func:`whole_prompt`: a hook on the
-prefill's heads, a contrast branch, a guided-decoding candidate) is prefilled in one forward (the engine's
-scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it); the others may be prefilled in chunks across
-steps, as vLLM's chunked prefill splits plain prompts, with the rows their hooks act on (:func:`prefill_tail`: the
-last rows' attention) in one chunk, which the scheduler keeps whole: their keys and values are kept chunk by chunk,
-those rows' explicit attention runs over every key kept, and a hook on the residual stream sees the whole prompt's
-in that chunk (the earlier chunks' rows kept). No method request reads a prefix-cache hit. A forward that does not fit
-this (a preempted request recomputed in one forward, a split prompt that had to be whole, speculative tokens)
-cannot replay per-step edits: the request's states are marked failed and its output is refused by the engine
-client, never returned silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more
-than ``MAX_UNCLAIMED`` finished requests wait.
+forward is step ``answered``). A request whose methods edit every prompt row by what they see at the last
+(:func:`whole_prompt`: a heads hook with ``heads_from`` 0, a contrast branch, a guided-decoding candidate) is
+prefilled in one forward (the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it); the
+others may be prefilled in chunks across steps, as vLLM's chunked prefill splits plain prompts, with the rows their
+hooks act on (:func:`prefill_tail`: the last rows' attention or heads) in one chunk, which the scheduler keeps
+whole: their keys and values are kept chunk by chunk, those rows' explicit attention runs over every key kept, and a
+hook on the residual stream sees the whole prompt's in that chunk (the earlier chunks' rows kept). No method request
+reads a prefix-cache hit. A forward that does not fit this (a preempted request recomputed in one forward, a split
+prompt that had to be whole, speculative tokens) cannot replay per-step edits: the request's states are marked failed
+and its output is refused by the engine client, never returned silently wrong. States stay until the client collects
+them (``seeright_collect``) or, unclaimed, until more than ``MAX_UNCLAIMED`` finished requests wait.
 """
 
 from __future__ import annotations
@@ -273,7 +273,8 @@ class WorkerRuntime:
     def _prompt_stream(row: Slice, layer: int, rows: torch.Tensor) -> torch.Tensor | None:
         """The residual stream a HIDDEN hook sees in this forward: its own rows, but in a prefill split into chunks
         the whole prompt's, once its last chunk runs (each earlier chunk's rows are kept until then: they are what
-        the whole prompt's forward has there, since no hook edits a row before the prompt's tail); None before."""
+        the whole prompt's forward has there, since a hook edits a row before the prompt's tail only on its own); None
+        before."""
         tracked = row.tracked
         if tracked.context.step != 0 or (row.first_position == 0 and row.end - row.start == tracked.prompt_len):
             return rows
@@ -355,6 +356,9 @@ class WorkerRuntime:
         x = args[0]
         edited = None
         for row, groups in self._wanting("heads", layer, x.device):
+            groups = [g for g in groups if self._heads_here(row, layer, g)]
+            if not groups:
+                continue
             if edited is None:
                 edited = x.clone()
             heads = edited[row.query_start:row.end].view(1, row.end - row.query_start, self.num_heads, self.head_dim)
@@ -362,6 +366,26 @@ class WorkerRuntime:
                 heads = g.hooks.edit_heads(layer, heads, g.states, row.tracked.context.step)
             edited[row.query_start:row.end] = heads.reshape(row.end - row.query_start, -1)
         return None if edited is None else (edited, *args[1:])
+
+    @staticmethod
+    def _heads_here(row: Slice, layer: int, group: Group) -> bool:
+        """Whether ``group``'s heads edit runs in this forward: always, but in a prefill split into chunks, where a
+        hook that edits its rows from ``heads_from`` on together runs in the chunk that holds them (it leaves the rows
+        before as they are); a hook that wants rows an earlier chunk held fails the request."""
+        tracked = row.tracked
+        length = row.end - row.start
+        if tracked.context.step != 0 or (row.first_position == 0 and length == tracked.prompt_len):
+            return True
+        start = group.hooks.heads_from(group.states[0], layer, 0)  # one request: one state per hooks object
+        if start is None:  # each row on its own: every chunk
+            return True
+        if row.first_position + length <= start:  # a chunk before the rows it edits
+            return False
+        if row.first_position > start:
+            tracked.error = (f"layer {layer} edits heads from prompt row {start}, the forward starts at position "
+                             f"{row.first_position}")
+            return False
+        return True
 
     def on_encoder_inputs(self, gather: Any, scheduler_output: Any) -> tuple[list, list, list]:
         """The runner's ``_batch_mm_inputs_from_scheduler``, with the pixels of each branch whose method edits them
@@ -426,30 +450,30 @@ def seeright_args(params: Any) -> dict[str, Any] | None:
 
 def whole_prompt(args: dict[str, Any] | None) -> bool:
     """Whether a request with these seeright arguments must be prefilled in one forward: its methods' hooks edit
-    every prompt row (``tail`` 0, set by the engine client from the hooks: :func:`prefill_tail`), it is half of a
-    contrast pair (both prefill in one step, then decode in lockstep) or a guided-decoding candidate (its sampler
-    draws at every step that samples). Plain requests and the others may be chunked, their tail in one chunk."""
+    every prompt row together (``tail`` 0, set by the engine client from the hooks: :func:`prefill_tail`), it is
+    half of a contrast pair (both prefill in one step, then decode in lockstep) or a guided-decoding candidate (its
+    sampler draws at every step that samples). Plain requests and the others may be chunked, their tail in one chunk."""
     if not args:
         return False
     return bool(args.get("tail", 0) == 0 or "branch" in args or "sampler" in args or args.get("answered"))
 
 
 def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
-    """The first prompt row the states' hooks act on in the prefill, in ``layers``: 0 where a hook edits the heads'
-    outputs (it sees every row at once), else the first row whose attention a hook reads or edits (often the last:
-    the attention the next token is predicted from), else the prompt's length. The prompt may be split anywhere
-    before it: the rows from it on must be computed in one forward, where their attention is computed over every key
-    kept from the chunks before. A hook that reads the residual stream sees the whole prompt's in that forward (the
-    worker keeps the earlier chunks' rows, which no hook edits). The language model's hook points only (the vision
-    tower's and the logits' act on whole images and on sampled steps); the states carry their prompt's layout."""
+    """The first prompt row the states' hooks act on in the prefill, in ``layers``: the first row whose attention a
+    hook reads or edits (often the last: the attention the next token is predicted from) or from which a hook edits
+    the heads' outputs together (``heads_from``; 0 where a row's edit depends on every row's), else the prompt's
+    length. The prompt may be split anywhere before it: the rows from it on must be computed in one forward, where
+    their attention is computed over every key kept from the chunks before. A hook that reads the residual stream
+    sees the whole prompt's in that forward (the worker keeps the earlier chunks' rows, which a hook edits only row by
+    row, as the whole forward does). The language model's hook points only (the vision tower's and the logits' act
+    on whole images and on sampled steps); the states carry their prompt's layout."""
     tail = min(s.layout.length for s in states) if states else 0
     for s in states:
         for layer in layers:
+            starts = [s.hooks.probs_from(s, layer, 0)]
             if s.hooks.wants("heads", s, layer, 0):
-                return 0
-            start = s.hooks.probs_from(s, layer, 0)
-            if start is not None:
-                tail = min(tail, start)
+                starts.append(s.hooks.heads_from(s, layer, 0))
+            tail = min([tail, *(start for start in starts if start is not None)])
     return tail
 
 
