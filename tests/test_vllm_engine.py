@@ -269,13 +269,16 @@ def test_the_shapes_testbed_on_vllm_scores_as_on_the_transformers_engine(served,
 
 class FakeRequest:
     """What the scheduler reads of a vLLM request: plain, a method request (``tail``: the first prompt row its
-    methods act on; 0: every row, the prompt's length: none), or a pair's member."""
+    methods act on; 0: every row, the prompt's length: none), or a pair's member (with its request's tail, or a
+    branch's, which carries none unless it is 0)."""
 
     def __init__(self, request_id: str, pair: str | None = None, tokens: int = 100, images: int = 0,
                  tail: int | None = None, computed: int = 0):
         from types import SimpleNamespace
 
-        args = {"branch": pair} if pair else {"states": b"", "tail": tail} if tail is not None else None
+        args = {"states": b"", "tail": tail} if tail is not None else None
+        if pair:
+            args = {**(args or {}), "branch": pair}
         self.request_id, self.num_tokens, self.num_computed_tokens, self.num_output_tokens = request_id, tokens, computed, 0
         self.num_prompt_tokens = tokens
         self.num_encoder_inputs = images
@@ -323,20 +326,20 @@ def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000, cap
     return Scheduler()
 
 
-def test_the_scheduler_starts_a_pair_in_one_step():
-    """A member waits for its partner; a complete pair goes first when the step has room for both, and sits the
-    step out when it has not (vLLM would have admitted one and split the other); an aborted member's partner is
-    dropped."""
+def test_the_scheduler_starts_a_whole_pair_in_one_step():
+    """A member waits for its partner; a complete pair that must run whole goes first when the step has room for
+    both, and sits the step out when it has not (vLLM would have admitted one and split the other); an aborted
+    member's partner is dropped."""
     scheduler = fake_scheduler()
-    scheduler.add_request(FakeRequest("main", "p"))
+    scheduler.add_request(FakeRequest("main", "p", tail=0))
     scheduler.add_request(FakeRequest("plain"))
     assert [r.request_id for r in scheduler.waiting] == ["plain"]
-    scheduler.add_request(FakeRequest("branch", "p"))
+    scheduler.add_request(FakeRequest("branch", "p", tail=0))
     assert [r.request_id for r in scheduler.waiting] == ["plain", "main", "branch"] and not scheduler.held
     assert scheduler.schedule() == (["main", "branch", "plain"], 2048)
 
     scheduler = fake_scheduler(running=1, blocks=12)  # two prompts of 100 tokens need 14 blocks of 16
-    for request in (FakeRequest("main", "p"), FakeRequest("branch", "p")):
+    for request in (FakeRequest("main", "p", tail=0), FakeRequest("branch", "p", tail=0)):
         scheduler.add_request(request)
     assert scheduler.schedule() == ([], 2048) and len(scheduler.waiting) == 2
 
@@ -358,7 +361,8 @@ def test_the_step_budget_splits_plain_prompts_and_keeps_method_prompts_whole():
     assert scheduler.schedule() == (["var", "plain", "lookback"], 300)
 
     scheduler = fake_scheduler(running=50, tokens=300)
-    for request in (FakeRequest("main", "p", tokens=150), FakeRequest("branch", "p", tokens=150), FakeRequest("plain")):
+    for request in (FakeRequest("main", "p", tokens=150, tail=0), FakeRequest("branch", "p", tokens=150, tail=0),
+                    FakeRequest("plain")):
         scheduler.add_request(request)
     assert scheduler.schedule() == (["main", "branch"], 350)  # 300 prompt tokens never fit beside 50 rows: alone
     assert "plain" in [r.request_id for r in scheduler.waiting] and scheduler.max_num_scheduled_tokens == 300
@@ -405,6 +409,45 @@ def test_a_split_prompts_tail_runs_in_one_chunk():
                           FakeRequest("vif", tokens=100, tail=90, computed=90)]
     scheduler.add_request(FakeRequest("later"))
     assert scheduler.schedule() == (["later"], 60)  # no raise while another prompt is split
+
+
+def test_a_split_pairs_prompts_end_in_one_step():
+    """A contrast pair's members are split like any prompt, but each ends its prompt (its tail: its methods' rows,
+    the last row at the latest) only in the step its partner does: a chunk that would end it sooner is cut where the
+    tail begins; once both wait at their tails and the step holds both, the pair goes first in the running queue and
+    both end there; tails that never fit beside the decoding rows get a raised step once nothing else is split."""
+    from seeright.service.vllm.scheduling import tail_of
+
+    scheduler = fake_scheduler(running=2, tokens=64)
+    main, branch = FakeRequest("main", "p", tokens=100, tail=99), FakeRequest("branch", "p", tokens=80)
+    assert tail_of(main) == 99 and tail_of(branch) == 79
+    cut = scheduler._reserve_prefill_lookahead
+    assert cut(main, 0, 64) == 64 and cut(branch, 0, 64) == 64  # chunks before the tails: vLLM's cut
+    assert cut(branch, 64, 16) == 15 and cut(main, 64, 36) == 35  # would end alone: cut where the tail begins
+    assert cut(FakeRequest("whole", "q", tokens=100, tail=0), 0, 100) == 100  # a whole pair's: started together
+
+    scheduler.running += [main, branch]
+    main.num_computed_tokens, branch.num_computed_tokens = 99, 40
+    scheduler.schedule()
+    assert not scheduler.completing and cut(main, 99, 1) == 0  # its partner is not at its tail yet: it waits
+    branch.num_computed_tokens = 79
+    scheduler.add_request(FakeRequest("later"))
+    assert scheduler.schedule() == (["later"], 64) and scheduler.completing == {"p"}
+    assert [r.request_id for r in scheduler.running[:2]] == ["main", "branch"]  # first: the step holds both
+    assert cut(main, 99, 1) == 1 and cut(branch, 79, 1) == 1
+    main.num_computed_tokens, branch.num_computed_tokens = 100, 80
+    scheduler.schedule()
+    assert not scheduler.completing and cut(main, 100, 1) == 1 and cut(branch, 80, 1) == 1  # then they decode
+
+    scheduler = fake_scheduler(running=60, tokens=64)  # 4 tokens beside 60 decoding rows; the tails need 41
+    main = FakeRequest("main", "p", tokens=100, tail=60, computed=60)
+    branch = FakeRequest("branch", "p", tokens=80, computed=79)
+    scheduler.running += [FakeRequest("splitting", tokens=900, computed=300), branch, main]
+    scheduler.add_request(FakeRequest("later"))
+    assert scheduler.schedule() == (["later"], 64) and not scheduler.completing  # another prompt is split: wait
+    scheduler.running = [r for r in scheduler.running if r.request_id != "splitting"]
+    assert scheduler.schedule() == ([], 101) and scheduler.completing == {"p"}  # raised to hold them; no newcomer
+    assert [r.request_id for r in scheduler.running[:2]] == ["branch", "main"]
 
 
 def test_states_with_a_bad_signature_are_not_unpickled(served, image):

@@ -482,6 +482,8 @@ class VllmEngineClient:
             key, packed = self._with_states(prompt, states)
             extra.update(packed)
             if contrast is not None:
+                if extra["tail"] == 0:  # a request prefilled whole: its branch too, in the same step
+                    contrast[1]["tail"] = 0
                 branch = await self._start_branch(*contrast, request, lora)
         else:
             prompt = self._prompt(request.chat(), request.images)

@@ -1,4 +1,4 @@
-"""vLLM's scheduler with a per-step token budget, prompts that must run whole kept whole, pairs started together.
+"""vLLM's scheduler with a per-step token budget, prompts that must run whole kept whole, pairs ending together.
 
 With ``vllm_step_tokens`` set, vLLM's chunked prefill is on and each step runs at most that many tokens (the
 scheduler's ``max_num_scheduled_tokens``; vLLM's ``max_num_batched_tokens`` stays large enough for the longest
@@ -7,10 +7,12 @@ tokens. vLLM splits plain prompts across steps by itself. A request whose method
 attention (``SamplingParams.extra_args["seeright"]["tail"]``, the first of those rows:
 :func:`~seeright.service.vllm.worker.prefill_tail`) is split too, but no chunk ends inside those rows: they run in
 one chunk. A request whose methods edit every prompt row together (``tail`` 0) must be prefilled in one forward
-(:func:`~seeright.service.vllm.worker.whole_prompt`), and a request with a contrast
-branch (:attr:`~seeright.interventions.methods.base.HookPoint.LOGITS`) is two vLLM requests that must be prefilled
-in the same step and then decode in lockstep (both carry the branch's key,
-``SamplingParams.extra_args["seeright"]["branch"]``). :class:`WholePrompts`:
+(:func:`~seeright.service.vllm.worker.whole_prompt`). A request with a contrast branch
+(:attr:`~seeright.interventions.methods.base.HookPoint.LOGITS`) is two vLLM requests that must sample their first
+token in the same step and then decode in lockstep (both carry the branch's key,
+``SamplingParams.extra_args["seeright"]["branch"]``): split, each member's tail (its last row at the latest) runs in
+the step its partner's does; whole (the request's tail 0, which its branch carries), both prompts run in one step.
+:class:`WholePrompts`:
 
 * keeps a pair's member aside until its partner arrives (the front end sends them one after the other and the
   engine core may run a step in between), then queues them together;
@@ -25,6 +27,10 @@ in the same step and then decode in lockstep (both carry the branch's key,
   fit what a step has left waits for a step where it does, and one that could never fit beside the decoding rows
   goes in a step whose budget is raised to hold it, once no other running prompt is still being split, with no
   newcomer in that step;
+* ends a split pair's prompts in one step: a member's chunk that would end its prompt is cut where its tail begins
+  until both members wait at their tails and the step holds both tails; the pair then goes first in the running
+  queue, so that neither is left out of that step (a member that still misses it, e.g. preempted, has its request
+  failed by the worker, never decoded out of lockstep);
 * drops held members when one of them is aborted.
 
 The room is counted conservatively (no prefix-cache hit assumed). Under vLLM's priority policy the waiting queue is
@@ -58,8 +64,14 @@ def pair_of(request: Request) -> str | None:
 
 
 def tail_of(request: Request) -> int | None:
-    """The first prompt row from which ``request``'s prompt must run in one chunk, or None (no such row)."""
-    tail = (seeright_args(request.sampling_params) or {}).get("tail")
+    """The first prompt row from which ``request``'s prompt must run in one chunk, or None (no such row). A contrast
+    pair's member has one at its last row at the latest: the forward that samples its first token, which must be its
+    partner's too."""
+    args = seeright_args(request.sampling_params) or {}
+    tail = args.get("tail")
+    if "branch" in args:
+        last = request.num_prompt_tokens - 1
+        tail = last if tail is None else min(tail, last)
     return None if tail is None or tail >= request.num_prompt_tokens else int(tail)
 
 
@@ -98,6 +110,7 @@ class WholePrompts:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.held: dict[str, list[Request]] = {}
+        self.completing: set[str] = set()  # the split pairs whose tails run in this step, both
 
     def add_request(self, request: Request) -> None:
         pair = pair_of(request)
@@ -122,10 +135,15 @@ class WholePrompts:
         return super().finish_requests(request_ids, finished_status)  # type: ignore[misc]
 
     def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
-        """vLLM's cut of a prefill chunk, then no chunk that ends inside the request's tail (0: it waits a step)."""
+        """vLLM's cut of a prefill chunk, then no chunk that ends inside the request's tail (0: it waits a step), and
+        no split pair's member that ends its prompt but in the step its partner does (cut where its tail begins)."""
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)  # type: ignore[misc]
         tail = tail_of(request)
-        if tail is None or num_computed_tokens + num_new_tokens >= request.num_prompt_tokens:
+        if tail is None or num_computed_tokens >= request.num_prompt_tokens:  # (decoding)
+            return num_new_tokens
+        pair = pair_of(request)
+        ends = num_computed_tokens + num_new_tokens >= request.num_prompt_tokens
+        if ends and (pair is None or pair in self.completing or whole_group(request) is not None):
             return num_new_tokens
         return max(min(num_new_tokens, tail - num_computed_tokens), 0)
 
@@ -143,24 +161,42 @@ class WholePrompts:
             self._prepend(held_back)
 
     def _tail_step(self) -> tuple[list[Request], int | None]:
-        """Where running prompts wait with their tail next and the tails do not fit beside the decoding rows, once no
-        other running prompt is still being split: this step's budget raised to hold them, and every waiting request
-        held back (nothing else starts in that step); else nothing held and no raise."""
+        """Running prompts that wait with their tail next (a split pair's members: both of them): where the tails do
+        not fit beside the decoding rows, once no other running prompt is still being split, this step's budget
+        raised to hold them, and every waiting request held back (nothing else starts in that step); else nothing
+        held and no raise. The pairs whose tails fit the step go first in the running queue and end their prompts in
+        it (:attr:`completing`); the others wait, each member at its tail."""
         s: Any = self
         per_decode = 1 + s.num_spec_tokens
+        self.completing = set()
         tails = [r for r in s.running if r.num_computed_tokens == tail_of(r)]
+        pairs: dict[str, list[Request]] = {}
+        for r in tails:
+            if (key := pair_of(r)) is not None:
+                pairs.setdefault(key, []).append(r)
+        ready = {key: members for key, members in pairs.items() if len(members) == PAIR_SIZE}
+        tails = [r for r in tails if pair_of(r) is None or pair_of(r) in ready]
         if not tails:
             return [], None
         waiting_tails = {id(r) for r in tails}
         others = [r for r in s.running if id(r) not in waiting_tails]
-        if any(r.num_tokens - r.num_computed_tokens > per_decode for r in others):
-            return [], None  # a prompt still being split goes first; the tails wait for it
-        need = per_decode * len(others) + sum(r.num_prompt_tokens - r.num_computed_tokens for r in tails)
-        if need <= s.max_num_scheduled_tokens:
-            return [], None
-        held = list(s.waiting)
-        s.waiting.remove_requests(held)
-        return held, min(s.scheduler_config.max_num_batched_tokens, need)
+        need = per_decode * len(others) + sum(_left(r) for r in tails)
+        held: list[Request] = []
+        budget = s.max_num_scheduled_tokens
+        if need > budget and not any(r.num_tokens - r.num_computed_tokens > per_decode for r in others):
+            held, budget = list(s.waiting), min(s.scheduler_config.max_num_batched_tokens, need)
+            s.waiting.remove_requests(held)
+        room, first = budget - per_decode * len(others), []
+        for key, members in ready.items():
+            cost = sum(map(_left, members))
+            if cost <= room or (held and not first):  # (in a raised step the first goes even if it never fits)
+                room -= cost
+                self.completing.add(key)
+                first += members
+        if first:
+            ids = {id(r) for r in first}
+            s.running[:] = first + [r for r in s.running if id(r) not in ids]
+        return held, budget if held else None
 
     def _line_up(self) -> tuple[list[Request], int | None]:
         """Put the waiting groups that fit this step first in the queue and take out those that sit it out (and,
@@ -226,6 +262,11 @@ class WholePrompts:
         if requests:
             waiting: Any = self.waiting  # type: ignore[attr-defined]
             waiting.prepend_requests(reversed(requests) if isinstance(waiting, deque) else requests)
+
+
+def _left(request: Request) -> int:
+    """The prompt tokens ``request`` has still to prefill."""
+    return request.num_prompt_tokens - request.num_computed_tokens
 
 
 class SeerightScheduler(WholePrompts, Scheduler):

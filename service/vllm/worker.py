@@ -19,7 +19,8 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   the prefill on), so the explicit attention never reads a backend's paged cache layout.
 * HEADS: a pre-hook on each ``o_proj`` hands the heads' outputs to ``edit_heads``.
 * LOGITS: a request with a contrast branch is two vLLM requests (the branch carries only ``{"branch": key}``,
-  runs unedited, and is queued in the same step by :mod:`seeright.service.vllm.scheduling`). Where the method edits
+  and its request's ``tail`` where that is 0, runs unedited, and is queued with its request and its prompt's last
+  chunk run in the step of its request's by :mod:`seeright.service.vllm.scheduling`). Where the method edits
   the branch's pixels (``branch_from_pixels``), the branch also carries its signed state, and a wrapper of the
   runner's gathering of encoder inputs hands the method the branch's pixel tensors (every image of the branch,
   stacked or concatenated as the model takes them) before vLLM's vision tower runs. A wrapper of the model's
@@ -35,16 +36,17 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
 
 Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
 forward is step ``answered``). A request whose methods edit every prompt row by what they see at the last
-(:func:`whole_prompt`: a heads hook with ``heads_from`` 0, a contrast branch, a guided-decoding candidate) is
-prefilled in one forward (the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it); the
-others may be prefilled in chunks across steps, as vLLM's chunked prefill splits plain prompts, with the rows their
-hooks act on (:func:`prefill_tail`: the last rows' attention or heads) in one chunk, which the scheduler keeps
-whole: their keys and values are kept chunk by chunk, those rows' explicit attention runs over every key kept, and a
-hook on the residual stream sees the whole prompt's in that chunk (the earlier chunks' rows kept). No method request
-reads a prefix-cache hit. A forward that does not fit this (a preempted request recomputed in one forward, a split
-prompt that had to be whole, speculative tokens) cannot replay per-step edits: the request's states are marked failed
-and its output is refused by the engine client, never returned silently wrong. States stay until the client collects
-them (``seeright_collect``) or, unclaimed, until more than ``MAX_UNCLAIMED`` finished requests wait.
+(:func:`whole_prompt`: a heads hook with ``heads_from`` 0, a guided-decoding candidate) is prefilled in one forward
+(the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it); the others may be prefilled in
+chunks across steps, as vLLM's chunked prefill splits plain prompts, with the rows their hooks act on
+(:func:`prefill_tail`: the last rows' attention or heads) in one chunk, which the scheduler keeps whole (a contrast
+pair's last chunks in one step: the pair is checked where the request samples, its prompt's last chunk and every
+step after): their keys and values are kept chunk by chunk, those rows' explicit attention runs over every key kept,
+and a hook on the residual stream sees the whole prompt's in that chunk (the earlier chunks' rows kept). No method
+request reads a prefix-cache hit. A forward that does not fit this (a preempted request recomputed in one forward, a
+split prompt that had to be whole, speculative tokens) cannot replay per-step edits: the request's states are marked
+failed and its output is refused by the engine client, never returned silently wrong. States stay until the client
+collects them (``seeright_collect``) or, unclaimed, until more than ``MAX_UNCLAIMED`` finished requests wait.
 """
 
 from __future__ import annotations
@@ -168,8 +170,8 @@ class WorkerRuntime:
                 row.query_start = row.end - 1
             if tracked.error is None:
                 self.rows.append(row)
-        for row in self.rows:
-            if row.tracked.branch is not None:
+        for row in self.rows:  # paired where the request samples: its prompt's last chunk, then every step
+            if row.tracked.branch is not None and row.first_position + row.end - row.start >= row.tracked.prompt_len:
                 self._pair(row, branches.get(row.tracked.branch))
 
     def _pair(self, row: Slice, branch: tuple[int, int] | None) -> None:
@@ -450,12 +452,13 @@ def seeright_args(params: Any) -> dict[str, Any] | None:
 
 def whole_prompt(args: dict[str, Any] | None) -> bool:
     """Whether a request with these seeright arguments must be prefilled in one forward: its methods' hooks edit
-    every prompt row together (``tail`` 0, set by the engine client from the hooks: :func:`prefill_tail`), it is
-    half of a contrast pair (both prefill in one step, then decode in lockstep) or a guided-decoding candidate (its
-    sampler draws at every step that samples). Plain requests and the others may be chunked, their tail in one chunk."""
+    every prompt row together (``tail`` 0, set by the engine client from the hooks: :func:`prefill_tail`; a contrast
+    branch carries its request's 0), or it is a guided-decoding candidate (its sampler draws at every step that
+    samples). Plain requests and the others may be chunked, their tail in one chunk (a contrast pair's members: the
+    last chunks of both in one step, which the scheduler keeps together)."""
     if not args:
         return False
-    return bool(args.get("tail", 0) == 0 or "branch" in args or "sampler" in args or args.get("answered"))
+    return bool(args.get("tail") == 0 or "sampler" in args or args.get("answered"))
 
 
 def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
