@@ -34,6 +34,12 @@ class Settings(BaseSettings):
         None, gt=0, le=1,
         description="--engine vllm: share of device memory vLLM takes (of CPU memory on a CPU); none: 0.9 on a GPU, 0.25 on a CPU.",
     )
+    vllm_client_threads: int | None = Field(
+        None, ge=1,
+        description="--engine vllm: torch threads of the engine client's own work in the API process (the vision "
+        "tower's passes and attacks); none: 1 on a CPU, whose cores vLLM's engine core computes on, torch's default "
+        "on a GPU.",
+    )
     adapters: dict[str, Path] = Field(
         default_factory=dict,
         description="LoRA adapters served beside the model, name -> PEFT adapter folder (``--adapter NAME=PATH``); a "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from seeright.service.api.app import create_app
@@ -78,10 +79,11 @@ def served(adapter):
     """The app on the vLLM engine (its lifespan starts vLLM) serving one LoRA adapter; ``served.portal`` runs
     coroutines on its loop. Its step budget (32 tokens) is below every prompt here (about 50 tokens with the
     image): vLLM splits the plain prompts and the method prompts, with the rows the methods act on in one chunk
-    (VAR's, ViF's and GIFT's are cut where those rows begin), and the scheduler gives each prompt that must run whole
-    (VHR's, contrast pairs, guided-decoding candidates) a step of its own."""
+    (VAR's, ViF's and GIFT's are cut where those rows begin; a contrast pair's members end theirs in one step), and the
+    scheduler gives each prompt that must run whole (VHR's at its defaults, guided-decoding candidates) a step of its
+    own. The engine client keeps this process's torch threads (the transformers references run here too)."""
     app = create_app(Settings(model=MODEL, engine="vllm", vllm_max_model_len=1024, max_batch_size=24, vllm_step_tokens=32,
-                              adapters={"smol-lora": adapter}))
+                              adapters={"smol-lora": adapter}, vllm_client_threads=torch.get_num_threads()))
     with TestClient(app) as client:
         yield client
 
@@ -448,6 +450,17 @@ def test_a_split_pairs_prompts_end_in_one_step():
     scheduler.running = [r for r in scheduler.running if r.request_id != "splitting"]
     assert scheduler.schedule() == ([], 101) and scheduler.completing == {"p"}  # raised to hold them; no newcomer
     assert [r.request_id for r in scheduler.running[:2]] == ["branch", "main"]
+
+
+def test_the_engine_clients_own_work_leaves_a_cpus_cores_to_vllm(monkeypatch):
+    """On a CPU the API process's torch work (the tower's passes and attacks) runs on one thread beside vLLM's
+    engine core; a setting overrides it; on a GPU torch's default stands."""
+    from seeright.service.vllm.engine import client_threads
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert client_threads(Settings()) == 1 and client_threads(Settings(vllm_client_threads=3)) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert client_threads(Settings()) is None
 
 
 def test_states_with_a_bad_signature_are_not_unpickled(served, image):

@@ -123,6 +123,16 @@ def worker_in_engine_core(settings: Settings) -> None:
         os.environ.setdefault(MULTIPROCESSING_VARIABLE, "0")
 
 
+def client_threads(settings: Settings) -> int | None:
+    """Torch threads for the engine client's own work in the API process (the vision tower's passes and attacks):
+    the setting, else 1 on a CPU, where vLLM's engine core computes on the same cores and a second pool of torch
+    threads beside it slows both (``seeright bench --serving --engine vllm --joiners vemask`` measures it), else
+    None (torch's default)."""
+    if settings.vllm_client_threads is not None:
+        return settings.vllm_client_threads
+    return None if torch.cuda.is_available() else 1
+
+
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 
 
@@ -217,6 +227,8 @@ class VllmEngineClient:
 
         worker_in_engine_core(self.settings)
         self.llm = AsyncLLM.from_engine_args(engine_args(self.settings, self.max_prompt_tokens))
+        if (threads := client_threads(self.settings)) is not None:  # (the engine core has started: its own)
+            torch.set_num_threads(threads)
         if install:
             await self.install()
 
