@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         "tower's passes and attacks); none: 1 on a CPU, whose cores vLLM's engine core computes on, torch's default "
         "on a GPU.",
     )
+    vllm_client_niceness: int | None = Field(
+        None, ge=0, le=19,
+        description="--engine vllm: how far below the API process's priority the engine client's own work runs "
+        "(its threads' niceness, on Linux), so that vLLM's engine core gets the cores first; none: 10 on a CPU, 0 on "
+        "a GPU.",
+    )
     adapters: dict[str, Path] = Field(
         default_factory=dict,
         description="LoRA adapters served beside the model, name -> PEFT adapter folder (``--adapter NAME=PATH``); a "

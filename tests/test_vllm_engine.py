@@ -452,15 +452,25 @@ def test_a_split_pairs_prompts_end_in_one_step():
     assert [r.request_id for r in scheduler.running[:2]] == ["branch", "main"]
 
 
-def test_the_engine_clients_own_work_leaves_a_cpus_cores_to_vllm(monkeypatch):
+def test_the_engine_clients_own_work_leaves_a_cpus_cores_to_vllm(monkeypatch, served):
     """On a CPU the API process's torch work (the tower's passes and attacks) runs on one thread beside vLLM's
-    engine core; a setting overrides it; on a GPU torch's default stands."""
-    from seeright.service.vllm.engine import client_threads
+    engine core, on threads below the process's priority; settings override both; on a GPU the defaults stand."""
+    import os
+
+    from seeright.service.vllm.engine import client_niceness, client_threads
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert client_threads(Settings()) == 1 and client_threads(Settings(vllm_client_threads=3)) == 3
+    assert client_niceness(Settings()) == 10 and client_niceness(Settings(vllm_client_niceness=0)) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert client_threads(Settings()) is None
+    assert client_threads(Settings()) is None and client_niceness(Settings()) == 0
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, __import__("threading").get_native_id())
+
+    client = served.app.state.client
+    own = served.portal.call(client._on_own_thread, niceness)
+    assert own == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)  # the served engine's default, on this CPU
 
 
 def test_states_with_a_bad_signature_are_not_unpickled(served, image):

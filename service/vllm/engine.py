@@ -20,13 +20,18 @@ embeddings under the masks and vLLM takes them in place of its own tower's. What
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import os
 import secrets
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -46,6 +51,8 @@ from seeright.service.vllm.candidates import guide_of, guide_refusal, guided
 from seeright.service.vllm.passes import VllmPasses
 from seeright.service.vllm.transport import EngineFailure, pack_states, unpack_states
 from seeright.service.vllm.worker import EXTRA_ARGS_KEY, prefill_tail
+
+T = TypeVar("T")
 
 WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN, HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
 # run by the engine client: contrasts (a branch request and the worker's logits wrapper), vision masks (the client's
@@ -133,6 +140,23 @@ def client_threads(settings: Settings) -> int | None:
     return None if torch.cuda.is_available() else 1
 
 
+def client_niceness(settings: Settings) -> int:
+    """How far below the API process the engine client's own work runs: the setting, else 10 on a CPU (a running
+    stream's steps then take the cores first while an admission's attack computes beside them), else 0."""
+    if settings.vllm_client_niceness is not None:
+        return settings.vllm_client_niceness
+    return 0 if torch.cuda.is_available() else 10
+
+
+def _lower_priority(niceness: int) -> None:
+    """Thread initializer: this thread runs ``niceness`` below its process (Linux schedules each thread on its own
+    niceness; where a thread's cannot be set, it is left as it is)."""
+    if niceness:
+        with contextlib.suppress(OSError, AttributeError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + niceness, 19))
+
+
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 
 
@@ -187,6 +211,8 @@ class VllmEngineClient:
         self._key = secrets.token_bytes(32)  # signs the method states the workers accept
         self._lora_ids: dict[Lora, int] = {}  # vLLM's id of each adapter loaded (a reload of a name gets a new one)
         self._adapter_lock = asyncio.Lock()
+        self._own_work = ThreadPoolExecutor(thread_name_prefix="seeright-client", initializer=_lower_priority,
+                                            initargs=(client_niceness(settings),))  # admissions, reflections
         for name, path in settings.adapters.items():
             self._add_lora(name, str(path))
 
@@ -256,6 +282,13 @@ class VllmEngineClient:
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+        self._own_work.shutdown(wait=False)
+
+    async def _on_own_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on one of the engine client's own threads (below the engine core's priority: ``_own_work``),
+        in this task's context, as :func:`asyncio.to_thread` runs it on the default executor's."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._own_work, partial(context.run, fn, *args))
 
     @property
     def alive(self) -> bool:
@@ -481,7 +514,7 @@ class VllmEngineClient:
         key, extra, states, branch = None, None, [], None
         lora = self.spec.lora_of(request)  # read once: an unload while it runs leaves it its adapter
         if request.interventions:
-            admitted, states, embeddings = await asyncio.to_thread(self._admit, request)
+            admitted, states, embeddings = await self._on_own_thread(self._admit, request)
             if guide_of(states) is not None:
                 async for token in guided(self, request, stream, admitted, states, lora, start):
                     yield token
@@ -533,7 +566,7 @@ class VllmEngineClient:
         if key is not None:
             states = (await self._collect(key, states))[0]
             if any(HookPoint.REFLECT in s.hooks.hook_points for s in states):
-                await asyncio.to_thread(self._reflect, states, Answer(token_ids, text, request.max_new_tokens))
+                await self._on_own_thread(self._reflect, states, Answer(token_ids, text, request.max_new_tokens))
             diagnostics = {s.hooks.name: {**to_python(s.diagnostics), **self.spec.provenance(s)} for s in states}
         end = time.perf_counter()
         stream.output = GenerationOutput(
