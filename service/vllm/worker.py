@@ -111,6 +111,21 @@ class Slice:
         if self.query_start < 0:
             self.query_start = self.start
 
+    @property
+    def end_position(self) -> int:
+        """The position after the forward's last token of the request."""
+        return self.first_position + self.end - self.start
+
+    @property
+    def whole_prompt(self) -> bool:
+        """Whether this forward holds the request's whole prompt and nothing else."""
+        return self.first_position == 0 and self.end_position == self.tracked.prompt_len
+
+    @property
+    def prompt_chunk(self) -> bool:
+        """Whether this forward is a prefill's that holds part of the prompt only (the prompt is split)."""
+        return self.tracked.context.step == 0 and not self.whole_prompt
+
 
 def _asks_probs(state: RowState) -> bool:
     return type(state.hooks).probs_from is not Hooks.probs_from
@@ -171,7 +186,7 @@ class WorkerRuntime:
             if tracked.error is None:
                 self.rows.append(row)
         for row in self.rows:  # paired where the request samples: its prompt's last chunk, then every step
-            if row.tracked.branch is not None and row.first_position + row.end - row.start >= row.tracked.prompt_len:
+            if row.tracked.branch is not None and row.end_position >= row.tracked.prompt_len:
                 self._pair(row, branches.get(row.tracked.branch))
 
     def _pair(self, row: Slice, branch: tuple[int, int] | None) -> None:
@@ -212,7 +227,7 @@ class WorkerRuntime:
         continuation's prompt forward is the step of its last token (``answered``: the transformers engine decodes
         it as one step); the forwards after it, the steps after that. A chunked prefill's forwards are all step 0."""
         tracked, length = row.tracked, row.end - row.start
-        if tracked.context.step == -1 and row.first_position == 0 and length == tracked.prompt_len:
+        if tracked.context.step == -1 and row.whole_prompt:
             tracked.context.step, tracked.prefilled = tracked.answered, length
             return None
         if (tracked.chunked and tracked.context.step in (-1, 0) and row.first_position == tracked.prefilled
@@ -278,11 +293,11 @@ class WorkerRuntime:
         the whole prompt's forward has there, since a hook edits a row before the prompt's tail only on its own); None
         before."""
         tracked = row.tracked
-        if tracked.context.step != 0 or (row.first_position == 0 and row.end - row.start == tracked.prompt_len):
+        if not row.prompt_chunk:
             return rows
         kept = tracked.streams.pop(layer, None)
         rows = rows.clone() if kept is None else torch.cat([kept, rows])
-        if row.first_position + row.end - row.start < tracked.prompt_len:
+        if row.end_position < tracked.prompt_len:
             tracked.streams[layer] = rows
             return None
         return rows
@@ -374,17 +389,15 @@ class WorkerRuntime:
         """Whether ``group``'s heads edit runs in this forward: always, but in a prefill split into chunks, where a
         hook that edits its rows from ``heads_from`` on together runs in the chunk that holds them (it leaves the rows
         before as they are); a hook that wants rows an earlier chunk held fails the request."""
-        tracked = row.tracked
-        length = row.end - row.start
-        if tracked.context.step != 0 or (row.first_position == 0 and length == tracked.prompt_len):
+        if not row.prompt_chunk:
             return True
         start = group.hooks.heads_from(group.states[0], layer, 0)  # one request: one state per hooks object
         if start is None:  # each row on its own: every chunk
             return True
-        if row.first_position + length <= start:  # a chunk before the rows it edits
+        if row.end_position <= start:  # a chunk before the rows it edits
             return False
         if row.first_position > start:
-            tracked.error = (f"layer {layer} edits heads from prompt row {start}, the forward starts at position "
+            row.tracked.error = (f"layer {layer} edits heads from prompt row {start}, the forward starts at position "
                              f"{row.first_position}")
             return False
         return True
