@@ -46,7 +46,7 @@ def _record(args: argparse.Namespace, kind: str, name: str, values: object) -> N
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from seeright.service.api.app import create_app, freeze_heap
+    from seeright.service.api.app import create_app
     from seeright.service.settings import Settings
 
     settings = Settings.load(
@@ -64,7 +64,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_replicas(settings, args.replicas, args.ray_address, args.replica_cpus, gpus)
         return 0
     app = create_app(settings)
-    freeze_heap()
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=60)
     return 0
 

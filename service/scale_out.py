@@ -30,7 +30,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RaySystemError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from seeright.service.api.app import BodyLimit, create_app, freeze_heap
+from seeright.service.api.app import BodyLimit, create_app
 from seeright.service.api.deps import KeyRing
 from seeright.service.api.errors import error_response, install_error_handlers
 from seeright.service.api.metrics import Metrics
@@ -59,7 +59,6 @@ class EngineReplica:
             torch.set_num_threads(threads)
         self.settings = Settings(**settings)
         self.app = create_app(self.settings)
-        freeze_heap()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # starts the scheduler's worker

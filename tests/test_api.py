@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -228,6 +229,28 @@ def test_full_queue_answers_503_with_retry_after(engine, image_url):
         app.state.scheduler.queue.get_nowait()
         app.state.scheduler.start()
         assert c.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_a_serving_app_keeps_what_its_engine_start_made_out_of_the_collectors_sight(engine, image_url):
+    """A full garbage collection over a loaded model's objects stops every thread for tenths of a second: the app
+    freezes the heap once its engine has started (vLLM's client imports vLLM and loads its tower there), and
+    unfreezes it when it stops, so that a process that outlives it collects those objects again."""
+    app = create_app(Settings(model=MODEL), engine)
+    made_at_start: list[list] = []
+    start = app.state.client.start
+
+    async def starting() -> None:
+        await start()
+        made_at_start.append([])
+
+    app.state.client.start = starting
+    frozen_before = gc.get_freeze_count()
+    with TestClient(app) as c:
+        assert gc.get_freeze_count() > frozen_before
+        assert not any(o is made_at_start[0] for o in gc.get_objects())
+        body = {"model": MODEL, "messages": user("hi", image_url), "max_tokens": 2}
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+    assert gc.get_freeze_count() == 0 and any(o is made_at_start[0] for o in gc.get_objects())
 
 
 def test_settings_from_yaml_and_env(tmp_path, monkeypatch):

@@ -473,6 +473,16 @@ def test_the_engine_clients_own_work_leaves_a_cpus_cores_to_vllm(monkeypatch, se
     assert own == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)  # the served engine's default, on this CPU
 
 
+def test_the_api_process_heap_is_frozen_once_vllm_has_started(served):
+    """What the engine client's start made (vLLM's engine client, the tower's copy) is out of the garbage
+    collector's sight while the app serves: a full collection of the API process does not stall its event loop."""
+    import gc
+
+    client = served.app.state.client
+    assert gc.get_freeze_count() > 0
+    assert not any(o is client.llm or o is client.spec.passes for o in gc.get_objects())
+
+
 def test_states_with_a_bad_signature_are_not_unpickled(served, image):
     """A request that carries seeright arguments it did not get from this engine (another front end forwarding
     ``extra_args``) is never unpickled: the worker marks it failed."""

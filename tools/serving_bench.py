@@ -31,6 +31,7 @@ from typing import Any
 
 from PIL import Image
 
+from seeright.service.api.app import frozen_heap
 from seeright.service.engine import Engine, GenerationRequest
 from seeright.service.scheduler import Job, QueueFull, Scheduler
 from seeright.service.slicing import StepBudget
@@ -165,7 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               step_budget=StepBudget(budget) if budget else None)
         scheduler.start()
         try:
-            runs.append({"step_budget": budget or None, **asyncio.run(_measure(scheduler, methods, joiners, args))})
+            with frozen_heap():  # as the app serves it
+                runs.append({"step_budget": budget or None, **asyncio.run(_measure(scheduler, methods, joiners, args))})
         finally:
             scheduler.stop()
     return {"model": args.model, "max_batch_size": args.max_batch_size, "runs": runs}
@@ -183,7 +185,8 @@ def _run_vllm(args: argparse.Namespace) -> dict[str, Any]:
         try:
             hosted = [n for n in client.methods if not_hosted(client.methods[n], tower=client.tower) is None]
             methods = args.methods if args.methods is not None else [m for m in client.methods.mixed_traffic() if m in hosted]
-            return {"step_tokens": tokens or None, **await _measure(client, methods, args.joiners or hosted, args)}
+            with frozen_heap():  # as the app serves it
+                return {"step_tokens": tokens or None, **await _measure(client, methods, args.joiners or hosted, args)}
         finally:
             await client.stop()
 

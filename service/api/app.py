@@ -4,8 +4,8 @@ handlers and the routers (``service/api/routes``); the routes hand requests to t
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -62,13 +62,20 @@ class BodyLimit:
         await error_response(413, f"request body exceeds {self.limit} bytes")(scope, receive, send)
 
 
-def freeze_heap() -> None:
-    """Put every object alive now (the model, tokenizer and libraries: millions of long-lived objects) out of the
-    garbage collector's sight. A full collection, which one request that builds many objects can trigger (16 x 512
-    log-prob entries), then takes milliseconds instead of stopping every thread, the event loop included, for a
-    third of a second. For a serving process, after its model is loaded (``seeright serve``, each Ray replica)."""
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Every object alive on entry (the model, tokenizer and libraries: millions of long-lived objects) out of the
+    garbage collector's sight until exit. A full collection, which one request that builds many objects can trigger
+    (16 x 512 log-prob entries), then takes milliseconds instead of stopping every thread, the event loop included,
+    for a third of a second. The app's lifespan holds it from its engine's start (the vLLM engine client imports vLLM
+    and loads its copy of the tower there) to its stop, so that a process that outlives an app (the tests) gets
+    its objects collected again (``gc.unfreeze``, as vLLM's engine core does at shutdown)."""
     gc.collect()
     gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -100,7 +107,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await client.start()
-        yield
+        with frozen_heap():
+            yield
         await client.stop()
 
     app = FastAPI(title="seeright", version="0.1.0", lifespan=lifespan)
