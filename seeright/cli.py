@@ -207,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from seeright.tools import engine_bench
 
         model = args.model if args.model != BENCH_MODEL else engine_bench.DEFAULT_MODEL
-        result = engine_bench.run(model, args.new_tokens, args.reps)
+        result = engine_bench.run(model, args.new_tokens, args.reps, args.block_size)
         print(json.dumps(result, indent=2) if args.json else engine_bench.table(result))
         _record(args, "bench-vllm", model, result)
         return 0
@@ -458,6 +458,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                     help="vllm: both engines on the default model with an image: plain tokens/s, each hosted method's "
                          "per-token cost, the idle hooks' cost, plain rows beside method rows")
     bn.add_argument("--new-tokens", type=int, default=64)
+    bn.add_argument("--block-size", type=int, help="--engine vllm: tokens per KV-cache block (vllm_block_size); "
+                    "default: vLLM's for the device")
     bn.add_argument("--reps", type=int, default=5, help="timed rounds of single requests")
     bn.add_argument("--batch-reps", type=int, default=3, help="timed rounds of the batch-of-8 runs")
     bn.add_argument("--warmup", type=int, default=1)

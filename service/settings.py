@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         None, gt=0, le=1,
         description="--engine vllm: share of device memory vLLM takes (of CPU memory on a CPU); none: 0.9 on a GPU, 0.25 on a CPU.",
     )
+    vllm_block_size: int | None = Field(
+        None, ge=1,
+        description="--engine vllm: tokens per KV-cache block, the prefix cache's unit (a guided-decoding "
+        "continuation reuses its kept candidate's full blocks); none: vLLM's default for the device (128 on a CPU).",
+    )
     vllm_client_threads: int | None = Field(
         None, ge=1,
         description="--engine vllm: torch threads of the engine client's own work in the API process (the vision "

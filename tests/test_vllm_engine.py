@@ -81,9 +81,11 @@ def served(adapter):
     image): vLLM splits the plain prompts and the method prompts, with the rows the methods act on in one chunk
     (VAR's, ViF's and GIFT's are cut where those rows begin; a contrast pair's members end theirs in one step), and the
     scheduler gives each prompt that must run whole (VHR's at its defaults, guided-decoding candidates) a step of its
-    own. The engine client keeps this process's torch threads (the transformers references run here too)."""
+    own. Its KV blocks hold 32 tokens (vLLM's CPU default, 128, is longer than the prompts here), so that the prefix
+    cache answers guided decoding's continuations. The engine client keeps this process's torch threads (the
+    transformers references run here too)."""
     app = create_app(Settings(model=MODEL, engine="vllm", vllm_max_model_len=1024, max_batch_size=24, vllm_step_tokens=32,
-                              adapters={"smol-lora": adapter}, vllm_client_threads=torch.get_num_threads()))
+                              vllm_block_size=32, adapters={"smol-lora": adapter}, vllm_client_threads=torch.get_num_threads()))
     with TestClient(app) as client:
         yield client
 
@@ -179,10 +181,23 @@ def test_methods_keep_their_rows_while_requests_join_and_leave(served, hf, image
         assert_same(got, hf.generate_batch([r])[0])
 
 
-def test_guided_decoding_with_signals_penalties_and_stop_strings(served, hf, image):
+def test_guided_decoding_with_signals_penalties_and_stop_strings(monkeypatch, served, hf, image):
     """Guided decoding beside the read-only signals, with the request's penalties (its candidates' draws apply them
     over the answer's earlier chunks too) and a stop string inside a kept chunk: the transformers engine's answer,
-    chunk records and ratios."""
+    chunk records and ratios. The continuations read their prompts' full blocks from vLLM's prefix cache (the kept
+    candidate's, 32-token blocks here) and start from the kept candidate's keys and values; the first chunk's
+    candidates read nothing cached."""
+    client = served.app.state.client
+    cached: list[tuple[int, int]] = []  # (answer tokens the candidate's prompt ends with, prompt tokens read cached)
+    outputs = client._outputs
+
+    async def counted(prompt, sampling, lora):
+        async for out in outputs(prompt, sampling, lora):
+            if out.finished:
+                cached.append((sampling.extra_args["seeright"].get("answered", 0), out.num_cached_tokens or 0))
+            yield out
+
+    monkeypatch.setattr(client, "_outputs", counted)
     guided = {"lookback_decoding": {"candidates": 3, "chunk_tokens": 3, "seed": 2}, "lookback": {}, "attention_map": {}}
     penalised = request(image, PROMPTS[2], guided, 14)
     penalised.repetition_penalty, penalised.presence_penalty = 1.3, 0.4
@@ -201,6 +216,9 @@ def test_guided_decoding_with_signals_penalties_and_stop_strings(served, hf, ima
                                np.array(want.diagnostics["lookback"]["per_token"], dtype=float), atol=1e-4)
     assert_same(got[1], hf.generate_batch([stopped])[0])
     assert got[1].finish_reason == "stop" and len(got[1].token_ids) < len(want.token_ids)
+    assert all(hit == 0 for answered, hit in cached if answered == 0)
+    continuations = [hit for answered, hit in cached if answered > 0]
+    assert continuations and all(hit > 0 and hit % 32 == 0 for hit in continuations)
 
 
 def test_what_vllm_does_not_host_is_refused_naming_the_field_and_the_reason(served, image):

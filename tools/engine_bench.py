@@ -105,12 +105,14 @@ def _transformers(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
     return {"rates": rates, "per_token": per_token}
 
 
-async def _started_client(model: str) -> Any:
-    """A vLLM engine client on ``model``, started without the hooks (``install()`` adds them)."""
+async def _started_client(model: str, block_size: int | None = None) -> Any:
+    """A vLLM engine client on ``model`` (KV blocks of ``block_size`` tokens; none: vLLM's default), started without
+    the hooks (``install()`` adds them)."""
     from seeright.service.settings import Settings
     from seeright.service.vllm.engine import VllmEngineClient
 
-    client = VllmEngineClient.from_settings(Settings(model=model, engine="vllm", max_batch_size=max(BATCHES)))
+    client = VllmEngineClient.from_settings(Settings(model=model, engine="vllm", max_batch_size=max(BATCHES),
+                                                     vllm_block_size=block_size))
     await client.start(install=False)
     return client
 
@@ -137,8 +139,8 @@ async def _stream_per_token(client: Any, interventions: dict[str, Any] | None, n
     return statistics.median(x for x in samples if x is not None)
 
 
-async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
-    client = await _started_client(model)
+async def _vllm(model: str, new_tokens: int, reps: int, block_size: int | None) -> dict[str, Any]:
+    client = await _started_client(model, block_size)
     try:
         await client.generate(_requests(1, 4)[0])  # warm-up
         plain_token = await _stream_per_token(client, None, new_tokens, reps)
@@ -167,9 +169,9 @@ async def _vllm(model: str, new_tokens: int, reps: int) -> dict[str, Any]:
             "per_token": _over_plain(rounds), "mixed_plain_rows_over_plain_rows": statistics.median(mixed)}
 
 
-async def _plain_only(model: str, new_tokens: int, reps: int) -> dict[str, float]:
+async def _plain_only(model: str, new_tokens: int, reps: int, block_size: int | None) -> dict[str, float]:
     """Plain per-token decode time at batch 1 and tokens/s at batch 8, without the hooks."""
-    client = await _started_client(model)
+    client = await _started_client(model, block_size)
     try:
         await client.generate(_requests(1, 4)[0])  # warm-up
         return {"ms_per_token": 1000 * await _stream_per_token(client, None, new_tokens, reps),
@@ -178,7 +180,7 @@ async def _plain_only(model: str, new_tokens: int, reps: int) -> dict[str, float
         await client.stop()
 
 
-def _worker_process(model: str, new_tokens: int, reps: int) -> dict[str, float] | None:
+def _worker_process(model: str, new_tokens: int, reps: int, block_size: int | None) -> dict[str, float] | None:
     """On a CPU, plain vLLM with its worker in a process of its own (vLLM's CPU default); None on a GPU or where
     the user chose the layout (``VLLM_ENABLE_V1_MULTIPROCESSING`` set)."""
     import torch
@@ -189,7 +191,7 @@ def _worker_process(model: str, new_tokens: int, reps: int) -> dict[str, float] 
         return None
     os.environ[MULTIPROCESSING_VARIABLE] = "1"
     try:
-        return asyncio.run(_plain_only(model, new_tokens, reps))
+        return asyncio.run(_plain_only(model, new_tokens, reps, block_size))
     finally:
         del os.environ[MULTIPROCESSING_VARIABLE]
 
@@ -208,15 +210,16 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict[str, Any]:
-    """Both engines on ``model`` (a built-in model is exported to a folder vLLM loads, as ``serve`` does)."""
+def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3, block_size: int | None = None) -> dict[str, Any]:
+    """Both engines on ``model`` (a built-in model is exported to a folder vLLM loads, as ``serve`` does); vLLM's KV
+    blocks of ``block_size`` tokens (none: vLLM's default for the device)."""
     from seeright.service.vllm.engine import vllm_folder
 
     with _stdout_to_stderr():
         folder = vllm_folder(model)
         hf = _transformers(folder, new_tokens, reps)
-        separate = _worker_process(model, new_tokens, reps)  # before the runs below set the engine-core layout
-        vllm = asyncio.run(_vllm(model, new_tokens, reps))
+        separate = _worker_process(model, new_tokens, reps, block_size)  # before the runs below set the engine-core layout
+        vllm = asyncio.run(_vllm(model, new_tokens, reps, block_size))
     batches = {
         batch: {"transformers_tokens_per_s": hf["rates"][batch], "vllm_tokens_per_s": vllm["plain"][batch],
                 "vllm_hooks_idle_tokens_per_s": vllm["hooks_idle"][batch]}
@@ -242,7 +245,8 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict
         inside = processes["worker_in_engine_core"]
         processes["speedup_batch1"] = separate["ms_per_token"] / inside["ms_per_token"]
         processes["speedup_batch8"] = inside["batch8_tokens_per_s"] / separate["batch8_tokens_per_s"]
-    return {"model": model, "new_tokens": new_tokens, "reps": reps, "paired_rounds": True, "batches": batches, "methods": methods,
+    return {"model": model, "new_tokens": new_tokens, "reps": reps, "block_size": block_size, "paired_rounds": True,
+            "batches": batches, "methods": methods,
             "plain_ms_per_token": {"transformers": 1000 * hf["per_token"]["plain"]["seconds"],
                                    "vllm": 1000 * vllm["per_token"]["plain"]["seconds"]},
             "mixed_half_plain_rows_over_all_plain": vllm["mixed_plain_rows_over_plain_rows"], "cpu_worker_processes": processes}
@@ -250,7 +254,8 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3) -> dict
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"model {result['model']} with an image, up to {result['new_tokens']} new tokens, median of {result['reps']}",
+        (f"model {result['model']} with an image, up to {result['new_tokens']} new tokens, median of {result['reps']}"
+         + (f"; vLLM's KV blocks of {result['block_size']} tokens" if result.get("block_size") else "")),
         "",
         "| batch | transformers tok/s | vLLM tok/s | vLLM / transformers | vLLM, hooks idle | idle hooks' cost |",
         "|---|---|---|---|---|---|",

@@ -105,7 +105,7 @@ def engine_args(settings: Settings, longest_prompt: int | None = None) -> Any:
         model=vllm_folder(settings.model), served_model_name=[settings.name], dtype=settings.dtype,
         max_model_len=max_len, max_num_batched_tokens=capacity, max_num_seqs=settings.max_batch_size,
         enable_chunked_prefill=step is not None, max_num_scheduled_tokens=step,
-        enforce_eager=True,
+        enforce_eager=True, block_size=settings.vllm_block_size,
         enable_mm_embeds=True,  # image embeddings from the client's tower, for methods that mask it
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.25),
@@ -371,10 +371,11 @@ class VllmEngineClient:
             prompt["multi_modal_data"] = {"image": list(images)}
         return prompt
 
-    def _with_states(self, prompt: dict[str, Any], states: Sequence[RowState]) -> tuple[str, dict[str, Any]]:
-        """A key for the request's states and the worker's arguments; the prompt gets a salt of its own, so that it
-        never shares prefix-cache blocks with requests computed under other edits (nor reads cached ones)."""
-        key = uuid.uuid4().hex
+    def _with_states(self, prompt: dict[str, Any], states: Sequence[RowState], key: str | None = None) -> tuple[str, dict[str, Any]]:
+        """A key for the request's states (``key``, or a new one) and the worker's arguments; the prompt gets a salt of
+        its own, so that it never shares prefix-cache blocks with requests computed under other edits (nor reads
+        cached ones)."""
+        key = key or uuid.uuid4().hex
         prompt["cache_salt"] = key
         return key, {"key": key, "states": pack_states(states, self._key),
                      "tail": prefill_tail(states, range(self.spec.info.num_layers))}
@@ -392,6 +393,11 @@ class VllmEngineClient:
         for back, state in zip(states, sent):
             back.request = state.request
         return states, status.data
+
+    async def _release(self, keys: Sequence[str]) -> None:
+        """Drop finished guided-decoding candidates' keys and values in the workers."""
+        if keys:
+            await self.llm.collective_rpc("seeright_release", args=(list(keys),))
 
     async def _pass(self, turns: list[ChatTurn], images: list[Image.Image], states: Sequence[RowState],
                     max_tokens: int) -> tuple[list[int], list[RowState]]:

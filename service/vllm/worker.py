@@ -68,6 +68,7 @@ from seeright.service.vllm.transport import pack_states, unpack, unpack_states
 EXTRA_ARGS_KEY = "seeright"
 DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 MAX_UNCLAIMED = 1024
+MAX_KEPT_CANDIDATES = 64  # finished candidates whose keys and values wait for the next chunk (their client releases them)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Tracked:
     answered: int = 0  # a guided-decoding continuation: the answer's tokens at the end of its prompt
     chunked: bool = False  # its prompt may be prefilled in chunks (its hooks act on a tail of rows: prefill_tail)
     prefilled: int = 0  # prompt tokens run so far
+    seeded: int = 0  # a continuation: the positions vLLM's prefix cache answered, whose keys and values it was given
+    tokens: list[int] = field(default_factory=list)  # a guided-decoding candidate: its prompt's token ids
     sampler: CandidateSampler | None = None  # a guided-decoding candidate draws its own tokens
     branch: str | None = None  # the key its contrast branch carries
     contrast: RowState | None = None  # the state whose method contrasts its logits with its branch's
@@ -145,6 +148,7 @@ class WorkerRuntime:
     layers: tuple[int, ...] = ()  # the hooked decoder layers
     tracked: dict[str, Tracked] = field(default_factory=dict)
     finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
+    candidates: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)  # finished, keys and values kept
     rows: list[Slice] = field(default_factory=list)
     branch_errors: dict[str, str] = field(default_factory=dict)  # branch key -> why its pixels could not be edited
     num_reqs: int = 0
@@ -178,6 +182,10 @@ class WorkerRuntime:
             tracked = self.tracked.get(args["key"])
             if tracked is None:
                 tracked = self.tracked[args["key"]] = self._track(args, request_id, request.num_prompt_tokens)
+                if tracked.sampler is not None:
+                    tracked.tokens = list(request.prompt_token_ids or ())
+                if first and tracked.error is None:
+                    tracked.error = self._seed(tracked, args.get("kv_from"), first)
             row = Slice(tracked, i, starts[i], starts[i + 1], first)
             if tracked.error is None:
                 tracked.error = self._step(row)
@@ -221,12 +229,44 @@ class WorkerRuntime:
                              "the engines")
         return tracked
 
+    def _seed(self, tracked: Tracked, source_key: str | None, first: int) -> str | None:
+        """A guided-decoding continuation whose prompt vLLM's prefix cache answered up to position ``first`` (it
+        shares the kept candidate's salt): the kept candidate's keys and values of those positions start its copy
+        (the same tokens, run without edits: guided decoding goes with signals only). None, or why it cannot be."""
+        tracked.seeded = first
+        if not tracked.keeps_kv:
+            return None
+        source = self.candidates.get(source_key) if source_key is not None else None
+        if source is None:
+            return f"vLLM's prefix cache answered {first} prompt positions and no kept candidate holds their keys and values"
+        drawn = [token.id for token in source.sampler.drawn] if source.sampler is not None else []
+        if (source.tokens + drawn)[:first] != tracked.tokens[:first]:
+            return "the kept candidate's tokens are not the start of this continuation's prompt"
+        for layer, keys in source.keys.items():
+            if source.stored[layer] < first:
+                return f"the kept candidate holds {source.stored[layer]} positions of layer {layer}, the cache answered {first}"
+            values = source.values[layer]
+            tracked.keys[layer] = keys.new_empty(keys.shape[0], first + 256, keys.shape[2])
+            tracked.values[layer] = values.new_empty(values.shape[0], first + 256, values.shape[2])
+            tracked.keys[layer][:, :first], tracked.values[layer][:, :first] = keys[:, :first], values[:, :first]
+            tracked.stored[layer] = first
+        return None
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Drop finished candidates' keys and values (their chunk's continuations have started, or lost)."""
+        for key in keys:
+            self.candidates.pop(key, None)
+
     @staticmethod
     def _step(row: Slice) -> str | None:
         """Set the request's step for this forward, or say why this forward cannot be replayed exactly. A
         continuation's prompt forward is the step of its last token (``answered``: the transformers engine decodes
         it as one step); the forwards after it, the steps after that. A chunked prefill's forwards are all step 0."""
         tracked, length = row.tracked, row.end - row.start
+        if (tracked.context.step == -1 and tracked.seeded and row.first_position == tracked.seeded
+                and row.end_position == tracked.prompt_len):  # the rest of a continuation's cached prompt
+            tracked.context.step, tracked.prefilled = tracked.answered, tracked.prompt_len
+            return None
         if tracked.context.step == -1 and row.whole_prompt:
             tracked.context.step, tracked.prefilled = tracked.answered, length
             return None
@@ -242,19 +282,29 @@ class WorkerRuntime:
                 "recomputed (preempted) or partly cached request cannot replay its per-step edits")
 
     def _retire(self, runner: Any) -> None:
-        """Requests that left vLLM wait for their client's ``collect`` (their states only: the copies of keys, values
-        and residual streams go), the oldest dropped past ``MAX_UNCLAIMED``."""
+        """Requests that left vLLM wait for their client's ``collect`` (their states only, :meth:`_ended`), the oldest
+        dropped past ``MAX_UNCLAIMED``."""
         for key in [k for k, t in self.tracked.items() if t.request_id not in runner.requests]:
-            done = self.finished[key] = self.tracked.pop(key)
-            done.keys, done.values, done.streams = {}, {}, {}
+            self.finished[key] = self._ended(key)
         while len(self.finished) > MAX_UNCLAIMED:
             self.finished.popitem(last=False)
+
+    def _ended(self, key: str) -> Tracked:
+        """Stop tracking a request that left vLLM: its copies of keys, values and residual streams go, but a
+        guided-decoding candidate's keys and values are kept for its chunk's continuations (``release``)."""
+        done = self.tracked.pop(key)
+        if done.sampler is not None and done.keys and done.error is None:
+            self.candidates[key] = replace(done, context=ForwardContext([[]]), streams={})
+            while len(self.candidates) > MAX_KEPT_CANDIDATES:
+                self.candidates.popitem(last=False)
+        done.keys, done.values, done.streams = {}, {}, {}
+        return done
         if len(self.branch_errors) > MAX_UNCLAIMED:  # branches whose request never ran
             self.branch_errors.clear()
 
     def collect(self, key: str) -> bytes | None:
         """A finished request's states (diagnostics, analysis results) and failure, signed; None if unknown."""
-        tracked = self.finished.pop(key, None) or self.tracked.pop(key, None)
+        tracked = self.finished.pop(key, None) or (self._ended(key) if key in self.tracked else None)
         if tracked is None:
             return None
         sampler = tracked.sampler.returned() if tracked.sampler is not None else None
@@ -560,3 +610,7 @@ class HookPoints:
     def seeright_collect(self, key: str) -> bytes | None:
         """The states of a finished request (:meth:`WorkerRuntime.collect`)."""
         return self._seeright.collect(key)
+
+    def seeright_release(self, keys: list[str]) -> None:
+        """Drop finished guided-decoding candidates' keys and values (:meth:`WorkerRuntime.release`)."""
+        self._seeright.release(keys)
