@@ -24,7 +24,7 @@ others. Both are measured on the shapes testbed (``python -m seeright.testbed.ag
 
 Diagnostics (``signals.agser``): ``score``, ``attentive_query`` / ``non_attentive_query``, their answers and
 ``*_consistency`` (the two ROUGE-L values), and with ``image: "split"`` the image tokens each part kept. Cost: two
-greedy generations after the answer (about 2x a plain request), run when the answer is final.
+greedy generations after the answer, run when the answer is final (per request: ``seeright bench``'s record).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ Qwen it uses the chat template, as here. Resolution: ``max_pixels`` fits Qwen im
 (256*28*28) before anything else; LLaVA's processor resizes to 336 either way.
 
 Cost: two collection passes of up to ``collect_tokens`` steps (each prefilled alone, decoded together) before
-the answer, whose prompt carries a second image with the release's requery (about 2.6x a plain request on the
-benchmark model; the release reports 7.9x).
+the answer, whose prompt carries a second image with the release's requery (per request: ``seeright bench``'s
+record in docs/performance.md; the release reports 7.9x a plain request).
 
 Diagnostics: ``bbox`` (the crop, pixels of the original), ``mask_fraction``, ``mask`` (the kept regions, at most
 ``MASK_SIDE`` cells a side) and ``steps`` (tokens of each collection pass fused).

@@ -17,7 +17,7 @@ up to those layers, so the gaze rows are read there (``saliency_pass="auto"``) a
 before the first enhanced layer; otherwise one prefill stopped after the last saliency layer runs first.
 
 Cost: no extra pass in the fused case, else one partial prefill; then the last row in the enhanced
-layers (about 1.07x per decode token on the benchmark model).
+layers (per decode token: ``seeright bench``'s record in docs/performance.md).
 
 Flat map: when ``s`` is constant after clipping (no gaze shift anywhere, or all equal), the min-max scaling is
 undefined (the release divides by zero); the map is then flat, ``Sal = 1``, and the enhancement leaves the

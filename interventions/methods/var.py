@@ -22,7 +22,7 @@ never fires).
 
 Cost: attention probabilities only for the edited query rows (one per sequence at decode); every sum the
 selection and the budget need comes from one matmul of those rows with per-request key masks; the edit is
-one multiplicative factor. ``seeright bench``: about 1.08x per decode token on the benchmark model.
+one multiplicative factor (per decode token: ``seeright bench``'s record in docs/performance.md).
 """
 
 from __future__ import annotations

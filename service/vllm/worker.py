@@ -184,8 +184,8 @@ class WorkerRuntime:
                 tracked = self.tracked[args["key"]] = self._track(args, request_id, request.num_prompt_tokens)
                 if tracked.sampler is not None:
                     tracked.tokens = list(request.prompt_token_ids or ())
-                if first and tracked.error is None:
-                    tracked.error = self._seed(tracked, args.get("kv_from"), first)
+                if first and tracked.error is None and "kv_from" in args:  # a continuation the prefix cache answered
+                    tracked.error = self._seed(tracked, args["kv_from"], first)
             row = Slice(tracked, i, starts[i], starts[i + 1], first)
             if tracked.error is None:
                 tracked.error = self._step(row)
@@ -229,14 +229,14 @@ class WorkerRuntime:
                              "the engines")
         return tracked
 
-    def _seed(self, tracked: Tracked, source_key: str | None, first: int) -> str | None:
+    def _seed(self, tracked: Tracked, source_key: str, first: int) -> str | None:
         """A guided-decoding continuation whose prompt vLLM's prefix cache answered up to position ``first`` (it
         shares the kept candidate's salt): the kept candidate's keys and values of those positions start its copy
         (the same tokens, run without edits: guided decoding goes with signals only). None, or why it cannot be."""
         tracked.seeded = first
         if not tracked.keeps_kv:
             return None
-        source = self.candidates.get(source_key) if source_key is not None else None
+        source = self.candidates.get(source_key)
         if source is None:
             return f"vLLM's prefix cache answered {first} prompt positions and no kept candidate holds their keys and values"
         drawn = [token.id for token in source.sampler.drawn] if source.sampler is not None else []
