@@ -68,7 +68,10 @@ from seeright.service.vllm.transport import pack_states, unpack, unpack_states
 EXTRA_ARGS_KEY = "seeright"
 DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 MAX_UNCLAIMED = 1024
-MAX_KEPT_CANDIDATES = 64  # finished candidates whose keys and values wait for the next chunk (their client releases them)
+# finished guided-decoding candidates whose keys and values wait for their chunk's continuations: their client
+# releases them chunk by chunk (at most ``candidates + 1`` per guided request); the bound only catches a client that
+# never does
+MAX_KEPT_CANDIDATES = MAX_UNCLAIMED
 
 
 @dataclass
