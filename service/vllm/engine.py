@@ -371,7 +371,9 @@ class VllmEngineClient:
             prompt["multi_modal_data"] = {"image": list(images)}
         return prompt
 
-    def _with_states(self, prompt: dict[str, Any], states: Sequence[RowState], key: str | None = None) -> tuple[str, dict[str, Any]]:
+    def _with_states(
+        self, prompt: dict[str, Any], states: Sequence[RowState], key: str | None = None,
+    ) -> tuple[str, dict[str, Any]]:
         """A key for the request's states (``key``, or a new one) and the worker's arguments; the prompt gets a salt of
         its own, so that it never shares prefix-cache blocks with requests computed under other edits (nor reads
         cached ones)."""

@@ -241,13 +241,15 @@ class WorkerRuntime:
             return None
         source = self.candidates.get(source_key)
         if source is None:
-            return f"vLLM's prefix cache answered {first} prompt positions and no kept candidate holds their keys and values"
+            return (f"vLLM's prefix cache answered {first} prompt positions and no kept candidate holds their keys "
+                    "and values")
         drawn = [token.id for token in source.sampler.drawn] if source.sampler is not None else []
         if (source.tokens + drawn)[:first] != tracked.tokens[:first]:
             return "the kept candidate's tokens are not the start of this continuation's prompt"
         for layer, keys in source.keys.items():
             if source.stored[layer] < first:
-                return f"the kept candidate holds {source.stored[layer]} positions of layer {layer}, the cache answered {first}"
+                return (f"the kept candidate holds {source.stored[layer]} positions of layer {layer}, the cache "
+                        f"answered {first}")
             values = source.values[layer]
             tracked.keys[layer] = keys.new_empty(keys.shape[0], first + 256, keys.shape[2])
             tracked.values[layer] = values.new_empty(values.shape[0], first + 256, values.shape[2])
