@@ -125,8 +125,13 @@ class Scheduler:
     def __init__(
         self, engine: Engine, max_batch_size: int = 8, batch_wait_s: float = 0.005, queue_size: int = 64,
         max_kv_tokens: int | Literal["auto"] | None = None, step_budget: StepBudget | None = DEFAULT_STEP_BUDGET,
+        timeline: Callable[[str, float, float], None] | None = None,
     ) -> None:
         self.engine = engine
+        # called from the worker thread with ("work", start, end) for each turn of newcomer work (an admission's or a
+        # reflection's slice) and ("step", start, end) for each decode step (time.perf_counter()): the serving
+        # benchmark's account of what a running stream's longest gap held
+        self.timeline = timeline
         self.step_budget = step_budget
         self.decode_s: float | None = None  # moving average of an undisturbed decode step's time (``_timed``)
         self._decode_rows = 0  # the batch's rows at its last sample
@@ -190,7 +195,10 @@ class Scheduler:
                     if admission is None:
                         admission, prepared, held = self._admission(batch, prepared, held, jobs)
                     disturbed = admission is not None or bool(self._finishing)  # newcomer work runs before this step
+                    started = time.perf_counter()
                     waiting = self._newcomer_work(batch, admission, jobs)
+                    if disturbed and self.timeline is not None:
+                        self.timeline("work", started, time.perf_counter())
                     if waiting is not None:
                         prepared, admission = prepared + waiting, None
                     if len(batch):
@@ -399,6 +407,8 @@ class Scheduler:
         self._timed(time.perf_counter() - started, rows, disturbed)
         for row in finished:
             self._finish(batch, row, jobs)
+        if self.timeline is not None:
+            self.timeline("step", started, time.perf_counter())
 
     def _timed(self, took: float, rows: int, disturbed: bool) -> None:
         """Update ``decode_s``, the step budget's measure, with a step of ``rows`` rows that took ``took`` s, from

@@ -43,8 +43,12 @@ def test_serving_bench_reports_short_behind_long_joiners_and_open_loop_per_step_
         assert [j["joiner"] for j in run["joiners"]] == ["plain", "vhr"] and all(j["status"] == "ok" for j in run["joiners"])
         assert all(j["longest_gap_s"] >= j["median_gap_s"] > 0 and j["alone_gap_s"] > 0 for j in run["joiners"])
         assert all(len(j["ratios"]) == 2 and j["ratio"] == min(j["ratios"]) for j in run["joiners"])  # the lower median
+        # what the longest gap held, from the scheduler's turns: a decode step at least, nothing beyond the gap
+        assert all(j["gap_step_s"] > 0 and j["gap_work_s"] >= 0 and j["gap_work_s"] + j["gap_step_s"] <= j["longest_gap_s"] + 1e-6
+                   for j in run["joiners"])
         load = run["open_loop"][0]
         assert load["requests"] == 6 and load["refused"] == 0 and load["failed"] == 0
         assert 0 < load["ttft_s"]["p50"] <= load["ttft_s"]["p99"] and load["tokens_per_s"] > 0
     assert "step budget 2" in serving_bench.table(result) and "; alone " in serving_bench.table(result)
     assert "; worst " in serving_bench.table(result) and "the run of 2 whose ratio is the median" in serving_bench.table(result)
+    assert "step budget 2: newcomer work + longest step" in serving_bench.table(result)

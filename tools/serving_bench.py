@@ -49,6 +49,27 @@ class Timeline:
     status: str = "ok"
 
 
+@dataclass
+class Turns:
+    """The transformers scheduler's turns (:attr:`Scheduler.timeline`): each turn of newcomer work and each decode
+    step, with when it started and ended."""
+
+    items: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def __call__(self, kind: str, start: float, end: float) -> None:
+        self.items.append((kind, start, end))
+
+    def held(self, start: float, end: float) -> dict[str, float]:
+        """What ran in ``[start, end]`` (a gap between two tokens): the newcomer work's seconds, and the longest
+        decode step's."""
+        def overlap(a: float, b: float) -> float:
+            return max(0.0, min(b, end) - max(a, start))
+
+        work = sum(overlap(a, b) for kind, a, b in self.items if kind == "work")
+        step = max((overlap(a, b) for kind, a, b in self.items if kind == "step"), default=0.0)
+        return {"gap_work_s": work, "gap_step_s": step}
+
+
 def _image(seed: int) -> Image.Image:
     """A plain image of its own for each seed below 65536 (no two requests share an image: the vLLM engine's
     prefix cache would answer a repeated one without its prefill and image encoding)."""
@@ -101,7 +122,11 @@ async def joiner(
     """One plain stream, one request joining it after ``delay`` (plain, or with ``method`` at its defaults). The
     longest gap counts the stream's gaps while the joiner was there (from its sending to its end, its leaving
     included); ``alone``, the same stream run with nothing joining, gives the longest gap of the same window without
-    a joiner: what the machine's own jitter puts there."""
+    a joiner: what the machine's own jitter puts there. On the transformers scheduler, what that gap held (newcomer
+    work, the longest decode step) comes from its turns."""
+    turns = getattr(scheduler, "timeline", None)
+    if isinstance(turns, Turns):
+        turns.items.clear()
     running = asyncio.ensure_future(_send(scheduler, _request("long", stream_tokens, 200 + seed)))
     await asyncio.sleep(delay)
     joined = await _send(scheduler, _request("short", join_tokens, 300 + seed, {method: {}} if method else None))
@@ -109,12 +134,16 @@ async def joiner(
     start, end = joined.sent - stream.sent, joined.done - stream.sent  # the joiner's window, from the stream's start
     pairs = list(zip(stream.tokens, stream.tokens[1:]))
     beside = [b - a for a, b in pairs if joined.tokens and joined.tokens[0] < b <= joined.done]  # while it decodes too
-    median, longest = statistics.median(b - a for a, b in pairs), max(_window(stream, start, end) or [0.0])
+    median = statistics.median(b - a for a, b in pairs)
+    window = [(a, b) for a, b in pairs if b - stream.sent >= start and a - stream.sent <= end]
+    gap = max(window, key=lambda p: p[1] - p[0], default=None)
+    longest = gap[1] - gap[0] if gap else 0.0
     control = _window(alone, start, end) if alone is not None else []
     return {"joiner": method or "plain", "stream_tokens": len(stream.tokens), "joined_s": joined.done - joined.sent,
             "median_gap_s": median, "longest_gap_s": longest, "ratio": longest / median, "status": joined.status,
             "alone_gap_s": max(control) if control else None,
-            "beside_gap_s": statistics.median(beside) if beside else None, "stream_outlasted": stream.done >= joined.done}
+            "beside_gap_s": statistics.median(beside) if beside else None, "stream_outlasted": stream.done >= joined.done,
+            **(turns.held(*gap) if isinstance(turns, Turns) and gap else {})}
 
 
 def _window(timeline: Timeline, start: float, end: float) -> list[float]:
@@ -163,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for budget in args.step_budget:
         scheduler = Scheduler(engine, max_batch_size=args.max_batch_size, batch_wait_s=0.005, queue_size=args.queue_size,
-                              step_budget=StepBudget(budget) if budget else None)
+                              step_budget=StepBudget(budget) if budget else None, timeline=Turns())
         scheduler.start()
         try:
             with frozen_heap():  # as the app serves it
@@ -259,6 +288,14 @@ def table(result: dict[str, Any]) -> str:
             rows.append(f"| {first['joiner']} | " + " | ".join(cells) + " |")
         medians = ", ".join(f"{h}: {statistics.median(r['median_gap_s'] for r in t) * 1000:.0f} ms" for h, t in zip(heads, tables))
         rows += ["", f"median gap between the stream's tokens: {medians}"]
+        if any("gap_work_s" in r for t in tables for r in t):
+            rows += ["", "What each longest gap above held: the newcomer work that ran in it and its longest decode step of "
+                     "the running rows (the scheduler's turns):", "",
+                     "| the request that joins | " + " | ".join(f"{h}: newcomer work + longest step" for h in heads) + " |",
+                     "|---|" + "---|" * len(heads)]
+            held = lambda r: f"{ms(r['gap_work_s'])} + {ms(r['gap_step_s'])}" if "gap_work_s" in r else "-"  # noqa: E731
+            for i, first in enumerate(tables[0]):
+                rows.append(f"| {first['joiner']} | " + " | ".join(held(t[i]) for t in tables) + " |")
         if any(not r.get("stream_outlasted", True) for t in tables for r in t):
             rows += ["", "† the stream ended before the joiner did: its longest gap covers only part of the joiner's time "
                      "(a longer --joiner-stream-tokens covers it all)"]
