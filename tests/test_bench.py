@@ -52,3 +52,5 @@ def test_serving_bench_reports_short_behind_long_joiners_and_open_loop_per_step_
     assert "step budget 2" in serving_bench.table(result) and "; alone " in serving_bench.table(result)
     assert "; worst " in serving_bench.table(result) and "the run of 2 whose ratio is the median" in serving_bench.table(result)
     assert "step budget 2: newcomer work + longest step" in serving_bench.table(result)
+    assert "(worst run: " in serving_bench.table(result)
+    assert all(j["worst"]["ratio"] == max(j["ratios"]) for run in result["runs"] for j in run["joiners"])

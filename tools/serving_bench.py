@@ -241,7 +241,8 @@ async def _repeated(scheduler: Any, method: str | None, index: int, alone: Timel
     runs = [await joiner(scheduler, method, args.joiner_stream_tokens, args.short_tokens, args.joiner_delay,
                          index + 100 * k, alone) for k in range(args.joiner_repeats)]
     ordered = sorted(runs, key=lambda r: r["ratio"])
-    return {**ordered[(len(ordered) - 1) // 2], "ratios": [r["ratio"] for r in runs]}
+    worst = {k: ordered[-1][k] for k in ("longest_gap_s", "ratio", "gap_work_s", "gap_step_s") if k in ordered[-1]}
+    return {**ordered[(len(ordered) - 1) // 2], "ratios": [r["ratio"] for r in runs], "worst": worst}
 
 
 def _budget(run: dict[str, Any]) -> str:
@@ -290,10 +291,17 @@ def table(result: dict[str, Any]) -> str:
         rows += ["", f"median gap between the stream's tokens: {medians}"]
         if any("gap_work_s" in r for t in tables for r in t):
             rows += ["", "What each longest gap above held: the newcomer work that ran in it and its longest decode step of "
-                     "the running rows (the scheduler's turns):", "",
+                     "the running rows (the scheduler's turns), and the same for the worst run:", "",
                      "| the request that joins | " + " | ".join(f"{h}: newcomer work + longest step" for h in heads) + " |",
                      "|---|" + "---|" * len(heads)]
-            held = lambda r: f"{ms(r['gap_work_s'])} + {ms(r['gap_step_s'])}" if "gap_work_s" in r else "-"  # noqa: E731
+            def held(r: dict[str, Any]) -> str:
+                if "gap_work_s" not in r:
+                    return "-"
+                w = r.get("worst", {})
+                worst = (f" (worst run: {ms(w['gap_work_s'])} + {ms(w['gap_step_s'])} of {ms(w['longest_gap_s'])})"
+                         if "gap_work_s" in w and len(r.get("ratios", [])) > 1 else "")
+                return f"{ms(r['gap_work_s'])} + {ms(r['gap_step_s'])}{worst}"
+
             for i, first in enumerate(tables[0]):
                 rows.append(f"| {first['joiner']} | " + " | ".join(held(t[i]) for t in tables) + " |")
         if any(not r.get("stream_outlasted", True) for t in tables for r in t):
