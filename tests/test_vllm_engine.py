@@ -12,6 +12,7 @@ These tests run in their own environment (vLLM pins its own torch and transforme
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -219,6 +220,30 @@ def test_guided_decoding_with_signals_penalties_and_stop_strings(monkeypatch, se
     assert all(hit == 0 for answered, hit in cached if answered == 0)
     continuations = [hit for answered, hit in cached if answered > 0]
     assert continuations and all(hit > 0 and hit % 32 == 0 for hit in continuations)
+
+
+def test_guided_decoding_leaves_no_keys_and_values_behind(served, image):
+    """The workers hold a guided request's candidates' keys and values only until the next chunk has started from
+    the kept one's: none are left when its client goes away while a chunk's candidates run (released before they
+    finish, they keep none when they do), nor after the guided requests of the tests before."""
+    client = served.app.state.client
+
+    async def leave_in_a_chunk():
+        tokens = client.stream(request(image, PROMPTS[0], {"lookback_decoding": {"candidates": 3, "chunk_tokens": 3}}, 12))
+        tokens = tokens.__aiter__()
+        for _ in range(3):  # the first chunk
+            await tokens.__anext__()
+        fourth = asyncio.ensure_future(tokens.__anext__())  # the second chunk's candidates start
+        await asyncio.sleep(0.15)
+        fourth.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fourth
+        await asyncio.sleep(0.5)
+
+    served.portal.call(leave_in_a_chunk)
+    on_vllm(served, [request(image, PROMPTS[1], {}, 2)])  # a forward after the candidates left
+    held = served.portal.call(client.llm.collective_rpc, "seeright_held")
+    assert all(h["candidates"] == 0 and h["tracked"] == 0 for h in held)
 
 
 def test_what_vllm_does_not_host_is_refused_naming_the_field_and_the_reason(served, image):

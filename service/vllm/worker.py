@@ -152,6 +152,7 @@ class WorkerRuntime:
     tracked: dict[str, Tracked] = field(default_factory=dict)
     finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
     candidates: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)  # finished, keys and values kept
+    released: OrderedDict[str, None] = field(default_factory=OrderedDict)  # released before they finished: not kept
     rows: list[Slice] = field(default_factory=list)
     branch_errors: dict[str, str] = field(default_factory=dict)  # branch key -> why its pixels could not be edited
     num_reqs: int = 0
@@ -258,9 +259,13 @@ class WorkerRuntime:
         return None
 
     def release(self, keys: Iterable[str]) -> None:
-        """Drop finished candidates' keys and values (their chunk's continuations have started, or lost)."""
+        """Drop finished candidates' keys and values (their chunk's continuations have started, or lost); a candidate
+        released before it finished (its request was cancelled) keeps none when it does."""
         for key in keys:
-            self.candidates.pop(key, None)
+            if self.candidates.pop(key, None) is None:
+                self.released[key] = None
+                while len(self.released) > MAX_UNCLAIMED:
+                    self.released.popitem(last=False)
 
     @staticmethod
     def _step(row: Slice) -> str | None:
@@ -298,7 +303,9 @@ class WorkerRuntime:
         """Stop tracking a request that left vLLM: its copies of keys, values and residual streams go, but a
         guided-decoding candidate's keys and values are kept for its chunk's continuations (``release``)."""
         done = self.tracked.pop(key)
-        if done.sampler is not None and done.keys and done.error is None:
+        released = key in self.released
+        self.released.pop(key, None)
+        if done.sampler is not None and done.keys and done.error is None and not released:
             self.candidates[key] = replace(done, context=ForwardContext([[]]), streams={})
             while len(self.candidates) > MAX_KEPT_CANDIDATES:
                 self.candidates.popitem(last=False)
@@ -619,3 +626,8 @@ class HookPoints:
     def seeright_release(self, keys: list[str]) -> None:
         """Drop finished guided-decoding candidates' keys and values (:meth:`WorkerRuntime.release`)."""
         self._seeright.release(keys)
+
+    def seeright_held(self) -> dict[str, int]:
+        """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates."""
+        runtime = self._seeright
+        return {"tracked": len(runtime.tracked), "unclaimed": len(runtime.finished), "candidates": len(runtime.candidates)}
