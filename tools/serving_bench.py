@@ -135,10 +135,9 @@ async def joiner(
     pairs = list(zip(stream.tokens, stream.tokens[1:]))
     beside = [b - a for a, b in pairs if joined.tokens and joined.tokens[0] < b <= joined.done]  # while it decodes too
     median = statistics.median(b - a for a, b in pairs)
-    window = [(a, b) for a, b in pairs if b - stream.sent >= start and a - stream.sent <= end]
-    gap = max(window, key=lambda p: p[1] - p[0], default=None)
+    gap = max(_window(stream, start, end), key=lambda p: p[1] - p[0], default=None)
     longest = gap[1] - gap[0] if gap else 0.0
-    control = _window(alone, start, end) if alone is not None else []
+    control = [b - a for a, b in _window(alone, start, end)] if alone is not None else []
     return {"joiner": method or "plain", "stream_tokens": len(stream.tokens), "joined_s": joined.done - joined.sent,
             "median_gap_s": median, "longest_gap_s": longest, "ratio": longest / median, "status": joined.status,
             "alone_gap_s": max(control) if control else None,
@@ -146,9 +145,9 @@ async def joiner(
             **(turns.held(*gap) if isinstance(turns, Turns) and gap else {})}
 
 
-def _window(timeline: Timeline, start: float, end: float) -> list[float]:
-    """The gaps of ``timeline`` that overlap ``[start, end]`` (seconds after it was sent)."""
-    return [b - a for a, b in zip(timeline.tokens, timeline.tokens[1:]) if b - timeline.sent >= start and a - timeline.sent <= end]
+def _window(timeline: Timeline, start: float, end: float) -> list[tuple[float, float]]:
+    """The gaps of ``timeline`` (their two tokens' times) that overlap ``[start, end]`` (seconds after it was sent)."""
+    return [(a, b) for a, b in zip(timeline.tokens, timeline.tokens[1:]) if b - timeline.sent >= start and a - timeline.sent <= end]
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
