@@ -43,10 +43,12 @@ chunks across steps, as vLLM's chunked prefill splits plain prompts, with the ro
 pair's last chunks in one step: the pair is checked where the request samples, its prompt's last chunk and every
 step after): their keys and values are kept chunk by chunk, those rows' explicit attention runs over every key kept,
 and a hook on the residual stream sees the whole prompt's in that chunk (the earlier chunks' rows kept). No method
-request reads a prefix-cache hit. A forward that does not fit this (a preempted request recomputed in one forward, a
+request reads a prefix-cache hit, but a guided-decoding continuation (below). A forward that does not fit this (a preempted request recomputed in one forward, a
 split prompt that had to be whole, speculative tokens) cannot replay per-step edits: the request's states are marked
 failed and its output is refused by the engine client, never returned silently wrong. States stay until the client
-collects them (``seeright_collect``) or, unclaimed, until more than ``MAX_UNCLAIMED`` finished requests wait.
+collects them (``seeright_collect``) or, unclaimed, until more than ``MAX_UNCLAIMED`` finished requests wait. A
+guided-decoding candidate's keys and values stay until its client releases them (``seeright_release``): the next
+chunk's continuations, which share its prefix-cache salt, start from the kept candidate's (:meth:`WorkerRuntime._seed`).
 """
 
 from __future__ import annotations
@@ -629,5 +631,7 @@ class HookPoints:
 
     def seeright_held(self) -> dict[str, int]:
         """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates."""
-        runtime = self._seeright
+        runtime = getattr(self, "_seeright", None)
+        if runtime is None:
+            return {}
         return {"tracked": len(runtime.tracked), "unclaimed": len(runtime.finished), "candidates": len(runtime.candidates)}
