@@ -43,9 +43,10 @@ chunks across steps, as vLLM's chunked prefill splits plain prompts, with the ro
 pair's last chunks in one step: the pair is checked where the request samples, its prompt's last chunk and every
 step after): their keys and values are kept chunk by chunk, those rows' explicit attention runs over every key kept,
 and a hook on the residual stream sees the whole prompt's in that chunk (the earlier chunks' rows kept). No method
-request reads a prefix-cache hit, but a guided-decoding continuation (below). A forward that does not fit this (a preempted request recomputed in one forward, a
-split prompt that had to be whole, speculative tokens) cannot replay per-step edits: the request's states are marked
-failed and its output is refused by the engine client, never returned silently wrong. States stay until the client
+request reads a prefix-cache hit, but a guided-decoding continuation (below). A forward that does not fit this (a
+preempted request recomputed in one forward, a split prompt that had to be whole, speculative tokens) cannot replay
+per-step edits: the request's states are marked failed and its output is refused by the engine client, never
+returned silently wrong. States stay until the client
 collects them (``seeright_collect``) or, unclaimed, until more than ``MAX_UNCLAIMED`` finished requests wait. A
 guided-decoding candidate's keys and values stay until its client releases them (``seeright_release``): the next
 chunk's continuations, which share its prefix-cache salt, start from the kept candidate's (:meth:`WorkerRuntime._seed`).
@@ -300,6 +301,8 @@ class WorkerRuntime:
             self.finished[key] = self._ended(key)
         while len(self.finished) > MAX_UNCLAIMED:
             self.finished.popitem(last=False)
+        if len(self.branch_errors) > MAX_UNCLAIMED:  # branches whose request never ran
+            self.branch_errors.clear()
 
     def _ended(self, key: str) -> Tracked:
         """Stop tracking a request that left vLLM: its copies of keys, values and residual streams go, but a
@@ -313,8 +316,6 @@ class WorkerRuntime:
                 self.candidates.popitem(last=False)
         done.keys, done.values, done.streams = {}, {}, {}
         return done
-        if len(self.branch_errors) > MAX_UNCLAIMED:  # branches whose request never ran
-            self.branch_errors.clear()
 
     def collect(self, key: str) -> bytes | None:
         """A finished request's states (diagnostics, analysis results) and failure, signed; None if unknown."""
@@ -462,7 +463,7 @@ class WorkerRuntime:
             return False
         if row.first_position > start:
             row.tracked.error = (f"layer {layer} edits heads from prompt row {start}, the forward starts at position "
-                             f"{row.first_position}")
+                                 f"{row.first_position}")
             return False
         return True
 
