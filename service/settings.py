@@ -114,7 +114,8 @@ class Settings(BaseSettings):
             "Newcomer work (admission passes and prefill) run per decode step while rows decode, as a multiple of "
             "the decode step's time: a running stream's longest gap is about 1 + step_budget decode steps, a "
             "newcomer's admission about 1 + 1/step_budget times its time alone (docs/engines.md); none: whole "
-            "admissions between two decode steps."
+            "admissions between two decode steps. --engine vllm: the engine client's own tower work (tower passes, "
+            "VE masking's attack) run per pause of the engine between two steps; none: beside its steps."
         ),
     )
     retry_after_s: int = Field(1, ge=1)

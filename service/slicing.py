@@ -90,8 +90,10 @@ class Checkpoints:
     between the key/value projections and the attention itself, and between the stages of an attention recomputed
     with edits: scores, probabilities, weighted values) and before each of an admission's stages (each method's
     rewrite, each prompt's encoding, ...), where the sliced call bound to the current thread may pause; in any other thread
-    they do nothing. They are installed only while a call runs (``install`` / ``remove`` from the
-    slicer's thread, outside any forward), so traffic with nothing joining pays nothing for them."""
+    they do nothing. The transformers engine's slicer installs them only while a call runs (``install`` / ``remove``
+    from the slicer's thread, outside any forward), so traffic with nothing joining pays nothing for them; the vLLM
+    engine client keeps them on its copy of the tower (``hook``), each admission thread bound to its own call
+    (``bind``: :mod:`seeright.service.vllm.pauses`)."""
 
     def __init__(self, adapter: ModelAdapter, runtime: Runtime | None = None) -> None:
         self._local = threading.local()
@@ -103,19 +105,32 @@ class Checkpoints:
         ]
         self._handles: list[RemovableHandle] = []
 
-    def install(self, call: SlicedCall) -> None:
+    def install(self, call: Any) -> None:
         """Bind ``call`` to the current thread and install the hooks."""
-        self._local.call = call
-        self._handles = [module.register_forward_pre_hook(partial(self._reached, key)) for module, key in self._points]
-        if self._runtime is not None:
-            self._handles.append(self._runtime.register_progress_hook(self.reached))
+        self.bind(call)
+        self.hook()
 
     def remove(self) -> None:
         """Remove the hooks and unbind the current thread's call."""
+        self.unhook()
+        self.bind(None)
+
+    def bind(self, call: Any) -> None:
+        """Make ``call`` (a :class:`SlicedCall`, or anything with its ``checkpoint``; None: nothing) the current
+        thread's: the hooks pause it in this thread only."""
+        self._local.call = call
+
+    def hook(self) -> None:
+        """Install the hooks (once)."""
+        if not self._handles:
+            self._handles = [module.register_forward_pre_hook(partial(self._reached, key)) for module, key in self._points]
+            if self._runtime is not None:
+                self._handles.append(self._runtime.register_progress_hook(self.reached))
+
+    def unhook(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._local.call = None
 
     def reached(self, key: str, alone: bool = False, size: int | None = None) -> None:
         """Checkpoint ``key``: the current thread's sliced call (if any) may pause here (see
@@ -177,11 +192,7 @@ class SlicedCall(Generic[T]):
         self._slicer = slicer
         self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
         self._started = False
-        self._slice = UNBOUNDED
-        self._began = self._last = 0.0
-        self._segments = 0
-        self._at: str | None = None  # the checkpoint the running segment started at
-        self._size: int | None = None  # the size of the input of the module the running segment starts with
+        self._clock = SliceClock(slicer.costs)
         self._abandoned = False
         self._value: T | None = None
         self._error: BaseException | None = None
@@ -192,9 +203,8 @@ class SlicedCall(Generic[T]):
         """Let the call run for ``slice_``; returns once it paused or ended: whether it ended."""
         if self.done:
             return True
-        self._slice, self._segments, self.slices = slice_, 0, self.slices + 1
-        self._began = self._last = time.perf_counter()
-        self._at = None  # a pause ends a segment: what runs next up to a checkpoint is new code (no cost known)
+        self.slices += 1
+        self._clock.start(slice_)
         if not self._started:
             self._started = True
             self._slicer._pending.put(self)
@@ -223,30 +233,14 @@ class SlicedCall(Generic[T]):
         self.run()
 
     def checkpoint(self, key: str, alone: bool = False, size: int | None = None) -> None:
-        """Called in the slicer's thread at checkpoint ``key`` (which module of a block, with ``size`` the number of
-        elements of its input where known): pause here if the slice is spent, or would be by the segment that
-        starts here; with ``alone``, also if anything ran in this slice."""
-        segment = self._ended()
-        now = self._last
-        self._at, self._size = key, size
-        self._segments += 1
-        s = self._slice
-        coming = _predicted(self._slicer.costs.get(key), size, segment)
-        spent = (s.segments is not None and self._segments >= s.segments) or (now - self._began) + coming > s.seconds
-        if not (spent or (alone and self._segments > 1)):
+        """Called in the slicer's thread at checkpoint ``key``: pause here if the slice is spent
+        (:meth:`SliceClock.reached`)."""
+        if not self._clock.reached(key, alone, size):
             return
         self._paused.release()
         self._go.acquire()
         if self._abandoned:
             raise Abandoned
-
-    def _ended(self) -> float:
-        """End the running segment: its time, recorded as the cost of the segment from its checkpoint."""
-        now = time.perf_counter()
-        segment, self._last = now - self._last, now
-        if self._at is not None:
-            self._slicer.costs[self._at] = segment, self._size
-        return segment
 
     def _execute(self, before: Callable[[], None], before_end: Callable[[], None]) -> None:
         """Run ``before`` and ``fn`` (in the slicer's thread), then ``before_end`` while the owner still waits; what
@@ -255,13 +249,52 @@ class SlicedCall(Generic[T]):
             before()
             self.checkpoint(f"{self._kind} start")
             self._value = self._fn()
-            self._ended()
+            self._clock.ended()
         except BaseException as exc:  # noqa: BLE001 - handed to the owner by result()
             self._error = exc
         finally:
             before_end()
             self.done = True
             self._paused.release()
+
+
+class SliceClock:
+    """The time a slice has run, segment by segment between checkpoints, and whether the segment that starts at a
+    checkpoint still fits; each segment's cost is kept in ``costs`` (shared by the calls of one model) by the
+    checkpoint it started at."""
+
+    def __init__(self, costs: dict[str, tuple[float, int | None]]) -> None:
+        self.costs = costs
+        self.slice = UNBOUNDED
+        self.began = self.last = 0.0
+        self.segments = 0
+        self.at: str | None = None  # the checkpoint the running segment started at
+        self.size: int | None = None  # the size of the input of the module the running segment starts with
+
+    def start(self, slice_: Slice) -> None:
+        """A slice begins now (after a pause: what runs next up to a checkpoint is new code, no cost known)."""
+        self.slice, self.segments, self.at = slice_, 0, None
+        self.began = self.last = time.perf_counter()
+
+    def ended(self) -> float:
+        """End the running segment: its time, recorded as the cost of the segment from its checkpoint."""
+        now = time.perf_counter()
+        segment, self.last = now - self.last, now
+        if self.at is not None:
+            self.costs[self.at] = segment, self.size
+        return segment
+
+    def reached(self, key: str, alone: bool = False, size: int | None = None) -> bool:
+        """At checkpoint ``key`` (which module of a block, with ``size`` the number of elements of its input where
+        known): whether to pause here, the slice being spent, or about to be by the segment that starts here (as
+        :func:`_predicted`); with ``alone``, also if anything ran in this slice."""
+        segment = self.ended()
+        self.at, self.size = key, size
+        self.segments += 1
+        s = self.slice
+        coming = _predicted(self.costs.get(key), size, segment)
+        spent = (s.segments is not None and self.segments >= s.segments) or (self.last - self.began) + coming > s.seconds
+        return spent or (alone and self.segments > 1)
 
 
 def _predicted(last: tuple[float, int | None] | None, size: int | None, fallback: float) -> float:

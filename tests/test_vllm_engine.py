@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -514,6 +515,43 @@ def test_the_engine_clients_own_work_leaves_a_cpus_cores_to_vllm(monkeypatch, se
     client = served.app.state.client
     own = served.portal.call(client._on_own_thread, niceness)
     assert own == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)  # the served engine's default, on this CPU
+
+
+def test_the_engine_clients_tower_work_holds_vllm_between_its_steps(served, hf, image):
+    """While the engine client holds vLLM (as an admission does for one budget of its tower work), no step runs: a
+    running stream gets no token; two holds in a row have a step between them while the stream runs; a VE masking
+    request beside the stream holds it a budget at a time, many times, and answers as on the transformers engine."""
+    client = served.app.state.client
+    pauses = client._pauses
+    long = request(image, PROMPTS[0], {}, 40)
+    joiner = request(image, PROMPTS[3], {"vemask": {"preset": "fast"}}, 6)
+
+    def hold_twice() -> list[tuple[float, float, int]]:
+        held = []
+        for wait in (0.5, 0.0):
+            pause = pauses.hold()
+            began = time.perf_counter()
+            time.sleep(wait)
+            held.append((began, time.perf_counter(), pause.steps))
+            pauses.release(pause)
+        return held
+
+    async def run():
+        times, task, before = [], None, pauses.pauses
+        async for _ in client.stream(long):
+            times.append(time.perf_counter())
+            if len(times) == 3:
+                task = asyncio.gather(asyncio.to_thread(hold_twice), client.generate(joiner))
+        held, answer = await task
+        return times, held, answer, pauses.pauses - before
+
+    times, held, answer, count = served.portal.call(run)
+    (began, ended, steps), (_, _, later) = held
+    gaps = [(a, b) for a, b in zip(times, times[1:]) if b - a > 0.45]
+    assert gaps and gaps[0][0] <= began + 0.1 and gaps[0][1] >= ended, "a token came while the engine was held"
+    assert later > steps, "two holds with no step between them while a stream runs"
+    assert count > 4, "VE masking's attack did not run in turns with the engine"
+    assert_same(answer, hf.generate_batch([joiner])[0])
 
 
 def test_the_api_process_heap_is_frozen_once_vllm_has_started(served):

@@ -16,7 +16,9 @@
 Every measurement runs once per ``--step-budget`` (by default 0, off: whole admissions between two decode
 steps, and the server's default), on one engine, so before and after come from one run. With ``--engine vllm`` the
 same measurements run on the vLLM engine client (``service/vllm``), once per ``--step-tokens`` (vLLM's per-step token
-budget, ``vllm_step_tokens``; 0: chunked prefill off), each on a vLLM engine started with it.
+budget, ``vllm_step_tokens``; 0: chunked prefill off) and ``--step-budget`` (the engine client's tower work per
+pause of the engine, :mod:`seeright.service.vllm.pauses`; 0: beside its steps), each on a vLLM engine started with
+them.
 """
 
 from __future__ import annotations
@@ -205,20 +207,21 @@ def _run_vllm(args: argparse.Namespace) -> dict[str, Any]:
     from seeright.service.settings import Settings
     from seeright.service.vllm.engine import VllmEngineClient, not_hosted
 
-    async def measure(tokens: int) -> dict[str, Any]:
+    async def measure(tokens: int, budget: float) -> dict[str, Any]:
         settings = Settings(model=args.model, engine="vllm", max_batch_size=args.max_batch_size, queue_size=args.queue_size,
-                            vllm_step_tokens=tokens or None)
+                            vllm_step_tokens=tokens or None, step_budget=budget or None)
         client = VllmEngineClient.from_settings(settings)
         await client.start()
         try:
             hosted = [n for n in client.methods if not_hosted(client.methods[n], tower=client.tower) is None]
             methods = args.methods if args.methods is not None else [m for m in client.methods.mixed_traffic() if m in hosted]
             with frozen_heap():  # as the app serves it
-                return {"step_tokens": tokens or None, **await _measure(client, methods, args.joiners or hosted, args)}
+                return {"step_tokens": tokens or None, "step_budget": budget or None,
+                        **await _measure(client, methods, args.joiners or hosted, args)}
         finally:
             await client.stop()
 
-    runs = [asyncio.run(measure(tokens)) for tokens in args.step_tokens]
+    runs = [asyncio.run(measure(tokens, budget)) for tokens in args.step_tokens for budget in args.step_budget]
     return {"model": args.model, "engine": "vllm", "max_batch_size": args.max_batch_size, "runs": runs}
 
 
@@ -245,8 +248,12 @@ async def _repeated(scheduler: Any, method: str | None, index: int, alone: Timel
 
 
 def _budget(run: dict[str, Any]) -> str:
-    if "step_tokens" in run:  # the vLLM engine's budget, in tokens per step
-        return "off" if not run["step_tokens"] else f"{run['step_tokens']} tokens"
+    if "step_tokens" in run:  # the vLLM engine's budget, in tokens per step, and its client's tower work (since it had one)
+        tokens = "off" if not run["step_tokens"] else f"{run['step_tokens']} tokens"
+        if "step_budget" not in run:
+            return tokens
+        paused = "beside its steps" if not run["step_budget"] else f"paused, {run['step_budget']:g} per pause"
+        return f"{tokens}, tower work {paused}"
     return "off" if not run["step_budget"] else f"{run['step_budget']:g}"
 
 
@@ -257,6 +264,10 @@ def table(result: dict[str, Any]) -> str:
     if result.get("engine") == "vllm":
         head = (f"model {result['model']} on the vLLM engine, batch of {result['max_batch_size']}; step budget: tokens one "
                 "step runs, decoding rows and newcomers' prompts together (off: vLLM's chunked prefill off, whole prompts)")
+        if any("step_budget" in run for run in runs):
+            head += ("; the engine client's tower work (a method's tower passes, VE masking's attack) runs either beside "
+                     "vLLM's steps or with the engine paused between two steps, each pause at most the step budget "
+                     "times the decode step's time (`step_budget`)")
     else:
         head = (f"model {result['model']}, batch of {result['max_batch_size']}; step budget: newcomer work per decode "
                 "step, x the decode step's time (off: whole admissions between two decode steps)")
@@ -328,7 +339,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=64)
     parser.add_argument("--step-budget", type=float, nargs="+", default=[0.0, StepBudget().ratio],
                         help="scheduler step budgets to measure side by side (newcomer work per decode step, x the decode "
-                             "step's time; 0: off)")
+                             "step's time; 0: off); --engine vllm: the engine client's tower work per pause of the "
+                             "engine (0: beside its steps), each with every --step-tokens")
     parser.add_argument("--step-tokens", type=int, nargs="+", default=[0, 512],
                         help="--engine vllm: per-step token budgets to measure side by side, each on a vLLM engine of "
                              "its own (0: chunked prefill off)")

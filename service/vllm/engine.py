@@ -12,7 +12,8 @@ analysis passes), with the passes run as vLLM requests (:mod:`seeright.service.v
 then travel with it to the worker, which runs the methods' hooks on its rows (:mod:`seeright.service.vllm.worker`),
 and come back with their diagnostics when it ends. The methods' vision-tower passes (a [CLS] token's attention, an
 attack on the tower) run on the client's own copy of the tower and projector (:meth:`Engine.load_tower`, loaded when
-the workers are hooked); where a method masks the tower's attention, the client computes the request's image
+the workers are hooked), with vLLM's engine held between two steps a step budget at a time
+(:mod:`seeright.service.vllm.pauses`); where a method masks the tower's attention, the client computes the request's image
 embeddings under the masks and vLLM takes them in place of its own tower's. What the engine does not host is a
 400 that names the reason (:func:`not_hosted`).
 """
@@ -47,8 +48,10 @@ from seeright.service.engine import Engine, to_python
 from seeright.service.requests import MIN_LOGPROB, GenerationOutput, GenerationRequest, RequestError, StreamedToken
 from seeright.service.scheduler import QueueFull, when_room
 from seeright.service.settings import Settings
+from seeright.service.slicing import StepBudget
 from seeright.service.vllm.candidates import guide_of, guide_refusal, guided
 from seeright.service.vllm.passes import VllmPasses
+from seeright.service.vllm.pauses import EnginePauses
 from seeright.service.vllm.transport import EngineFailure, pack_states, unpack_states
 from seeright.service.vllm.worker import EXTRA_ARGS_KEY, prefill_tail
 
@@ -207,6 +210,7 @@ class VllmEngineClient:
         self.llm: Any = None
         self.tower = bool(spec.adapter.tower_modules)  # the client loads the tower (and projector) at install
         self._installed = False
+        self._pauses: EnginePauses | None = None  # the tower's work in turn with vLLM's steps (loaded at install)
         self._inflight = 0
         self._key = secrets.token_bytes(32)  # signs the method states the workers accept
         self._lora_ids: dict[Lora, int] = {}  # vLLM's id of each adapter loaded (a reload of a name gets a new one)
@@ -265,9 +269,13 @@ class VllmEngineClient:
             if not isinstance(self.spec.passes, VllmPasses):  # the tower and passes once
                 if self.tower:
                     await asyncio.to_thread(self.spec.load_tower, self.settings.device, self.settings.dtype)
+                    if self.settings.step_budget is not None:
+                        self._pauses = EnginePauses(self.llm, asyncio.get_running_loop(),
+                                                    StepBudget(self.settings.step_budget), self.spec.adapter)
                 self.spec.passes = VllmPasses(
                     self.spec.encode, self.spec.decode_text, self.spec.info, self.spec.eos_token_ids(), self._pass,
                     asyncio.get_running_loop(), self.spec.adapter if self.tower else None,
+                    None if self._pauses is None else self._pauses.let_go,
                 )
             self._installed = True
 
@@ -283,6 +291,9 @@ class VllmEngineClient:
             self.llm.shutdown()
             self.llm = None
         self._own_work.shutdown(wait=False)
+        if self._pauses is not None:
+            self._pauses.close()
+            self._pauses = None
 
     async def _on_own_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on one of the engine client's own threads (below the engine core's priority: ``_own_work``),
@@ -463,11 +474,12 @@ class VllmEngineClient:
     def _admit(self, request: GenerationRequest) -> tuple[Any, list[RowState], torch.Tensor | None]:
         """Admission (a thread's work): the admitted request, its states, and its image embeddings where a method
         masks the vision tower (:meth:`_image_embeddings`)."""
-        inputs, rows = self.spec.admit([request])
-        states = rows[0]
-        for state in states:
-            state.layout = inputs[0].prompt.layout
-        return inputs[0], states, self._image_embeddings(states, inputs[0].prompt)
+        with self._pauses.sliced() if self._pauses is not None else contextlib.nullcontext():
+            inputs, rows = self.spec.admit([request])
+            states = rows[0]
+            for state in states:
+                state.layout = inputs[0].prompt.layout
+            return inputs[0], states, self._image_embeddings(states, inputs[0].prompt)
 
     def _image_embeddings(self, states: Sequence[RowState], prompt: EncodedPrompt) -> torch.Tensor | None:
         """Where the request's methods mask the vision tower's attention (:meth:`Hooks.vision_mask`), its images'

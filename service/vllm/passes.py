@@ -8,7 +8,9 @@ they ran on). A pass runs every layer (vLLM cannot stop a forward after a given 
 
 Prompts go to vLLM with one placeholder per image and the images themselves, as vLLM expects; ``encode``
 remembers each prompt's chat and images for that, the admission's own prompt included. The vision tower's own
-passes (``cls_attention``, ``vision_states``) run on the engine client's copy of the tower, not in vLLM.
+passes (``cls_attention``, ``vision_states``) run on the engine client's copy of the tower, not in vLLM, in turn
+with vLLM's steps where the engine client pauses them (:mod:`seeright.service.vllm.pauses`): a thread that holds
+the engine lets it go before it waits on a pass.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ class VllmPasses:
 
     def __init__(self, encode: Callable[[list[ChatTurn], list[Image.Image]], EncodedPrompt],
                  decode: Callable[[list[int]], str], info: ModelInfo, eos: list[int], run: Run,
-                 loop: asyncio.AbstractEventLoop, tower: ModelAdapter | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop, tower: ModelAdapter | None = None,
+                 let_go: Callable[[], None] | None = None) -> None:
         self.info = info
         self.decode_text = decode
         self._encode, self._eos, self._run, self._loop, self._tower = encode, eos, run, loop, tower
+        self._let_go = let_go  # lets the engine go where the calling thread holds it (:mod:`.pauses`)
         self._sources: dict[int, tuple[weakref.ref, list[ChatTurn], list[Image.Image]]] = {}
         self.cache = Memo()
 
@@ -72,6 +76,8 @@ class VllmPasses:
         async def run_all() -> list[tuple[list[int], list[RowState]]]:
             return await asyncio.gather(*(self._run(*self.source(p), states, max_tokens) for p, states in zip(prompts, rows)))
 
+        if self._let_go is not None:
+            self._let_go()
         results = asyncio.run_coroutine_threadsafe(run_all(), self._loop).result()
         for states, (_, back) in zip(rows, results):
             for state, returned in zip(states, back):

@@ -50,11 +50,17 @@ returned silently wrong. States stay until the client
 collects them (``seeright_collect``) or, unclaimed, until more than ``MAX_UNCLAIMED`` finished requests wait. A
 guided-decoding candidate's keys and values stay until its client releases them (``seeright_release``): the next
 chunk's continuations, which share its prefix-cache salt, start from the kept candidate's (:meth:`WorkerRuntime._seed`).
+``seeright_pause`` holds the engine between two steps for the engine client's own tower work
+(:mod:`seeright.service.vllm.pauses`), with the decode forward's time the runtime keeps (``decode_s``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import struct
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -75,6 +81,8 @@ MAX_UNCLAIMED = 1024
 # releases them chunk by chunk (at most ``candidates + 1`` per guided request); the bound only catches a client that
 # never does
 MAX_KEPT_CANDIDATES = MAX_UNCLAIMED
+DECODE_AVERAGING = 0.2  # the weight of the last decode forward in ``WorkerRuntime.decode_s``
+PAUSE_MESSAGE = "<qqd"  # a pause's first words to the engine client: its token, forwards run, decode forward's seconds
 
 
 @dataclass
@@ -161,6 +169,9 @@ class WorkerRuntime:
     num_reqs: int = 0
     pairs: list[tuple[Slice, int]] = field(default_factory=list)  # (request, its branch's row) in this forward
     drawing: list[tuple[Slice, torch.Tensor]] = field(default_factory=list)  # (candidate, its raw logits) this forward
+    steps: int = 0  # forwards run
+    decode_s: float | None = None  # a forward's time where every request decodes one token (moving average)
+    _decode_began: float | None = None  # this forward's start, where it is such a forward
 
     # ---- planning --------------------------------------------------------------------------------
     def plan(self, num_tokens: int) -> None:
@@ -168,13 +179,16 @@ class WorkerRuntime:
         whose tokens are not the persistent batch's)."""
         runner, batch = self.runner, self.runner.input_batch
         self._retire(runner)
-        self.rows, self.pairs, self.num_reqs = [], [], 0
+        self.rows, self.pairs, self.num_reqs, self._decode_began = [], [], 0, None
+        self.steps += 1
         n = batch.num_reqs
         if n == 0:
             return
         starts = runner.query_start_loc.cpu[: n + 1].tolist()
         if starts[-1] > num_tokens:
             return
+        if starts[-1] == n:
+            self._decode_began = time.perf_counter()
         self.num_reqs = n
         branches: dict[str, tuple[int, int]] = {}  # branch key -> (row, tokens generated before this forward)
         for i, request_id in enumerate(batch.req_ids[:n]):
@@ -521,6 +535,20 @@ class WorkerRuntime:
                 prompt = self.runner.requests[row.tracked.request_id].prompt_token_ids
                 tokens[row.index] = row.tracked.sampler.draw(scores, prompt, row.tracked.answered)
         self.pairs, self.drawing = [], []
+        if self._decode_began is not None:
+            took, self._decode_began = time.perf_counter() - self._decode_began, None
+            self.decode_s = took if self.decode_s is None else (1 - DECODE_AVERAGING) * self.decode_s + DECODE_AVERAGING * took
+
+    def pause(self, address: str, token: int, limit_s: float) -> None:
+        """Hold the engine between two steps (:mod:`seeright.service.vllm.pauses`): tell the engine client at
+        ``address`` this pause's ``token``, the forwards run so far and the decode forward's time, then wait until
+        the client closes the connection, ``limit_s`` at most (a client that went away holds nothing)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(limit_s)
+            conn.connect(address)
+            conn.sendall(struct.pack(PAUSE_MESSAGE, token, self.steps, self.decode_s or 0.0))
+            with contextlib.suppress(OSError):  # the limit, or the client gone
+                conn.recv(1)
 
 
 def seeright_args(params: Any) -> dict[str, Any] | None:
@@ -629,6 +657,12 @@ class HookPoints:
     def seeright_release(self, keys: list[str]) -> None:
         """Drop finished guided-decoding candidates' keys and values (:meth:`WorkerRuntime.release`)."""
         self._seeright.release(keys)
+
+    def seeright_pause(self, address: str, token: int, limit_s: float) -> None:
+        """Hold the engine between two steps for the engine client's own work (:meth:`WorkerRuntime.pause`; only the
+        first worker: the engine waits for them all)."""
+        if getattr(self, "rank", 0) == 0 and getattr(self, "_seeright", None) is not None:
+            self._seeright.pause(address, token, limit_s)
 
     def seeright_held(self) -> dict[str, int]:
         """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates."""
