@@ -524,7 +524,8 @@ def test_the_engine_clients_tower_work_holds_vllm_between_its_steps(served, hf, 
     client = served.app.state.client
     pauses = client._pauses
     long = request(image, PROMPTS[0], {}, 40)
-    joiner = request(image, PROMPTS[3], {"vemask": {"preset": "fast"}}, 6)
+    mirrored = image.transpose(0)  # an image no other test attacks: the attack is not remembered
+    joiner = request(mirrored, PROMPTS[3], {"vemask": {}}, 6)  # the release's 200 PGD steps: many budgets' work
 
     def hold_twice() -> list[tuple[float, float, int]]:
         held = []
@@ -550,7 +551,7 @@ def test_the_engine_clients_tower_work_holds_vllm_between_its_steps(served, hf, 
     gaps = [(a, b) for a, b in zip(times, times[1:]) if b - a > 0.45]
     assert gaps and gaps[0][0] <= began + 0.1 and gaps[0][1] >= ended, "a token came while the engine was held"
     assert later > steps, "two holds with no step between them while a stream runs"
-    assert count > 4, "VE masking's attack did not run in turns with the engine"
+    assert count > 8, "VE masking's attack did not run in turns with the engine"
     assert_same(answer, hf.generate_batch([joiner])[0])
 
 

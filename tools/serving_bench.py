@@ -252,7 +252,7 @@ def _budget(run: dict[str, Any]) -> str:
         tokens = "off" if not run["step_tokens"] else f"{run['step_tokens']} tokens"
         if "step_budget" not in run:
             return tokens
-        paused = "beside its steps" if not run["step_budget"] else f"paused, {run['step_budget']:g} per pause"
+        paused = "beside vLLM's steps" if not run["step_budget"] else f"in pauses of {run['step_budget']:g}x a decode step"
         return f"{tokens}, tower work {paused}"
     return "off" if not run["step_budget"] else f"{run['step_budget']:g}"
 
