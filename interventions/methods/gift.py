@@ -167,8 +167,8 @@ class GIFT(Method):
         out = torch.where(hv, row * sal, row)
         hq = top_heads((row * query).sum(-1), fraction)[..., None] & query
         out = torch.where(hq, out * ratio[:, None, None], out)
-        out = out / out.sum(-1, keepdim=True)
-        return torch.cat([probs[:, :, :-1], out[:, :, None]], dim=2)
+        out = (out / out.sum(-1, keepdim=True))[:, :, None]
+        return out if probs.shape[2] == 1 else torch.cat([probs[:, :, :-1], out], dim=2)
 
     @staticmethod
     def _full_saliency(state: RowState, total: int, device: torch.device) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from seeright.interventions.adapters.base import EncodedPrompt, ModelInfo
 from seeright.interventions.methods.base import (
-    HookPoint, Method, Passes, RowState, check_layers, last_query_row, per_row, plausible, row_masks,
+    HookPoint, Method, Passes, RowState, check_layers, last_query_row, over_keys, per_row, plausible, row_masks,
 )
 from seeright.interventions.spec import PAIParams
 
@@ -56,12 +56,16 @@ class PAI(Method):
         return last_query_row(state, step) if layer in state.params.layers else None
 
     def edit_scores(self, layer: int, scores: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
-        weight = self.column_weights(states, scores.shape[-1], scores.device)  # [n, T]
-        last = scores[:, :, -1]  # [n, H, T]: the last query row of every sequence in this forward
+        weight = self.column_weights(states, scores.shape[-1], scores.device)[:, None, None]  # [n, 1, 1, T]
+        if scores.shape[2] == 1:  # a decode step: its one query row is the last
+            return torch.addcmul(scores, weight, scores.abs())
+        last = scores[:, :, -1:]  # [n, H, 1, T]: the last query row of every sequence in this forward
         scores = scores.clone()
-        scores[:, :, -1] = last + weight[:, None, :] * last.abs()
+        scores[:, :, -1:] = torch.addcmul(last, weight, last.abs())
         return scores
 
     def column_weights(self, states: list[RowState], total: int, device: torch.device) -> torch.Tensor:
         """Each key column's boost ``[n, T]``: alpha on the row's image tokens, 0 elsewhere."""
-        return row_masks(states, total, device, "image") * per_row(states, "alpha", device)[:, None]
+        prompt = max(s.layout.length for s in states)
+        return over_keys(states, "pai_weight", total, lambda: row_masks(states, prompt, device, "image")
+                         * per_row(states, "alpha", device)[:, None], 0.0)

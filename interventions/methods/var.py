@@ -27,6 +27,8 @@ one multiplicative factor (per decode token: ``seeright bench``'s record in docs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -86,20 +88,18 @@ class VAR(Method):
         # every attention sum the selection and the budget need.
         masks = over_keys(states, "masks", total, lambda: self._masks(states, layer, device), 0.0)
         vis_att, vis_sink_att, sink_att, free_att = (probs @ masks[:, None]).unbind(-1)  # [n, H, q] each
-        rho, p, summ = (per_row(states, k, device)[:, None, None] for k in ("rho", "p", "min_image_attention"))
-        image_tokens = cached(states, "image_tokens", lambda: masks[:, :, 0].sum(-1))[:, None, None]
-        sink_frac = vis_sink_att / (vis_att + 1e-6 * image_tokens)  # sum_vis (A + 1e-6), as released
-        selected = (sink_frac <= 1 - rho) & (vis_att >= summ) & (free_att > 0)
-        selected &= cached(states, "has_visual_sink", lambda: masks[:, :, 1].any(-1))[:, None, None]
+        k = cached(states, "constants", lambda: _Constants.of(states, masks, device))
+        sink_frac = vis_sink_att / (vis_att + k.image_eps)  # sum_vis (A + 1e-6), as released
+        selected = (sink_frac <= k.sink_bar) & (vis_att >= k.min_image) & (free_att > 0) & k.has_visual_sink
         if step == 0:  # prefill: only the text rows after the image
             rows = torch.arange(q0, q0 + q, device=device)
             ends = torch.tensor([s.layout.image_end for s in states], device=device)
             selected &= (rows[None, :] >= ends[:, None])[:, None, :]
 
         # Sinks keep (1 - p); visual non-sinks gain budget * A_j / free_sum, i.e. A_j * (1 + c).
-        keep = over_keys(states, "keep", total, lambda: 1 - p[:, 0] * masks[:, :, 2], 1.0)[:, None, None]
-        c = p * sink_att / free_att.clamp_min(1e-30)
-        factor = keep + c[..., None] * masks[:, None, None, :, 3]
+        keep = over_keys(states, "keep", total, lambda: 1 - k.p[:, 0] * masks[:, :, 2], 1.0)[:, None, None]
+        c = k.p * sink_att / free_att.clamp_min(1e-30)
+        factor = torch.addcmul(keep, c[..., None], masks[:, None, None, :, 3])
         counts = cached(states, "selected", lambda: self._counters(states, layer, device))
         counts += selected.sum((1, 2))  # stays on the device: no sync per step
         return probs * torch.where(selected[..., None], factor, 1.0)
@@ -120,3 +120,20 @@ class VAR(Method):
         for row, state in enumerate(states):
             state.diagnostics.setdefault("selected", {}).setdefault(layer, []).append(counts[row])
         return counts
+
+
+@dataclass(frozen=True)
+class _Constants:
+    """What step B and C take from the rows' parameters and sink masks, ``[n, 1, 1]`` each, built once per call."""
+
+    p: torch.Tensor
+    sink_bar: torch.Tensor  # 1 - rho: the largest visual sink fraction of a selected head
+    min_image: torch.Tensor
+    image_eps: torch.Tensor  # 1e-6 per image token: the release's sum_vis (A + 1e-6)
+    has_visual_sink: torch.Tensor
+
+    @staticmethod
+    def of(states: list[RowState], masks: torch.Tensor, device: torch.device) -> _Constants:
+        rho, p, summ = (per_row(states, k, device)[:, None, None] for k in ("rho", "p", "min_image_attention"))
+        return _Constants(p=p, sink_bar=1 - rho, min_image=summ, image_eps=1e-6 * masks[:, :, 0].sum(-1)[:, None, None],
+                          has_visual_sink=masks[:, :, 1].any(-1)[:, None, None])
