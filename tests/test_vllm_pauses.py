@@ -1,6 +1,7 @@
-"""The engine client's tower work in turn with the engine's steps (``seeright.service.vllm.pauses``), against a stand-in
-for vLLM's engine core: a thread that runs steps and, between two steps, the RPCs it was sent (as vLLM's busy loop
-does), the pause being the worker's own code. Runs without vLLM; tests/test_vllm_engine.py runs it on vLLM."""
+"""The vLLM engine client's admission threads: their tower work in turn with the engine's steps
+(``seeright.service.vllm.pauses``), against a stand-in for vLLM's engine core (a thread that runs steps and, between
+two steps, the RPCs it was sent, as vLLM's busy loop does, the pause being the worker's own code), and their prompts'
+sources kept whoever encodes beside them. Runs without vLLM; tests/test_vllm_engine.py runs the pauses on vLLM."""
 
 from __future__ import annotations
 
@@ -123,3 +124,34 @@ def test_work_outside_the_tower_and_a_let_go_thread_leave_the_engine_stepping(lo
     finally:
         engine.stop()
         pauses.close()
+
+
+def test_passes_remember_every_prompt_that_admissions_encode_at_once(loop):
+    """Admissions encode in threads of their own: every prompt's chat and images are remembered, whoever encodes
+    beside it (an update lost to a concurrent pruning fails a method's pass)."""
+    import sys
+
+    from seeright.service.vllm.passes import VllmPasses
+
+    class Prompt:  # what the passes keep a weak reference to
+        pass
+
+    passes = VllmPasses(lambda turns, images: Prompt(), str, None, [], None, loop)
+    kept: list[tuple[Prompt, list]] = []
+
+    def encode(thread: int) -> None:
+        for i in range(300):
+            turns = [f"{thread}-{i}"]
+            kept.append((passes.encode(turns, []), turns))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=encode, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert all(passes.source(prompt)[0] == turns for prompt, turns in kept)

@@ -16,6 +16,7 @@ the engine lets it go before it waits on a pass.
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, TypeVar
@@ -43,17 +44,20 @@ class VllmPasses:
         self._encode, self._eos, self._run, self._loop, self._tower = encode, eos, run, loop, tower
         self._let_go = let_go  # lets the engine go where the calling thread holds it (:mod:`.pauses`)
         self._sources: dict[int, tuple[weakref.ref, list[ChatTurn], list[Image.Image]]] = {}
+        self._sources_lock = threading.Lock()  # admissions encode in threads of their own
         self.cache = Memo()
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
         prompt = self._encode(turns, images)
-        self._sources = {k: v for k, v in self._sources.items() if v[0]() is not None}
-        self._sources[id(prompt)] = (weakref.ref(prompt), list(turns), list(images))
+        with self._sources_lock:
+            self._sources = {k: v for k, v in self._sources.items() if v[0]() is not None}
+            self._sources[id(prompt)] = (weakref.ref(prompt), list(turns), list(images))
         return prompt
 
     def source(self, prompt: EncodedPrompt) -> tuple[list[ChatTurn], list[Image.Image]]:
         """The chat and images ``prompt`` was encoded from (by :meth:`encode`)."""
-        ref, turns, images = self._sources.get(id(prompt), (None, [], []))
+        with self._sources_lock:
+            ref, turns, images = self._sources.get(id(prompt), (None, [], []))
         if ref is None or ref() is not prompt:
             raise RuntimeError("a pass got a prompt that was not encoded by these passes")
         return turns, images
