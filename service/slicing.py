@@ -120,6 +120,11 @@ class Checkpoints:
         thread's: the hooks pause it in this thread only."""
         self._local.call = call
 
+    @property
+    def call(self) -> Any:
+        """The current thread's bound call, or None."""
+        return getattr(self._local, "call", None)
+
     def hook(self) -> None:
         """Install the hooks (once)."""
         if not self._handles:
@@ -135,8 +140,7 @@ class Checkpoints:
     def reached(self, key: str, alone: bool = False, size: int | None = None) -> None:
         """Checkpoint ``key``: the current thread's sliced call (if any) may pause here (see
         :meth:`SlicedCall.checkpoint`)."""
-        call = getattr(self._local, "call", None)
-        if call is not None:
+        if (call := self.call) is not None:
             call.checkpoint(key, alone, size)
 
     def _reached(self, key: str, module: nn.Module, args: Any) -> None:

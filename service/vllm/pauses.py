@@ -52,7 +52,6 @@ class EnginePauses:
         self.pauses = 0  # pauses held so far
         self._llm, self._loop = llm, loop
         self._lock = threading.Lock()  # held with the engine
-        self._local = threading.local()
         self._tokens = itertools.count(1)
         self._steps: int | None = None  # the engine's forwards when it was last let go
         self._folder = tempfile.mkdtemp(prefix="seeright-pauses-")
@@ -68,19 +67,16 @@ class EnginePauses:
     def sliced(self) -> Iterator[None]:
         """The current thread's work on the tower in turn with the engine's steps, from its first checkpoint on."""
         call = _PausedCall(self)
-        self._local.call = call
         self._checkpoints.bind(call)
         try:
             yield
         finally:
             self._checkpoints.bind(None)
-            self._local.call = None
             call.let_go()
 
     def let_go(self) -> None:
         """Let the engine go where the current thread holds it (before the thread waits on vLLM)."""
-        call = getattr(self._local, "call", None)
-        if call is not None:
+        if (call := self._checkpoints.call) is not None:
             call.let_go()
 
     def close(self) -> None:
