@@ -23,10 +23,10 @@ class Settings(BaseSettings):
     vllm_step_tokens: int | None = Field(
         512, ge=16,
         description=(
-            "--engine vllm: tokens one step runs, decoding rows' and newcomers' prompts together (vLLM's chunked "
-            "prefill): a prompt is split across steps, the rows its methods act on in one chunk; one whose methods "
-            "edit every prompt row runs whole, in a step of its own if it is longer than the budget "
-            "(docs/engines.md); none: chunked prefill off, every prompt whole."
+            "--engine vllm: the most tokens one step runs, decoding rows' and newcomers' prompts together (vLLM's "
+            "chunked prefill; fewer while rows decode, by step_budget): a prompt is split across steps, the rows its "
+            "methods act on in one chunk; one whose methods edit every prompt row runs whole, in a step of its own if "
+            "it is longer than the budget (docs/engines.md); none: chunked prefill off, every prompt whole."
         ),
     )
     vllm_tensor_parallel_size: int = Field(1, ge=1, description="--engine vllm: GPUs per model.")
@@ -114,8 +114,10 @@ class Settings(BaseSettings):
             "Newcomer work (admission passes and prefill) run per decode step while rows decode, as a multiple of "
             "the decode step's time: a running stream's longest gap is about 1 + step_budget decode steps, a "
             "newcomer's admission about 1 + 1/step_budget times its time alone (docs/engines.md); none: whole "
-            "admissions between two decode steps. --engine vllm: the engine client's own tower work (tower passes, "
-            "VE masking's attack) run per pause of the engine between two steps; none: beside its steps."
+            "admissions between two decode steps. --engine vllm: the prompt tokens a step takes beside decoding rows "
+            "(from measured step times, within vllm_step_tokens) and the engine client's own tower work (tower passes, "
+            "VE masking's attack) run per pause of the engine between two steps; none: vllm_step_tokens alone, and "
+            "the tower work beside the steps."
         ),
     )
     retry_after_s: int = Field(1, ge=1)

@@ -334,17 +334,29 @@ class FakeRequest:
         return 64
 
 
-def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000, capacity: int = 4096):
+class Step(tuple):
+    """What the stand-in scheduler's ``schedule`` returns: the waiting ids and the step's budget, with the tokens it
+    gives each running request (one: what the pace reads of vLLM's output)."""
+
+    num_scheduled_tokens: dict[str, int]
+
+
+def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000, capacity: int = 4096,
+                   step_budget: float | None = None):
     """The scheduler's mixin over a stand-in for vLLM's scheduler, whose ``schedule`` returns what vLLM would be
-    handed: the waiting queue's ids in order and the step's token budget. ``running`` rows decode."""
+    handed: the waiting queue's ids in order and the step's token budget. ``running`` rows decode. With
+    ``step_budget``, the budget in time (``service/vllm/pacing.py``)."""
     from types import SimpleNamespace
 
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 
+    from seeright.service.vllm.pacing import STEP_BUDGET_KEY
     from seeright.service.vllm.scheduling import WholePrompts
 
     class Base:
         def __init__(self):
+            extra = {} if step_budget is None else {STEP_BUDGET_KEY: step_budget}
+            self.vllm_config = SimpleNamespace(additional_config=extra)
             self.waiting, self.queued, self.finished = FCFSRequestQueue(), [], []
             self.running = [FakeRequest(f"r{i}", tokens=101, computed=100) for i in range(running)]
             self.max_num_active_reqs, self.max_num_scheduled_tokens, self.num_spec_tokens = 64, tokens, 0
@@ -361,7 +373,16 @@ def fake_scheduler(running: int = 0, tokens: int = 2048, blocks: int = 1000, cap
             return []
 
         def schedule(self):
-            return [r.request_id for r in self.waiting], self.max_num_scheduled_tokens
+            step = Step(([r.request_id for r in self.waiting], self.max_num_scheduled_tokens))
+            step.num_scheduled_tokens = {r.request_id: 1 for r in self.running}
+            return step
+
+        @property
+        def requests(self):
+            return {r.request_id: r for r in [*self.running, *self.waiting]}
+
+        def update_from_output(self, output, runner_output):
+            return {}
 
         def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
             return num_new_tokens
@@ -455,6 +476,28 @@ def test_a_split_prompts_tail_runs_in_one_chunk():
                           FakeRequest("vif", tokens=100, tail=90, computed=90)]
     scheduler.add_request(FakeRequest("later"))
     assert scheduler.schedule() == (["later"], 60)  # no raise while another prompt is split
+
+
+def test_the_step_budget_in_time_gives_decoding_rows_a_decode_steps_worth_of_prompt_tokens():
+    """With ``step_budget``, a step beside decoding rows takes the prompt tokens that one budget of the decode step's
+    measured time holds (the cap where nothing decodes or nothing is measured); a tail that never fits that budget
+    gets a step raised to hold it even when no request waits."""
+    scheduler = fake_scheduler(tokens=512, step_budget=1.0)
+    stream = FakeRequest("stream", tokens=61, computed=60)
+    stream.num_prompt_tokens = 50  # a prompt of 50 tokens, 10 decoded
+    scheduler.running = [stream]
+    assert scheduler.schedule() == ([], 512)  # nothing measured yet: the cap
+    step = scheduler.schedule()
+    scheduler.update_from_output(step, None)  # a step that only decodes: the decode step's time
+    assert scheduler.pace.decode_s is not None and scheduler.pace.token_s is None
+    scheduler.pace.decode_s, scheduler.pace.token_s = 0.010, 0.0002
+    assert scheduler.schedule()[1] in (1 + 50, 1 + 49)  # 10 ms of 0.2 ms tokens beside one row (less the time since)
+    assert scheduler.max_num_scheduled_tokens == 512
+    var = FakeRequest("var", tokens=700, tail=583, computed=583)  # its rows from 583 on run in one chunk
+    scheduler.running.append(var)
+    assert scheduler.schedule() == ([], 1 + 117)  # raised to hold its tail beside the stream, though nothing waits
+    scheduler.running = [var]
+    assert scheduler.schedule() == ([], 512)  # nothing decodes: the cap
 
 
 def test_a_split_pairs_prompts_end_in_one_step():

@@ -16,9 +16,10 @@
 Every measurement runs once per ``--step-budget`` (by default 0, off: whole admissions between two decode
 steps, and the server's default), on one engine, so before and after come from one run. With ``--engine vllm`` the
 same measurements run on the vLLM engine client (``service/vllm``), once per ``--step-tokens`` (vLLM's per-step token
-budget, ``vllm_step_tokens``; 0: chunked prefill off) and ``--step-budget`` (the engine client's tower work per
-pause of the engine, :mod:`seeright.service.vllm.pauses`; 0: beside its steps), each on a vLLM engine started with
-them.
+budget, ``vllm_step_tokens``; 0: chunked prefill off) and ``--step-budget`` (the prompt tokens a step takes beside
+decoding rows, in decode steps' time, :mod:`seeright.service.vllm.pacing`, and the engine client's tower work per
+pause of the engine, :mod:`seeright.service.vllm.pauses`; 0: the token budget alone and the tower work beside the
+steps), each on a vLLM engine started with them.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def _run_vllm(args: argparse.Namespace) -> dict[str, Any]:
             hosted = [n for n in client.methods if not_hosted(client.methods[n], tower=client.tower) is None]
             methods = args.methods if args.methods is not None else [m for m in client.methods.mixed_traffic() if m in hosted]
             with frozen_heap():  # as the app serves it
-                return {"step_tokens": tokens or None, "step_budget": budget or None,
+                return {"step_tokens": tokens or None, "step_budget": budget or None, "paced": True,
                         **await _measure(client, methods, args.joiners or hosted, args)}
         finally:
             await client.stop()
@@ -252,6 +253,10 @@ def _budget(run: dict[str, Any]) -> str:
         tokens = "off" if not run["step_tokens"] else f"{run['step_tokens']} tokens"
         if "step_budget" not in run:
             return tokens
+        if run.get("paced") and tokens != "off":  # since the budget in time: step_budget paces the prompt tokens too
+            if not run["step_budget"]:
+                return f"{tokens}, tower work beside vLLM's steps"
+            return f"{tokens} at most, {run['step_budget']:g}x a decode step of newcomer work per step"
         paused = "beside vLLM's steps" if not run["step_budget"] else f"in pauses of {run['step_budget']:g}x a decode step"
         return f"{tokens}, tower work {paused}"
     return "off" if not run["step_budget"] else f"{run['step_budget']:g}"
@@ -264,7 +269,12 @@ def table(result: dict[str, Any]) -> str:
     if result.get("engine") == "vllm":
         head = (f"model {result['model']} on the vLLM engine, batch of {result['max_batch_size']}; step budget: tokens one "
                 "step runs, decoding rows and newcomers' prompts together (off: vLLM's chunked prefill off, whole prompts)")
-        if any("step_budget" in run for run in runs):
+        if any(run.get("paced") for run in runs):
+            head += ("; with `step_budget`, while rows decode each step takes the prompt tokens that the step budget "
+                     "times the decode step's measured time holds (and at least 16), and the engine client's tower work "
+                     "(a method's tower passes, VE masking's attack) runs with the engine paused between two steps, each "
+                     "pause at most that budget; without, the token budget alone and the tower work beside the steps")
+        elif any("step_budget" in run for run in runs):
             head += ("; the engine client's tower work (a method's tower passes, VE masking's attack) runs either beside "
                      "vLLM's steps or with the engine paused between two steps, each pause at most the step budget "
                      "times the decode step's time (`step_budget`)")
@@ -339,11 +349,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=64)
     parser.add_argument("--step-budget", type=float, nargs="+", default=[0.0, StepBudget().ratio],
                         help="scheduler step budgets to measure side by side (newcomer work per decode step, x the decode "
-                             "step's time; 0: off); --engine vllm: the engine client's tower work per pause of the "
-                             "engine (0: beside its steps), each with every --step-tokens")
+                             "step's time; 0: off); --engine vllm: the prompt tokens per step beside decoding rows and "
+                             "the engine client's tower work per pause of the engine (0: the token budget alone, the "
+                             "tower work beside its steps), each with every --step-tokens")
     parser.add_argument("--step-tokens", type=int, nargs="+", default=[0, 512],
-                        help="--engine vllm: per-step token budgets to measure side by side, each on a vLLM engine of "
-                             "its own (0: chunked prefill off)")
+                        help="--engine vllm: per-step token budgets (at most, with a --step-budget) to measure side by "
+                             "side, each on a vLLM engine of its own (0: chunked prefill off)")
     parser.add_argument("--methods", nargs="*", help="methods of the open-loop mix (default: the registry's mixed loads)")
     parser.add_argument("--joiners", nargs="*", metavar="METHOD",
                         help="measure a plain stream's longest gap while a request joins: plain, then with each METHOD "

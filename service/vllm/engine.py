@@ -50,6 +50,7 @@ from seeright.service.scheduler import QueueFull, when_room
 from seeright.service.settings import Settings
 from seeright.service.slicing import StepBudget
 from seeright.service.vllm.candidates import guide_of, guide_refusal, guided
+from seeright.service.vllm.pacing import STEP_BUDGET_KEY
 from seeright.service.vllm.passes import VllmPasses
 from seeright.service.vllm.pauses import EnginePauses
 from seeright.service.vllm.transport import EngineFailure, pack_states, unpack_states
@@ -114,6 +115,7 @@ def engine_args(settings: Settings, longest_prompt: int | None = None) -> Any:
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.25),
         worker_extension_cls="seeright.service.vllm.worker.HookPoints", disable_log_stats=True,
         scheduler_cls="seeright.service.vllm.scheduling.seeright_scheduler",
+        additional_config={} if step is None or settings.step_budget is None else {STEP_BUDGET_KEY: settings.step_budget},
         **lora_args(settings),
     )
 

@@ -52,6 +52,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from seeright.service.vllm.pacing import STEP_BUDGET_KEY, PrefillPace
 from seeright.service.vllm.worker import seeright_args, whole_prompt
 
 PAIR_SIZE = 2  # a request and its contrast branch
@@ -111,6 +112,9 @@ class WholePrompts:
         super().__init__(*args, **kwargs)
         self.held: dict[str, list[Request]] = {}
         self.completing: set[str] = set()  # the split pairs whose tails run in this step, both
+        extra = self.vllm_config.additional_config  # type: ignore[attr-defined]
+        budget = extra.get(STEP_BUDGET_KEY) if isinstance(extra, dict) else None
+        self.pace = None if budget is None else PrefillPace(float(budget))
 
     def add_request(self, request: Request) -> None:
         pair = pair_of(request)
@@ -149,16 +153,28 @@ class WholePrompts:
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         s: Any = self
-        budget = s.max_num_scheduled_tokens
-        held_back, raised = self._tail_step()
-        if raised is None:
-            held_back, raised = self._line_up()
-        s.max_num_scheduled_tokens = raised or budget
+        cap = s.max_num_scheduled_tokens
+        if self.pace is not None:  # the budget in time while rows decode (:mod:`~seeright.service.vllm.pacing`)
+            decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in s.running)
+            s.max_num_scheduled_tokens = self.pace.budget(decoding * (1 + s.num_spec_tokens), cap)
+        held_back: list[Request] = []
         try:
-            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+            held_back, raised = self._tail_step()
+            if raised is None:
+                held_back, raised = self._line_up()
+            s.max_num_scheduled_tokens = raised or s.max_num_scheduled_tokens
+            output = super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
-            s.max_num_scheduled_tokens = budget
+            s.max_num_scheduled_tokens = cap
             self._prepend(held_back)
+        if self.pace is not None:
+            self.pace.scheduled(output, s.requests)
+        return output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        if self.pace is not None:
+            self.pace.finished(scheduler_output)
+        return super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
 
     def _tail_step(self) -> tuple[list[Request], int | None]:
         """Running prompts that wait with their tail next (a split pair's members: both of them): where the tails do
@@ -183,20 +199,21 @@ class WholePrompts:
         need = per_decode * len(others) + sum(_left(r) for r in tails)
         held: list[Request] = []
         budget = s.max_num_scheduled_tokens
-        if need > budget and not any(r.num_tokens - r.num_computed_tokens > per_decode for r in others):
+        raise_now = need > budget and not any(r.num_tokens - r.num_computed_tokens > per_decode for r in others)
+        if raise_now:
             held, budget = list(s.waiting), min(s.scheduler_config.max_num_batched_tokens, need)
             s.waiting.remove_requests(held)
         room, first = budget - per_decode * len(others), []
         for key, members in ready.items():
             cost = sum(map(_left, members))
-            if cost <= room or (held and not first):  # (in a raised step the first goes even if it never fits)
+            if cost <= room or (raise_now and not first):  # (in a raised step the first goes even if it never fits)
                 room -= cost
                 self.completing.add(key)
                 first += members
         if first:
             ids = {id(r) for r in first}
             s.running[:] = first + [r for r in s.running if id(r) not in ids]
-        return held, budget if held else None
+        return held, budget if raise_now else None
 
     def _line_up(self) -> tuple[list[Request], int | None]:
         """Put the waiting groups that fit this step first in the queue and take out those that sit it out (and,

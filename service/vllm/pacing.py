@@ -1,0 +1,97 @@
+"""vLLM's per-step token budget sized in time: newcomers' prompt tokens per step worth ``step_budget`` decode steps.
+
+vLLM's chunked prefill caps the tokens one step runs (``max_num_scheduled_tokens``), and a running stream's gap
+while a prompt is split across steps is one decode step plus that step's chunk. A fixed count freezes streams for
+different times on different devices, models and batches (on this project's 2-core CPU a 128-token chunk of the
+bench model's prompt is about four decode steps). :class:`PrefillPace` measures, in the scheduler, each step's time
+from its scheduling to its output: steps that only decode give the decode step's time ``d``, steps with prompt
+tokens the time per prompt token ``c`` (what the step took beyond ``d``, per token), both moving averages. While rows
+decode, a step then takes at most ``step_budget * d / c`` prompt tokens beside them, less the time the engine spent
+since its last step (paused for the engine client's tower work: :mod:`~seeright.service.vllm.pauses`), at least
+:data:`MIN_CHUNK` and within the configured cap (``vllm_step_tokens``), so that a running stream's longest gap is
+about ``1 + step_budget`` decode steps, as on the transformers engine (``step_budget``: docs/engines.md); with nothing decoding,
+or before both are measured, the cap alone. Prompts that must run whole, and tails that never fit, still get a step
+whose budget is raised to hold them (:mod:`~seeright.service.vllm.scheduling`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+AVERAGING = 0.2  # the weight of the last step in each moving average
+MIN_CHUNK = 16  # the fewest prompt tokens a paced step takes beside decoding rows (a prompt always progresses)
+STEP_BUDGET_KEY = "seeright_step_budget"  # in vLLM's ``additional_config``: ``step_budget``, where the pace is on
+PENDING_LIMIT = 8  # steps scheduled and not yet finished that are remembered (async scheduling keeps one or two)
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one scheduled step runs: decoding rows' tokens and prompt tokens, and when it was scheduled."""
+
+    output: Any  # vLLM's SchedulerOutput
+    decode_tokens: int
+    prompt_tokens: int
+    scheduled_at: float
+
+
+class PrefillPace:
+    """The prompt tokens a step may take beside its decoding rows, from measured step times (module docstring)."""
+
+    def __init__(self, step_budget: float) -> None:
+        self.step_budget = step_budget
+        self.decode_s: float | None = None  # a step that only decodes (moving average)
+        self.token_s: float | None = None  # one prompt token's share of a step (moving average)
+        self._pending: deque[StepWork] = deque(maxlen=PENDING_LIMIT)
+        self._last_finish = 0.0  # when the last step ended (0: none yet)
+
+    def budget(self, decode_tokens: int, cap: int, now: float | None = None) -> int:
+        """This step's token budget with ``decode_tokens`` of decoding rows in it: ``cap`` where nothing decodes or
+        nothing is measured yet, else the decoding tokens plus ``step_budget`` decode steps' worth of prompt tokens,
+        less what the engine spent since its last step (a pause for the engine client's tower work, which the running
+        rows waited through too); at least :data:`MIN_CHUNK` of them."""
+        if decode_tokens == 0 or self.decode_s is None or not self.token_s:
+            return cap
+        allowed = self.step_budget * self.decode_s
+        idle = max(0.0, (time.perf_counter() if now is None else now) - self._last_finish) if self._last_finish else 0.0
+        prompt = max(MIN_CHUNK, int((allowed - idle) / self.token_s))
+        return min(cap, decode_tokens + prompt)
+
+    def scheduled(self, output: Any, requests: dict[str, Any], now: float | None = None) -> None:
+        """Note a step vLLM's scheduler just returned (``requests``: its requests by id, already advanced past the
+        step's tokens, as vLLM's scheduler leaves them)."""
+        decode = prompt = 0
+        for request_id, n in output.num_scheduled_tokens.items():
+            request = requests[request_id]
+            before = request.num_computed_tokens - n
+            if before >= request.num_prompt_tokens:  # (a preempted request recomputes from 0: prompt work)
+                decode += n
+            else:
+                prompt += n
+        if decode + prompt:
+            self._pending.append(StepWork(output, decode, prompt, time.perf_counter() if now is None else now))
+
+    def finished(self, output: Any, now: float | None = None) -> None:
+        """Note that the step ``output`` described has run: its time updates the averages."""
+        now = time.perf_counter() if now is None else now
+        while self._pending:
+            work = self._pending.popleft()
+            if work.output is output:
+                self._measure(work, now - max(work.scheduled_at, self._last_finish))
+                break
+        self._last_finish = now
+
+    def _measure(self, work: StepWork, took: float) -> None:
+        if work.prompt_tokens == 0:
+            self.decode_s = _averaged(self.decode_s, took)
+            return
+        if work.decode_tokens and self.decode_s is None:
+            return  # the decoding rows' share of this step is not known yet
+        beyond = took - (self.decode_s if work.decode_tokens else 0.0)
+        self.token_s = _averaged(self.token_s, max(beyond, 0.0) / work.prompt_tokens)
+
+
+def _averaged(average: float | None, sample: float) -> float:
+    return sample if average is None else (1 - AVERAGING) * average + AVERAGING * sample

@@ -1,0 +1,81 @@
+"""vLLM's step budget in time (``service/vllm/pacing.py``, no vLLM needed): the decode step's time and a prompt
+token's measured from the steps the scheduler hands out, and the prompt tokens a step may take beside decoding rows.
+The scheduler's use of it is tested with vLLM's scheduler in ``tests/test_vllm_engine.py``; its effect on a running
+stream is ``seeright bench --serving --engine vllm``'s."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from seeright.service.vllm.pacing import MIN_CHUNK, PrefillPace
+
+
+def _request(prompt: int, computed: int) -> SimpleNamespace:
+    """A vLLM request as its scheduler leaves it after a step: ``computed`` counts that step's tokens."""
+    return SimpleNamespace(num_prompt_tokens=prompt, num_computed_tokens=computed)
+
+
+def _step(pace: PrefillPace, requests: dict, scheduled: dict[str, int], at: float, took: float) -> None:
+    output = SimpleNamespace(num_scheduled_tokens=scheduled)
+    pace.scheduled(output, requests, now=at)
+    pace.finished(output, now=at + took)
+
+
+def test_a_steps_prompt_tokens_are_what_step_budget_decode_steps_hold():
+    pace = PrefillPace(step_budget=1.0)
+    assert pace.budget(decode_tokens=2, cap=512) == 512  # nothing measured: the cap
+    decoding = {"a": _request(10, 21), "b": _request(10, 31)}
+    _step(pace, decoding, {"a": 1, "b": 1}, at=0.0, took=0.010)
+    assert pace.decode_s == pytest.approx(0.010) and pace.token_s is None
+    assert pace.budget(2, 512) == 512  # no prompt token measured yet
+    joined = {**decoding, "new": _request(600, 100)}  # a chunk of 100 prompt tokens beside the two rows
+    _step(pace, joined, {"a": 1, "b": 1, "new": 100}, at=0.1, took=0.030)
+    assert pace.token_s == pytest.approx(0.020 / 100)
+    assert pace.budget(2, 512, now=0.13) == 2 + 50  # right after the last step: a decode step's worth, 10 ms / 0.2 ms
+    assert pace.budget(2, 40, now=0.13) == 40  # within the cap
+    assert pace.budget(2, 512, now=0.1339) == 2 + 30  # 3.9 ms since the last step (a pause the rows waited through)
+    assert pace.budget(2, 512, now=0.2) == 2 + MIN_CHUNK  # a budget and more since: the fewest
+    assert pace.budget(0, 512, now=0.13) == 512  # nothing decodes: nothing to keep going
+    twice = PrefillPace(step_budget=2.0)
+    twice.decode_s, twice.token_s = pace.decode_s, pace.token_s
+    assert twice.budget(2, 512) == 2 + 100  # (no step has ended here yet: nothing spent since)
+
+
+def test_a_prompt_always_progresses():
+    pace = PrefillPace(step_budget=1.0)
+    pace.decode_s, pace.token_s = 0.001, 0.01  # a prompt token costs ten decode steps
+    assert pace.budget(4, 512) == 4 + MIN_CHUNK
+
+
+def test_the_averages_follow_the_steps_and_skip_what_they_cannot_split():
+    pace = PrefillPace(step_budget=1.0)
+    # a chunk beside decoding rows before any decode step is measured: the rows' share is unknown, nothing learnt
+    _step(pace, {"a": _request(10, 21), "new": _request(600, 64)}, {"a": 1, "new": 64}, at=0.0, took=0.05)
+    assert pace.token_s is None and pace.decode_s is None
+    # a prompt alone: all of the step is its tokens'
+    _step(pace, {"new": _request(600, 128)}, {"new": 64}, at=1.0, took=0.032)
+    assert pace.token_s == pytest.approx(0.032 / 64)
+    for at in (2.0, 2.1, 2.2):
+        _step(pace, {"a": _request(10, 30)}, {"a": 1}, at=at, took=0.010)
+    for at in (3.0, 3.1, 3.2):
+        _step(pace, {"a": _request(10, 40)}, {"a": 1}, at=at, took=0.020)
+    assert 0.010 < pace.decode_s < 0.020  # a moving average, moving to the slower steps
+    # a preempted request recomputing its prompt and outputs from 0 is prompt work, not decoding
+    _step(pace, {"back": _request(10, 15)}, {"back": 15}, at=4.0, took=0.003)
+    assert pace.token_s == pytest.approx(0.8 * 0.032 / 64 + 0.2 * 0.003 / 15)
+
+
+def test_a_step_starts_when_the_one_before_it_ends():
+    """With vLLM's async scheduling the next step is scheduled while one runs: its time starts at that one's end."""
+    pace = PrefillPace(step_budget=1.0)
+    rows = {"a": _request(10, 21)}
+    first, second = SimpleNamespace(num_scheduled_tokens={"a": 1}), SimpleNamespace(num_scheduled_tokens={"a": 1})
+    pace.scheduled(first, rows, now=0.0)
+    pace.scheduled(second, rows, now=0.001)
+    pace.finished(first, now=0.010)
+    pace.finished(second, now=0.020)
+    assert pace.decode_s == pytest.approx(0.8 * 0.010 + 0.2 * 0.010)
+    pace.scheduled(SimpleNamespace(num_scheduled_tokens={}), rows, now=0.03)  # an empty step is not measured
+    assert not pace._pending
