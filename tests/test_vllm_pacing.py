@@ -79,3 +79,7 @@ def test_a_step_starts_when_the_one_before_it_ends():
     assert pace.decode_s == pytest.approx(0.8 * 0.010 + 0.2 * 0.010)
     pace.scheduled(SimpleNamespace(num_scheduled_tokens={}), rows, now=0.03)  # an empty step is not measured
     assert not pace._pending
+    pace.token_s = 0.0002
+    assert pace.budget(1, 512, now=0.0249) == 1 + 25  # 4.9 ms since the last step: about half the budget spent
+    pace.scheduled(SimpleNamespace(num_scheduled_tokens={"a": 1}), rows, now=0.025)
+    assert pace.budget(1, 512, now=0.026) == 1 + 50  # a step runs: the engine is not idle, nothing spent

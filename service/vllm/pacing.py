@@ -55,7 +55,9 @@ class PrefillPace:
         if decode_tokens == 0 or self.decode_s is None or not self.token_s:
             return cap
         allowed = self.step_budget * self.decode_s
-        idle = max(0.0, (time.perf_counter() if now is None else now) - self._last_finish) if self._last_finish else 0.0
+        idle = 0.0  # (with vLLM's async scheduling a step is scheduled while the last one runs: nothing idle)
+        if self._last_finish and not self._pending:
+            idle = max(0.0, (time.perf_counter() if now is None else now) - self._last_finish)
         prompt = max(MIN_CHUNK, int((allowed - idle) / self.token_s))
         return min(cap, decode_tokens + prompt)
 

@@ -3,7 +3,9 @@
 With ``vllm_step_tokens`` set, vLLM's chunked prefill is on and each step runs at most that many tokens (the
 scheduler's ``max_num_scheduled_tokens``; vLLM's ``max_num_batched_tokens`` stays large enough for the longest
 prompt, so that the runner's buffers can hold one whole): the running rows' decode tokens plus newcomers' prompt
-tokens. vLLM splits plain prompts across steps by itself. A request whose methods act on its last prompt rows'
+tokens; with ``step_budget`` too, fewer while rows decode, one step budget's time of prompt tokens
+(:class:`~seeright.service.vllm.pacing.PrefillPace`, timed on the steps this scheduler hands out). vLLM splits plain
+prompts across steps by itself. A request whose methods act on its last prompt rows'
 attention (``SamplingParams.extra_args["seeright"]["tail"]``, the first of those rows:
 :func:`~seeright.service.vllm.worker.prefill_tail`) is split too, but no chunk ends inside those rows: they run in
 one chunk. A request whose methods edit every prompt row together (``tail`` 0) must be prefilled in one forward
