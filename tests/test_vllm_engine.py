@@ -81,8 +81,8 @@ def served(adapter):
     """The app on the vLLM engine (its lifespan starts vLLM) serving one LoRA adapter; ``served.portal`` runs
     coroutines on its loop. Its step budget (32 tokens) is below every prompt here (about 50 tokens with the
     image): vLLM splits the plain prompts and the method prompts, with the rows the methods act on in one chunk
-    (VAR's, ViF's and GIFT's are cut where those rows begin; a contrast pair's members end theirs in one step), and the
-    scheduler gives each prompt that must run whole (VHR's at its defaults, guided-decoding candidates) a step of its
+    (a contrast pair's members end theirs in one step) or as they come (VAR's, ViF's and GIFT's saliency read), and
+    the scheduler gives each prompt that must run whole (VHR's at its defaults, guided-decoding candidates) a step of its
     own. Its KV blocks hold 32 tokens (vLLM's CPU default, 128, is longer than the prompts here), so that the prefix
     cache answers guided decoding's continuations. The engine client keeps this process's torch threads (the
     transformers references run here too)."""
@@ -149,6 +149,27 @@ def test_adapter_rows_with_every_hosted_method_equal_the_transformers_engine(ser
     assert got[0].logprobs != got[-2].logprobs  # the adapter moves the answer
     models = {m["id"]: m for m in served.get("/v1/models").json()["data"]}
     assert models["smol-lora"]["parent"] == MODEL
+
+
+def test_rows_that_methods_take_as_they_come_are_split_across_steps(served, hf, image):
+    """VAR and ViF edit the prompt's rows after the image, GIFT reads the question's, each row over the keys up to
+    it (VAR's sinks read from every row's residual stream): a question longer than the step budget is split inside
+    those rows, and the answer, VAR's sinks and heads selected and GIFT's saliency are the transformers engine's."""
+    question = ("Look at each of the shapes in this picture, one after the other, from the left to the right, and for "
+                "every one of them tell me its colour, how large it is and whether it touches another shape.")
+    reqs = [request(image, question, {"var": {}}), request(image, question, {"vif": {}}),
+            request(image, question, {"gift": {}}), request(image, question, {"gift": {"saliency_pass": "separate"}}),
+            request(image, question, {"var": {"rho": 0.6}, "vif": {}, "pai": {}})]
+    layout = hf.admit(reqs[:1])[0][0].prompt.layout
+    assert layout.length - layout.image_end > 32  # more than the budget (32 tokens, fewer in time): split inside
+    for r, got in zip(reqs, on_vllm(served, reqs)):
+        want = hf.generate_batch([r])[0]
+        assert_same(got, want, str(r.interventions))
+        if "var" in r.interventions:
+            for field in ("visual_sinks", "text_sinks", "selected"):
+                assert got.diagnostics["var"][field] == want.diagnostics["var"][field], field
+        if "gift" in r.interventions:
+            np.testing.assert_allclose(got.diagnostics["gift"]["saliency"], want.diagnostics["gift"]["saliency"], rtol=1e-4)
 
 
 def test_signals_and_the_attention_map_agree_within_1e_4(served, hf, image):

@@ -15,13 +15,12 @@ from seeright.service.vllm.worker import prefill_tail
 # the first prompt row each method's hooks act on, from the prompt's layout
 TAILS = {
     "vhr": lambda layout: 0,  # every row's heads, by a selection made at the last
-    "gift": lambda layout: layout.query_span[0] - 1,  # its fused saliency: the question's rows' attention
-    # the attention of the rows after the image (VAR: its sinks are read from every row's residual stream, which the
-    # worker keeps across chunks)
-    "var": lambda layout: layout.image_end, "vif": lambda layout: layout.image_end,
+    "gift": lambda layout: layout.length - 1,  # its enhancement (its saliency reads rows as they come)
     **dict.fromkeys(["pai", "paint", "attention_map", "agser"], lambda layout: layout.length - 1),  # the last row's
-    # from the first decode step on
-    **dict.fromkeys(["carve", "vemask", "ritual", "vcd", "lookback", "lookback_decoding"], lambda layout: layout.length),
+    # from the first decode step on, or rows taken as they come (VAR's and ViF's: each row's edit reads the keys up to
+    # it; VAR's sinks, read from every row's residual stream, grow with the rows the worker has kept)
+    **dict.fromkeys(["carve", "vemask", "ritual", "vcd", "lookback", "lookback_decoding", "var", "vif"],
+                    lambda layout: layout.length),
 }
 
 
@@ -57,7 +56,7 @@ def test_vhrs_prompt_splits_unless_a_selection_scales_every_row(llava, images):
         tail, layout = _tail(llava, images, {"vhr": params})
         assert tail == expected(layout), params
     tail, layout = _tail(llava, images, {"vhr": {"prefill_positions": "last"}, "pai": {}, "var": {}})
-    assert tail == layout.image_end  # the earliest row any of a request's hooks acts on
+    assert tail == layout.length - 1  # the earliest row any of a request's hooks acts on together
 
 
 def test_vhrs_text_only_pass_splits_before_its_last_row():

@@ -157,6 +157,14 @@ class Hooks:
         """True when this state only reads the probabilities it asked for here (the output is not rewritten)."""
         return False
 
+    def row_causal(self, state: RowState, layer: int) -> bool:
+        """Whether the prefill's rows from :meth:`probs_from` on may come in chunks, in order: each row's edit (or
+        read) depends on the keys up to it and on what :meth:`observe_hidden` saw of the rows up to it, nothing
+        later. An engine that splits a prompt then runs each chunk's rows as they come and calls
+        :meth:`observe_hidden` at every chunk with the residual stream of the prompt's rows so far. The default,
+        False: those rows in one forward, and :meth:`observe_hidden` once, with the whole prompt's stream."""
+        return False
+
     def edit_scores(
         self, layer: int, scores: torch.Tensor, states: list[RowState], step: int, q0: int
     ) -> torch.Tensor:

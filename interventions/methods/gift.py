@@ -131,6 +131,9 @@ class GIFT(Method):
     def reads_only(self, state: RowState, layer: int, step: int) -> bool:
         return self._capturing(state, layer, step)
 
+    def row_causal(self, state: RowState, layer: int) -> bool:
+        return self._capturing(state, layer, 0)  # the gaze of the question's rows, each kept as it comes
+
     def edit_probs(
         self, layer: int, probs: torch.Tensor, states: list[RowState], step: int, q0: int
     ) -> torch.Tensor:
@@ -178,11 +181,16 @@ class GIFT(Method):
 
 
 def capture_gaze(layer: int, probs: torch.Tensor, states: list[RowState], q0: int) -> None:
-    """Keep each row's attention of query rows ``q_start - 1 .. q_end - 1`` to image tokens."""
+    """Keep each row's attention of query rows ``q_start - 1 .. q_end - 1`` to image tokens; ``probs`` holds query
+    rows ``q0`` on: all of those, or, in a prompt split in chunks, the ones in this chunk (appended in order)."""
     for row, state in enumerate(states):
         start, end = state.layout.query_span
-        attn = probs[row, :, start - 1 - q0 : end - q0]
-        state.data.setdefault("gaze", {})[layer] = attn[:, :, state.layout.image_positions.to(probs.device)]
+        lo, hi = max(start - 1, q0), min(end, q0 + probs.shape[2])
+        if lo >= hi:
+            continue
+        attn = probs[row, :, lo - q0 : hi - q0, state.layout.image_positions.to(probs.device)]
+        gaze = state.data.setdefault("gaze", {})
+        gaze[layer] = attn if lo == start - 1 else torch.cat([gaze[layer], attn], dim=1)
 
 
 class _GazeCapture(Hooks):
@@ -194,6 +202,9 @@ class _GazeCapture(Hooks):
         return state.layout.query_span[0] - 1
 
     def reads_only(self, state: RowState, layer: int, step: int) -> bool:
+        return True
+
+    def row_causal(self, state: RowState, layer: int) -> bool:
         return True
 
     def edit_probs(

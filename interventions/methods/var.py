@@ -60,14 +60,18 @@ class VAR(Method):
     def wants_hidden(self, state: RowState, layer: int, step: int) -> bool:
         return step == 0 and layer in state.params.layers
 
+    def row_causal(self, state: RowState, layer: int) -> bool:
+        return True  # a key's sink flag is its own residual stream's; a row's edit reads the keys up to it
+
     def observe_hidden(self, layer: int, hidden: torch.Tensor, states: list[RowState], step: int) -> None:
+        """The sinks among the prompt's rows seen (all of them, or, in a prompt split in chunks, those so far)."""
         x = hidden.float()
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         for row, state in enumerate(states):
             phi = normed[row, :, state.params.sink_dims].abs().amax(-1)
             sinks = (phi > state.params.tau)[state.layout.pad :]  # kept without padding: batches re-pad rows
             state.data.setdefault("sinks", {})[layer] = sinks
-            vis = state.layout.image_mask(state.layout.length)[state.layout.pad :].to(sinks.device)
+            vis = state.layout.image_mask(state.layout.length)[state.layout.pad :][: len(sinks)].to(sinks.device)
             state.diagnostics.setdefault("visual_sinks", {})[layer] = (sinks & vis).sum()
             state.diagnostics.setdefault("sink_tokens", {})[layer] = sinks[vis].nonzero().flatten()  # among image tokens
             state.diagnostics.setdefault("text_sinks", {})[layer] = (sinks & ~vis).sum()
@@ -84,6 +88,8 @@ class VAR(Method):
     ) -> torch.Tensor:
         n, _, q, total = probs.shape
         device = probs.device
+        if step == 0:
+            _drop_stale(states, layer)
         # Columns over keys: image, visual sink, sink (visual or text), visual non-sink. One matmul gives
         # every attention sum the selection and the budget need.
         masks = over_keys(states, "masks", total, lambda: self._masks(states, layer, device), 0.0)
@@ -106,9 +112,10 @@ class VAR(Method):
 
     @staticmethod
     def _masks(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:
-        """``[n, prompt, 4]`` float: image, visual sink, sink, visual non-sink."""
+        """``[n, prompt, 4]`` float: image, visual sink, sink, visual non-sink (rows not seen yet: no sinks)."""
         prompt = max(s.layout.length for s in states)
-        sink = torch.stack([F.pad(s.data["sinks"][layer], (s.layout.pad, prompt - s.layout.length)) for s in states]).to(device)
+        sinks = [s.data["sinks"][layer] for s in states]
+        sink = torch.stack([F.pad(k, (s.layout.pad, prompt - s.layout.pad - len(k))) for s, k in zip(states, sinks)]).to(device)
         vis = torch.stack([s.layout.image_mask(prompt) for s in states]).to(device)
         return torch.stack([vis, vis & sink, sink, vis & ~sink], dim=-1).float()
 
@@ -120,6 +127,19 @@ class VAR(Method):
         for row, state in enumerate(states):
             state.diagnostics.setdefault("selected", {}).setdefault(layer, []).append(counts[row])
         return counts
+
+
+def _drop_stale(states: list[RowState], layer: int) -> None:
+    """In a prompt split in chunks the sinks grow with the rows seen: what the prefill's call built from fewer rows
+    is built again (a whole prompt's prefill sees every row at once)."""
+    cache = getattr(states, "cache", None)
+    if cache is None:
+        return
+    seen = sum(len(s.data["sinks"][layer]) for s in states)
+    if cache.get("rows seen") != seen:
+        for key in ("masks", "keep", "constants"):
+            cache.pop(key, None)
+        cache["rows seen"] = seen
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,9 @@ class ViF(Method):
             return None
         return state.layout.image_end if step == 0 else 0
 
+    def row_causal(self, state: RowState, layer: int) -> bool:
+        return True  # a row's reallocation reads the keys up to it, over masks known from the layout and the relay
+
     def edit_scores(self, layer: int, scores: torch.Tensor, states: list[RowState], step: int, q0: int) -> torch.Tensor:
         tau = per_row(states, "tau", scores.device)[:, None, None, None]
         return torch.where(self._edited_rows(states, scores, step, q0)[:, None, :, None], scores / tau, scores)

@@ -95,6 +95,7 @@ class Tracked:
     keeps_kv: bool
     answered: int = 0  # a guided-decoding continuation: the answer's tokens at the end of its prompt
     chunked: bool = False  # its prompt may be prefilled in chunks (its hooks act on a tail of rows: prefill_tail)
+    tail: int = 0  # the first prompt row from which its prompt runs in one chunk (prefill_tail)
     prefilled: int = 0  # prompt tokens run so far
     seeded: int = 0  # a continuation: the positions vLLM's prefix cache answered, whose keys and values it was given
     tokens: list[int] = field(default_factory=list)  # a guided-decoding candidate: its prompt's token ids
@@ -237,8 +238,9 @@ class WorkerRuntime:
         except ValueError as exc:
             return Tracked(ForwardContext([[]]), request_id, prompt_len, keeps_kv=False, error=str(exc))
         answered = int(args.get("answered", 0))
+        tail = prefill_tail(states, self.layers)
         tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states),
-                          answered=answered, chunked=not whole_prompt(args) and prefill_tail(states, self.layers) > 0,
+                          answered=answered, chunked=not whole_prompt(args) and tail > 0, tail=tail,
                           sampler=sampler, branch=args.get("branch"),
                           contrast=next((s for s in states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None))
         if (tracked.branch is None) != (tracked.contrast is None):
@@ -359,18 +361,19 @@ class WorkerRuntime:
         for row, groups in self._wanting("hidden", layer, hidden.device):
             if stream is None:
                 stream = hidden if residual is None else hidden + residual
-            rows = self._prompt_stream(row, layer, stream[row.query_start:row.end])
+            rows = self._prompt_stream(row, layer, stream[row.query_start:row.end], groups)
             if rows is None:
                 continue
             for g in groups:
                 g.hooks.observe_hidden(layer, rows[None], g.states, row.tracked.context.step)
 
     @staticmethod
-    def _prompt_stream(row: Slice, layer: int, rows: torch.Tensor) -> torch.Tensor | None:
-        """The residual stream a HIDDEN hook sees in this forward: its own rows, but in a prefill split into chunks
-        the whole prompt's, once its last chunk runs (each earlier chunk's rows are kept until then: they are what
-        the whole prompt's forward has there, since a hook edits a row before the prompt's tail only on its own); None
-        before."""
+    def _prompt_stream(row: Slice, layer: int, rows: torch.Tensor, groups: list[Group]) -> torch.Tensor | None:
+        """The residual stream HIDDEN hooks see in this forward: its own rows, but in a prefill split into chunks the
+        prompt's rows so far (each earlier chunk's rows are kept: they are what the whole prompt's forward has there,
+        since a hook edits a row before the prompt's tail only on its own), at every chunk for hooks whose rows may
+        come in chunks (:meth:`~seeright.interventions.methods.base.Hooks.row_causal`), else at the last chunk only
+        (None before)."""
         tracked = row.tracked
         if not row.prompt_chunk:
             return rows
@@ -378,7 +381,7 @@ class WorkerRuntime:
         rows = rows.clone() if kept is None else torch.cat([kept, rows])
         if row.end_position < tracked.prompt_len:
             tracked.streams[layer] = rows
-            return None
+            return rows if all(g.hooks.row_causal(s, layer) for g in groups for s in g.states) else None
         return rows
 
     def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -400,21 +403,30 @@ class WorkerRuntime:
             if plan is None:
                 continue
             # the hooks number a prefill's rows from the prompt's start; a chunk's first row is at its first position
-            q0, offset = plan.q0, row.first_position if ctx.step == 0 else 0
-            rows = row.end - row.query_start - (q0 - offset)  # the rows this forward holds from q0 on
-            if q0 < offset:
-                tracked.error = f"layer {layer} reads prompt rows from {q0}, the forward starts at position {offset}"
+            offset = row.first_position if ctx.step == 0 else 0
+            if offset > tracked.tail:
+                tracked.error = (f"layer {layer}'s hooks read prompt rows from {tracked.tail} together, the forward "
+                                 f"starts at position {offset}")
                 continue
+            q0 = max(plan.q0, offset)  # rows before the forward's: earlier chunks' (hooks that take them as they come)
+            rows = row.end - row.query_start - (q0 - offset)  # the rows this forward holds from q0 on
             if rows <= 0:  # a chunk before the rows its hooks act on
                 continue
+            groups, writes = plan.groups, plan.any_write
+            if ctx.step == 0 and row.end_position <= tracked.tail:
+                # a chunk before the rows that run together: only the hooks that take rows as they come see its rows
+                groups = [g for g in groups if all(g.hooks.row_causal(s, layer) for s in g.states)]
+                if not groups:
+                    continue
+                writes = any(not g.hooks.reads_only(s, layer, 0) for g in groups for s in g.states)
             top = row.end - rows
             q = query[top:row.end].view(rows, self.num_heads, self.head_dim).transpose(0, 1)[None]
             keep = None
             if ctx.step == 0:  # causal over the keys kept: the forward's rows are the last of them
                 keep = keep_mask(None, plan.rows, q0 - offset, row.end - row.query_start, keys.shape[1], query.device)
-            v = values[None] if plan.any_write else None
-            new = edited_attention(plan.groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
-            if new is None or not bool(plan.write[0]):
+            v = values[None] if writes else None
+            new = edited_attention(groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
+            if new is None or not writes:
                 continue
             skip = max(q0, int(plan.starts[0])) - q0
             if edited is None:
@@ -568,10 +580,10 @@ def whole_prompt(args: dict[str, Any] | None) -> bool:
 
 
 def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
-    """The first prompt row the states' hooks act on in the prefill, in ``layers``: the first row whose attention a
-    hook reads or edits (often the last: the attention the next token is predicted from) or from which a hook edits
-    the heads' outputs together (``heads_from``; 0 where a row's edit depends on every row's), else the prompt's
-    length. The prompt may be split anywhere before it: the rows from it on must be computed in one forward, where
+    """The first prompt row the states' hooks act on together in the prefill, in ``layers``: the first row whose
+    attention a hook reads or edits (often the last: the attention the next token is predicted from), unless it takes
+    those rows as they come (``row_causal``), or from which a hook edits the heads' outputs together (``heads_from``;
+    0 where a row's edit depends on every row's), else the prompt's length. The prompt may be split anywhere before it: the rows from it on must be computed in one forward, where
     their attention is computed over every key kept from the chunks before. A hook that reads the residual stream
     sees the whole prompt's in that forward (the worker keeps the earlier chunks' rows, which a hook edits only row by
     row, as the whole forward does). The language model's hook points only (the vision tower's and the logits' act
@@ -579,7 +591,7 @@ def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
     tail = min(s.layout.length for s in states) if states else 0
     for s in states:
         for layer in layers:
-            starts = [s.hooks.probs_from(s, layer, 0)]
+            starts = [] if s.hooks.row_causal(s, layer) else [s.hooks.probs_from(s, layer, 0)]
             if s.hooks.wants("heads", s, layer, 0):
                 starts.append(s.hooks.heads_from(s, layer, 0))
             tail = min([tail, *(start for start in starts if start is not None)])
