@@ -64,14 +64,18 @@ class VAR(Method):
         return True  # a key's sink flag is its own residual stream's; a row's edit reads the keys up to it
 
     def observe_hidden(self, layer: int, hidden: torch.Tensor, states: list[RowState], step: int) -> None:
-        """The sinks among the prompt's rows seen (all of them, or, in a prompt split in chunks, those so far)."""
-        x = hidden.float()
-        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        """The sinks among the prompt's rows seen: all of them, or, in a prompt split in chunks, those so far (each
+        row's flag is its own: the rows flagged before are not read again); the diagnostics once every row is."""
         for row, state in enumerate(states):
-            phi = normed[row, :, state.params.sink_dims].abs().amax(-1)
-            sinks = (phi > state.params.tau)[state.layout.pad :]  # kept without padding: batches re-pad rows
-            state.data.setdefault("sinks", {})[layer] = sinks
-            vis = state.layout.image_mask(state.layout.length)[state.layout.pad :][: len(sinks)].to(sinks.device)
+            pad, length = state.layout.pad, state.layout.length
+            seen = state.data.setdefault("sinks", {}).get(layer)
+            x = hidden[row, pad + (0 if seen is None else len(seen)) : length].float()
+            phi = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))[:, state.params.sink_dims].abs().amax(-1)
+            sinks = phi > state.params.tau if seen is None else torch.cat([seen, phi > state.params.tau])
+            state.data["sinks"][layer] = sinks  # kept without padding: batches re-pad rows
+            if len(sinks) < length - pad:
+                continue
+            vis = state.layout.image_mask(length)[pad:].to(sinks.device)
             state.diagnostics.setdefault("visual_sinks", {})[layer] = (sinks & vis).sum()
             state.diagnostics.setdefault("sink_tokens", {})[layer] = sinks[vis].nonzero().flatten()  # among image tokens
             state.diagnostics.setdefault("text_sinks", {})[layer] = (sinks & ~vis).sum()
