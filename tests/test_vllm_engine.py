@@ -519,6 +519,8 @@ def test_the_step_budget_in_time_gives_decoding_rows_a_decode_steps_worth_of_pro
     assert scheduler.schedule() == ([], 1 + 117)  # raised to hold its tail beside the stream, though nothing waits
     scheduler.running = [var]
     assert scheduler.schedule() == ([], 512)  # nothing decodes: the cap
+    scheduler.running, scheduler.pace.token_s = [stream], "not a time"  # a fault in the pace
+    assert scheduler.schedule() == ([], 512) and scheduler.pace is None  # off: the cap, and vLLM's scheduler goes on
 
 
 def test_a_split_pairs_prompts_end_in_one_step():

@@ -12,9 +12,14 @@ import pytest
 from seeright.service.vllm.pacing import MIN_CHUNK, PrefillPace
 
 
-def _request(prompt: int, computed: int) -> SimpleNamespace:
-    """A vLLM request as its scheduler leaves it after a step: ``computed`` counts that step's tokens."""
-    return SimpleNamespace(num_prompt_tokens=prompt, num_computed_tokens=computed)
+def _request(prompt: int, computed: int, recomputed: int | None = None) -> SimpleNamespace:
+    """A vLLM request as its scheduler leaves it after a step: ``computed`` counts that step's tokens; a method's
+    rows from ``recomputed`` on have their attention computed again."""
+    return SimpleNamespace(num_prompt_tokens=prompt, num_computed_tokens=computed, recomputed=recomputed)
+
+
+def _recomputed(request: SimpleNamespace) -> int | None:
+    return request.recomputed
 
 
 def _step(pace: PrefillPace, requests: dict, scheduled: dict[str, int], at: float, took: float) -> None:
@@ -83,3 +88,25 @@ def test_a_step_starts_when_the_one_before_it_ends():
     assert pace.budget(1, 512, now=0.0249) == 1 + 25  # 4.9 ms since the last step: about half the budget spent
     pace.scheduled(SimpleNamespace(num_scheduled_tokens={"a": 1}), rows, now=0.025)
     assert pace.budget(1, 512, now=0.026) == 1 + 50  # a step runs: the engine is not idle, nothing spent
+
+
+def test_rows_whose_attention_is_computed_again_are_costed_apart():
+    """A method's rows from its ``recomputed`` row on cost what a step took beyond its decoding rows and its plain
+    rows; the next prompt in line gets its plain rows at a plain token's time, then those at theirs."""
+    pace = PrefillPace(step_budget=1.0, recomputed_from=_recomputed)
+    rows = {"a": _request(10, 21)}
+    _step(pace, rows, {"a": 1}, at=0.0, took=0.010)
+    _step(pace, {**rows, "plain": _request(600, 50)}, {"a": 1, "plain": 50}, at=0.1, took=0.020)
+    assert pace.token_s == pytest.approx(0.0002) and pace.recomputed_s is None
+    # a chunk of 20 rows before the method's row 600 and 30 after: 4 ms of plain rows, 12 ms beyond them
+    method = _request(700, 630, recomputed=600)
+    _step(pace, {**rows, "var": method}, {"a": 1, "var": 50}, at=0.2, took=0.026)
+    assert pace.token_s == pytest.approx(0.0002) and pace.recomputed_s == pytest.approx(0.012 / 30)
+    at = 0.226
+    assert pace.budget(1, 512, now=at, next_request=_request(700, 590, recomputed=600)) == 1 + 10 + 20  # 2 ms, then 8 ms of 0.4 ms
+    plain = {1 + 49, 1 + 50}  # 10 ms of 0.2 ms rows (in floating point)
+    assert pace.budget(1, 512, now=at, next_request=_request(700, 0, recomputed=600)) in plain  # before its row 600
+    assert pace.budget(1, 512, now=at, next_request=_request(100, 0)) in plain
+    assert pace.budget(1, 512, now=at) in plain  # nothing in line
+    pace.recomputed_s = 0.0  # (steps whose plain rows took all of their time beyond the decoding rows)
+    assert pace.budget(1, 512, now=at, next_request=_request(700, 590, recomputed=600)) in plain

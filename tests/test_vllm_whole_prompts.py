@@ -10,7 +10,7 @@ from seeright.interventions.methods.vhr import _TextHeadCapture
 from seeright.interventions.registry import MethodRegistry
 from seeright.interventions.spec import VHRParams
 from seeright.service.engine import GenerationRequest
-from seeright.service.vllm.worker import prefill_tail
+from seeright.service.vllm.worker import prefill_tail, recomputed_from
 
 # the first prompt row each method's hooks act on, from the prompt's layout
 TAILS = {
@@ -66,3 +66,16 @@ def test_vhrs_text_only_pass_splits_before_its_last_row():
     state.layout = TokenLayout(length=9, pad=0, image_spans=(), image_grids=(), query_span=(1, 8))
     assert prefill_tail([state], range(4)) == 8
     assert prefill_tail([state], [0, 3]) == 9  # no hooked layer in these: nothing constrains the split
+
+
+def test_the_rows_whose_attention_is_computed_again_start_where_a_hook_first_reads(llava, images):
+    """What the scheduler's pace costs apart (``recomputed_from``): from the first row any hook reads or edits the
+    attention of, rows taken as they come included; None for methods that act on no prompt row's attention."""
+    expected = {"var": lambda layout: layout.image_end, "gift": lambda layout: layout.query_span[0] - 1,
+                "pai": lambda layout: layout.length - 1, "vemask": lambda layout: None}
+    for name, first in expected.items():
+        inputs, rows = llava.admit([GenerationRequest(prompt="What is in the image?", images=[images[0]],
+                                                      interventions={name: {}})])
+        for state in rows[0]:
+            state.layout = inputs[0].prompt.layout
+        assert recomputed_from(rows[0], range(llava.info.num_layers)) == first(inputs[0].prompt.layout), name

@@ -54,7 +54,7 @@ from seeright.service.vllm.pacing import STEP_BUDGET_KEY
 from seeright.service.vllm.passes import VllmPasses
 from seeright.service.vllm.pauses import EnginePauses
 from seeright.service.vllm.transport import EngineFailure, pack_states, unpack_states
-from seeright.service.vllm.worker import EXTRA_ARGS_KEY, prefill_tail
+from seeright.service.vllm.worker import EXTRA_ARGS_KEY, prefill_tail, recomputed_from
 
 T = TypeVar("T")
 
@@ -392,8 +392,11 @@ class VllmEngineClient:
         cached ones)."""
         key = key or uuid.uuid4().hex
         prompt["cache_salt"] = key
-        return key, {"key": key, "states": pack_states(states, self._key),
-                     "tail": prefill_tail(states, range(self.spec.info.num_layers))}
+        layers = range(self.spec.info.num_layers)
+        args = {"key": key, "states": pack_states(states, self._key), "tail": prefill_tail(states, layers)}
+        if (first := recomputed_from(states, layers)) is not None:
+            args["recomputed"] = first  # the scheduler's pace costs the rows from there on apart
+        return key, args
 
     async def _collect(self, key: str, sent: Sequence[RowState]) -> tuple[list[RowState], dict[str, Any]]:
         """The request's states as the worker's hooks left them, with the request inputs of the ``sent`` states

@@ -4,20 +4,24 @@ vLLM's chunked prefill caps the tokens one step runs (``max_num_scheduled_tokens
 while a prompt is split across steps is one decode step plus that step's chunk. A fixed count freezes streams for
 different times on different devices, models and batches (on this project's 2-core CPU a 128-token chunk of the
 bench model's prompt is about four decode steps). :class:`PrefillPace` measures, in the scheduler, each step's time
-from its scheduling to its output: steps that only decode give the decode step's time ``d``, steps with prompt
-tokens the time per prompt token ``c`` (what the step took beyond ``d``, per token), both moving averages. While rows
-decode, a step then takes at most ``step_budget * d / c`` prompt tokens beside them, less the time the engine spent
-since its last step (paused for the engine client's tower work: :mod:`~seeright.service.vllm.pauses`), at least
-:data:`MIN_CHUNK` and within the configured cap (``vllm_step_tokens``), so that a running stream's longest gap is
-about ``1 + step_budget`` decode steps, as on the transformers engine (``step_budget``: docs/engines.md); with nothing decoding,
-or before both are measured, the cap alone. Prompts that must run whole, and tails that never fit, still get a step
-whose budget is raised to hold them (:mod:`~seeright.service.vllm.scheduling`).
+from its scheduling to its output, as moving averages: the decode step's time ``d`` (steps that only decode), a
+plain prompt token's time ``c`` (what a step with prompt tokens took beyond ``d``, per token), and the time of a
+prompt row whose attention the worker computes again for a method (from the request's ``recomputed`` row on: over
+every key kept, beside vLLM's own; what such a step took beyond ``d`` and its plain rows, per row). While rows
+decode, a step then takes the prompt tokens of the next prompt in line that ``step_budget * d`` holds at those costs
+(``step_budget * d / c`` plain ones), less the time the engine spent since its last step (paused for the engine
+client's tower work: :mod:`~seeright.service.vllm.pauses`), at least :data:`MIN_CHUNK` and within the configured
+cap (``vllm_step_tokens``), so that a running stream's longest gap is about ``1 + step_budget`` decode steps, as on
+the transformers engine (``step_budget``: docs/engines.md); with nothing decoding, or before ``d`` and ``c`` are
+measured, the cap alone. Prompts that must run whole, and tails that never fit, still get a step whose budget is
+raised to hold them (:mod:`~seeright.service.vllm.scheduling`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,46 +38,64 @@ class StepWork:
     output: Any  # vLLM's SchedulerOutput
     decode_tokens: int
     prompt_tokens: int
+    recomputed_tokens: int  # of the prompt tokens, those whose attention the worker computes again
     scheduled_at: float
 
 
 class PrefillPace:
     """The prompt tokens a step may take beside its decoding rows, from measured step times (module docstring)."""
 
-    def __init__(self, step_budget: float) -> None:
+    def __init__(self, step_budget: float, recomputed_from: Callable[[Any], int | None] = lambda request: None) -> None:
         self.step_budget = step_budget
+        self.recomputed_from = recomputed_from  # a request's first prompt row whose attention is computed again, or None
         self.decode_s: float | None = None  # a step that only decodes (moving average)
-        self.token_s: float | None = None  # one prompt token's share of a step (moving average)
+        self.token_s: float | None = None  # one plain prompt token's share of a step (moving average)
+        self.recomputed_s: float | None = None  # one prompt row's whose attention is computed again (moving average)
         self._pending: deque[StepWork] = deque(maxlen=PENDING_LIMIT)
         self._last_finish = 0.0  # when the last step ended (0: none yet)
 
-    def budget(self, decode_tokens: int, cap: int, now: float | None = None) -> int:
+    def budget(self, decode_tokens: int, cap: int, now: float | None = None, next_request: Any = None) -> int:
         """This step's token budget with ``decode_tokens`` of decoding rows in it: ``cap`` where nothing decodes or
-        nothing is measured yet, else the decoding tokens plus ``step_budget`` decode steps' worth of prompt tokens,
-        less what the engine spent since its last step (a pause for the engine client's tower work, which the running
-        rows waited through too); at least :data:`MIN_CHUNK` of them."""
+        nothing is measured yet, else the decoding tokens plus the prompt tokens of ``next_request`` (the next
+        prompt in line, if any) that ``step_budget`` decode steps hold, less what the engine spent since its last
+        step (a pause for the engine client's tower work, which the running rows waited through too); at least
+        :data:`MIN_CHUNK` of them."""
         if decode_tokens == 0 or self.decode_s is None or not self.token_s:
             return cap
-        allowed = self.step_budget * self.decode_s
-        idle = 0.0  # (with vLLM's async scheduling a step is scheduled while the last one runs: nothing idle)
-        if self._last_finish and not self._pending:
-            idle = max(0.0, (time.perf_counter() if now is None else now) - self._last_finish)
-        prompt = max(MIN_CHUNK, int((allowed - idle) / self.token_s))
-        return min(cap, decode_tokens + prompt)
+        spare = self.step_budget * self.decode_s
+        if self._last_finish and not self._pending:  # (async scheduling schedules a step while one runs: not idle)
+            spare -= max(0.0, (time.perf_counter() if now is None else now) - self._last_finish)
+        return min(cap, decode_tokens + max(MIN_CHUNK, self._tokens_in(spare, next_request)))
+
+    def _tokens_in(self, spare: float, request: Any) -> int:
+        """The prompt tokens of ``request`` that ``spare`` seconds hold: its plain rows at a plain token's time, its
+        rows from its ``recomputed_from`` row on at theirs (unknown: all at a plain token's)."""
+        if spare <= 0:
+            return 0
+        first = None if request is None or not self.recomputed_s else self.recomputed_from(request)
+        if first is None:
+            return int(spare / self.token_s)
+        plain = max(0, first - request.num_computed_tokens)
+        if spare <= plain * self.token_s:
+            return int(spare / self.token_s)
+        return plain + int((spare - plain * self.token_s) / self.recomputed_s)
 
     def scheduled(self, output: Any, requests: dict[str, Any], now: float | None = None) -> None:
         """Note a step vLLM's scheduler just returned (``requests``: its requests by id, already advanced past the
         step's tokens, as vLLM's scheduler leaves them)."""
-        decode = prompt = 0
+        decode = prompt = recomputed = 0
         for request_id, n in output.num_scheduled_tokens.items():
             request = requests[request_id]
             before = request.num_computed_tokens - n
             if before >= request.num_prompt_tokens:  # (a preempted request recomputes from 0: prompt work)
                 decode += n
-            else:
-                prompt += n
+                continue
+            prompt += n
+            if (first := self.recomputed_from(request)) is not None:
+                recomputed += max(0, before + n - max(before, first))
         if decode + prompt:
-            self._pending.append(StepWork(output, decode, prompt, time.perf_counter() if now is None else now))
+            at = time.perf_counter() if now is None else now
+            self._pending.append(StepWork(output, decode, prompt, recomputed, at))
 
     def finished(self, output: Any, now: float | None = None) -> None:
         """Note that the step ``output`` described has run: its time updates the averages."""
@@ -92,7 +114,11 @@ class PrefillPace:
         if work.decode_tokens and self.decode_s is None:
             return  # the decoding rows' share of this step is not known yet
         beyond = took - (self.decode_s if work.decode_tokens else 0.0)
-        self.token_s = _averaged(self.token_s, max(beyond, 0.0) / work.prompt_tokens)
+        if not work.recomputed_tokens:
+            self.token_s = _averaged(self.token_s, max(beyond, 0.0) / work.prompt_tokens)
+        elif self.token_s is not None:  # what the plain rows did not take
+            plain = (work.prompt_tokens - work.recomputed_tokens) * self.token_s
+            self.recomputed_s = _averaged(self.recomputed_s, max(beyond - plain, 0.0) / work.recomputed_tokens)
 
 
 def _averaged(average: float | None, sample: float) -> float:

@@ -44,6 +44,7 @@ scheduler, whichever vLLM's configuration chose.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -58,6 +59,8 @@ from seeright.service.vllm.pacing import STEP_BUDGET_KEY, PrefillPace
 from seeright.service.vllm.worker import seeright_args, whole_prompt
 
 PAIR_SIZE = 2  # a request and its contrast branch
+
+logger = logging.getLogger(__name__)
 
 
 def pair_of(request: Request) -> str | None:
@@ -76,6 +79,12 @@ def tail_of(request: Request) -> int | None:
         last = request.num_prompt_tokens - 1
         tail = last if tail is None else min(tail, last)
     return None if tail is None or tail >= request.num_prompt_tokens else int(tail)
+
+
+def recomputed_of(request: Request) -> int | None:
+    """The first prompt row of ``request`` whose attention the worker computes again for its methods, or None."""
+    first = (seeright_args(request.sampling_params) or {}).get("recomputed")
+    return None if first is None else int(first)
 
 
 def whole_group(request: Request) -> str | None:
@@ -116,7 +125,7 @@ class WholePrompts:
         self.completing: set[str] = set()  # the split pairs whose tails run in this step, both
         extra = self.vllm_config.additional_config  # type: ignore[attr-defined]
         budget = extra.get(STEP_BUDGET_KEY) if isinstance(extra, dict) else None
-        self.pace = None if budget is None else PrefillPace(float(budget))
+        self.pace = None if budget is None else PrefillPace(float(budget), recomputed_of)
 
     def add_request(self, request: Request) -> None:
         pair = pair_of(request)
@@ -157,8 +166,7 @@ class WholePrompts:
         s: Any = self
         cap = s.max_num_scheduled_tokens
         if self.pace is not None:  # the budget in time while rows decode (:mod:`~seeright.service.vllm.pacing`)
-            decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in s.running)
-            s.max_num_scheduled_tokens = self.pace.budget(decoding * (1 + s.num_spec_tokens), cap)
+            s.max_num_scheduled_tokens = self._paced(lambda pace: pace.budget(*self._pace_inputs(cap)), cap)
         held_back: list[Request] = []
         try:
             held_back, raised = self._tail_step()
@@ -170,13 +178,31 @@ class WholePrompts:
             s.max_num_scheduled_tokens = cap
             self._prepend(held_back)
         if self.pace is not None:
-            self.pace.scheduled(output, s.requests)
+            self._paced(lambda pace: pace.scheduled(output, s.requests), None)
         return output
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
         if self.pace is not None:
-            self.pace.finished(scheduler_output)
+            self._paced(lambda pace: pace.finished(scheduler_output), None)
         return super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+
+    def _pace_inputs(self, cap: int) -> tuple[int, int, None, Request | None]:
+        """The pace's inputs for this step: the decoding rows' tokens, the cap, and the next prompt in line (the
+        running prompts first, as vLLM schedules them)."""
+        s: Any = self
+        decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in s.running)
+        next_in_line = next((r for r in s.running if r.num_computed_tokens < r.num_prompt_tokens), None)
+        return decoding * (1 + s.num_spec_tokens), cap, None, next_in_line or next(iter(s.waiting), None)
+
+    def _paced(self, call: Any, fallback: Any) -> Any:
+        """``call(pace)``; a fault in the pace turns it off (logged) and gives ``fallback``: it sizes steps, and an
+        error raised in vLLM's scheduler would stop the engine core."""
+        try:
+            return call(self.pace)
+        except Exception:
+            logger.exception("the step budget in time failed; steps keep vllm_step_tokens from now on")
+            self.pace = None
+            return fallback
 
     def _tail_step(self) -> tuple[list[Request], int | None]:
         """Running prompts that wait with their tail next (a split pair's members: both of them): where the tails do

@@ -598,6 +598,13 @@ def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
     return tail
 
 
+def recomputed_from(states: Sequence[RowState], layers: Iterable[int]) -> int | None:
+    """The first prompt row whose attention the worker computes again for the states' hooks in the prefill (each such
+    row costs an attention over every key kept, in each layer that asks), or None."""
+    starts = [start for s in states for layer in layers if (start := s.hooks.probs_from(s, layer, 0)) is not None]
+    return min(starts, default=None)
+
+
 def _edited_pixels(items: list[Any], state: RowState) -> list[Any]:
     """vLLM's multi-modal items of one request with ``pixel_values`` edited by ``state``'s method, the request's
     images joined as the transformers engine's processor joins them (stacked, or concatenated for flat fields)."""
