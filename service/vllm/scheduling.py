@@ -166,7 +166,8 @@ class WholePrompts:
         s: Any = self
         cap = s.max_num_scheduled_tokens
         if self.pace is not None:  # the budget in time while rows decode (:mod:`~seeright.service.vllm.pacing`)
-            s.max_num_scheduled_tokens = self._paced(lambda pace: pace.budget(*self._pace_inputs(cap)), cap)
+            s.max_num_scheduled_tokens = self._paced(
+                lambda pace: pace.budget(self._decode_tokens(), cap, next_request=self._next_prompt()), cap)
         held_back: list[Request] = []
         try:
             held_back, raised = self._tail_step()
@@ -186,13 +187,15 @@ class WholePrompts:
             self._paced(lambda pace: pace.finished(scheduler_output), None)
         return super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
 
-    def _pace_inputs(self, cap: int) -> tuple[int, int, None, Request | None]:
-        """The pace's inputs for this step: the decoding rows' tokens, the cap, and the next prompt in line (the
-        running prompts first, as vLLM schedules them)."""
+    def _decode_tokens(self) -> int:
+        """The tokens this step's decoding rows run."""
         s: Any = self
-        decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in s.running)
-        next_in_line = next((r for r in s.running if r.num_computed_tokens < r.num_prompt_tokens), None)
-        return decoding * (1 + s.num_spec_tokens), cap, None, next_in_line or next(iter(s.waiting), None)
+        return sum(r.num_computed_tokens >= r.num_prompt_tokens for r in s.running) * (1 + s.num_spec_tokens)
+
+    def _next_prompt(self) -> Request | None:
+        """The next prompt in line: a running one being split first, as vLLM schedules them, else the first waiting."""
+        s: Any = self
+        return next((r for r in s.running if r.num_computed_tokens < r.num_prompt_tokens), None) or next(iter(s.waiting), None)
 
     def _paced(self, call: Any, fallback: Any) -> Any:
         """``call(pace)``; a fault in the pace turns it off (logged) and gives ``fallback``: it sizes steps, and an

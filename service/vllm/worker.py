@@ -145,6 +145,11 @@ class Slice:
         return self.tracked.context.step == 0 and not self.whole_prompt
 
 
+def _row_causal(group: Group, layer: int) -> bool:
+    """Whether the group's hooks take its states' prompt rows as they come in ``layer`` (``Hooks.row_causal``)."""
+    return all(group.hooks.row_causal(s, layer) for s in group.states)
+
+
 def _asks_probs(state: RowState) -> bool:
     return type(state.hooks).probs_from is not Hooks.probs_from
 
@@ -381,7 +386,7 @@ class WorkerRuntime:
         rows = rows.clone() if kept is None else torch.cat([kept, rows])
         if row.end_position < tracked.prompt_len:
             tracked.streams[layer] = rows
-            return rows if all(g.hooks.row_causal(s, layer) for g in groups for s in g.states) else None
+            return rows if all(_row_causal(g, layer) for g in groups) else None
         return rows
 
     def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -415,7 +420,7 @@ class WorkerRuntime:
             groups, writes = plan.groups, plan.any_write
             if ctx.step == 0 and row.end_position <= tracked.tail:
                 # a chunk before the rows that run together: only the hooks that take rows as they come see its rows
-                groups = [g for g in groups if all(g.hooks.row_causal(s, layer) for s in g.states)]
+                groups = [g for g in groups if _row_causal(g, layer)]
                 if not groups:
                     continue
                 writes = any(not g.hooks.reads_only(s, layer, 0) for g in groups for s in g.states)
@@ -583,9 +588,9 @@ def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
     """The first prompt row the states' hooks act on together in the prefill, in ``layers``: the first row whose
     attention a hook reads or edits (often the last: the attention the next token is predicted from), unless it takes
     those rows as they come (``row_causal``), or from which a hook edits the heads' outputs together (``heads_from``;
-    0 where a row's edit depends on every row's), else the prompt's length. The prompt may be split anywhere before it: the rows from it on must be computed in one forward, where
-    their attention is computed over every key kept from the chunks before. A hook that reads the residual stream
-    sees the whole prompt's in that forward (the worker keeps the earlier chunks' rows, which a hook edits only row by
+    0 where a row's edit depends on every row's), else the prompt's length. The prompt may be split anywhere before
+    it: the rows from it on must be computed in one forward, where their attention is computed over every key kept
+    from the chunks before. A hook that reads the residual stream sees the whole prompt's in that forward (the worker keeps the earlier chunks' rows, which a hook edits only row by
     row, as the whole forward does). The language model's hook points only (the vision tower's and the logits' act
     on whole images and on sampled steps); the states carry their prompt's layout."""
     tail = min(s.layout.length for s in states) if states else 0
