@@ -204,6 +204,48 @@ def test_methods_keep_their_rows_while_requests_join_and_leave(served, hf, image
         assert_same(got, hf.generate_batch([r])[0])
 
 
+def test_a_prompt_whose_every_row_waits_for_its_last_runs_layer_by_layer_beside_a_stream(monkeypatch, served, hf,
+                                                                                          image):
+    """VHR at its defaults chooses each layer's heads at the prompt's last row and scales every row's: beside a running
+    stream, its prompt first runs layer by layer in the worker between vLLM's steps, then vLLM prefills it in chunks
+    with the heads chosen. Its answer, heads and filtered outliers are the transformers engine's, alone, with VAR and
+    PAI in the same request, or with VCD's contrast branch; the stream's too; the worker keeps nothing of it."""
+    client = served.app.state.client
+    calls: list[dict] = []
+    rpc = client.llm.collective_rpc
+
+    async def counted(method, *args, **kwargs):
+        answer = await rpc(method, *args, **kwargs)
+        if method == "seeright_layered":
+            calls.append(answer[0])
+        return answer
+
+    monkeypatch.setattr(client.llm, "collective_rpc", counted)
+    long = request(image, PROMPTS[0], {}, 40)
+    joiners = [request(image, PROMPTS[1], {"vhr": {}}, 8),
+               request(image, PROMPTS[2], {"vhr": {"alpha": 3.0}, "var": {}, "pai": {}}, 8),
+               request(image, PROMPTS[3], {"vhr": {}, "vcd": {}}, 8)]
+
+    async def run():
+        stream, tasks, seen = client.stream(long), [], 0
+        async for _ in stream:
+            seen += 1
+            if seen in (2, 4, 6):
+                tasks.append(asyncio.ensure_future(client.generate(joiners[len(tasks)])))
+        return [stream.output, *await asyncio.gather(*tasks)]
+
+    answers = served.portal.call(run)
+    assert [c for c in calls if "error" in c] == []
+    assert sum("states" in c for c in calls) == 3, "the joiners' prompts did not run layer by layer"
+    for got, r in zip(answers, [long, *joiners]):
+        want = hf.generate_batch([r])[0]
+        assert_same(got, want, str(r.interventions))
+        if "vhr" in r.interventions:
+            for field in ("heads", "filtered"):
+                assert got.diagnostics["vhr"][field] == want.diagnostics["vhr"][field], field
+    assert served.portal.call(rpc, "seeright_held")[0]["layered"] == 0
+
+
 def test_guided_decoding_with_signals_penalties_and_stop_strings(monkeypatch, served, hf, image):
     """Guided decoding beside the read-only signals, with the request's penalties (its candidates' draws apply them
     over the answer's earlier chunks too) and a stop string inside a kept chunk: the transformers engine's answer,

@@ -15,7 +15,9 @@ standard deviation and the median the lower median (``torch.median``), so exactl
 when VHDs are distinct. Cost: one text-only prefill; each step then only scales head outputs.
 
 With ``heads`` given (fixed heads per layer) there is no text-only pass and no selection: only the scaling,
-which needs no image (the same edit the vLLM engine path hosts, ``service/vllm``).
+which needs no image. A state whose heads are all chosen, given or selected by an earlier forward of the same
+prompt (the vLLM engine's layered prefill, ``service/vllm``), scales each prompt row on its own, so its prefill may be
+split into chunks of rows.
 """
 
 from __future__ import annotations
@@ -83,13 +85,13 @@ class VHR(Method):
     def heads_from(self, state: RowState, layer: int, step: int) -> int | None:
         """In the prefill, scaling every row by a selection made at the last needs every row at once (0); scaling
         the last row only (``prefill_positions="last"``) needs that row (the rows before it are left as they are);
-        fixed heads scale each row on its own (None), as every decode step does."""
+        heads already chosen scale each row on its own (None), as every decode step does."""
         if step == 0 and state.params.prefill_positions == "last" and state.layout is not None:
             return state.layout.length - 1
-        return None if step > 0 or state.params.heads is not None else 0
+        return None if step > 0 or _chosen(state) else 0
 
     def edit_heads(self, layer: int, heads: torch.Tensor, states: list[RowState], step: int) -> torch.Tensor:
-        selecting = [row for row, s in enumerate(states) if s.params.heads is None]
+        selecting = [row for row, s in enumerate(states) if layer not in s.data.get("heads", {})]
         if step == 0 and selecting:
             self._select(layer, heads[selecting, -1].float(), [states[row] for row in selecting])
         factor = cached(states, "factor", lambda: self._factor(layer, states, heads))
@@ -115,6 +117,12 @@ class VHR(Method):
             state.data.setdefault("heads", {})[layer] = chosen[row]
             state.diagnostics.setdefault("heads", {})[layer] = chosen[row]
             state.diagnostics.setdefault("filtered", {})[layer] = outlier[row]
+
+
+def _chosen(state: RowState) -> bool:
+    """Whether the state's heads are chosen in every layer it scales (given, or selected by an earlier forward)."""
+    chosen = state.data.get("heads", {})
+    return all(layer in chosen for layer in state.params.layers)
 
 
 def select_heads(full: torch.Tensor, text: torch.Tensor, outlier_filter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import os
 import secrets
 import shutil
@@ -50,13 +51,15 @@ from seeright.service.scheduler import QueueFull, when_room
 from seeright.service.settings import Settings
 from seeright.service.slicing import StepBudget
 from seeright.service.vllm.candidates import guide_of, guide_refusal, guided
+from seeright.service.vllm.layered import whole_until
 from seeright.service.vllm.pacing import STEP_BUDGET_KEY
 from seeright.service.vllm.passes import VllmPasses
 from seeright.service.vllm.pauses import EnginePauses
-from seeright.service.vllm.transport import EngineFailure, pack_states, unpack_states
+from seeright.service.vllm.transport import EngineFailure, pack, pack_states, unpack_states
 from seeright.service.vllm.worker import EXTRA_ARGS_KEY, prefill_tail, recomputed_from
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 WORKER_POINTS = frozenset({HookPoint.INPUT, HookPoint.ANALYSIS, HookPoint.HIDDEN, HookPoint.SCORES, HookPoint.PROBS, HookPoint.HEADS})
 # run by the engine client: contrasts (a branch request and the worker's logits wrapper), vision masks (the client's
@@ -476,26 +479,77 @@ class VllmEngineClient:
         args["pixels"] = pack_states([contrast], self._key)
         return branch, args
 
-    def _admit(self, request: GenerationRequest) -> tuple[Any, list[RowState], torch.Tensor | None]:
-        """Admission (a thread's work): the admitted request, its states, and its image embeddings where a method
-        masks the vision tower (:meth:`_image_embeddings`)."""
+    def _admit(self, request: GenerationRequest,
+               lora: Lora | None) -> tuple[Any, list[RowState], torch.Tensor | None, bool]:
+        """Admission (a thread's work): the admitted request, its states, its image embeddings where a method
+        masks the vision tower or its prompt is prefilled layer by layer first (:meth:`_image_embeddings`), and
+        whether it is (:meth:`_layers_first`)."""
         with self._pauses.sliced() if self._pauses is not None else contextlib.nullcontext():
             inputs, rows = self.spec.admit([request])
             states = rows[0]
             for state in states:
                 state.layout = inputs[0].prompt.layout
-            return inputs[0], states, self._image_embeddings(states, inputs[0].prompt)
+            layered = self._layers_first(states, inputs[0].prompt, lora)
+            return inputs[0], states, self._image_embeddings(states, inputs[0].prompt, unmasked=layered), layered
 
-    def _image_embeddings(self, states: Sequence[RowState], prompt: EncodedPrompt) -> torch.Tensor | None:
+    def _layers_first(self, states: Sequence[RowState], prompt: EncodedPrompt, lora: Lora | None) -> bool:
+        """Whether the request's prompt runs layer by layer in the workers before vLLM prefills it
+        (:mod:`seeright.service.vllm.layered`): where a hook edits every prompt row by the last (the prompt would
+        otherwise run in one forward) and the others may split it, but in guided decoding; while requests run (whose
+        streams a whole prefill would freeze), with the step budget on, for a request without an adapter (vLLM sets
+        the adapters' rows per forward) whose images the client can embed (its tower)."""
+        layers = range(self.spec.info.num_layers)
+        others = [s for s in states if whole_until([s], layers) is None]
+        return (self.settings.step_budget is not None and lora is None and guide_of(states) is None
+                and whole_until(states, layers) is not None
+                and (not others or prefill_tail(others, layers) > 0)
+                and (self.tower or "pixel_values" not in prompt.images)
+                and self.llm.get_num_unfinished_requests() > 0)
+
+    async def _layered(self, prompt: EncodedPrompt, states: list[RowState],
+                       images: torch.Tensor | None) -> list[RowState]:
+        """The request's states after a layered prefill of its prompt in the workers
+        (:mod:`seeright.service.vllm.layered`): the states whose hooks edit every prompt row by the last hold what they
+        chose there (each row's edit is then its own, and vLLM may split the prompt), the others are as they were.
+        Where the workers cannot run it, the states as they were: the prompt runs in one forward."""
+        key = uuid.uuid4().hex
+        begin: dict[str, Any] | None = {
+            "ids": prompt.input_ids.flatten().tolist(), "states": pack_states(states, self._key),
+            "images": None if images is None else pack(images, self._key),
+        }
+        try:
+            while True:
+                args = (key, begin, self.settings.step_budget)
+                answer = (await self.llm.collective_rpc("seeright_layered", args=args))[0]
+                begin = None
+                if "error" in answer:
+                    log.warning("a layered prefill could not run (the prompt runs in one forward): %s", answer["error"])
+                    return states
+                if "states" in answer:
+                    break
+        except BaseException:
+            if self.llm is not None:
+                with contextlib.suppress(Exception):
+                    await self.llm.collective_rpc("seeright_layered", args=(key, None, None, True))
+            raise
+        layers = range(self.spec.info.num_layers)
+        settled = unpack_states(answer["states"], self._key)
+        for back, state in zip(settled, states):
+            back.request = state.request
+        return [back if whole_until([state], layers) is not None else state for back, state in zip(settled, states)]
+
+    def _image_embeddings(self, states: Sequence[RowState], prompt: EncodedPrompt,
+                          unmasked: bool = False) -> torch.Tensor | None:
         """Where the request's methods mask the vision tower's attention (:meth:`Hooks.vision_mask`), its images'
         embeddings ``[n_images, image tokens, hidden]`` from the client's tower and projector under those masks
         (the adapter's own masking, as the transformers engine's prefill applies it); vLLM takes them in place of
-        its own tower's. None where no method masks."""
+        its own tower's. Where no method masks, the tower's own embeddings with ``unmasked`` (a layered prefill's,
+        which vLLM then takes too), else None."""
         pixels = prompt.images.get("pixel_values")
         if pixels is None:
             return None
         masks = ForwardContext([list(states)], image_counts=[pixels.shape[0]]).vision_masks()
-        if not masks:
+        if not masks and not unmasked:
             return None
         adapter = self.spec.adapter
         handles = [h for target, keep in masks.items() for h in adapter.mask_vision_attention(keep, target)]
@@ -539,7 +593,7 @@ class VllmEngineClient:
         key, extra, states, branch = None, None, [], None
         lora = self.spec.lora_of(request)  # read once: an unload while it runs leaves it its adapter
         if request.interventions:
-            admitted, states, embeddings = await self._on_own_thread(self._admit, request)
+            admitted, states, embeddings, layered = await self._on_own_thread(self._admit, request, lora)
             if guide_of(states) is not None:
                 async for token in guided(self, request, stream, admitted, states, lora, start):
                     yield token
@@ -549,6 +603,8 @@ class VllmEngineClient:
             contrast = self._branch(states, prompt, extra)
             if embeddings is not None:  # the branch, if any, keeps the images (a contrast branch is unedited)
                 prompt["multi_modal_data"] = {"image": embeddings}
+            if layered:
+                states = await self._layered(admitted.prompt, states, embeddings)
             key, packed = self._with_states(prompt, states)
             extra.update(packed)
             if contrast is not None:

@@ -37,7 +37,9 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
 Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
 forward is step ``answered``). A request whose methods edit every prompt row by what they see at the last
 (:func:`whole_prompt`: a heads hook with ``heads_from`` 0, a guided-decoding candidate) is prefilled in one forward
-(the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it); the others may be prefilled in
+(the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it), unless its engine client first ran
+its prompt layer by layer between two steps (``seeright_layered``, :mod:`seeright.service.vllm.layered`), after which
+its hooks' choices are made and each row's edit is its own; the others may be prefilled in
 chunks across steps, as vLLM's chunked prefill splits plain prompts, with the rows their hooks act on
 (:func:`prefill_tail`: the last rows' attention or heads) in one chunk, which the scheduler keeps whole (a contrast
 pair's last chunks in one step: the pair is checked where the request samples, its prompt's last chunk and every
@@ -71,6 +73,7 @@ import torch
 
 from seeright.interventions.methods.base import Hooks, Method, RowState
 from seeright.interventions.runtime import ForwardContext, Group, edited_attention, keep_mask
+from seeright.service.vllm.layered import LayeredPrefill, run_layers, whole_until
 from seeright.service.vllm.sampling import CandidateSampler
 from seeright.service.vllm.transport import pack_states, unpack, unpack_states
 
@@ -81,6 +84,7 @@ MAX_UNCLAIMED = 1024
 # releases them chunk by chunk (at most ``candidates + 1`` per guided request); the bound only catches a client that
 # never does
 MAX_KEPT_CANDIDATES = MAX_UNCLAIMED
+MAX_LAYERED = 64  # layered prefills under way at once (a client that never finishes one loses its oldest)
 DECODE_AVERAGING = 0.2  # the weight of the last decode forward in ``WorkerRuntime.decode_s``
 PAUSE_MESSAGE = "<qqd"  # a pause's first words to the engine client: its token, forwards run, decode forward's seconds
 
@@ -166,6 +170,8 @@ class WorkerRuntime:
     scaling: float
     first_layer: int
     layers: tuple[int, ...] = ()  # the hooked decoder layers
+    modules: dict[int, torch.nn.Module] = field(default_factory=dict)  # those layers' modules
+    embed: Any = None  # the model's ``embed_input_ids`` (token embeddings, images' scattered in)
     tracked: dict[str, Tracked] = field(default_factory=dict)
     finished: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)
     candidates: OrderedDict[str, Tracked] = field(default_factory=OrderedDict)  # finished, keys and values kept
@@ -177,6 +183,8 @@ class WorkerRuntime:
     drawing: list[tuple[Slice, torch.Tensor]] = field(default_factory=list)  # (candidate, its raw logits) this forward
     steps: int = 0  # forwards run
     decode_s: float | None = None  # a forward's time where every request decodes one token (moving average)
+    prefills: OrderedDict[str, LayeredPrefill] = field(default_factory=OrderedDict)  # layered prefills under way
+    _layering: bool = False  # the hooks act on a layered prefill's rows (no forward of vLLM's runs)
     _decode_began: float | None = None  # this forward's start, where it is such a forward
 
     # ---- planning --------------------------------------------------------------------------------
@@ -236,7 +244,9 @@ class WorkerRuntime:
         else:
             self.pairs.append((row, branch[0]))
 
-    def _track(self, args: dict[str, Any], request_id: str, prompt_len: int) -> Tracked:
+    def _track(self, args: dict[str, Any], request_id: str, prompt_len: int, logits: bool = True) -> Tracked:
+        """A request's states tracked from its arguments, or its failure; ``logits``: whether its forwards reach the
+        logits (a layered prefill's do not: a contrast method's branch has no part in them)."""
         try:
             states = unpack_states(args["states"], self.key)
             sampler = unpack(args["sampler"], self.key) if "sampler" in args else None
@@ -248,7 +258,7 @@ class WorkerRuntime:
                           answered=answered, chunked=not whole_prompt(args) and tail > 0, tail=tail,
                           sampler=sampler, branch=args.get("branch"),
                           contrast=next((s for s in states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None))
-        if (tracked.branch is None) != (tracked.contrast is None):
+        if logits and (tracked.branch is None) != (tracked.contrast is None):
             tracked.error = "a contrast method without its branch, or a branch without a contrast method"
         layout = next((s.layout for s in states if s.layout is not None), None)
         if layout is not None and layout.length != prompt_len - answered:
@@ -357,7 +367,7 @@ class WorkerRuntime:
     def on_layer(self, layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Decoder layer pre-hook: plan at the first layer; hand the residual stream to HIDDEN hooks."""
         hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
-        if layer == self.first_layer:
+        if layer == self.first_layer and not self._layering:
             self.plan(hidden.shape[0])
         if not self.rows:
             return
@@ -556,6 +566,89 @@ class WorkerRuntime:
             took, self._decode_began = time.perf_counter() - self._decode_began, None
             self.decode_s = took if self.decode_s is None else (1 - DECODE_AVERAGING) * self.decode_s + DECODE_AVERAGING * took
 
+    def layered(self, key: str, begin: dict[str, Any] | None, ratio: float | None,
+                drop: bool = False) -> dict[str, Any]:
+        """One call of a layered prefill (:mod:`seeright.service.vllm.layered`), run between two steps: ``begin`` (the
+        prompt's token ids ``ids``, its images' embeddings ``images``, the signed ``states``) starts it; each call runs
+        its next pieces, for ``ratio`` times the decode forward's time at most (one at least; every layer where no
+        request runs), after a step of the running requests since its last call. Answers ``{"states": signed
+        states}`` once it ran its last layer, ``{"error": why}`` where it cannot run (a fault here never stops vLLM),
+        else ``{}``; ``drop`` forgets it."""
+        if drop:
+            self.prefills.pop(key, None)
+            return {}
+        try:
+            if begin is not None:
+                self._without_adapters(len(begin["ids"]))
+                self.prefills[key] = self._begin_layered(key, begin)
+                while len(self.prefills) > MAX_LAYERED:
+                    self.prefills.popitem(last=False)
+            prefill = self.prefills.get(key)
+            if prefill is None:
+                return {"error": f"no layered prefill under way under this key (more than {MAX_LAYERED} at once)"}
+            running = self.runner.input_batch.num_reqs > 0
+            if running and prefill.steps == self.steps and not prefill.waited:
+                prefill.waited = True  # (vLLM's busy loop steps between two calls: only where it had none to run)
+                return {}
+            budget = None if not running else ratio * self.decode_s if ratio is not None and self.decode_s else 0.0
+            self._without_adapters(prefill.hidden.shape[0])
+            saved, self.rows, self._layering = self.rows, [prefill.row], True
+            try:
+                with torch.inference_mode():
+                    run_layers(prefill, self.modules, budget, self.on_layer)
+            finally:
+                self.rows, self._layering = saved, False
+            prefill.waited, prefill.steps = False, self.steps
+            tracked = prefill.row.tracked
+            if tracked.error is not None:
+                raise ValueError(tracked.error)
+            if prefill.layer <= prefill.last:
+                return {}
+            del self.prefills[key]
+            return {"states": pack_states(tracked.states, self.key)}
+        except Exception as exc:  # noqa: BLE001 (the request then runs in one forward, as before)
+            self.prefills.pop(key, None)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def _without_adapters(self, tokens: int) -> None:
+        """vLLM's adapter layers set for ``tokens`` tokens without an adapter (they read the rows' adapters of the
+        last forward otherwise: the runner sets them at each; the adapters loaded stay as they are)."""
+        manager = getattr(self.runner, "lora_manager", None)
+        if manager is not None:
+            from vllm.lora.layers import LoRAMapping
+
+            manager.set_active_adapters(set(), LoRAMapping((0,) * tokens, (0,), is_prefill=True))
+
+    def _begin_layered(self, key: str, begin: dict[str, Any]) -> LayeredPrefill:
+        """A layered prefill's start: the prompt's embeddings entering the first layer, its states tracked at step 0."""
+        if getattr(self.runner, "uses_mrope", False):
+            raise ValueError("this model's positions are not one per token (M-RoPE)")
+        if self.first_layer != 0:
+            raise ValueError("this worker holds the language model's layers from layer "
+                             f"{self.first_layer} on (pipeline parallel)")
+        ids = torch.tensor(begin["ids"], device=self.runner.device)
+        tracked = self._track({"states": begin["states"]}, f"seeright-layered-{key}", len(ids), logits=False)
+        if tracked.error is not None:
+            raise ValueError(tracked.error)
+        last = whole_until(tracked.states, self.layers)
+        if last is None:
+            raise ValueError("no hook of these states edits every prompt row by the last")
+        tracked.context.step, tracked.prefilled = 0, len(ids)
+        spans = next((s.layout.image_spans for s in tracked.states if s.layout is not None), ())
+        images = None if begin.get("images") is None else unpack(begin["images"], self.key)  # [n, tokens, hidden]
+        with torch.inference_mode():
+            if images is None or not spans:
+                hidden = self.embed(ids)
+            else:
+                mask = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+                for start, end in spans:
+                    mask[start:end] = True
+                ids = ids.masked_fill(mask, 0)  # (the rows are the images': their placeholder may be out of vocabulary)
+                dtype = self.embed(ids[:1]).dtype
+                hidden = self.embed(ids, list(images.to(ids.device, dtype)), is_multimodal=mask)
+        row = Slice(tracked, -1, 0, len(ids), 0)
+        return LayeredPrefill(row, hidden, None, torch.arange(len(ids), device=ids.device), self.first_layer, last, -1)
+
     def pause(self, address: str, token: int, limit_s: float) -> None:
         """Hold the engine between two steps (:mod:`seeright.service.vllm.pauses`): tell the engine client at
         ``address`` this pause's ``token``, the forwards run so far and the decode forward's time, then wait until
@@ -649,7 +742,8 @@ class HookPoints:
         attn = layers[min(layers)].self_attn.attn
         runtime = WorkerRuntime(
             runner, key, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_size,
-            scaling=float(attn.impl.scale), first_layer=min(layers), layers=tuple(sorted(layers)),
+            scaling=float(attn.impl.scale), first_layer=min(layers), layers=tuple(sorted(layers)), modules=layers,
+            embed=runner.get_model().embed_input_ids,
         )
         handles = []
         for index, layer in layers.items():
@@ -688,9 +782,15 @@ class HookPoints:
         if getattr(self, "rank", 0) == 0 and getattr(self, "_seeright", None) is not None:
             self._seeright.pause(address, token, limit_s)
 
+    def seeright_layered(self, key: str, begin: dict[str, Any] | None, ratio: float | None,
+                         drop: bool = False) -> dict[str, Any]:
+        """A call of a layered prefill (:meth:`WorkerRuntime.layered`; every worker runs it, the first one answers)."""
+        return self._seeright.layered(key, begin, ratio, drop)
+
     def seeright_held(self) -> dict[str, int]:
         """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates."""
         runtime = getattr(self, "_seeright", None)
         if runtime is None:
             return {}
-        return {"tracked": len(runtime.tracked), "unclaimed": len(runtime.finished), "candidates": len(runtime.candidates)}
+        return {"tracked": len(runtime.tracked), "unclaimed": len(runtime.finished),
+                "candidates": len(runtime.candidates), "layered": len(runtime.prefills)}
