@@ -10,7 +10,7 @@ from seeright.interventions.methods.vhr import _TextHeadCapture
 from seeright.interventions.registry import MethodRegistry
 from seeright.interventions.spec import VHRParams
 from seeright.service.engine import GenerationRequest
-from seeright.service.vllm.worker import prefill_tail, recomputed_from
+from seeright.service.vllm.worker import prefill_tail, recomputed_from, whole_prompt
 
 # the first prompt row each method's hooks act on, from the prompt's layout
 TAILS = {
@@ -79,3 +79,12 @@ def test_the_rows_whose_attention_is_computed_again_start_where_a_hook_first_rea
         for state in rows[0]:
             state.layout = inputs[0].prompt.layout
         assert recomputed_from(rows[0], range(llava.info.num_layers)) == first(inputs[0].prompt.layout), name
+
+
+def test_guided_decodings_first_candidates_split_and_its_continuations_run_whole():
+    """A chunk's first candidates prefill the prompt like any request (their samplers draw once its last chunk has
+    run); a continuation's prompt forward stands for the decode step of its last token, and runs in one forward."""
+    first = {"states": b"", "tail": 52, "sampler": b"", "answered": 0}
+    assert not whole_prompt(first)
+    assert whole_prompt({**first, "answered": 4, "kv_from": "kept"})
+    assert whole_prompt({"states": b"", "tail": 0}) and not whole_prompt(None) and not whole_prompt({"branch": "b"})

@@ -36,7 +36,7 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
 
 Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
 forward is step ``answered``). A request whose methods edit every prompt row by what they see at the last
-(:func:`whole_prompt`: a heads hook with ``heads_from`` 0, a guided-decoding candidate) is prefilled in one forward
+(:func:`whole_prompt`: a heads hook with ``heads_from`` 0, a guided-decoding continuation) is prefilled in one forward
 (the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it), unless its engine client first ran
 its prompt layer by layer between two steps (``seeright_layered``, :mod:`seeright.service.vllm.layered`), after which
 its hooks' choices are made and each row's edit is its own; the others may be prefilled in
@@ -546,8 +546,9 @@ class WorkerRuntime:
             for row, j in live:
                 state = row.tracked.contrast
                 logits[row.index] = state.hooks.contrast(logits[row.index].clone(), logits[j].clone(), state)
-        self.drawing = [(row, logits[row.index].clone()) for row in self.rows
-                        if row.tracked.sampler is not None and row.tracked.error is None]
+        self.drawing = [(row, logits[row.index].clone()) for row in self.rows  # (not a prompt's chunk before its last)
+                        if row.tracked.sampler is not None and row.tracked.error is None
+                        and row.end_position >= row.tracked.prompt_len]
         return logits
 
     def on_sampled(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -669,12 +670,13 @@ def seeright_args(params: Any) -> dict[str, Any] | None:
 def whole_prompt(args: dict[str, Any] | None) -> bool:
     """Whether a request with these seeright arguments must be prefilled in one forward: its methods' hooks edit
     every prompt row together (``tail`` 0, set by the engine client from the hooks: :func:`prefill_tail`; a contrast
-    branch carries its request's 0), or it is a guided-decoding candidate (its sampler draws at every step that
-    samples). Plain requests and the others may be chunked, their tail in one chunk (a contrast pair's members: the
-    last chunks of both in one step, which the scheduler keeps together)."""
+    branch carries its request's 0), or it is a guided-decoding continuation (its prompt forward, mostly answered by
+    the prefix cache, is the decode step of its last token). Plain requests and the others, a guided-decoding chunk's
+    first candidates too (their samplers draw once the prompt's last chunk has run), may be chunked, their tail in
+    one chunk (a contrast pair's members: the last chunks of both in one step, which the scheduler keeps together)."""
     if not args:
         return False
-    return bool(args.get("tail") == 0 or "sampler" in args or args.get("answered"))
+    return bool(args.get("tail") == 0 or args.get("answered"))
 
 
 def prefill_tail(states: Sequence[RowState], layers: Iterable[int]) -> int:
