@@ -25,8 +25,9 @@ class Settings(BaseSettings):
         description=(
             "--engine vllm: the most tokens one step runs, decoding rows' and newcomers' prompts together (vLLM's "
             "chunked prefill; fewer while rows decode, by step_budget): a prompt is split across steps, the rows its "
-            "methods act on in one chunk; one whose methods edit every prompt row runs whole, in a step of its own if "
-            "it is longer than the budget (docs/engines.md); none: chunked prefill off, every prompt whole."
+            "methods act on in one chunk; one whose methods edit every prompt row by the last runs layer by layer "
+            "between steps first while others run (with step_budget), else whole, in a step of its own if it is longer "
+            "than the budget (docs/engines.md); none: chunked prefill off, every prompt whole."
         ),
     )
     vllm_tensor_parallel_size: int = Field(1, ge=1, description="--engine vllm: GPUs per model.")
@@ -116,8 +117,9 @@ class Settings(BaseSettings):
             "newcomer's admission about 1 + 1/step_budget times its time alone (docs/engines.md); none: whole "
             "admissions between two decode steps. --engine vllm: the prompt tokens a step takes beside decoding rows "
             "(from measured step times, within vllm_step_tokens) and the engine client's own tower work (tower passes, "
-            "VE masking's attack) run per pause of the engine between two steps; none: vllm_step_tokens alone, and "
-            "the tower work beside the steps."
+            "VE masking's attack) run per pause of the engine between two steps, and the pieces of a prompt run layer "
+            "by layer per call (VHR's); none: vllm_step_tokens alone, the tower work beside the steps, such prompts "
+            "whole."
         ),
     )
     retry_after_s: int = Field(1, ge=1)
