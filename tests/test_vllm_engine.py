@@ -246,6 +246,35 @@ def test_a_prompt_whose_every_row_waits_for_its_last_runs_layer_by_layer_beside_
     assert served.portal.call(rpc, "seeright_held")[0]["layered"] == 0
 
 
+def test_a_request_cancelled_while_its_prompt_runs_layer_by_layer_leaves_nothing_behind(monkeypatch, served, image):
+    client = served.app.state.client
+    rpc = client.llm.collective_rpc
+    midway = asyncio.Event()
+
+    async def watched(method, *args, **kwargs):
+        answer = await rpc(method, *args, **kwargs)
+        if method == "seeright_layered" and answer[0] == {}:
+            midway.set()
+        return answer
+
+    monkeypatch.setattr(client.llm, "collective_rpc", watched)
+
+    async def run():
+        stream, joiner, seen = client.stream(request(image, PROMPTS[0], {}, 40)), None, 0
+        async for _ in stream:
+            seen += 1
+            if seen == 2:
+                joiner = asyncio.ensure_future(client.generate(request(image, PROMPTS[1], {"vhr": {}}, 8)))
+                await asyncio.wait_for(midway.wait(), 60)
+                joiner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await joiner
+        return await rpc("seeright_held")
+
+    held = served.portal.call(run)[0]
+    assert midway.is_set() and held["layered"] == 0 and held["tracked"] == 0
+
+
 def test_guided_decoding_with_signals_penalties_and_stop_strings(monkeypatch, served, hf, image):
     """Guided decoding beside the read-only signals, with the request's penalties (its candidates' draws apply them
     over the answer's earlier chunks too) and a stop string inside a kept chunk: the transformers engine's answer,

@@ -102,7 +102,7 @@ class _Layer(torch.nn.Module):
 
 def _prefill(hidden: torch.Tensor, last: int) -> LayeredPrefill:
     return LayeredPrefill(row=None, hidden=hidden, residual=None, positions=torch.arange(hidden.shape[0]), layer=0,
-                          last=last, steps=-1)
+                          last=last)
 
 
 def _no_hook(*args) -> None:

@@ -43,7 +43,7 @@ FIRST_ROWS = 64  # the rows of such a piece whose cost is not known yet
 @dataclass
 class LayeredPrefill:
     """A prompt between two of its pieces: the residual stream entering layer ``layer`` (vLLM's two halves), its
-    positions, the last layer it runs, the engine's forwards when it last ran; inside a layer run in pieces, its
+    positions, the last layer it runs; inside a layer run in pieces, its
     stage and what the stages before it left (the queries, keys and values; the attention's output rows so far; the
     MLP's input and output rows so far); each piece's last cost."""
 
@@ -53,7 +53,6 @@ class LayeredPrefill:
     positions: torch.Tensor
     layer: int
     last: int
-    steps: int
     waited: bool = False  # the last call ran nothing: it waited for a step of the running requests
     stage: str = "layer"  # "layer" (its start), "attention" (rows), "output", "mlp" (rows)
     qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -184,6 +184,7 @@ class WorkerRuntime:
     steps: int = 0  # forwards run
     decode_s: float | None = None  # a forward's time where every request decodes one token (moving average)
     prefills: OrderedDict[str, LayeredPrefill] = field(default_factory=OrderedDict)  # layered prefills under way
+    layered_at: int = -1  # the forwards run when a layered prefill's call last ran pieces (any prefill's)
     _layering: bool = False  # the hooks act on a layered prefill's rows (no forward of vLLM's runs)
     _decode_began: float | None = None  # this forward's start, where it is such a forward
 
@@ -572,7 +573,8 @@ class WorkerRuntime:
         """One call of a layered prefill (:mod:`seeright.service.vllm.layered`), run between two steps: ``begin`` (the
         prompt's token ids ``ids``, its images' embeddings ``images``, the signed ``states``) starts it; each call runs
         its next pieces, for ``ratio`` times the decode forward's time at most (one at least; every layer where no
-        request runs), after a step of the running requests since its last call. Answers ``{"states": signed
+        request runs), after a step of the running requests since any prefill's last pieces ran (a call finding none
+        waits, once: vLLM's busy loop steps between two calls unless it has nothing to run). Answers ``{"states": signed
         states}`` once it ran its last layer, ``{"error": why}`` where it cannot run (a fault here never stops vLLM),
         else ``{}``; ``drop`` forgets it."""
         if drop:
@@ -588,8 +590,8 @@ class WorkerRuntime:
             if prefill is None:
                 return {"error": f"no layered prefill under way under this key (more than {MAX_LAYERED} at once)"}
             running = self.runner.input_batch.num_reqs > 0
-            if running and prefill.steps == self.steps and not prefill.waited:
-                prefill.waited = True  # (vLLM's busy loop steps between two calls: only where it had none to run)
+            if running and self.layered_at == self.steps and not prefill.waited:
+                prefill.waited = True  # one budget of any prefill's pieces between two steps (a call waits once)
                 return {}
             budget = None if not running else ratio * self.decode_s if ratio is not None and self.decode_s else 0.0
             self._without_adapters(prefill.hidden.shape[0])
@@ -599,7 +601,7 @@ class WorkerRuntime:
                     run_layers(prefill, self.modules, budget, self.on_layer)
             finally:
                 self.rows, self._layering = saved, False
-            prefill.waited, prefill.steps = False, self.steps
+            prefill.waited, self.layered_at = False, self.steps
             tracked = prefill.row.tracked
             if tracked.error is not None:
                 raise ValueError(tracked.error)
@@ -648,7 +650,7 @@ class WorkerRuntime:
                 dtype = self.embed(ids[:1]).dtype
                 hidden = self.embed(ids, list(images.to(ids.device, dtype)), is_multimodal=mask)
         row = Slice(tracked, -1, 0, len(ids), 0)
-        return LayeredPrefill(row, hidden, None, torch.arange(len(ids), device=ids.device), self.first_layer, last, -1)
+        return LayeredPrefill(row, hidden, None, torch.arange(len(ids), device=ids.device), self.first_layer, last)
 
     def pause(self, address: str, token: int, limit_s: float) -> None:
         """Hold the engine between two steps (:mod:`seeright.service.vllm.pauses`): tell the engine client at
