@@ -35,25 +35,25 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
   that token.
 
 Step 0 is the prefill; step ``k`` the forward of the request's ``k``-th generated token (a continuation's prompt
-forward is step ``answered``). A request whose methods edit every prompt row by what they see at the last
-(:func:`whole_prompt`: a heads hook with ``heads_from`` 0, a guided-decoding continuation) is prefilled in one forward
-(the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it), unless its engine client first ran
-its prompt layer by layer between two steps (``seeright_layered``, :mod:`seeright.service.vllm.layered`), after which
-its hooks' choices are made and each row's edit is its own; the others may be prefilled in
-chunks across steps, as vLLM's chunked prefill splits plain prompts, with the rows their hooks act on
-(:func:`prefill_tail`: the last rows' attention or heads) in one chunk, which the scheduler keeps whole (a contrast
-pair's last chunks in one step: the pair is checked where the request samples, its prompt's last chunk and every
-step after): their keys and values are kept chunk by chunk, those rows' explicit attention runs over every key kept,
-and a hook on the residual stream sees the whole prompt's in that chunk (the earlier chunks' rows kept). No method
-request reads a prefix-cache hit, but a guided-decoding continuation (below). A forward that does not fit this (a
-preempted request recomputed in one forward, a split prompt that had to be whole, speculative tokens) cannot replay
-per-step edits: the request's states are marked failed and its output is refused by the engine client, never
-returned silently wrong. States stay until the client
-collects them (``seeright_collect``) or, unclaimed, until more than ``MAX_UNCLAIMED`` finished requests wait. A
-guided-decoding candidate's keys and values stay until its client releases them (``seeright_release``): the next
-chunk's continuations, which share its prefix-cache salt, start from the kept candidate's (:meth:`WorkerRuntime._seed`).
-``seeright_pause`` holds the engine between two steps for the engine client's own tower work
-(:mod:`seeright.service.vllm.pauses`), with the decode forward's time the runtime keeps (``decode_s``).
+forward is step ``answered``). A request whose prompt must run whole (:func:`whole_prompt`: its methods edit every
+prompt row by what they see at the last, a heads hook with ``heads_from`` 0; a guided-decoding continuation) is
+prefilled in one forward (the engine's scheduler, :mod:`seeright.service.vllm.scheduling`, never splits it), unless
+its engine client first ran the prompt layer by layer between two steps (``seeright_layered``,
+:mod:`seeright.service.vllm.layered`), after which its hooks' choices are made and each row's edit is its own; the
+others may be prefilled in chunks across steps, as vLLM's chunked prefill splits plain prompts, with the rows their
+hooks act on (:func:`prefill_tail`: the last rows' attention or heads) in one chunk, which the scheduler keeps whole
+(a contrast pair's last chunks in one step: the pair is checked where the request samples, its prompt's last chunk and
+every step after): their keys and values are kept chunk by chunk, those rows' explicit attention runs over every key
+kept, and a hook on the residual stream sees the whole prompt's in that chunk (the earlier chunks' rows kept). No
+method request reads a prefix-cache hit, but a guided-decoding continuation (below). A forward that does not fit this
+(a preempted request recomputed in one forward, a split prompt that had to be whole, speculative tokens) cannot replay
+per-step edits: the request's states are marked failed and its output is refused by the engine client, never returned
+silently wrong. States stay until the client collects them (``seeright_collect``) or, unclaimed, until more than
+``MAX_UNCLAIMED`` finished requests wait. A guided-decoding candidate's keys and values stay until its client releases
+them (``seeright_release``): the next chunk's continuations, which share its prefix-cache salt, start from the kept
+candidate's (:meth:`WorkerRuntime._seed`). ``seeright_pause`` holds the engine between two steps for the engine
+client's own tower work (:mod:`seeright.service.vllm.pauses`), with the decode forward's time the runtime keeps
+(``decode_s``).
 """
 
 from __future__ import annotations
@@ -792,7 +792,8 @@ class HookPoints:
         return self._seeright.layered(key, begin, ratio, drop)
 
     def seeright_held(self) -> dict[str, int]:
-        """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates."""
+        """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates, layered
+        prefills under way."""
         runtime = getattr(self, "_seeright", None)
         if runtime is None:
             return {}
