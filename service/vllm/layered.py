@@ -194,9 +194,12 @@ def _rows(prefill: LayeredPrefill, left: float, ran: bool) -> int | None:
 
 @contextlib.contextmanager
 def _timed(prefill: LayeredPrefill, piece: str, units: float = 1.0) -> Iterator[None]:
+    """Keep the piece's cost per unit: a dearer one at once, a cheaper one half way (a piece's cost moves from one
+    call to the next on a shared machine, and a piece sized on a cheap one overruns the budget)."""
     start = time.perf_counter()
     yield
-    prefill.costs[piece] = (time.perf_counter() - start) / units
+    cost, last = (time.perf_counter() - start) / units, prefill.costs.get(piece)
+    prefill.costs[piece] = cost if last is None else max(cost, (cost + last) / 2)
 
 
 @contextlib.contextmanager
