@@ -90,8 +90,10 @@ class EnginePauses:
         self._lock.acquire()
         try:
             pause = self._pause()
-            if pause.steps == self._steps and self._llm.get_num_unfinished_requests():
-                pause.end()  # no step since the last pause while requests wait: one first
+            while pause.steps == self._steps and self._llm.get_num_unfinished_requests():
+                # No step since the last pause while requests wait: one first. (The engine core drains its input
+                # queue before it steps, so a pause asked for at once after the last may still come first.)
+                pause.end()
                 pause = self._pause()
         except BaseException:
             self._lock.release()
