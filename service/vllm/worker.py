@@ -582,7 +582,7 @@ class WorkerRuntime:
             return {}
         try:
             if begin is not None:
-                self._without_adapters(len(begin["ids"]))
+                self._without_adapters(len(begin["ids"]))  # (the embedding's adapter layer too)
                 self.prefills[key] = self._begin_layered(key, begin)
                 while len(self.prefills) > MAX_LAYERED:
                     self.prefills.popitem(last=False)
@@ -647,8 +647,7 @@ class WorkerRuntime:
                 for start, end in spans:
                     mask[start:end] = True
                 ids = ids.masked_fill(mask, 0)  # (the rows are the images': their placeholder may be out of vocabulary)
-                dtype = self.embed(ids[:1]).dtype
-                hidden = self.embed(ids, list(images.to(ids.device, dtype)), is_multimodal=mask)
+                hidden = self.embed(ids, list(images.to(ids.device, self.runner.dtype)), is_multimodal=mask)
         row = Slice(tracked, -1, 0, len(ids), 0)
         return LayeredPrefill(row, hidden, None, torch.arange(len(ids), device=ids.device), self.first_layer, last)
 
