@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from seeright.service.engine import GenerationRequest
+from seeright.service.vllm import layered
 from seeright.service.vllm.layered import LayeredPrefill, causal_attention, run_layers, whole_until
 from seeright.service.vllm.worker import prefill_tail
 
@@ -83,18 +84,36 @@ class _Attention(torch.nn.Module):
         raise AssertionError("vLLM's own attention runs outside a forward of vLLM's")
 
 
+class Clock:
+    """The layered prefill's clock, moved only by the layers' work (a shared machine's timing is no test's input)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(layered, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    return clock
+
+
 class _Layer(torch.nn.Module):
     """A decoder layer of vLLM's shape (``positions, hidden, residual``) whose wiring the prefill does not know: run
-    whole. It takes ``seconds`` and calls its attention."""
+    whole. It takes ``seconds`` of ``clock`` and calls its attention."""
 
-    def __init__(self, seconds: float, ran: list[int], index: int) -> None:
+    def __init__(self, seconds: float, ran: list[int], index: int, clock: Clock | None = None) -> None:
         super().__init__()
         self.self_attn = torch.nn.Module()
         self.self_attn.attn = _Attention()
-        self.seconds, self.ran, self.index = seconds, ran, index
+        self.seconds, self.ran, self.index, self.clock = seconds, ran, index, clock
 
     def forward(self, positions, hidden, residual):
-        time.sleep(self.seconds)
+        if self.clock is not None:
+            self.clock.spend(self.seconds)
         out = self.self_attn.attn(hidden, hidden, hidden)
         self.ran.append(self.index)
         return out, hidden if residual is None else residual + hidden
@@ -109,13 +128,13 @@ def _no_hook(*args) -> None:
     pass
 
 
-def test_each_call_runs_its_next_layers_within_the_budget_and_one_at_least():
+def test_each_call_runs_its_next_layers_within_the_budget_and_one_at_least(clock):
     ran: list[int] = []
-    modules = {i: _Layer(0.02, ran, i) for i in range(6)}
+    modules = {i: _Layer(0.02, ran, i, clock) for i in range(6)}
     prefill = _prefill(torch.randn(3, 8), last=4)
     run_layers(prefill, modules, 0.0, _no_hook)
-    assert ran == [0] and prefill.layer == 1 and prefill.costs["layer"] >= 0.02  # one at least, its time kept
-    run_layers(prefill, modules, 0.05, _no_hook)  # about two layers' time
+    assert ran == [0] and prefill.layer == 1 and prefill.costs["layer"] == pytest.approx(0.02)  # one at least, its time
+    run_layers(prefill, modules, 0.05, _no_hook)  # two layers' time and half a layer's
     assert ran == [0, 1, 2]
     run_layers(prefill, modules, None, _no_hook)  # no request runs: up to the last
     assert ran == [0, 1, 2, 3, 4] and prefill.layer == 5
@@ -174,12 +193,13 @@ class LlamaAttention(_SelfAttention):
 
 
 class _Mlp(torch.nn.Module):
-    def __init__(self, width: int, row_s: float, rows: list[int]) -> None:
+    def __init__(self, width: int, row_s: float, rows: list[int], clock: Clock) -> None:
         super().__init__()
         self.up, self.down, self.row_s, self.rows = _Linear(width, 2 * width), _Linear(2 * width, width), row_s, rows
+        self.clock = clock
 
     def forward(self, x):
-        time.sleep(self.row_s * x.shape[0])
+        self.clock.spend(self.row_s * x.shape[0])
         self.rows.append(x.shape[0])
         return self.down(torch.nn.functional.silu(self.up(x)[0]))[0]
 
@@ -187,10 +207,10 @@ class _Mlp(torch.nn.Module):
 class LlamaDecoderLayer(torch.nn.Module):
     """vLLM's Llama decoder layer's wiring (``LlamaDecoderLayer.forward``): the prefill runs it in pieces."""
 
-    def __init__(self, width: int, row_s: float, rows: list[int], attention: type = _SelfAttention) -> None:
+    def __init__(self, width: int, row_s: float, rows: list[int], clock: Clock, attention: type = _SelfAttention) -> None:
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = _Norm(width), _Norm(width)
-        self.self_attn, self.mlp = attention(width), _Mlp(width, row_s, rows)
+        self.self_attn, self.mlp = attention(width), _Mlp(width, row_s, rows, clock)
 
     def forward(self, positions, hidden_states, residual):
         if residual is None:
@@ -204,13 +224,13 @@ class LlamaDecoderLayer(torch.nn.Module):
 
 
 @pytest.mark.parametrize("attention", [_SelfAttention, LlamaAttention])
-def test_a_known_layer_runs_in_pieces_that_fit_the_budget_and_give_the_whole_layers_output(attention):
+def test_a_known_layer_runs_in_pieces_that_fit_the_budget_and_give_the_whole_layers_output(attention, clock):
     """Its stages, and its MLP's rows (and, with Llama's attention, its attention's rows of queries) as the budget
     holds them (16 at least, or the stage's last): the same residual stream as the layers run whole, with the
     pre-hook's part called once per layer with the stream entering it."""
     torch.manual_seed(0)
     rows: list[int] = []
-    modules = {i: LlamaDecoderLayer(8, 0.001, rows, attention) for i in range(3)}
+    modules = {i: LlamaDecoderLayer(8, 0.001, rows, clock, attention) for i in range(3)}
     hidden = torch.randn(100, 8)
     whole, seen = _prefill(hidden.clone(), last=2), []
     with torch.no_grad():

@@ -178,6 +178,8 @@ def _rows(prefill: LayeredPrefill, left: float, ran: bool) -> int | None:
     (the kernel computes the rectangle and masks it)."""
     first, total = prefill.done, prefill.outputs.shape[0]
     cost = prefill.costs.get("attention pair" if prefill.stage == "attention" else "mlp row")
+    if cost is not None:
+        cost = max(cost, 1e-12)  # (a piece faster than the clock's resolution)
     if math.isinf(left):
         rows = total - first
     elif cost is None:
