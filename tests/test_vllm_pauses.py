@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from seeright.service.slicing import StepBudget
+from seeright.service.vllm import pauses as pauses_module
 from seeright.service.vllm.pauses import EnginePauses
 from seeright.service.vllm.worker import WorkerRuntime
 
@@ -121,6 +122,27 @@ def test_work_outside_the_tower_and_a_let_go_thread_leave_the_engine_stepping(lo
                 adapter.vision_blocks[0](torch.ones(1, 8))  # held again, without a step between (no requests)
                 assert pauses.pauses == 2
         assert [kind for kind, _, _ in engine.events] == ["pause", "pause"]
+    finally:
+        engine.stop()
+        pauses.close()
+
+
+def test_requests_that_cannot_run_yet_delay_a_pause_by_a_bounded_wait(loop, monkeypatch):
+    """Requests the client counts that the engine core cannot run yet (a contrast branch held until its request
+    arrives) never step: the client asks for pauses again for ``STEP_WAIT_S`` at most, then holds the engine."""
+    monkeypatch.setattr(pauses_module, "STEP_WAIT_S", 0.2)
+    adapter, engine = tower(), EngineCore(loop, requests=0)
+    engine.get_num_unfinished_requests = lambda: 1
+    pauses = EnginePauses(engine, loop, StepBudget(segments=100), adapter)
+    try:
+        with torch.no_grad(), pauses.sliced():
+            adapter.vision_blocks[0](torch.ones(1, 8))
+            pauses.let_go()
+            began = time.perf_counter()
+            adapter.vision_blocks[0](torch.ones(1, 8))  # held again once the wait is over
+            waited = time.perf_counter() - began
+        assert pauses.pauses == 2 and 0.2 <= waited < 5.0
+        assert {kind for kind, _, _ in engine.events} == {"pause"}
     finally:
         engine.stop()
         pauses.close()

@@ -40,6 +40,8 @@ from seeright.service.vllm.worker import PAUSE_MESSAGE
 
 PAUSE_LIMIT_S = 5.0  # the longest a worker waits in a pause for the client (one that went away frees it then)
 CONNECT_LIMIT_S = 120.0  # the longest the client waits for a pause to begin (a long step runs before it)
+STEP_WAIT_S = 1.0  # the longest the client asks for pauses again until the engine has stepped (requests it counts
+# may have nothing to run yet: a contrast branch the scheduler holds until its request arrives)
 
 
 class EnginePauses:
@@ -85,12 +87,14 @@ class EnginePauses:
         shutil.rmtree(self._folder, ignore_errors=True)
 
     def hold(self) -> Pause:
-        """Pause the engine between two steps, after at least one step since the last pause where it has requests.
-        Returns with the engine held (and ``_lock``), until :meth:`release`."""
+        """Pause the engine between two steps, after at least one step since the last pause where it has requests
+        (for :data:`STEP_WAIT_S` at most: requests that cannot run yet never step). Returns with the engine held (and
+        ``_lock``), until :meth:`release`."""
         self._lock.acquire()
         try:
-            pause = self._pause()
-            while pause.steps == self._steps and self._llm.get_num_unfinished_requests():
+            pause, began = self._pause(), time.monotonic()
+            while (pause.steps == self._steps and self._llm.get_num_unfinished_requests()
+                   and time.monotonic() - began < STEP_WAIT_S):
                 # No step since the last pause while requests wait: one first. (The engine core drains its input
                 # queue before it steps, so a pause asked for at once after the last may still come first.)
                 pause.end()
