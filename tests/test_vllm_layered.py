@@ -192,6 +192,26 @@ class LlamaAttention(_SelfAttention):
         return output
 
 
+class Qwen2Attention(LlamaAttention):
+    """vLLM's Qwen2 attention's wiring (``Qwen2Attention.forward``) with its optional q/k norm on: each head's query
+    and key normed before the rotary embedding. Its attention runs over rows of queries too."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        self.num_heads, self.num_kv_heads, self.head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_size
+        self.q_norm, self.k_norm = _Norm(self.head_dim), _Norm(self.head_dim)
+
+    def forward(self, positions, hidden_states):
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = q.shape[0]
+        q = self.q_norm(q.view(t, self.num_heads, self.head_dim)).view(t, self.q_size)
+        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim)).view(t, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+        output, _ = self.o_proj(self.attn(q, k, v))
+        return output
+
+
 class _Mlp(torch.nn.Module):
     def __init__(self, width: int, row_s: float, rows: list[int], clock: Clock) -> None:
         super().__init__()
@@ -223,7 +243,7 @@ class LlamaDecoderLayer(torch.nn.Module):
         return self.mlp(hidden_states), residual
 
 
-@pytest.mark.parametrize("attention", [_SelfAttention, LlamaAttention])
+@pytest.mark.parametrize("attention", [_SelfAttention, LlamaAttention, Qwen2Attention])
 def test_a_known_layer_runs_in_pieces_that_fit_the_budget_and_give_the_whole_layers_output(attention, clock):
     """Its stages, and its MLP's rows (and, with Llama's attention, its attention's rows of queries) as the budget
     holds them (16 at least, or the stage's last): the same residual stream as the layers run whole, with the
@@ -244,7 +264,7 @@ def test_a_known_layer_runs_in_pieces_that_fit_the_budget_and_give_the_whole_lay
     ends = set(itertools.accumulate(rows)) & {100, 200, 300}
     assert sum(rows) == 300 and max(rows) <= 64 and calls > 3, rows
     assert all(n >= 16 or done in ends for n, done in zip(rows, itertools.accumulate(rows))), rows  # 16 or a layer's last
-    assert ("attention" in stages) == (attention is LlamaAttention)
+    assert ("attention" in stages) == (attention is not _SelfAttention)
     torch.testing.assert_close(pieces.hidden, whole.hidden)
     torch.testing.assert_close(pieces.residual, whole.residual)
     assert [index for index, _ in seen] == [0, 1, 2]

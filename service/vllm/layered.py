@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 from seeright.interventions.methods.base import RowState
 
-# the wirings the pieces follow: vLLM's Llama and Qwen2 decoder layers (norm, attention, norm, MLP), Llama's attention
-# (qkv projection, rotary embedding, attention, output projection)
+# the wirings the pieces follow: vLLM's Llama and Qwen2 decoder layers (norm, attention, norm, MLP), their attentions
+# (whatever leads to the attention module's call, which the pieces capture, then the output projection alone)
 SPLIT_LAYERS = frozenset({"LlamaDecoderLayer.forward", "Qwen2DecoderLayer.forward"})
-SPLIT_ATTENTION = frozenset({"LlamaAttention.forward"})
+SPLIT_ATTENTION = frozenset({"LlamaAttention.forward", "Qwen2Attention.forward"})
 MIN_ROWS = 16  # the fewest rows of a layer's attention or MLP one piece runs (unless the layer's last)
 FIRST_ROWS = 64  # the rows of such a piece whose cost is not known yet
 
@@ -158,10 +158,8 @@ def _to_attention(prefill: LayeredPrefill, layer: torch.nn.Module, hooked: bool)
         out = attention(positions=prefill.positions, hidden_states=hidden)
         _rows_stage(prefill, "mlp", *layer.post_attention_layernorm(out, residual))
         return
-    qkv, _ = attention.qkv_proj(hidden)
-    q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
-    q, k = attention.rotary_emb(prefill.positions, q, k)
-    prefill.qkv, prefill.residual = (q, k, v), residual
+    prefill.qkv, prefill.residual = _queries_keys_values(attention, prefill.positions, hidden), residual
+    q = prefill.qkv[0]
     prefill.stage, prefill.done, prefill.rows = "attention", 0, 0
     prefill.outputs = q.new_empty(q.shape[0], attention.attn.num_heads * attention.attn.head_size)
 
@@ -202,6 +200,34 @@ def _timed(prefill: LayeredPrefill, piece: str, units: float = 1.0) -> Iterator[
     yield
     cost, last = (time.perf_counter() - start) / units, prefill.costs.get(piece)
     prefill.costs[piece] = cost if last is None else max(cost, (cost + last) / 2)
+
+
+class _Captured(Exception):  # noqa: N818 (not an error: the attention's inputs, on their way out)
+    def __init__(self, qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.qkv = qkv
+
+
+def _queries_keys_values(attention: torch.nn.Module, positions: torch.Tensor,
+                         hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries, keys and values the attention half's own forward hands its attention module (projections, any
+    q/k norm, rotary embedding: the model's wiring, whatever it is), captured at that call."""
+    attn, own = attention.attn, vars(attention.attn).get("forward")
+
+    def capture(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        raise _Captured((query, key, value))
+
+    attn.forward = capture
+    try:
+        attention(positions=positions, hidden_states=hidden)
+    except _Captured as captured:
+        return captured.qkv
+    finally:
+        if own is None:
+            del attn.forward
+        else:
+            attn.forward = own
+    raise RuntimeError(f"{type(attention).__name__} never called its attention module")
 
 
 @contextlib.contextmanager
