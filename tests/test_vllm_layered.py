@@ -245,8 +245,8 @@ class LlamaDecoderLayer(torch.nn.Module):
 
 @pytest.mark.parametrize("attention", [_SelfAttention, LlamaAttention, Qwen2Attention])
 def test_a_known_layer_runs_in_pieces_that_fit_the_budget_and_give_the_whole_layers_output(attention, clock):
-    """Its stages, and its MLP's rows (and, with Llama's attention, its attention's rows of queries) as the budget
-    holds them (16 at least, or the stage's last): the same residual stream as the layers run whole, with the
+    """Its stages, and its MLP's rows (and, with Llama's or Qwen2's attention, its attention's rows of queries) as
+    the budget holds them (16 at least, or the stage's last): the same residual stream as the layers run whole, with the
     pre-hook's part called once per layer with the stream entering it."""
     torch.manual_seed(0)
     rows: list[int] = []

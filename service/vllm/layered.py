@@ -212,26 +212,19 @@ def _queries_keys_values(attention: torch.nn.Module, positions: torch.Tensor,
                          hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The queries, keys and values the attention half's own forward hands its attention module (projections, any
     q/k norm, rotary embedding: the model's wiring, whatever it is), captured at that call."""
-    attn, own = attention.attn, vars(attention.attn).get("forward")
 
     def capture(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         raise _Captured((query, key, value))
 
-    attn.forward = capture
     try:
-        attention(positions=positions, hidden_states=hidden)
+        with _attention_forward(attention.attn, capture):
+            attention(positions=positions, hidden_states=hidden)
     except _Captured as captured:
         return captured.qkv
-    finally:
-        if own is None:
-            del attn.forward
-        else:
-            attn.forward = own
     raise RuntimeError(f"{type(attention).__name__} never called its attention module")
 
 
-@contextlib.contextmanager
-def _own_attention(layer: torch.nn.Module) -> Iterator[None]:
+def _own_attention(layer: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
     """The layer's attention module computes :func:`causal_attention` instead of reading vLLM's forward context."""
     attn = layer.self_attn.attn
 
@@ -240,8 +233,19 @@ def _own_attention(layer: torch.nn.Module) -> Iterator[None]:
         return causal_attention(attn.num_heads, attn.num_kv_heads, attn.head_size, float(attn.impl.scale),
                                 query, key, value, output_shape, output_dtype)
 
+    return _attention_forward(attn, forward)
+
+
+@contextlib.contextmanager
+def _attention_forward(attn: torch.nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``attn`` calls ``forward`` instead of its own; what it called before comes back (vLLM's, or an enclosing
+    swap's), whatever the call raises."""
+    before = vars(attn).get("forward")
     attn.forward = forward
     try:
         yield
     finally:
-        del attn.forward  # vLLM's own again
+        if before is None:
+            del attn.forward
+        else:
+            attn.forward = before
