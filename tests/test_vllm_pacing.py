@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from seeright.service.vllm.pacing import MIN_CHUNK, PrefillPace
+from seeright.service.vllm.pacing import MIN_CHUNK, WINDOW, PrefillPace
 
 
 def _request(prompt: int, computed: int, recomputed: int | None = None) -> SimpleNamespace:
@@ -66,10 +66,37 @@ def test_the_averages_follow_the_steps_and_skip_what_they_cannot_split():
         _step(pace, {"a": _request(10, 30)}, {"a": 1}, at=at, took=0.010)
     for at in (3.0, 3.1, 3.2):
         _step(pace, {"a": _request(10, 40)}, {"a": 1}, at=at, took=0.020)
-    assert 0.010 < pace.decode_s < 0.020  # a moving average, moving to the slower steps
+    assert pace.decode_s == pytest.approx(0.015)  # the median of the last steps, moving to the slower ones
     # a preempted request recomputing its prompt and outputs from 0 is prompt work, not decoding
     _step(pace, {"back": _request(10, 15)}, {"back": 15}, at=4.0, took=0.003)
-    assert pace.token_s == pytest.approx(0.8 * 0.032 / 64 + 0.2 * 0.003 / 15)
+    assert pace.token_s == pytest.approx((0.032 / 64 + 0.003 / 15) / 2)
+
+
+def test_a_stalled_step_does_not_move_the_budget_and_a_lasting_change_does():
+    """A step the machine or the engine core stalled (the first request of a method importing its module, another
+    process taking a core) would, in a moving average, raise the decode step's time and so the prompt tokens of the
+    next steps, which then freeze the streams longer: the estimates are medians of the last steps."""
+    pace = PrefillPace(step_budget=1.0)
+    rows, joined = {"a": _request(10, 21)}, {"a": _request(10, 21), "new": _request(600, 100)}
+    steps = [(rows, {"a": 1}, took) for took in (0.010, 0.010, 0.010, 0.120, 0.010)]
+    # 100 prompt tokens beside the row: 0.2 ms each, and a stalled chunk
+    steps += [(joined, {"a": 1, "new": 100}, took) for took in (0.030, 0.030, 0.300)]
+    end = _run(pace, steps, start=0.0)
+    assert pace.decode_s == pytest.approx(0.010) and pace.token_s == pytest.approx(0.0002)
+    assert pace.budget(1, 512, now=end) in {1 + 49, 1 + 50}  # 10 ms of 0.2 ms tokens (in floating point)
+    # the decode step lastingly twice as long (a grown batch): the budget follows
+    end = _run(pace, [(rows, {"a": 1}, 0.020)] * (WINDOW // 2 + 1), start=end + 1.0)
+    assert pace.decode_s == pytest.approx(0.020)
+    assert pace.budget(1, 512, now=end) in {1 + 99, 1 + 100}
+
+
+def _run(pace: PrefillPace, steps: list[tuple[dict, dict[str, int], float]], start: float) -> float:
+    """``steps`` (requests, scheduled tokens, seconds taken) a second apart from ``start``; when the last ended."""
+    at = start
+    for requests, scheduled, took in steps:
+        _step(pace, requests, scheduled, at=at, took=took)
+        end, at = at + took, at + 1.0
+    return end
 
 
 def test_a_step_starts_when_the_one_before_it_ends():
@@ -81,7 +108,7 @@ def test_a_step_starts_when_the_one_before_it_ends():
     pace.scheduled(second, rows, now=0.001)
     pace.finished(first, now=0.010)
     pace.finished(second, now=0.020)
-    assert pace.decode_s == pytest.approx(0.8 * 0.010 + 0.2 * 0.010)
+    assert pace.decode_s == pytest.approx(0.010)
     pace.scheduled(SimpleNamespace(num_scheduled_tokens={}), rows, now=0.03)  # an empty step is not measured
     assert not pace._pending
     pace.token_s = 0.0002

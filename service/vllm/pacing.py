@@ -4,7 +4,9 @@ vLLM's chunked prefill caps the tokens one step runs (``max_num_scheduled_tokens
 while a prompt is split across steps is one decode step plus that step's chunk. A fixed count freezes streams for
 different times on different devices, models and batches (on this project's 2-core CPU a 128-token chunk of the
 bench model's prompt is about four decode steps). :class:`PrefillPace` measures, in the scheduler, each step's time
-from its scheduling to its output, as moving averages: the decode step's time ``d`` (steps that only decode), a
+from its scheduling to its output, as medians of the last :data:`WINDOW` steps of each kind (a median, so that one
+step the machine or the engine core stalled does not move the budget): the decode step's time ``d`` (steps that
+only decode), a
 plain prompt token's time ``c`` (what a step with prompt tokens took beyond ``d``, per token), and the time of a
 prompt row whose attention the worker computes again for a method (from the request's ``recomputed`` row on: over
 every key kept, beside vLLM's own; what such a step took beyond ``d`` and its plain rows, per row). While rows
@@ -19,13 +21,14 @@ raised to hold them (:mod:`~seeright.service.vllm.scheduling`).
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-AVERAGING = 0.2  # the weight of the last step in each moving average
+WINDOW = 15  # the last steps of each kind whose median is the estimate
 MIN_CHUNK = 16  # the fewest prompt tokens a paced step takes beside decoding rows (a prompt always progresses)
 STEP_BUDGET_KEY = "seeright_step_budget"  # in vLLM's ``additional_config``: ``step_budget``, where the pace is on
 PENDING_LIMIT = 8  # steps scheduled and not yet finished that are remembered (async scheduling keeps one or two)
@@ -48,9 +51,10 @@ class PrefillPace:
     def __init__(self, step_budget: float, recomputed_from: Callable[[Any], int | None] = lambda request: None) -> None:
         self.step_budget = step_budget
         self.recomputed_from = recomputed_from  # a request's first prompt row whose attention is computed again, or None
-        self.decode_s: float | None = None  # a step that only decodes (moving average)
-        self.token_s: float | None = None  # one plain prompt token's share of a step (moving average)
-        self.recomputed_s: float | None = None  # one prompt row's whose attention is computed again (moving average)
+        self.decode_s: float | None = None  # a step that only decodes (median of the last ones)
+        self.token_s: float | None = None  # one plain prompt token's share of a step (median of the last ones)
+        self.recomputed_s: float | None = None  # one prompt row's whose attention is computed again (median)
+        self._samples = {name: RecentMedian() for name in ("decode_s", "token_s", "recomputed_s")}
         self._pending: deque[StepWork] = deque(maxlen=PENDING_LIMIT)
         self._last_finish = 0.0  # when the last step ended (0: none yet)
 
@@ -109,17 +113,29 @@ class PrefillPace:
 
     def _measure(self, work: StepWork, took: float) -> None:
         if work.prompt_tokens == 0:
-            self.decode_s = _averaged(self.decode_s, took)
+            self._note("decode_s", took)
             return
         if work.decode_tokens and self.decode_s is None:
             return  # the decoding rows' share of this step is not known yet
         beyond = took - (self.decode_s if work.decode_tokens else 0.0)
         if not work.recomputed_tokens:
-            self.token_s = _averaged(self.token_s, max(beyond, 0.0) / work.prompt_tokens)
+            self._note("token_s", max(beyond, 0.0) / work.prompt_tokens)
         elif self.token_s is not None:  # what the plain rows did not take
             plain = (work.prompt_tokens - work.recomputed_tokens) * self.token_s
-            self.recomputed_s = _averaged(self.recomputed_s, max(beyond - plain, 0.0) / work.recomputed_tokens)
+            self._note("recomputed_s", max(beyond - plain, 0.0) / work.recomputed_tokens)
+
+    def _note(self, estimate: str, sample: float) -> None:
+        """One more step's sample of ``estimate`` (an attribute): the median of its last :data:`WINDOW` samples."""
+        setattr(self, estimate, self._samples[estimate].add(sample))
 
 
-def _averaged(average: float | None, sample: float) -> float:
-    return sample if average is None else (1 - AVERAGING) * average + AVERAGING * sample
+class RecentMedian:
+    """The median of the last :data:`WINDOW` samples of a step's time: one stalled step does not move it."""
+
+    def __init__(self) -> None:
+        self._samples: deque[float] = deque(maxlen=WINDOW)
+
+    def add(self, sample: float) -> float:
+        """Note ``sample``; the median of the samples kept."""
+        self._samples.append(sample)
+        return statistics.median(self._samples)

@@ -72,8 +72,10 @@ from typing import Any
 import torch
 
 from seeright.interventions.methods.base import Hooks, Method, RowState
+from seeright.interventions.registry import MethodRegistry
 from seeright.interventions.runtime import ForwardContext, Group, edited_attention, keep_mask
 from seeright.service.vllm.layered import LayeredPrefill, run_layers, whole_until
+from seeright.service.vllm.pacing import RecentMedian
 from seeright.service.vllm.sampling import CandidateSampler
 from seeright.service.vllm.transport import pack_states, unpack, unpack_states
 
@@ -85,7 +87,6 @@ MAX_UNCLAIMED = 1024
 # never does
 MAX_KEPT_CANDIDATES = MAX_UNCLAIMED
 MAX_LAYERED = 64  # layered prefills under way at once (a client that never finishes one loses its oldest)
-DECODE_AVERAGING = 0.2  # the weight of the last decode forward in ``WorkerRuntime.decode_s``
 PAUSE_MESSAGE = "<qqd"  # a pause's first words to the engine client: its token, forwards run, decode forward's seconds
 
 
@@ -182,11 +183,12 @@ class WorkerRuntime:
     pairs: list[tuple[Slice, int]] = field(default_factory=list)  # (request, its branch's row) in this forward
     drawing: list[tuple[Slice, torch.Tensor]] = field(default_factory=list)  # (candidate, its raw logits) this forward
     steps: int = 0  # forwards run
-    decode_s: float | None = None  # a forward's time where every request decodes one token (moving average)
+    decode_s: float | None = None  # a forward's time where every request decodes one token (median of the last ones)
     prefills: OrderedDict[str, LayeredPrefill] = field(default_factory=OrderedDict)  # layered prefills under way
     layered_at: int = -1  # the forwards run when a layered prefill's call last ran pieces (any prefill's)
     _layering: bool = False  # the hooks act on a layered prefill's rows (no forward of vLLM's runs)
     _decode_began: float | None = None  # this forward's start, where it is such a forward
+    _decode_times: RecentMedian = field(default_factory=RecentMedian)  # of the last such forwards (``decode_s``)
 
     # ---- planning --------------------------------------------------------------------------------
     def plan(self, num_tokens: int) -> None:
@@ -566,7 +568,7 @@ class WorkerRuntime:
         self.pairs, self.drawing = [], []
         if self._decode_began is not None:
             took, self._decode_began = time.perf_counter() - self._decode_began, None
-            self.decode_s = took if self.decode_s is None else (1 - DECODE_AVERAGING) * self.decode_s + DECODE_AVERAGING * took
+            self.decode_s = self._decode_times.add(took)
 
     def layered(self, key: str, begin: dict[str, Any] | None, ratio: float | None,
                 drop: bool = False) -> dict[str, Any]:
@@ -739,6 +741,9 @@ class HookPoints:
             return {"layers": len(self._seeright_layers)}
         runner = self.model_runner  # type: ignore[attr-defined]
         config = self.vllm_config  # type: ignore[attr-defined]
+        # every method's module imported now, not by the first request of a method whose states are unpickled in a
+        # step (CARVE's scipy: some 40 ms of a CPU step that the running rows would wait through)
+        MethodRegistry.builtin()
         layers = _language_layers(runner.get_model())
         if not layers:
             raise RuntimeError("no decoder layer with self_attn.attn found: this architecture is not hooked")
