@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-WINDOW = 15  # the last steps of each kind whose median is the estimate
+WINDOW = 7  # the last steps of each kind whose median is the estimate
 MIN_CHUNK = 16  # the fewest prompt tokens a paced step takes beside decoding rows (a prompt always progresses)
 STEP_BUDGET_KEY = "seeright_step_budget"  # in vLLM's ``additional_config``: ``step_budget``, where the pace is on
 PENDING_LIMIT = 8  # steps scheduled and not yet finished that are remembered (async scheduling keeps one or two)
