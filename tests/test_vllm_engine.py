@@ -570,10 +570,17 @@ def test_a_split_prompts_tail_runs_in_one_chunk():
     assert scheduler.schedule() == (["later"], 60)  # no raise while another prompt is split
 
 
-def test_the_step_budget_in_time_gives_decoding_rows_a_decode_steps_worth_of_prompt_tokens():
+def test_the_step_budget_in_time_gives_decoding_rows_a_decode_steps_worth_of_prompt_tokens(monkeypatch):
     """With ``step_budget``, a step beside decoding rows takes the prompt tokens that one budget of the decode step's
     measured time holds (the cap where nothing decodes or nothing is measured); a tail that never fits that budget
     gets a step raised to hold it even when no request waits."""
+    from types import SimpleNamespace
+
+    from seeright.service.vllm import pacing
+
+    # a clock that stands still: no time passes since the last step (on a loaded machine some did, and the budget
+    # was spent by it: tests/test_vllm_pacing.py times that part)
+    monkeypatch.setattr(pacing, "time", SimpleNamespace(perf_counter=lambda: 100.0))
     scheduler = fake_scheduler(tokens=512, step_budget=1.0)
     stream = FakeRequest("stream", tokens=61, computed=60)
     stream.num_prompt_tokens = 50  # a prompt of 50 tokens, 10 decoded
@@ -583,7 +590,7 @@ def test_the_step_budget_in_time_gives_decoding_rows_a_decode_steps_worth_of_pro
     scheduler.update_from_output(step, None)  # a step that only decodes: the decode step's time
     assert scheduler.pace.decode_s is not None and scheduler.pace.token_s is None
     scheduler.pace.decode_s, scheduler.pace.token_s = 0.010, 0.0002
-    assert scheduler.schedule()[1] in (1 + 50, 1 + 49)  # 10 ms of 0.2 ms tokens beside one row (less the time since)
+    assert scheduler.schedule()[1] in (1 + 50, 1 + 49)  # 10 ms of 0.2 ms tokens beside one row (in floating point)
     assert scheduler.max_num_scheduled_tokens == 512
     var = FakeRequest("var", tokens=700, tail=583, computed=583)  # its rows from 583 on run in one chunk
     scheduler.running.append(var)
