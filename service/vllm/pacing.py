@@ -54,7 +54,7 @@ class PrefillPace:
         self.decode_s: float | None = None  # a step that only decodes (median of the last ones)
         self.token_s: float | None = None  # one plain prompt token's share of a step (median of the last ones)
         self.recomputed_s: float | None = None  # one prompt row's whose attention is computed again (median)
-        self._samples = {name: RecentMedian() for name in ("decode_s", "token_s", "recomputed_s")}
+        self._decode_times, self._token_times, self._recomputed_times = RecentMedian(), RecentMedian(), RecentMedian()
         self._pending: deque[StepWork] = deque(maxlen=PENDING_LIMIT)
         self._last_finish = 0.0  # when the last step ended (0: none yet)
 
@@ -113,20 +113,16 @@ class PrefillPace:
 
     def _measure(self, work: StepWork, took: float) -> None:
         if work.prompt_tokens == 0:
-            self._note("decode_s", took)
+            self.decode_s = self._decode_times.add(took)
             return
         if work.decode_tokens and self.decode_s is None:
             return  # the decoding rows' share of this step is not known yet
         beyond = took - (self.decode_s if work.decode_tokens else 0.0)
         if not work.recomputed_tokens:
-            self._note("token_s", max(beyond, 0.0) / work.prompt_tokens)
+            self.token_s = self._token_times.add(max(beyond, 0.0) / work.prompt_tokens)
         elif self.token_s is not None:  # what the plain rows did not take
             plain = (work.prompt_tokens - work.recomputed_tokens) * self.token_s
-            self._note("recomputed_s", max(beyond - plain, 0.0) / work.recomputed_tokens)
-
-    def _note(self, estimate: str, sample: float) -> None:
-        """One more step's sample of ``estimate`` (an attribute): the median of its last :data:`WINDOW` samples."""
-        setattr(self, estimate, self._samples[estimate].add(sample))
+            self.recomputed_s = self._recomputed_times.add(max(beyond - plain, 0.0) / work.recomputed_tokens)
 
 
 class RecentMedian:
