@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from seeright.cli import main
 from seeright.interventions.registry import MethodRegistry
 from seeright.tools import serving_bench
@@ -54,3 +56,9 @@ def test_serving_bench_reports_short_behind_long_joiners_and_open_loop_per_step_
     assert "step budget 2: newcomer work + longest step" in serving_bench.table(result)
     assert "(worst run: " in serving_bench.table(result)
     assert all(j["worst"]["ratio"] == max(j["ratios"]) for run in result["runs"] for j in run["joiners"])
+
+
+def test_serving_bench_refuses_a_joiner_no_method_is_named():
+    """(``--joiners plain`` once ran a joiner whose every request failed as an unknown method.)"""
+    with pytest.raises(SystemExit, match="no method named plain"):
+        main(["bench", "--serving", "--model", "tiny-random/llava", "--joiners", "plain", "vhr"])

@@ -578,18 +578,20 @@ def test_the_step_budget_in_time_gives_decoding_rows_a_decode_steps_worth_of_pro
 
     from seeright.service.vllm import pacing
 
-    # a clock that stands still: no time passes since the last step (on a loaded machine some did, and the budget
-    # was spent by it: tests/test_vllm_pacing.py times that part)
-    monkeypatch.setattr(pacing, "time", SimpleNamespace(perf_counter=lambda: 100.0))
+    # a clock that moves only where the test moves it: no time passes between a step's end and the next schedule
+    # (on a loaded machine some did, and the budget was spent by it: tests/test_vllm_pacing.py times that part)
+    clock = [100.0]
+    monkeypatch.setattr(pacing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     scheduler = fake_scheduler(tokens=512, step_budget=1.0)
     stream = FakeRequest("stream", tokens=61, computed=60)
     stream.num_prompt_tokens = 50  # a prompt of 50 tokens, 10 decoded
     scheduler.running = [stream]
     assert scheduler.schedule() == ([], 512)  # nothing measured yet: the cap
     step = scheduler.schedule()
-    scheduler.update_from_output(step, None)  # a step that only decodes: the decode step's time
-    assert scheduler.pace.decode_s is not None and scheduler.pace.token_s is None
-    scheduler.pace.decode_s, scheduler.pace.token_s = 0.010, 0.0002
+    clock[0] += 0.010
+    scheduler.update_from_output(step, None)  # a step that only decodes, in 10 ms: the decode step's time
+    assert scheduler.pace.decode_s == pytest.approx(0.010) and scheduler.pace.token_s is None
+    scheduler.pace.token_s = 0.0002
     assert scheduler.schedule()[1] in (1 + 50, 1 + 49)  # 10 ms of 0.2 ms tokens beside one row (in floating point)
     assert scheduler.max_num_scheduled_tokens == 512
     var = FakeRequest("var", tokens=700, tail=583, computed=583)  # its rows from 583 on run in one chunk

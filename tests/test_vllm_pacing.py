@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from seeright.service.vllm.pacing import MIN_CHUNK, WINDOW, PrefillPace
+from seeright.service.vllm.pacing import GROWTH, MIN_CHUNK, WINDOW, PrefillPace
 
 
 def _request(prompt: int, computed: int, recomputed: int | None = None) -> SimpleNamespace:
@@ -135,5 +135,52 @@ def test_rows_whose_attention_is_computed_again_are_costed_apart():
     assert pace.budget(1, 512, now=at, next_request=_request(700, 0, recomputed=600)) in plain  # before its row 600
     assert pace.budget(1, 512, now=at, next_request=_request(100, 0)) in plain
     assert pace.budget(1, 512, now=at) in plain  # nothing in line
-    pace.recomputed_s = 0.0  # (steps whose plain rows took all of their time beyond the decoding rows)
-    assert pace.budget(1, 512, now=at, next_request=_request(700, 590, recomputed=600)) in plain
+
+
+def test_a_prompt_tokens_time_is_the_median_of_signed_samples():
+    """On a shared CPU a chunk's time beyond the decoding rows' median is within the decode step's own spread, below
+    it as often as above: the samples are kept signed (clamped at 0, they pulled the median down to 0; dropped,
+    they left only the slow ones), and a median not above 0 leaves the estimate as it was."""
+    pace = PrefillPace(step_budget=1.0)
+    rows, joined = {"a": _request(10, 21)}, {"a": _request(10, 21), "new": _request(600, 40)}
+    steps = [(rows, {"a": 1}, 0.040)] * WINDOW  # chunks of 40 tokens at 0.5 ms each, and +-25 ms of the machine's
+    steps += [(joined, {"a": 1, "new": 40}, 0.060 + noise) for noise in (0.020, -0.025, 0.010, -0.021, 0.0, -0.022, 0.024)]
+    _run(pace, steps, start=0.0)
+    assert pace.token_s == pytest.approx(0.0005)
+    hidden = [(joined, {"a": 1, "new": 40}, took) for took in (0.035, 0.038, 0.040, 0.036, 0.039)]
+    _run(pace, hidden, start=100.0)
+    assert pace.token_s == pytest.approx(0.0005)  # (the median went to 0 and below: nothing measured)
+
+
+def test_decoding_rows_are_measured_by_their_number():
+    """A second decoding row (a method's pass beside the stream) lengthens every step: a chunk's share is what its
+    step took beyond a decode-only step of as many rows, and unknown until one has run."""
+    pace = PrefillPace(step_budget=1.0)
+    one, two = {"a": _request(10, 21)}, {"a": _request(10, 21), "b": _request(10, 30)}
+    _run(pace, [(one, {"a": 1}, 0.020)] * 3 + [({**one, "new": _request(600, 40)}, {"a": 1, "new": 40}, 0.040)], 0.0)
+    assert pace.token_s == pytest.approx(0.0005)
+    beside = {**two, "new": _request(600, 80)}
+    _run(pace, [(beside, {"a": 1, "b": 1, "new": 40}, 0.060)] * 3, start=10.0)  # two rows: not known yet
+    assert pace.token_s == pytest.approx(0.0005)
+    _run(pace, [(two, {"a": 1, "b": 1}, 0.040)] * 3 + [(beside, {"a": 1, "b": 1, "new": 40}, 0.070)], start=20.0)
+    assert pace.decode_s == pytest.approx(0.040)
+    assert pace.token_s == pytest.approx((0.0005 + 0.030 / 40) / 2)
+
+
+def test_a_step_takes_at_most_twice_the_prompt_tokens_of_the_last_paced_step():
+    """However the estimates move, the prompt tokens beside decoding rows grow at most :data:`GROWTH` times a step,
+    so a wrong estimate costs one step of twice the last chunk, which then measures it, never a whole prompt."""
+    pace = PrefillPace(step_budget=1.0)
+    rows = {"a": _request(10, 21)}
+    end = _run(pace, [(rows, {"a": 1}, 0.040)] * 3 + [({**rows, "new": _request(600, 40)}, {"a": 1, "new": 40}, 0.060)], 0.0)
+    pace.token_s = 0.00001  # (as if the costs had vanished)
+    assert pace.budget(1, 512, now=end) == 1 + GROWTH * 40
+    pace.token_s = 0.0005
+    assert pace.budget(1, 512, now=end) == 1 + 80  # the pace's 40 ms hold 80 tokens: offered
+    tail = {**rows, "new": _request(607, 607)}  # a prompt's tail of 7 tokens takes less than it is offered
+    end = _run(pace, [(tail, {"a": 1, "new": 7}, 0.045)], start=end + 1.0)
+    pace.token_s = 0.00001
+    assert pace.budget(1, 512, now=end) == 1 + GROWTH * 80
+    pace.scheduled(SimpleNamespace(num_scheduled_tokens={"a": 1}), rows, now=end)  # decoding alone: no new chunk
+    assert pace.budget(1, 512, now=end) == 1 + GROWTH * 80
+    assert pace.budget(0, 512, now=end) == 512  # nothing decodes: the cap

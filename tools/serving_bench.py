@@ -34,6 +34,7 @@ from typing import Any
 
 from PIL import Image
 
+from seeright.interventions.registry import MethodRegistry
 from seeright.service.api.app import frozen_heap
 from seeright.service.engine import Engine, GenerationRequest
 from seeright.service.scheduler import Job, QueueFull, Scheduler
@@ -186,6 +187,9 @@ async def open_loop(scheduler: Scheduler, rate: float, requests: int, methods: l
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement once per ``--step-budget`` (0: off, whole admissions between decode steps), on one engine;
     with ``--engine vllm``, once per ``--step-tokens`` on a vLLM engine started with it."""
+    unknown = sorted(set(args.joiners or ()) - set(MethodRegistry.builtin()))
+    if unknown:  # (a name no method has would run as a joiner whose every request fails)
+        raise SystemExit(f"--joiners: no method named {', '.join(unknown)} (the plain joiner always runs, first)")
     if getattr(args, "engine", "transformers") == "vllm":
         return _run_vllm(args)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
