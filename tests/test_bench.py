@@ -51,6 +51,9 @@ def test_serving_bench_reports_short_behind_long_joiners_and_open_loop_per_step_
         load = run["open_loop"][0]
         assert load["requests"] == 6 and load["refused"] == 0 and load["failed"] == 0
         assert 0 < load["ttft_s"]["p50"] <= load["ttft_s"]["p99"] and load["tokens_per_s"] > 0
+    contention = result["cpu_contention"]  # the machine's, before and after (None with one CPU)
+    assert set(contention) == {"before", "after"} and all(v is None or v > 0 for v in contention.values())
+    assert (contention["before"] is None) != ("seeright.tools.cpu_contention" in serving_bench.table(result))
     assert "step budget 2" in serving_bench.table(result) and "; alone " in serving_bench.table(result)
     assert "; worst " in serving_bench.table(result) and "the run of 2 whose ratio is the median" in serving_bench.table(result)
     assert "step budget 2: newcomer work + longest step" in serving_bench.table(result)

@@ -19,7 +19,8 @@ same measurements run on the vLLM engine client (``service/vllm``), once per ``-
 budget, ``vllm_step_tokens``; 0: chunked prefill off) and ``--step-budget`` (the prompt tokens a step takes beside
 decoding rows, in decode steps' time, :mod:`seeright.service.vllm.pacing`, and the engine client's tower work per
 pause of the engine, :mod:`seeright.service.vllm.pauses`; 0: the token budget alone and the tower work beside the
-steps), each on a vLLM engine started with them.
+steps), each on a vLLM engine started with them. Before and after it all, the machine's CPU contention
+(:mod:`seeright.tools.cpu_contention`): on a shared VM the gaps move with it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from seeright.service.api.app import frozen_heap
 from seeright.service.engine import Engine, GenerationRequest
 from seeright.service.scheduler import Job, QueueFull, Scheduler
 from seeright.service.slicing import StepBudget
+from seeright.tools import cpu_contention
 
 PROMPTS = {"short": "Is there a circle in the image? Answer yes or no.", "long": "Describe the image in detail."}
 
@@ -190,8 +193,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted(set(args.joiners or ()) - set(MethodRegistry.builtin()))
     if unknown:  # (a name no method has would run as a joiner whose every request fails)
         raise SystemExit(f"--joiners: no method named {', '.join(unknown)} (the plain joiner always runs, first)")
-    if getattr(args, "engine", "transformers") == "vllm":
-        return _run_vllm(args)
+    before = _contention()
+    result = _run_vllm(args) if getattr(args, "engine", "transformers") == "vllm" else _run_transformers(args)
+    return {**result, "cpu_contention": {"before": before, "after": _contention()}}
+
+
+def _contention() -> float | None:
+    """This machine's CPU contention now (:mod:`~seeright.tools.cpu_contention`: how much one CPU slows while
+    another is busy; on a shared VM it changes from hour to hour, and with it every gap here); None with one CPU."""
+    return cpu_contention.measure(rounds=100)["ratio"] if len(os.sched_getaffinity(0)) > 1 else None
+
+
+def _run_transformers(args: argparse.Namespace) -> dict[str, Any]:
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     methods = args.methods if args.methods is not None else engine.runnable(engine.methods.mixed_traffic())
     joiners = args.joiners or engine.runnable()
@@ -286,6 +299,9 @@ def table(result: dict[str, Any]) -> str:
         head = (f"model {result['model']}, batch of {result['max_batch_size']}; step budget: newcomer work per decode "
                 "step, x the decode step's time (off: whole admissions between two decode steps)")
     rows = [head, ""]
+    if (contention := result.get("cpu_contention")) and contention["before"] is not None:
+        rows += [f"one CPU's compute beside a busy one (`python -m seeright.tools.cpu_contention`): "
+                 f"{contention['before']:.2f}x its time alone before the run, {contention['after']:.2f}x after", ""]
     for run in runs:
         s = run["short_behind_long"]
         rows.append(f"* step budget {_budget(run)}: a short request sent while a long one decodes: "
