@@ -39,6 +39,7 @@ from seeright.tools import hostile
 
 MODEL = "tiny-random/llava"
 HEALTH_LIMIT_S = 0.5
+RUNS = 3  # a probe's runs before a /health that waited too long is the request's doing
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,14 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("probe", hostile.PROBES, ids=lambda p: p.name)
 def test_a_hostile_request_stalls_nobody(server: str, probe: hostile.Probe) -> None:
-    """A probe whose ``/health`` waited too long runs once more: a stall the request causes shows again, a moment
-    when this shared 2-core machine ran other test workers' processes instead of the server's does not."""
-    result = asyncio.run(hostile.run_probe(server, MODEL, probe, {}, timeout_s=120))
-    if result["health_worst_s"] >= HEALTH_LIMIT_S:
+    """A probe whose ``/health`` waited too long runs again, up to :data:`RUNS` times: a stall the request causes
+    shows every time, a moment when this shared 2-core machine ran other test workers' processes instead of the
+    server's does not (CI's loaded run once read 0.54 s twice in a row for the n=16 probe, which reads 0.04-0.06 s on
+    the machine alone)."""
+    for _ in range(RUNS):
         result = asyncio.run(hostile.run_probe(server, MODEL, probe, {}, timeout_s=120))
+        if result["health_worst_s"] < HEALTH_LIMIT_S:
+            break
     assert isinstance(result["status"], int) and result["status"] < 500, result
     assert result["health_worst_s"] < HEALTH_LIMIT_S, result
     assert result["serving_after"], result
