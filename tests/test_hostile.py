@@ -29,6 +29,7 @@ from PIL import Image
 
 from seeright.eval import pope
 from seeright.service.api import images as image_loading
+from seeright.service.api import serving_chat
 from seeright.service.api.app import create_app
 from seeright.service.engine import Engine
 from seeright.service.requests import RequestError
@@ -361,3 +362,17 @@ def test_a_non_streamed_request_stops_when_its_client_goes() -> None:
         while httpx.get(f"{url}/health").json()["queue_depth"]:
             assert time.time() < deadline, "the request kept generating after its client left"
             time.sleep(0.1)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, serving_chat.LOGPROBS_PER_CALL, 2 * serving_chat.LOGPROBS_PER_CALL + 3])
+def test_a_choice_serialised_in_pieces_is_the_choice(tokens: int) -> None:
+    """A choice's log-prob entries are serialised a few tokens per call (the event loop gets the GIL between calls):
+    the JSON reads as the choice's own."""
+    from seeright.service.api.protocol import AssistantMessage, Choice, ChoiceLogprobs, TokenLogprob, TopLogprob
+
+    content = [TokenLogprob(token=f"t{i}", logprob=-i / 7, bytes=[116, 48 + i % 10], top_logprobs=[
+        TopLogprob(token=f"a{k}\u00e9", logprob=-k / 3, bytes=[97]) for k in range(3)]) for i in range(tokens)]
+    for choice in (Choice(index=2, message=AssistantMessage(content='say "hi"'), finish_reason="length",
+                          logprobs=ChoiceLogprobs(content=content), signals={"lookback": {"mean_ratio": 0.5}}),
+                   Choice(message=AssistantMessage(content="x"), finish_reason="stop")):
+        assert json.loads(serving_chat.choice_json(choice)) == json.loads(choice.model_dump_json())

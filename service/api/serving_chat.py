@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
+from pydantic import TypeAdapter
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -202,6 +203,23 @@ def choice_logprobs(out: GenerationOutput, tokenizer: Any) -> ChoiceLogprobs | N
     ])
 
 
+LOGPROBS_PER_CALL = 64  # tokens' log-prob entries serialised per call (pydantic holds the GIL for one call)
+_LOGPROB_LIST = TypeAdapter(list[TokenLogprob])
+
+
+def choice_json(choice: Choice) -> str:
+    """``choice`` serialised, its log-prob entries :data:`LOGPROBS_PER_CALL` tokens at a time: one call holds the GIL
+    for its whole length, and the event loop waits that long at each of its turns while sixteen choices of 512 tokens
+    with 20 alternatives each are serialised (on a loaded CPU, past half a second: ``tests/test_hostile.py``)."""
+    if choice.logprobs is None:
+        return choice.model_dump_json()
+    content = choice.logprobs.content
+    pieces = [_LOGPROB_LIST.dump_json(content[i:i + LOGPROBS_PER_CALL]).decode()[1:-1]
+              for i in range(0, len(content), LOGPROBS_PER_CALL)]
+    rest = choice.model_dump_json(exclude={"logprobs"})
+    return rest[:-1] + ',"logprobs":{"content":[' + ",".join(pieces) + "]}}"
+
+
 async def _merged(streams: list[TokenStream]) -> AsyncIterator[tuple[int, StreamedToken]]:
     """``(choice, token)`` from several token streams as they come; a failing stream raises here."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -300,9 +318,9 @@ class ChatServing:
         call over sixteen choices of 512 tokens with 20 alternatives each would stall the event loop."""
         head = ChatCompletionResponse(id=completion_id(), created=now(), model=body.model, usage=usage(outs), choices=[])
         choices = [
-            Choice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
-                   logprobs=choice_logprobs(out, self.client.tokenizer), signals=choice_signals(out),
-                   diagnostics=choice_diagnostics(out, body.diagnostics)).model_dump_json()
+            choice_json(Choice(index=i, message=AssistantMessage(content=out.text), finish_reason=out.finish_reason,
+                               logprobs=choice_logprobs(out, self.client.tokenizer), signals=choice_signals(out),
+                               diagnostics=choice_diagnostics(out, body.diagnostics)))
             for i, out in enumerate(outs)
         ]
         return (head.model_dump_json(exclude={"choices"})[:-1] + ',"choices":[' + ",".join(choices) + "]}").encode()
