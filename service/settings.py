@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         "tower's passes and attacks); none: 1 on a CPU, whose cores vLLM's engine core computes on, torch's default "
         "on a GPU.",
     )
+    vllm_engine_threads: int | None = Field(
+        None, ge=1,
+        description="--engine vllm: torch threads of vLLM's engine core on a CPU, where it runs its worker in its own "
+        "process; none: the process's cores less vLLM's reserve for the API process (VLLM_CPU_NUM_OF_RESERVED_CPU, "
+        "else one), at least one, as vLLM's multiprocess CPU executor binds them; vLLM's own choice on a GPU.",
+    )
     vllm_client_niceness: int | None = Field(
         None, ge=0, le=19,
         description="--engine vllm: how far below the API process's priority the engine client's own work runs "

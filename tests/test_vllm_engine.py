@@ -663,6 +663,34 @@ def test_the_engine_clients_own_work_leaves_a_cpus_cores_to_vllm(monkeypatch, se
     assert own == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)  # the served engine's default, on this CPU
 
 
+def test_vllms_engine_core_leaves_a_core_to_the_api_process_on_a_cpu(monkeypatch, served):
+    """On a CPU vLLM's engine core computes on the cores less vLLM's reserve (one core, or
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU``), at least one; the setting overrides it; on a GPU vLLM chooses. The served
+    engine's worker runs on that many threads, and this process's own count is left as the fixture set it."""
+    import os
+
+    from seeright.service.vllm.engine import engine_threads
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert engine_threads(Settings()) == max(1, cores - 1) and engine_threads(Settings(vllm_engine_threads=3)) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert engine_threads(Settings()) == 3
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    assert engine_threads(Settings()) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    assert engine_threads(Settings()) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_threads(Settings()) is None
+    monkeypatch.undo()
+
+    client = served.app.state.client
+    assert served.portal.call(client.llm.collective_rpc, "seeright_threads") == [engine_threads(Settings())]
+    assert torch.get_num_threads() == client.settings.vllm_client_threads
+
+
 def test_the_engine_clients_tower_work_holds_vllm_between_its_steps(served, hf, image):
     """While the engine client holds vLLM (as an admission does for one budget of its tower work), no step runs: a
     running stream gets no token; two holds in a row have a step between them while the stream runs; a VE masking

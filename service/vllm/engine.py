@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -148,6 +148,47 @@ def client_threads(settings: Settings) -> int | None:
     return None if torch.cuda.is_available() else 1
 
 
+RESERVED_CPU_VARIABLE = "VLLM_CPU_NUM_OF_RESERVED_CPU"  # vLLM's: cores its CPU workers leave to other processes
+
+
+def engine_threads(settings: Settings) -> int | None:
+    """Torch threads of vLLM's engine core on a CPU: the setting, else the cores this process may run on less vLLM's
+    reserve (``VLLM_CPU_NUM_OF_RESERVED_CPU``, else one core for the API process), at least one; None on a GPU.
+
+    vLLM's multiprocess CPU executor binds its worker's threads to the cores less that reserve; with the worker in
+    the engine core (:func:`worker_in_engine_core`) nothing does, and torch takes every core. Then each of the
+    model's parallel regions waits for whichever of its threads the API process's work (a joiner's input processing,
+    the client's passes) has put off its core, and a running stream's step stretches from ~15 ms to 50-190 ms
+    whenever a request arrives (``seeright bench --serving --engine vllm --joiners``). A reserved core costs a
+    newcomer's prefill its share of the cores: the trade-off is measured in docs/engines.md."""
+    if settings.vllm_engine_threads is not None:
+        return settings.vllm_engine_threads
+    if torch.cuda.is_available():
+        return None
+    reserved = int(os.environ.get(RESERVED_CPU_VARIABLE) or 1)
+    return max(1, len(os.sched_getaffinity(0)) - reserved)
+
+
+@contextlib.contextmanager
+def engine_core_threads(threads: int | None) -> Iterator[None]:
+    """Start vLLM's engine core on ``threads`` torch threads: a forked process keeps this process's count, a spawned
+    one reads ``OMP_NUM_THREADS``; both are restored when the engine core has started."""
+    if threads is None:
+        yield
+        return
+    before, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if variable is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = variable
+
+
 def client_niceness(settings: Settings) -> int:
     """How far below the API process the engine client's own work runs: the setting, else 10 on a CPU (a running
     stream's steps then take the cores first while an admission's attack computes beside them), else 0."""
@@ -261,7 +302,8 @@ class VllmEngineClient:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         worker_in_engine_core(self.settings)
-        self.llm = AsyncLLM.from_engine_args(engine_args(self.settings, self.max_prompt_tokens))
+        with engine_core_threads(engine_threads(self.settings)):
+            self.llm = AsyncLLM.from_engine_args(engine_args(self.settings, self.max_prompt_tokens))
         if (threads := client_threads(self.settings)) is not None:  # (the engine core has started: its own)
             torch.set_num_threads(threads)
         if install:

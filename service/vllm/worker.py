@@ -795,6 +795,10 @@ class HookPoints:
         """A call of a layered prefill (:meth:`WorkerRuntime.layered`; every worker runs it, the first one answers)."""
         return self._seeright.layered(key, begin, ratio, drop)
 
+    def seeright_threads(self) -> int:
+        """The torch threads this worker computes on (on a CPU, the engine client's ``engine_threads``)."""
+        return torch.get_num_threads()
+
     def seeright_held(self) -> dict[str, int]:
         """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates, layered
         prefills under way."""
