@@ -65,3 +65,12 @@ def test_serving_bench_refuses_a_joiner_no_method_is_named():
     """(``--joiners plain`` once ran a joiner whose every request failed as an unknown method.)"""
     with pytest.raises(SystemExit, match="no method named plain"):
         main(["bench", "--serving", "--model", "tiny-random/llava", "--joiners", "plain", "vhr"])
+
+
+def test_vllm_serving_runs_name_the_engine_cores_threads_they_chose():
+    """``--engine-threads`` runs vLLM's engine core on each count in turn; a run names its count, a run without one
+    (the engine's default) reads as before."""
+    run = {"step_tokens": 512, "step_budget": 1.0, "paced": True}
+    assert serving_bench._budget(run) == "512 tokens at most, 1x a decode step of newcomer work per step"
+    assert serving_bench._budget({**run, "engine_threads": 1}).endswith("per step, engine core on 1 thread")
+    assert serving_bench._budget({**run, "engine_threads": 2}).endswith("per step, engine core on 2 threads")

@@ -225,9 +225,9 @@ def _run_vllm(args: argparse.Namespace) -> dict[str, Any]:
     from seeright.service.settings import Settings
     from seeright.service.vllm.engine import VllmEngineClient, not_hosted
 
-    async def measure(tokens: int, budget: float) -> dict[str, Any]:
+    async def measure(tokens: int, budget: float, threads: int | None) -> dict[str, Any]:
         settings = Settings(model=args.model, engine="vllm", max_batch_size=args.max_batch_size, queue_size=args.queue_size,
-                            vllm_step_tokens=tokens or None, step_budget=budget or None)
+                            vllm_step_tokens=tokens or None, step_budget=budget or None, vllm_engine_threads=threads)
         client = VllmEngineClient.from_settings(settings)
         await client.start()
         try:
@@ -235,11 +235,13 @@ def _run_vllm(args: argparse.Namespace) -> dict[str, Any]:
             methods = args.methods if args.methods is not None else [m for m in client.methods.mixed_traffic() if m in hosted]
             with frozen_heap():  # as the app serves it
                 return {"step_tokens": tokens or None, "step_budget": budget or None, "paced": True,
+                        **({} if threads is None else {"engine_threads": threads}),
                         **await _measure(client, methods, args.joiners or hosted, args)}
         finally:
             await client.stop()
 
-    runs = [asyncio.run(measure(tokens, budget)) for tokens in args.step_tokens for budget in args.step_budget]
+    runs = [asyncio.run(measure(tokens, budget, threads)) for tokens in args.step_tokens for budget in args.step_budget
+            for threads in args.engine_threads or [None]]
     return {"model": args.model, "engine": "vllm", "max_batch_size": args.max_batch_size, "runs": runs}
 
 
@@ -266,6 +268,9 @@ async def _repeated(scheduler: Any, method: str | None, index: int, alone: Timel
 
 
 def _budget(run: dict[str, Any]) -> str:
+    if "engine_threads" in run:  # vLLM's engine core on a CPU, on as many torch threads as the run chose
+        threads = run["engine_threads"]
+        return f"{_budget({k: v for k, v in run.items() if k != 'engine_threads'})}, engine core on {threads} thread{'s' * (threads > 1)}"
     if "step_tokens" in run:  # the vLLM engine's budget, in tokens per step, and its client's tower work (since it had one)
         tokens = "off" if not run["step_tokens"] else f"{run['step_tokens']} tokens"
         if "step_budget" not in run:
@@ -375,6 +380,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-tokens", type=int, nargs="+", default=[0, 512],
                         help="--engine vllm: per-step token budgets (at most, with a --step-budget) to measure side by "
                              "side, each on a vLLM engine of its own (0: chunked prefill off)")
+    parser.add_argument("--engine-threads", type=int, nargs="*", metavar="N",
+                        help="--engine vllm on a CPU: torch threads of vLLM's engine core to measure side by side, each "
+                             "with every budget (default: the engine's, its cores less one: vllm_engine_threads)")
     parser.add_argument("--methods", nargs="*", help="methods of the open-loop mix (default: the registry's mixed loads)")
     parser.add_argument("--joiners", nargs="*", metavar="METHOD",
                         help="measure a plain stream's longest gap while a request joins: plain, then with each METHOD "
