@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     vllm_engine_threads: int | None = Field(
         None, ge=1,
         description="--engine vllm: torch threads of vLLM's engine core on a CPU, where it runs its worker in its own "
-        "process; none: the process's cores less vLLM's reserve for the API process (VLLM_CPU_NUM_OF_RESERVED_CPU, "
-        "else one), at least one, as vLLM's multiprocess CPU executor binds them; vLLM's own choice on a GPU.",
+        "process; none: where VLLM_CPU_NUM_OF_RESERVED_CPU is set, the process's cores less that reserve (at least "
+        "one), as vLLM's multiprocess CPU executor binds them, else torch's default (every core); vLLM's on a GPU.",
     )
     vllm_client_niceness: int | None = Field(
         None, ge=0, le=19,

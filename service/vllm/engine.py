@@ -152,21 +152,20 @@ RESERVED_CPU_VARIABLE = "VLLM_CPU_NUM_OF_RESERVED_CPU"  # vLLM's: cores its CPU 
 
 
 def engine_threads(settings: Settings) -> int | None:
-    """Torch threads of vLLM's engine core on a CPU: the setting, else the cores this process may run on less vLLM's
-    reserve (``VLLM_CPU_NUM_OF_RESERVED_CPU``, else one core for the API process), at least one; None on a GPU.
+    """Torch threads of vLLM's engine core on a CPU: the setting, else, where ``VLLM_CPU_NUM_OF_RESERVED_CPU`` is
+    set, the cores this process may run on less that reserve (at least one), as vLLM's multiprocess CPU executor binds
+    its worker's threads; else None (torch's default: every core; and on a GPU, vLLM's choice).
 
-    vLLM's multiprocess CPU executor binds its worker's threads to the cores less that reserve; with the worker in
-    the engine core (:func:`worker_in_engine_core`) nothing does, and torch takes every core. Then each of the
-    model's parallel regions waits for whichever of its threads the API process's work (a joiner's input processing,
-    the client's passes) has put off its core, and a running stream's step stretches from ~15 ms to 50-190 ms
-    whenever a request arrives (``seeright bench --serving --engine vllm --joiners``). A reserved core costs a
-    newcomer's prefill its share of the cores: the trade-off is measured in docs/engines.md."""
+    With the worker in the engine core (:func:`worker_in_engine_core`) vLLM binds nothing. Leaving a core to the API
+    process lowers the ratio of a running stream's longest gap to its median gap when a request joins, but on this
+    2-core CPU not the longest gap itself: the median step grows instead, and a newcomer's prefill and the throughput
+    under load pay for the core (``seeright bench --serving --engine vllm --engine-threads 1 2``; docs/engines.md)."""
     if settings.vllm_engine_threads is not None:
         return settings.vllm_engine_threads
-    if torch.cuda.is_available():
+    reserved = os.environ.get(RESERVED_CPU_VARIABLE)
+    if torch.cuda.is_available() or not reserved:
         return None
-    reserved = int(os.environ.get(RESERVED_CPU_VARIABLE) or 1)
-    return max(1, len(os.sched_getaffinity(0)) - reserved)
+    return max(1, len(os.sched_getaffinity(0)) - int(reserved))
 
 
 @contextlib.contextmanager
