@@ -382,7 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "side, each on a vLLM engine of its own (0: chunked prefill off)")
     parser.add_argument("--engine-threads", type=int, nargs="*", metavar="N",
                         help="--engine vllm on a CPU: torch threads of vLLM's engine core to measure side by side, each "
-                             "with every budget (default: the engine's, its cores less one: vllm_engine_threads)")
+                             "with every budget (default: the engine's own count: vllm_engine_threads)")
     parser.add_argument("--methods", nargs="*", help="methods of the open-loop mix (default: the registry's mixed loads)")
     parser.add_argument("--joiners", nargs="*", metavar="METHOD",
                         help="measure a plain stream's longest gap while a request joins: plain, then with each METHOD "
