@@ -68,16 +68,23 @@ def _plain_config(path: Path) -> None:
 
 
 def language_model() -> tuple[torch.nn.Module, Any]:
-    """SmolLM2-135M-Instruct (float32) and its tokenizer: from the cache, else from the GGUF file (then cached)."""
+    """SmolLM2-135M-Instruct (float32) and its tokenizer, read from the cache, which the GGUF file fills the first
+    time. Always the cache's: the model loaded from the GGUF file carries a GGUF quantization entry in its config,
+    which a model assembled around it would pass on to its export (and vLLM refuses to load)."""
     cache = cache_dir()
-    if (cache / "model.safetensors").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cache)
-        config = AutoConfig.from_pretrained(cache)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(load_file(cache / "model.safetensors"), assign=True, strict=False)
-        model.tie_weights()
-        return model.eval(), tokenizer
+    if not (cache / "model.safetensors").is_file():
+        _dequantise(cache)
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    config = AutoConfig.from_pretrained(cache)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(load_file(cache / "model.safetensors"), assign=True, strict=False)
+    model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def _dequantise(cache: Path) -> None:
+    """Write the GGUF file's model, dequantised to float32, and its tokenizer to ``cache`` as a transformers folder."""
     folder = gguf_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
@@ -96,7 +103,6 @@ def language_model() -> tuple[torch.nn.Module, Any]:
         partial.rename(cache)
     except OSError:  # another process put its copy in place meanwhile
         shutil.rmtree(partial)
-    return model.eval(), tokenizer
 
 
 def assemble(vision: dict[str, Any], lm: torch.nn.Module, tokenizer: Any) -> LlavaForConditionalGeneration:

@@ -36,6 +36,17 @@ def test_assembled_from_the_gguf_language_model_and_the_trained_parts(smol):
     assert (shapes_smol.cache_dir() / "model.safetensors").is_file()  # the dequantised weights are cached
 
 
+def test_the_first_dequantisation_gives_the_cached_model_without_its_gguf_quantization(tmp_path, monkeypatch):
+    # a model assembled around the GGUF-loaded one passed its quantization entry on to its export, which vLLM refuses
+    monkeypatch.setenv("SEERIGHT_CACHE", str(tmp_path))
+    first, _ = shapes_smol.language_model()  # dequantised from the GGUF file now
+    again, _ = shapes_smol.language_model()  # read from the cache
+    assert shapes_smol.cache_dir().is_relative_to(tmp_path)
+    assert "quantization_config" not in first.config.to_dict()
+    assert first.config.to_dict() == again.config.to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
 def test_is_the_default_of_serve_and_generate():
     from seeright.cli import build_parser
     from seeright.service.settings import Settings
