@@ -446,10 +446,9 @@ class WorkerRuntime:
             new = edited_attention(groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
             if new is None or not writes:
                 continue
-            skip = max(q0, int(plan.starts[0])) - q0
             if edited is None:
                 edited = output.clone()
-            edited[top + skip:row.end] = new[0, skip:].reshape(rows - skip, -1).to(output.dtype)
+            edited[top:row.end] = new[0].reshape(rows, -1).to(output.dtype)  # (one request: its rows start at q0)
         return edited
 
     def _keep(
