@@ -685,7 +685,7 @@ def test_vllms_engine_core_threads_follow_the_setting_and_vllms_reserve(monkeypa
     assert engine_threads(Settings()) is None
     monkeypatch.undo()
 
-    client = served.app.state.client  # started with one thread (below): its worker computes on one
+    client = served.app.state.client  # the fixture starts it on one thread: its worker computes on one
     assert served.portal.call(client.llm.collective_rpc, "seeright_threads") == [1]
     assert torch.get_num_threads() == client.settings.vllm_client_threads
 
