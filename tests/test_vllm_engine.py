@@ -138,6 +138,24 @@ def test_every_hosted_method_in_one_mixed_batch_equals_the_transformers_engine(s
                 assert g.diagnostics[name][field] == want.diagnostics[name][field], f"{name} {params} {field}"
 
 
+def test_a_forward_whose_every_row_is_edited_skips_vllms_own_attention_there(served, hf, image):
+    """PAI edits its request's last query row in layers 2..L-1: alone, each of its decode forwards edits every row
+    of the forward in those layers, so vLLM's attention computation is skipped there (its paged cache still
+    written), and the answer is the transformers engine's; its prefill (rows it leaves as they are) skips nothing
+    but where a chunk holds only the last row."""
+    client = served.app.state.client
+
+    def skipped() -> int:
+        return served.portal.call(client.llm.collective_rpc, "seeright_skipped")[0]
+
+    layers = len(hf.method_defaults("pai")["layers"])
+    for prompt in PROMPTS[:2]:
+        before, r = skipped(), request(image, prompt, {"pai": {}})
+        got = on_vllm(served, [r])[0]
+        assert_same(got, hf.generate_batch([r])[0], prompt)
+        assert (len(got.token_ids) - 1) * layers <= skipped() - before <= len(got.token_ids) * layers, prompt
+
+
 def test_adapter_rows_with_every_hosted_method_equal_the_transformers_engine(served, hf, image):
     """vLLM's multi-LoRA: rows on the adapter, alone and with each hosted method (its passes on the adapter too),
     beside rows of the base model in one batch, each equal to the transformers engine's per-row LoRA."""

@@ -13,10 +13,12 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
 
 * HIDDEN: a pre-hook on each decoder layer hands the residual stream entering it (vLLM defers the residual add
   into the next layer's norm: ``hidden + residual``) to ``observe_hidden``.
-* SCORES / PROBS: a forward hook on each layer's attention takes the request's queries, keys and values (after
-  the rotary embedding) and, where a method asks for probabilities, recomputes its output explicitly with the
-  edits. The keys and values of earlier steps come from a copy kept for these requests only (every layer, from
-  the prefill on), so the explicit attention never reads a backend's paged cache layout.
+* SCORES / PROBS: a pre-hook on each layer's attention takes the request's queries, keys and values (after
+  the rotary embedding) and, where a method asks for probabilities, computes its output explicitly with the
+  edits, which a forward hook writes over the attention's. The keys and values of earlier steps come from a copy
+  kept for these requests only (every layer, from the prefill on), so the explicit attention never reads a
+  backend's paged cache layout. Where the edits write every row of a forward (a batch of such requests decoding),
+  the backend's attention computation is skipped; its cache write is not.
 * HEADS: a pre-hook on each ``o_proj`` hands the heads' outputs to ``edit_heads``.
 * LOGITS: a request with a contrast branch is two vLLM requests (the branch carries only ``{"branch": key}``,
   and its request's ``tail`` where that is 0, runs unedited, and is queued with its request and its prompt's last
@@ -189,6 +191,10 @@ class WorkerRuntime:
     _layering: bool = False  # the hooks act on a layered prefill's rows (no forward of vLLM's runs)
     _decode_began: float | None = None  # this forward's start, where it is such a forward
     _decode_times: RecentMedian = field(default_factory=RecentMedian)  # of the last such forwards (``decode_s``)
+    skippable: frozenset[int] = frozenset()  # layers whose backend attention :meth:`attend` may skip
+    _writes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # this layer's edited rows (first, rows)
+    _skip: int | None = None  # the layer whose backend attention this forward skips (every row edited)
+    skipped: int = 0  # backend attention computations skipped so far (a layer of a forward each)
 
     # ---- planning --------------------------------------------------------------------------------
     def plan(self, num_tokens: int) -> None:
@@ -402,54 +408,83 @@ class WorkerRuntime:
             return rows if all(_row_causal(g, layer) for g in groups) else None
         return rows
 
-    def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        """Attention forward hook: keep the keys and values of tracked requests that need them; recompute the
-        attention of those whose methods ask for probabilities in this layer, with the edits."""
+    def before_attention(self, layer: int, module: torch.nn.Module, args: tuple) -> None:
+        """Attention pre-hook: keep the keys and values of tracked requests that need them; compute the attention of
+        those whose methods ask for probabilities in this layer, with the edits (written by :meth:`on_attention`).
+        Where those edits write every row of the forward, vLLM's own attention is skipped (:meth:`attend`): its
+        keys and values still go to the paged cache, which a plain request sharing the prefix may read."""
+        self._writes, self._skip = [], None
         if not self.rows:
-            return None
+            return
         query, key, value = args[:3]
-        edited = None
         for row in self.rows:
-            tracked, ctx = row.tracked, row.tracked.context
-            if not tracked.keeps_kv or tracked.error is not None:
-                continue
-            kept = self._keep(tracked, layer, key[row.start:row.end], value[row.start:row.end], row.first_position)
-            if kept is None:
-                continue
-            keys, values = kept
-            plan = ctx.probs_plan(layer, query.device)
-            if plan is None:
-                continue
-            # the hooks number a prefill's rows from the prompt's start; a chunk's first row is at its first position
-            offset = row.first_position if ctx.step == 0 else 0
-            if offset > tracked.tail:
-                tracked.error = (f"layer {layer}'s hooks read prompt rows from {tracked.tail} together, the forward "
-                                 f"starts at position {offset}")
-                continue
-            q0 = max(plan.q0, offset)  # rows before the forward's: earlier chunks' (hooks that take them as they come)
-            rows = row.end - row.query_start - (q0 - offset)  # the rows this forward holds from q0 on
-            if rows <= 0:  # a chunk before the rows its hooks act on
-                continue
-            groups, writes = plan.groups, plan.any_write
-            if ctx.step == 0 and row.end_position <= tracked.tail:
-                # a chunk before the rows that run together: only the hooks that take rows as they come see its rows
-                groups = [g for g in groups if _row_causal(g, layer)]
-                if not groups:
-                    continue
-                writes = any(not g.hooks.reads_only(s, layer, 0) for g in groups for s in g.states)
-            top = row.end - rows
-            q = query[top:row.end].view(rows, self.num_heads, self.head_dim).transpose(0, 1)[None]
-            keep = None
-            if ctx.step == 0:  # causal over the keys kept: the forward's rows are the last of them
-                keep = keep_mask(None, plan.rows, q0 - offset, row.end - row.query_start, keys.shape[1], query.device)
-            v = values[None] if writes else None
-            new = edited_attention(groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
-            if new is None or not writes:
-                continue
-            if edited is None:
-                edited = output.clone()
-            edited[top:row.end] = new[0].reshape(rows, -1).to(output.dtype)  # (one request: its rows start at q0)
+            written = self._edited_rows(row, layer, query, key, value)
+            if written is not None:
+                self._writes.append(written)
+        if sum(new.shape[0] for _, new in self._writes) == query.shape[0] and layer in self.skippable:
+            self._skip = layer  # (the rows are disjoint slices of the forward's: together, all of them)
+
+    def _edited_rows(
+        self, row: Slice, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[int, torch.Tensor] | None:
+        """The request's edited attention outputs in this layer, ``(first row in the forward, [rows, H * d])``, or
+        None where it keeps nothing, its hooks only read, or none of its rows here is theirs."""
+        tracked, ctx = row.tracked, row.tracked.context
+        if not tracked.keeps_kv or tracked.error is not None:
+            return None
+        kept = self._keep(tracked, layer, key[row.start:row.end], value[row.start:row.end], row.first_position)
+        if kept is None:
+            return None
+        keys, values = kept
+        plan = ctx.probs_plan(layer, query.device)
+        if plan is None:
+            return None
+        # the hooks number a prefill's rows from the prompt's start; a chunk's first row is at its first position
+        offset = row.first_position if ctx.step == 0 else 0
+        if offset > tracked.tail:
+            tracked.error = (f"layer {layer}'s hooks read prompt rows from {tracked.tail} together, the forward "
+                             f"starts at position {offset}")
+            return None
+        q0 = max(plan.q0, offset)  # rows before the forward's: earlier chunks' (hooks that take them as they come)
+        rows = row.end - row.query_start - (q0 - offset)  # the rows this forward holds from q0 on
+        if rows <= 0:  # a chunk before the rows its hooks act on
+            return None
+        groups, writes = plan.groups, plan.any_write
+        if ctx.step == 0 and row.end_position <= tracked.tail:
+            # a chunk before the rows that run together: only the hooks that take rows as they come see its rows
+            groups = [g for g in groups if _row_causal(g, layer)]
+            if not groups:
+                return None
+            writes = any(not g.hooks.reads_only(s, layer, 0) for g in groups for s in g.states)
+        top = row.end - rows
+        q = query[top:row.end].view(rows, self.num_heads, self.head_dim).transpose(0, 1)[None]
+        keep = None
+        if ctx.step == 0:  # causal over the keys kept: the forward's rows are the last of them
+            keep = keep_mask(None, plan.rows, q0 - offset, row.end - row.query_start, keys.shape[1], query.device)
+        v = values[None] if writes else None
+        new = edited_attention(groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
+        if new is None or not writes:
+            return None
+        return top, new[0].reshape(rows, -1)  # (one request: its rows start at q0)
+
+    def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Attention forward hook: the edited rows :meth:`before_attention` computed, written over the output (a
+        tensor the attention module made for this call)."""
+        writes, skipped, self._writes, self._skip = self._writes, self._skip == layer, [], None
+        if not writes:
+            return None
+        edited = output if skipped else output.clone()
+        for top, new in writes:
+            edited[top:top + new.shape[0]] = new.to(output.dtype)
         return edited
+
+    def attend(self, layer: int, forward: Any, *args: Any, **kwargs: Any) -> Any:
+        """The backend's attention for ``layer`` (``impl.forward``), but not where the edits write every row of this
+        forward (:meth:`before_attention`): its ``output`` as it is, which :meth:`on_attention` fills."""
+        if self._skip == layer and "output" in kwargs:
+            self.skipped += 1
+            return kwargs["output"]
+        return forward(*args, **kwargs)
 
     def _keep(
         self, tracked: Tracked, layer: int, key: torch.Tensor, value: torch.Tensor, first: int
@@ -731,6 +766,15 @@ def _language_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     }
 
 
+def _skippable(attn: torch.nn.Module) -> bool:
+    """Whether the attention module's backend computes apart from writing the paged cache (vLLM's
+    ``forward_includes_kv_cache_update``; its own layer's cache): :meth:`WorkerRuntime.attend` may then skip the
+    computation for a forward whose every row the edits write, and the cache is still written."""
+    backend = getattr(attn, "attn_backend", None)
+    return (backend is not None and getattr(backend, "forward_includes_kv_cache_update", True) is False
+            and getattr(attn, "kv_sharing_target_layer_name", None) is None and hasattr(attn, "impl"))
+
+
 class HookPoints:
     """Mixed into vLLM's worker (``worker_extension_cls="seeright.service.vllm.worker.HookPoints"``)."""
 
@@ -755,8 +799,13 @@ class HookPoints:
         handles = []
         for index, layer in layers.items():
             handles += [layer.register_forward_pre_hook(partial(runtime.on_layer, index), with_kwargs=True),
+                        layer.self_attn.attn.register_forward_pre_hook(partial(runtime.before_attention, index)),
                         layer.self_attn.attn.register_forward_hook(partial(runtime.on_attention, index)),
                         layer.self_attn.o_proj.register_forward_pre_hook(partial(runtime.on_heads, index))]
+        runtime.skippable = frozenset(i for i, layer in layers.items() if _skippable(layer.self_attn.attn))
+        for index in runtime.skippable:
+            impl = layers[index].self_attn.attn.impl
+            impl.forward = partial(runtime.attend, index, impl.forward)
         model = runner.model
         model.compute_logits = partial(runtime.on_logits, model.compute_logits)
         runner._batch_mm_inputs_from_scheduler = partial(runtime.on_encoder_inputs, runner._batch_mm_inputs_from_scheduler)
@@ -771,6 +820,8 @@ class HookPoints:
         runner = self.model_runner  # type: ignore[attr-defined]
         for handle in self._seeright_handles:
             handle.remove()
+        for index in self._seeright.skippable:
+            del self._seeright_layers[index].self_attn.attn.impl.forward  # (set on the instance: the class's again)
         del runner.model.compute_logits  # the wrapper was set on the instance: the class's method again
         del runner._batch_mm_inputs_from_scheduler
         self._seeright = None
@@ -797,6 +848,11 @@ class HookPoints:
     def seeright_threads(self) -> int:
         """The torch threads this worker computes on (on a CPU, the engine client's ``engine_threads``)."""
         return torch.get_num_threads()
+
+    def seeright_skipped(self) -> int:
+        """How many layers' backend attention computations the hooks skipped so far (:meth:`WorkerRuntime.attend`)."""
+        runtime = getattr(self, "_seeright", None)
+        return 0 if runtime is None else runtime.skipped
 
     def seeright_held(self) -> dict[str, int]:
         """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates, layered
