@@ -142,18 +142,23 @@ def test_a_forward_whose_every_row_is_edited_skips_vllms_own_attention_there(ser
     """PAI edits its request's last query row in layers 2..L-1: alone, each of its decode forwards edits every row
     of the forward in those layers, so vLLM's attention computation is skipped there (its paged cache still
     written), and the answer is the transformers engine's; its prefill (rows it leaves as they are) skips nothing
-    but where a chunk holds only the last row."""
+    but where a chunk holds only the last row. The worker timed each of its decode forwards."""
     client = served.app.state.client
 
     def skipped() -> int:
         return served.portal.call(client.llm.collective_rpc, "seeright_skipped")[0]
 
+    def decode_times() -> list[float]:
+        return served.portal.call(client.llm.collective_rpc, "seeright_decode_times")[0]
+
     layers = len(hf.method_defaults("pai")["layers"])
     for prompt in PROMPTS[:2]:
-        before, r = skipped(), request(image, prompt, {"pai": {}})
+        before, r, _ = skipped(), request(image, prompt, {"pai": {}}), decode_times()
         got = on_vllm(served, [r])[0]
         assert_same(got, hf.generate_batch([r])[0], prompt)
         assert (len(got.token_ids) - 1) * layers <= skipped() - before <= len(got.token_ids) * layers, prompt
+        times = decode_times()  # (what seeright bench reads: one per forward that only decoded)
+        assert len(times) == len(got.token_ids) - 1 and all(t > 0 for t in times), prompt
 
 
 def test_adapter_rows_with_every_hosted_method_equal_the_transformers_engine(served, hf, image):

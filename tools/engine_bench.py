@@ -8,6 +8,9 @@ model with an image, in one run on the same machine.
   arrival to its last's), at batch 1, in rounds: each round streams a plain request and then one per method,
   and a method's figure is the median over rounds of its time over the same round's plain time (a slow spell of
   a shared machine then moves a round's plain and method times together instead of one method's figure);
+* on vLLM, the same rounds' decode forwards as the worker times them (its first layer to the sampled token, the
+  median of the request's forwards), over plain's: the method's cost in the worker, without the scheduling, output
+  processing and API process that share the cores and make the streamed figure noisy;
 * the cost of the idle hooks on vLLM (installed, no request using them) per token, against the same vLLM engine
   without them, the two in turn (the hooks taken out and put back each round), the median of the rounds' ratios;
 * plain rows' tokens/s per row in a vLLM batch of 8 whose other half carries methods, against a batch of 8 plain
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import statistics
 import sys
@@ -139,6 +143,16 @@ async def _stream_per_token(client: Any, interventions: dict[str, Any] | None, n
     return statistics.median(x for x in samples if x is not None)
 
 
+async def _stream_and_forwards(client: Any, interventions: dict[str, Any] | None, new_tokens: int) -> tuple[float, float]:
+    """One streamed request's seconds per decoded token, and the median time of its decode forwards as the worker
+    timed them (first layer to sampled token: without vLLM's scheduling, its output processing and the API process,
+    which share this machine's cores and move the streamed figure)."""
+    await client.llm.collective_rpc("seeright_decode_times")  # (what earlier requests left)
+    per_token = await _stream_per_token(client, interventions, new_tokens)
+    times = (await client.llm.collective_rpc("seeright_decode_times"))[0]
+    return per_token, statistics.median(times) if times else math.nan
+
+
 async def _vllm(model: str, new_tokens: int, reps: int, block_size: int | None) -> dict[str, Any]:
     client = await _started_client(model, block_size)
     try:
@@ -153,7 +167,11 @@ async def _vllm(model: str, new_tokens: int, reps: int, block_size: int | None) 
             for b in BATCHES:
                 idle[b].append(await _rate(client, _requests(b, new_tokens), 1))
         settings = {"plain": None, **method_settings()}
-        rounds = [{name: await _stream_per_token(client, i, new_tokens) for name, i in settings.items()} for _ in range(reps)]
+        rounds, forwards = [], []
+        for _ in range(reps):
+            timed = {name: await _stream_and_forwards(client, i, new_tokens) for name, i in settings.items()}
+            rounds.append({name: per_token for name, (per_token, _) in timed.items()})
+            forwards.append({name: forward for name, (_, forward) in timed.items()})
         mixing = [{name: {}} for name in MIXED]
         half = [r if i % 2 == 0 else _requests(1, new_tokens, mixing[i // 2 % len(mixing)])[0]
                 for i, r in enumerate(_requests(8, new_tokens))]
@@ -166,7 +184,8 @@ async def _vllm(model: str, new_tokens: int, reps: int, block_size: int | None) 
     return {"plain": {b: statistics.median(r) for b, r in plain.items()}, "plain_per_token_before_hooks": plain_token,
             "hooks_idle": {b: statistics.median(r) for b, r in idle.items()},
             "hooks_idle_cost": {b: statistics.median(p / i - 1 for p, i in zip(plain[b], idle[b])) for b in BATCHES},
-            "per_token": _over_plain(rounds), "mixed_plain_rows_over_plain_rows": statistics.median(mixed)}
+            "per_token": _over_plain(rounds), "forward": _over_plain(forwards),
+            "mixed_plain_rows_over_plain_rows": statistics.median(mixed)}
 
 
 async def _plain_only(model: str, new_tokens: int, reps: int, block_size: int | None) -> dict[str, float]:
@@ -233,6 +252,8 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3, block_s
         name: {"transformers_over_plain": hf["per_token"][name]["over_plain"],
                "vllm_over_plain": vllm["per_token"][name]["over_plain"],
                "vllm_ms_per_token": 1000 * vllm["per_token"][name]["seconds"],
+               "vllm_forward_over_plain": vllm["forward"][name]["over_plain"],
+               "vllm_forward_ms": 1000 * vllm["forward"][name]["seconds"],
                "transformers_ms_per_token": 1000 * hf["per_token"][name]["seconds"]}
         for name in method_settings()
     }
@@ -248,7 +269,8 @@ def run(model: str = DEFAULT_MODEL, new_tokens: int = 48, reps: int = 3, block_s
     return {"model": model, "new_tokens": new_tokens, "reps": reps, "block_size": block_size, "paired_rounds": True,
             "batches": batches, "methods": methods,
             "plain_ms_per_token": {"transformers": 1000 * hf["per_token"]["plain"]["seconds"],
-                                   "vllm": 1000 * vllm["per_token"]["plain"]["seconds"]},
+                                   "vllm": 1000 * vllm["per_token"]["plain"]["seconds"],
+                                   "vllm_forward": 1000 * vllm["forward"]["plain"]["seconds"]},
             "mixed_half_plain_rows_over_all_plain": vllm["mixed_plain_rows_over_plain_rows"], "cpu_worker_processes": processes}
 
 
@@ -269,11 +291,17 @@ def table(result: dict[str, Any]) -> str:
         (f"Decode time per token over plain decoding on the same engine, batch 1{PAIRED if result.get('paired_rounds') else ''} "
          f"(plain: transformers {plain['transformers']:.1f} ms, vLLM {plain['vllm']:.1f} ms):"),
         "",
-        "| method | transformers | vLLM | vLLM ms/token |",
-        "|---|---|---|---|",
+        "| method | transformers | vLLM | vLLM ms/token | vLLM's forward |",
+        "|---|---|---|---|---|",
     ]
     for name, row in result["methods"].items():
-        lines.append(f"| {name} | {row['transformers_over_plain']:.2f}x | {row['vllm_over_plain']:.2f}x | {row['vllm_ms_per_token']:.1f} |")
+        forward = f"{row['vllm_forward_over_plain']:.2f}x" if "vllm_forward_over_plain" in row else "-"
+        lines.append(f"| {name} | {row['transformers_over_plain']:.2f}x | {row['vllm_over_plain']:.2f}x | "
+                     f"{row['vllm_ms_per_token']:.1f} | {forward} |")
+    if "vllm_forward" in plain:
+        lines += ["", (f"vLLM's forward: the worker's decode forwards of the request (first layer to sampled token, "
+                       f"median), over plain's in the same round (plain: {plain['vllm_forward']:.1f} ms); the rest of "
+                       "a streamed token's time is vLLM's scheduling and output processing and the API process.")]
     mixed = result["mixed_half_plain_rows_over_all_plain"]
     lines += ["", f"Plain rows' tokens/s per row in a vLLM batch of 8 whose other half carries methods, over 8 plain rows: {mixed:.2f}x"]
     if processes := result.get("cpu_worker_processes"):

@@ -65,7 +65,7 @@ import re
 import socket
 import struct
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -88,6 +88,7 @@ MAX_UNCLAIMED = 1024
 # releases them chunk by chunk (at most ``candidates + 1`` per guided request); the bound only catches a client that
 # never does
 MAX_KEPT_CANDIDATES = MAX_UNCLAIMED
+DECODE_LOG = 4096  # decode forwards whose times the worker keeps until read (seeright_decode_times)
 MAX_LAYERED = 64  # layered prefills under way at once (a client that never finishes one loses its oldest)
 PAUSE_MESSAGE = "<qqd"  # a pause's first words to the engine client: its token, forwards run, decode forward's seconds
 
@@ -195,6 +196,7 @@ class WorkerRuntime:
     _writes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # this layer's edited rows (first, rows)
     _skip: int | None = None  # the layer whose backend attention this forward skips (every row edited)
     skipped: int = 0  # backend attention computations skipped so far (a layer of a forward each)
+    decode_log: deque[float] = field(default_factory=lambda: deque(maxlen=DECODE_LOG))  # since the last read
 
     # ---- planning --------------------------------------------------------------------------------
     def plan(self, num_tokens: int) -> None:
@@ -603,6 +605,7 @@ class WorkerRuntime:
         if self._decode_began is not None:
             took, self._decode_began = time.perf_counter() - self._decode_began, None
             self.decode_s = self._decode_times.add(took)
+            self.decode_log.append(took)
 
     def layered(self, key: str, begin: dict[str, Any] | None, ratio: float | None,
                 drop: bool = False) -> dict[str, Any]:
@@ -853,6 +856,17 @@ class HookPoints:
         """How many layers' backend attention computations the hooks skipped so far (:meth:`WorkerRuntime.attend`)."""
         runtime = getattr(self, "_seeright", None)
         return 0 if runtime is None else runtime.skipped
+
+    def seeright_decode_times(self) -> list[float]:
+        """The times of the forwards where every request decoded one token since the last call (the last
+        :data:`DECODE_LOG` of them; ``seeright bench --engine vllm`` reads a request's: the worker's share of its
+        decode time, without the engine's scheduling and the API process)."""
+        runtime = getattr(self, "_seeright", None)
+        if runtime is None:
+            return []
+        times = list(runtime.decode_log)
+        runtime.decode_log.clear()
+        return times
 
     def seeright_held(self) -> dict[str, int]:
         """What the hooks hold now: requests tracked, finished requests' unclaimed states, kept candidates, layered
