@@ -5,12 +5,12 @@ the first row its hooks act on (``prefill_tail``). Exactness under a split is te
 from __future__ import annotations
 
 from seeright.interventions.layout import TokenLayout
-from seeright.interventions.methods.base import RowState
+from seeright.interventions.methods.base import Hooks, RowState
 from seeright.interventions.methods.vhr import _TextHeadCapture
 from seeright.interventions.registry import MethodRegistry
 from seeright.interventions.spec import VHRParams
 from seeright.service.engine import GenerationRequest
-from seeright.service.vllm.worker import prefill_tail, recomputed_from, whole_prompt
+from seeright.service.vllm.worker import prefill_tail, probs_layers, recomputed_from, whole_prompt
 
 # the first prompt row each method's hooks act on, from the prompt's layout
 TAILS = {
@@ -88,3 +88,41 @@ def test_guided_decodings_first_candidates_split_and_its_continuations_run_whole
     assert not whole_prompt(first)
     assert whole_prompt({**first, "answered": 4, "kv_from": "kept"})
     assert whole_prompt({"states": b"", "tail": 0}) and not whole_prompt(None) and not whole_prompt({"branch": "b"})
+
+
+def test_the_layers_whose_keys_are_kept_hold_every_layer_a_hook_asks_in(llava, images, monkeypatch):
+    """vLLM's worker keeps a request's keys and values only in the layers its hooks ask probabilities in, as planned
+    from a prefill and a decode step (``probs_layers``). Every state of every method's runs here (analysis passes'
+    included) asks only there at every step, as the plans' contract says (the layer, and whether the step is the
+    prefill), and the sets are what the defaults name (GIFT: its saliency and enhanced layers, not all of them)."""
+    asked: dict[int, tuple[RowState, set[tuple[int, int]]]] = {}
+    methods = MethodRegistry.builtin()
+    for hooks in _subclasses(Hooks):
+        if "probs_from" in vars(hooks):
+            def recorded(self, state, layer, step, _own=vars(hooks)["probs_from"]):
+                start = _own(self, state, layer, step)
+                if start is not None:
+                    asked.setdefault(id(state), (state, set()))[1].add((layer, step))
+                return start
+            monkeypatch.setattr(hooks, "probs_from", recorded)
+    layers, reading = range(llava.info.num_layers), set()
+    for name in methods:
+        asked.clear()
+        llava.generate_batch([GenerationRequest(prompt="What is in the image?", images=[images[0]], max_new_tokens=4,
+                                                interventions={name: {}})])
+        reading |= {name} if asked else set()
+        for state, seen in asked.values():
+            decode = probs_layers([state], layers, step=1)
+            assert {layer for layer, step in seen if step > 0} <= decode, name
+            assert {layer for layer, step in seen if step == 0} <= decode | probs_layers([state], layers, step=0), name
+    assert reading == set(methods) - {"vhr", "ritual", "vcd", "vemask"}  # (the four edit heads, logits or the tower)
+    gift = llava.method_defaults("gift")
+    inputs, rows = llava.admit([GenerationRequest(prompt="What is in the image?", images=[images[0]],
+                                                  interventions={"gift": {}})])
+    for state in rows[0]:
+        state.layout = inputs[0].prompt.layout
+    assert probs_layers(rows[0], layers, step=1) == set(gift["enhance_layers"]) != set(layers)
+
+
+def _subclasses(cls: type) -> set[type]:
+    return {c for sub in cls.__subclasses__() for c in {sub, *_subclasses(sub)}}

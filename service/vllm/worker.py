@@ -100,7 +100,8 @@ class Tracked:
     context: ForwardContext
     request_id: str
     prompt_len: int
-    keeps_kv: bool
+    prefill_kv: frozenset[int] = frozenset()  # the layers whose keys and values a prefill's forward keeps
+    decode_kv: frozenset[int] = frozenset()  # those a later step keeps (a subset: the keys run from position 0)
     answered: int = 0  # a guided-decoding continuation: the answer's tokens at the end of its prompt
     chunked: bool = False  # its prompt may be prefilled in chunks (its hooks act on a tail of rows: prefill_tail)
     tail: int = 0  # the first prompt row from which its prompt runs in one chunk (prefill_tail)
@@ -119,6 +120,15 @@ class Tracked:
     @property
     def states(self) -> list[RowState]:
         return list(self.context.rows[0])
+
+    @property
+    def keeps_kv(self) -> bool:
+        """Whether any of its forwards keeps keys and values (its hooks ask for attention probabilities)."""
+        return bool(self.prefill_kv)
+
+    def kept_layers(self) -> frozenset[int]:
+        """The layers whose keys and values its current step keeps."""
+        return self.prefill_kv if self.context.step == 0 else self.decode_kv
 
 
 @dataclass
@@ -156,10 +166,6 @@ class Slice:
 def _row_causal(group: Group, layer: int) -> bool:
     """Whether the group's hooks take its states' prompt rows as they come in ``layer`` (``Hooks.row_causal``)."""
     return all(group.hooks.row_causal(s, layer) for s in group.states)
-
-
-def _asks_probs(state: RowState) -> bool:
-    return type(state.hooks).probs_from is not Hooks.probs_from
 
 
 @dataclass
@@ -262,10 +268,12 @@ class WorkerRuntime:
             states = unpack_states(args["states"], self.key)
             sampler = unpack(args["sampler"], self.key) if "sampler" in args else None
         except ValueError as exc:
-            return Tracked(ForwardContext([[]]), request_id, prompt_len, keeps_kv=False, error=str(exc))
+            return Tracked(ForwardContext([[]]), request_id, prompt_len, error=str(exc))
         answered = int(args.get("answered", 0))
         tail = prefill_tail(states, self.layers)
-        tracked = Tracked(ForwardContext([states]), request_id, prompt_len, keeps_kv=any(_asks_probs(s) for s in states),
+        decode_kv = probs_layers(states, self.layers, step=1)
+        tracked = Tracked(ForwardContext([states]), request_id, prompt_len, decode_kv=decode_kv,
+                          prefill_kv=decode_kv | probs_layers(states, self.layers, step=0),
                           answered=answered, chunked=not whole_prompt(args) and tail > 0, tail=tail,
                           sampler=sampler, branch=args.get("branch"),
                           contrast=next((s for s in states if isinstance(s.hooks, Method) and s.hooks.contrasts(s.params)), None))
@@ -292,9 +300,10 @@ class WorkerRuntime:
         drawn = [token.id for token in source.sampler.drawn] if source.sampler is not None else []
         if (source.tokens + drawn)[:first] != tracked.tokens[:first]:
             return "the kept candidate's tokens are not the start of this continuation's prompt"
-        for layer, keys in source.keys.items():
-            if source.stored[layer] < first:
-                return (f"the kept candidate holds {source.stored[layer]} positions of layer {layer}, the cache "
+        for layer in tracked.decode_kv:  # (a continuation's forwards are all steps after the prefill)
+            keys = source.keys.get(layer)
+            if keys is None or source.stored[layer] < first:
+                return (f"the kept candidate holds {source.stored.get(layer, 0)} positions of layer {layer}, the cache "
                         f"answered {first}")
             values = source.values[layer]
             tracked.keys[layer] = keys.new_empty(keys.shape[0], first + 256, keys.shape[2])
@@ -433,6 +442,13 @@ class WorkerRuntime:
         None where it keeps nothing, its hooks only read, or none of its rows here is theirs."""
         tracked, ctx = row.tracked, row.tracked.context
         if not tracked.keeps_kv or tracked.error is not None:
+            return None
+        if layer not in tracked.kept_layers():
+            if ctx.probs_plan(layer, query.device) is not None:  # (a hook whose asking depends on more than the contract)
+                tracked.error = (f"layer {layer}'s hooks ask for attention probabilities at step {ctx.step}, where they "
+                                 "asked for none when the request was tracked (the prefill's and a decode step's)")
+            elif layer in tracked.stored:  # kept for the prefill only
+                del tracked.keys[layer], tracked.values[layer], tracked.stored[layer]
             return None
         kept = self._keep(tracked, layer, key[row.start:row.end], value[row.start:row.end], row.first_position)
         if kept is None:
@@ -743,6 +759,13 @@ def recomputed_from(states: Sequence[RowState], layers: Iterable[int]) -> int | 
     row costs an attention over every key kept, in each layer that asks), or None."""
     starts = [start for s in states for layer in layers if (start := s.hooks.probs_from(s, layer, 0)) is not None]
     return min(starts, default=None)
+
+
+def probs_layers(states: Sequence[RowState], layers: Iterable[int], step: int) -> frozenset[int]:
+    """The layers in which the states' hooks ask for attention probabilities at ``step`` (0: the prefill; any later
+    step asks as step 1 does: what a hook asks depends on the layer and on whether the step is the prefill, as
+    :class:`~seeright.interventions.runtime.ForwardContext` plans it). Only those layers' keys and values are kept."""
+    return frozenset(layer for layer in layers for s in states if s.hooks.probs_from(s, layer, step) is not None)
 
 
 def _edited_pixels(items: list[Any], state: RowState) -> list[Any]:
