@@ -34,17 +34,19 @@ import torch
 from seeright.interventions.adapters.base import ModelInfo
 from seeright.interventions.layout import TokenLayout
 from seeright.interventions.methods.base import (
-    HookPoint, Hooks, Method, Passes, RowState, check_layers, last_query_row, over_keys, per_row, row_masks,
+    HookPoint, Hooks, Method, Passes, RowState, cached, check_layers, last_query_row, over_keys, per_row, row_masks,
 )
 from seeright.interventions.spec import GIFTParams
 
 
-def top_heads(mass: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[n, H]`` mask of each row's top ``max(1, int(H * fraction))`` heads by ``mass`` ``[n, H]``."""
-    heads = mass.shape[-1]
-    k = (fraction * heads).floor().clamp_min(1)
-    rank = mass.argsort(-1, descending=True).argsort(-1)
-    return rank < k[:, None]
+def head_counts(fraction: torch.Tensor, heads: int) -> torch.Tensor:
+    """Each row's number of top heads, ``max(1, int(H * fraction))``, ``[n, 1]``."""
+    return (fraction * heads).floor().clamp_min(1)[:, None]
+
+
+def top_heads(mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[n, H]`` mask of each row's top ``counts`` (:func:`head_counts`) heads by ``mass`` ``[n, H]``."""
+    return mass.argsort(-1, descending=True).argsort(-1) < counts
 
 
 def saliency_map(gaze: list[torch.Tensor], content_rows: list[int], params: GIFTParams) -> torch.Tensor:
@@ -54,7 +56,8 @@ def saliency_map(gaze: list[torch.Tensor], content_rows: list[int], params: GIFT
         shift = (attn[:, 1:] - attn[:, :-1]).clamp_min(0)
         if content_rows:
             shift = shift[:, content_rows]
-        heads = top_heads(shift.sum((1, 2))[None], torch.tensor([params.head_fraction], device=shift.device))[0]
+        counts = head_counts(torch.tensor([params.head_fraction], device=shift.device), shift.shape[0])
+        heads = top_heads(shift.sum((1, 2))[None], counts)[0]
         per_layer.append(shift[heads])
     s = torch.stack(per_layer).mean((0, 1, 2))
     mean, std = s.mean(), s.std()
@@ -163,12 +166,13 @@ class GIFT(Method):
         query = row_masks(states, total, device, "query")[:, None]
         prompt = max(s.layout.length for s in states)
         sal = over_keys(states, "saliency", total, lambda: torch.stack([self._full_saliency(s, prompt, device) for s in states]), 1.0)[:, None]
-        fraction = per_row(states, "head_fraction", device)
+        counts = cached(states, "head counts", lambda: head_counts(per_row(states, "head_fraction", device), row.shape[1]))
 
-        hv = top_heads((row * vis).sum(-1), fraction)[..., None] & vis
-        ratio = (row * sal * hv).sum((1, 2)) / (row * hv).sum((1, 2))
-        out = torch.where(hv, row * sal, row)
-        hq = top_heads((row * query).sum(-1), fraction)[..., None] & query
+        hv = top_heads((row * vis).sum(-1), counts)[..., None] & vis
+        boosted = row * sal
+        ratio = (boosted * hv).sum((1, 2)) / (row * hv).sum((1, 2))
+        out = torch.where(hv, boosted, row)
+        hq = top_heads((row * query).sum(-1), counts)[..., None] & query
         out = torch.where(hq, out * ratio[:, None, None], out)
         out = (out / out.sum(-1, keepdim=True))[:, :, None]
         return out if probs.shape[2] == 1 else torch.cat([probs[:, :, :-1], out], dim=2)
