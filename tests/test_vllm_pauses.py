@@ -148,6 +148,57 @@ def test_requests_that_cannot_run_yet_delay_a_pause_by_a_bounded_wait(loop, monk
         pauses.close()
 
 
+class Progress:
+    """The runtime's progress hooks (``register_progress_hook``, ``reached``), without a model."""
+
+    def __init__(self) -> None:
+        self.hooks: list = []
+
+    def register_progress_hook(self, hook) -> SimpleNamespace:
+        self.hooks.append(hook)
+        return SimpleNamespace(remove=lambda: self.hooks.remove(hook))
+
+    def reached(self, where: str) -> None:
+        for hook in list(self.hooks):
+            hook(where)
+
+
+def test_an_admissions_prompts_are_encoded_while_the_engine_is_held(loop):
+    """The processor's preparation of a prompt's images and text is Python that holds the API process's GIL, and the
+    event loop that reads vLLM's outputs waited on it (a stream's tokens, stepped every 10 ms, arrived 30-60 ms
+    apart while a CARVE joiner's passes were encoded). An admission now encodes each prompt with the engine held
+    between two steps (the runtime's ``"admission encode"`` checkpoint, as the transformers engine's sliced
+    admission); a thread outside an admission encodes without a pause."""
+    from seeright.service.vllm.passes import VllmPasses
+
+    class Prompt:
+        pass
+
+    adapter, engine, progress = tower(), EngineCore(loop), Progress()
+    pauses = EnginePauses(engine, loop, StepBudget(segments=100), adapter, progress)
+    encoded: list[tuple[float, float]] = []
+
+    def encode(turns, images) -> Prompt:
+        began = time.perf_counter()
+        time.sleep(0.01)
+        encoded.append((began, time.perf_counter()))
+        return Prompt()
+
+    passes = VllmPasses(encode, str, None, [], None, loop, let_go=pauses.let_go, reached=progress.reached)
+    try:
+        passes.encode(["outside an admission"], [])
+        assert pauses.pauses == 0
+        with pauses.sliced():
+            for i in range(3):
+                passes.encode([f"prompt {i}"], [])
+    finally:
+        engine.stop()
+        pauses.close()
+    held = [(a, b) for kind, a, b in engine.events if kind == "pause"]
+    assert pauses.pauses >= 1 and not any(a <= encoded[0][0] <= b for a, b in held)
+    assert all(any(a <= start and end <= b for a, b in held) for start, end in encoded[1:]), "encoded beside a step"
+
+
 def test_passes_remember_every_prompt_that_admissions_encode_at_once(loop):
     """Admissions encode in threads of their own: every prompt's chat and images are remembered, whoever encodes
     beside it (an update lost to a concurrent pruning fails a method's pass)."""

@@ -317,11 +317,12 @@ class VllmEngineClient:
                     await asyncio.to_thread(self.spec.load_tower, self.settings.device, self.settings.dtype)
                     if self.settings.step_budget is not None:
                         self._pauses = EnginePauses(self.llm, asyncio.get_running_loop(),
-                                                    StepBudget(self.settings.step_budget), self.spec.adapter)
+                                                    StepBudget(self.settings.step_budget), self.spec.adapter,
+                                                    self.spec.runtime)
                 self.spec.passes = VllmPasses(
                     self.spec.encode, self.spec.decode_text, self.spec.info, self.spec.eos_token_ids(), self._pass,
                     asyncio.get_running_loop(), self.spec.adapter if self.tower else None,
-                    None if self._pauses is None else self._pauses.let_go,
+                    None if self._pauses is None else self._pauses.let_go, self.spec.runtime.reached,
                 )
             self._installed = True
 

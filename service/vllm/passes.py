@@ -38,16 +38,22 @@ class VllmPasses:
     def __init__(self, encode: Callable[[list[ChatTurn], list[Image.Image]], EncodedPrompt],
                  decode: Callable[[list[int]], str], info: ModelInfo, eos: list[int], run: Run,
                  loop: asyncio.AbstractEventLoop, tower: ModelAdapter | None = None,
-                 let_go: Callable[[], None] | None = None) -> None:
+                 let_go: Callable[[], None] | None = None, reached: Callable[[str], None] | None = None) -> None:
         self.info = info
         self.decode_text = decode
         self._encode, self._eos, self._run, self._loop, self._tower = encode, eos, run, loop, tower
         self._let_go = let_go  # lets the engine go where the calling thread holds it (:mod:`.pauses`)
+        self._reached = reached  # the runtime's progress hooks: where a paused admission may hold the engine
         self._sources: dict[int, tuple[weakref.ref, list[ChatTurn], list[Image.Image]]] = {}
         self._sources_lock = threading.Lock()  # admissions encode in threads of their own
         self.cache = Memo()
 
     def encode(self, turns: list[ChatTurn], images: list[Image.Image]) -> EncodedPrompt:
+        """The prompt's tokens and images, after the runtime's progress hooks at ``"admission encode"`` (with the step
+        budget on, the admission holds the engine between two steps while it prepares the images and text: that
+        work's Python holds the API process's GIL, and the event loop that reads vLLM's outputs waits on it)."""
+        if self._reached is not None:
+            self._reached("admission encode")
         prompt = self._encode(turns, images)
         with self._sources_lock:
             self._sources = {k: v for k, v in self._sources.items() if v[0]() is not None}

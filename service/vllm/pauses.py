@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from seeright.interventions.adapters import ModelAdapter
+from seeright.interventions.runtime import Runtime
 from seeright.service.slicing import Checkpoints, SliceClock, StepBudget
 from seeright.service.vllm.transport import EngineFailure
 from seeright.service.vllm.worker import PAUSE_MESSAGE
@@ -46,9 +47,11 @@ STEP_WAIT_S = 1.0  # the longest the client asks for pauses again until the engi
 
 class EnginePauses:
     """Pauses of ``llm``'s engine core for the work of the admission threads bound by :meth:`sliced`, checkpointed
-    on ``adapter``'s tower; ``loop`` is the event loop ``llm`` runs on."""
+    on ``adapter``'s tower and at ``runtime``'s admission stages (each method's rewrite and preparation, each prompt's
+    encoding); ``loop`` is the event loop ``llm`` runs on."""
 
-    def __init__(self, llm: Any, loop: asyncio.AbstractEventLoop, budget: StepBudget, adapter: ModelAdapter) -> None:
+    def __init__(self, llm: Any, loop: asyncio.AbstractEventLoop, budget: StepBudget, adapter: ModelAdapter,
+                 runtime: Runtime | None = None) -> None:
         self.budget = budget
         self.costs: dict[str, tuple[float, int | None]] = {}  # the segments' last costs, over all calls
         self.pauses = 0  # pauses held so far
@@ -62,7 +65,7 @@ class EnginePauses:
         self._listener.bind(self.address)
         self._listener.listen(4)
         self._listener.settimeout(0.05)
-        self._checkpoints = Checkpoints(adapter)
+        self._checkpoints = Checkpoints(adapter, runtime)
         self._checkpoints.hook()
 
     @contextlib.contextmanager
