@@ -16,9 +16,9 @@ plans and :func:`~seeright.interventions.runtime.edited_attention`), one request
 * SCORES / PROBS: a pre-hook on each layer's attention takes the request's queries, keys and values (after
   the rotary embedding) and, where a method asks for probabilities, computes its output explicitly with the
   edits, which a forward hook writes over the attention's. The keys and values of earlier steps come from a copy
-  kept for these requests only (every layer, from the prefill on), so the explicit attention never reads a
-  backend's paged cache layout. Where the edits write every row of a forward (a batch of such requests decoding),
-  the backend's attention computation is skipped; its cache write is not.
+  kept for these requests only (from the prefill on, in the layers their hooks read: ``probs_layers``), so the
+  explicit attention never reads a backend's paged cache layout. Where the edits write every row of a forward (a
+  batch of such requests decoding), the backend's attention computation is skipped; its cache write is not.
 * HEADS: a pre-hook on each ``o_proj`` hands the heads' outputs to ``edit_heads``.
 * LOGITS: a request with a contrast branch is two vLLM requests (the branch carries only ``{"branch": key}``,
   and its request's ``tail`` where that is 0, runs unedited, and is queued with its request and its prompt's last
