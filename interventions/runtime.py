@@ -333,8 +333,10 @@ def eager_scores(query: torch.Tensor, key: torch.Tensor, keep: torch.Tensor | No
     consecutive query heads (grouped-query attention; ``H_kv = H`` without it): each group's queries meet their
     key head in one product, and the keys are never repeated per query head."""
     n, heads, q, d = query.shape
-    grouped = query.reshape(n, key.shape[1], heads // key.shape[1] * q, d)
-    scores = torch.matmul(grouped, key.transpose(2, 3)).view(n, heads, q, -1).float() * scaling
+    kv, total = key.shape[1], key.shape[2]
+    grouped = query.reshape(n * kv, heads // kv * q, d)  # (batched products of 3-d views: no broadcast)
+    scores = torch.bmm(grouped, key.reshape(n * kv, total, d).transpose(1, 2)).view(n, heads, q, total)
+    scores = (scores if scores.dtype == torch.float32 else scores.float()) * scaling
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
     return scores
@@ -359,8 +361,9 @@ def edited_attention(
     if value is None:
         return None
     n, heads, q, total = probs.shape
-    grouped = probs.to(value.dtype).reshape(n, value.shape[1], heads // value.shape[1] * q, total)
-    return torch.matmul(grouped, value).view(n, heads, q, -1).transpose(1, 2)
+    kv = value.shape[1]
+    grouped = (probs if probs.dtype == value.dtype else probs.to(value.dtype)).reshape(n * kv, heads // kv * q, total)
+    return torch.bmm(grouped, value.reshape(n * kv, total, -1)).view(n, heads, q, -1).transpose(1, 2)
 
 
 def _edit(groups: list[Group], what: str, tensor: torch.Tensor, layer: int, step: int, q0: int) -> torch.Tensor:

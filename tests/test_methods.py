@@ -361,6 +361,32 @@ def test_var_matches_literal(engine, images, monkeypatch):
     assert all(len(v) == 2 for o in outs for v in o.diagnostics["var"]["selected"].values())  # prefill, decode
 
 
+@pytest.mark.parametrize(("min_image", "visual_sink", "selected"), [
+    (0.25, True, True),  # the head's image attention is exactly the minimum: selected (>=, as released)
+    (0.2500001, True, False),  # just above it: not
+    (0.0, True, True),
+    (0.25, False, False),  # no visual sink in the layer: nothing is selected
+])
+def test_var_selection_at_its_bounds(min_image, visual_sink, selected):
+    """Exact binary fractions put a head on step B's bounds; the edit selects as the literal loops do."""
+    from seeright.interventions.layout import TokenLayout
+    from seeright.interventions.methods.base import RowState
+    from seeright.interventions.methods.var import VAR
+    from seeright.interventions.runtime import StateBatch
+    from seeright.interventions.spec import VARParams
+
+    var = VAR()
+    layout = TokenLayout(length=4, pad=0, image_spans=((0, 2),), image_grids=((1, 2),), query_span=(2, 4))
+    state = RowState(hooks=var, params=VARParams(sink_dims=[0], min_image_attention=min_image), layout=layout)
+    sinks = [0] if visual_sink else [2]
+    state.data["sinks"] = {3: torch.tensor([i in sinks for i in range(4)])}
+    probs = torch.tensor([0.125, 0.125, 0.5, 0.25, 0.0])[None, None, None]  # [1, 1, 1, 5]: a decode step's row
+    result = var.edit_probs(3, probs, StateBatch([state]), 1, 0)
+    expected = ref.var_edit(probs[0], sinks, [0, 1], 0.5, 0.4, min_image, 0)
+    torch.testing.assert_close(result[0].double(), expected, atol=1e-7, rtol=0)
+    assert (not torch.equal(result, probs)) == selected
+
+
 def test_var_edits_only_text_rows_after_image_at_prefill(llava, images, monkeypatch):
     calls = spy(monkeypatch, llava.methods["var"], "edit_probs")
     run(llava, images, {"var": {}}, n=1, max_new_tokens=1)

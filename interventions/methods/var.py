@@ -27,7 +27,7 @@ one multiplicative factor (per decode token: ``seeright bench``'s record in docs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.nn.functional as F
@@ -94,34 +94,25 @@ class VAR(Method):
         device = probs.device
         if step == 0:
             _drop_stale(states, layer)
-        # Columns over keys: image, visual sink, sink (visual or text), visual non-sink. One matmul gives
-        # every attention sum the selection and the budget need.
-        masks = over_keys(states, "masks", total, lambda: self._masks(states, layer, device), 0.0)
-        vis_att, vis_sink_att, sink_att, free_att = (probs @ masks[:, None]).unbind(-1)  # [n, H, q] each
-        k = cached(states, "constants", lambda: _Constants.of(states, masks, device))
-        sink_frac = vis_sink_att / (vis_att + k.image_eps)  # sum_vis (A + 1e-6), as released
-        selected = (sink_frac <= k.sink_bar) & (vis_att >= k.min_image) & (free_att > 0) & k.has_visual_sink
+        # One matmul of the rows with per-request columns over keys gives every sum the tests and the budget
+        # need (_columns); the three tests are then one comparison with per-row bounds (_bounds).
+        columns = over_keys(states, "columns", total, lambda: _columns(states, layer, device), 0.0)
+        rows = probs.flatten(1, 2)  # [n, H * q, total]: one batched matmul, no broadcast
+        sums = torch.bmm(rows, columns)  # [n, H * q, 4]
+        selected = (sums > cached(states, "bounds", lambda: _bounds(states, layer, device))).all(-1)  # [n, H * q]
         if step == 0:  # prefill: only the text rows after the image
-            rows = torch.arange(q0, q0 + q, device=device)
+            queries = torch.arange(q0, q0 + q, device=device)
             ends = torch.tensor([s.layout.image_end for s in states], device=device)
-            selected &= (rows[None, :] >= ends[:, None])[:, None, :]
+            selected = selected.view(n, -1, q) & (queries[None, :] >= ends[:, None])[:, None, :]
+            selected = selected.flatten(1)
 
         # Sinks keep (1 - p); visual non-sinks gain budget * A_j / free_sum, i.e. A_j * (1 + c).
-        keep = over_keys(states, "keep", total, lambda: 1 - k.p[:, 0] * masks[:, :, 2], 1.0)[:, None, None]
-        c = k.p * sink_att / free_att.clamp_min(1e-30)
-        factor = torch.addcmul(keep, c[..., None], masks[:, None, None, :, 3])
+        keep = over_keys(states, "keep", total, lambda: 1 - columns[..., 0], 1.0)[:, None]
+        c = sums[..., :1] / sums[..., 3:]  # p * sum_sinks A / sum_free A (unselected rows: never read)
+        factor = torch.addcmul(keep, c, columns[:, None, :, 3])
         counts = cached(states, "selected", lambda: self._counters(states, layer, device))
-        counts += selected.sum((1, 2))  # stays on the device: no sync per step
-        return probs * torch.where(selected[..., None], factor, 1.0)
-
-    @staticmethod
-    def _masks(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:
-        """``[n, prompt, 4]`` float: image, visual sink, sink, visual non-sink (rows not seen yet: no sinks)."""
-        prompt = max(s.layout.length for s in states)
-        sinks = [s.data["sinks"][layer] for s in states]
-        sink = torch.stack([F.pad(k, (s.layout.pad, prompt - s.layout.pad - len(k))) for s, k in zip(states, sinks)]).to(device)
-        vis = torch.stack([s.layout.image_mask(prompt) for s in states]).to(device)
-        return torch.stack([vis, vis & sink, sink, vis & ~sink], dim=-1).float()
+        counts += selected.sum(1)  # stays on the device: no sync per step
+        return (rows * torch.where(selected[..., None], factor, 1.0)).view(probs.shape)
 
     @staticmethod
     def _counters(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:
@@ -133,6 +124,38 @@ class VAR(Method):
         return counts
 
 
+def _masks(states: list[RowState], layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinks and image tokens ``[n, prompt]`` over the padded prompt (rows not seen yet: no sinks)."""
+    prompt = max(s.layout.length for s in states)
+    sinks = [s.data["sinks"][layer] for s in states]
+    sink = torch.stack([F.pad(k, (s.layout.pad, prompt - s.layout.pad - len(k))) for s, k in zip(states, sinks)]).to(device)
+    return sink, torch.stack([s.layout.image_mask(prompt) for s in states]).to(device)
+
+
+def _columns(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:
+    """``[n, prompt, 4]`` over keys: ``p`` on sinks (visual or text); 1 on image tokens; ``1 - rho`` on image tokens
+    less 1 on visual sinks; 1 on visual non-sinks. A row of attention times them sums to the budget
+    ``p * sum_sinks A``, ``sum_vis A``, ``(1 - rho) sum_vis A - sum_vis_sinks A`` and ``free_sum``."""
+    sink, vis = _masks(states, layer, device)
+    p, rho = (per_row(states, name, device)[:, None] for name in ("p", "rho"))
+    return torch.stack([p * sink, vis.float(), (1 - rho) * vis - (vis & sink).float(), (vis & ~sink).float()], dim=-1)
+
+
+def _bounds(states: list[RowState], layer: int, device: torch.device) -> torch.Tensor:
+    """``[n, 1, 4]``: a (head, row) is selected where every sum of :func:`_columns` exceeds its bound. Step B:
+    the head is image-centric, ``sum_vis A >= min_image_attention``, and its visual sink fraction is at most
+    ``1 - rho``, ``sum_vis_sinks A / sum_vis (A + 1e-6) <= 1 - rho`` (as released), multiplied out:
+    ``(1 - rho) sum_vis A - sum_vis_sinks A >= -(1 - rho) 1e-6 |vis|``; the guard, ``free_sum > 0``. Each ``>=``
+    is a ``>`` of the next float32 below; a row without a visual sink selects nothing (bound +inf)."""
+    sink, vis = _masks(states, layer, device)
+    bar = 1 - per_row(states, "rho", device)
+    low = per_row(states, "min_image_attention", device)
+    image = torch.where(low > 0, low, -math.inf).masked_fill(~(sink & vis).any(-1), math.inf)
+    ratio = -bar * (1e-6 * vis.sum(-1))
+    below = torch.nextafter(torch.stack([image, ratio], dim=-1), torch.tensor(-math.inf, device=device))
+    return torch.cat([torch.full_like(below[:, :1], -math.inf), below, torch.zeros_like(below[:, :1])], -1)[:, None]
+
+
 def _drop_stale(states: list[RowState], layer: int) -> None:
     """In a prompt split in chunks the sinks grow with the rows seen: what the prefill's call built from fewer rows
     is built again (a whole prompt's prefill sees every row at once)."""
@@ -141,23 +164,6 @@ def _drop_stale(states: list[RowState], layer: int) -> None:
         return
     seen = sum(len(s.data["sinks"][layer]) for s in states)
     if cache.get("rows seen") != seen:
-        for key in ("masks", "keep", "constants"):
+        for key in ("columns", "keep", "bounds"):
             cache.pop(key, None)
         cache["rows seen"] = seen
-
-
-@dataclass(frozen=True)
-class _Constants:
-    """What step B and C take from the rows' parameters and sink masks, ``[n, 1, 1]`` each, built once per call."""
-
-    p: torch.Tensor
-    sink_bar: torch.Tensor  # 1 - rho: the largest visual sink fraction of a selected head
-    min_image: torch.Tensor
-    image_eps: torch.Tensor  # 1e-6 per image token: the release's sum_vis (A + 1e-6)
-    has_visual_sink: torch.Tensor
-
-    @staticmethod
-    def of(states: list[RowState], masks: torch.Tensor, device: torch.device) -> _Constants:
-        rho, p, summ = (per_row(states, k, device)[:, None, None] for k in ("rho", "p", "min_image_attention"))
-        return _Constants(p=p, sink_bar=1 - rho, min_image=summ, image_eps=1e-6 * masks[:, :, 0].sum(-1)[:, None, None],
-                          has_visual_sink=masks[:, :, 1].any(-1)[:, None, None])

@@ -111,7 +111,7 @@ class Tracked:
     sampler: CandidateSampler | None = None  # a guided-decoding candidate draws its own tokens
     branch: str | None = None  # the key its contrast branch carries
     contrast: RowState | None = None  # the state whose method contrasts its logits with its branch's
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H_kv, capacity, d]
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [capacity, H_kv * d]
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     stored: dict[int, int] = field(default_factory=dict)  # layer -> positions kept
     streams: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> a split prompt's residual stream so far
@@ -306,9 +306,9 @@ class WorkerRuntime:
                 return (f"the kept candidate holds {source.stored.get(layer, 0)} positions of layer {layer}, the cache "
                         f"answered {first}")
             values = source.values[layer]
-            tracked.keys[layer] = keys.new_empty(keys.shape[0], first + 256, keys.shape[2])
-            tracked.values[layer] = values.new_empty(values.shape[0], first + 256, values.shape[2])
-            tracked.keys[layer][:, :first], tracked.values[layer][:, :first] = keys[:, :first], values[:, :first]
+            tracked.keys[layer] = keys.new_empty(first + 256, keys.shape[1])
+            tracked.values[layer] = values.new_empty(first + 256, values.shape[1])
+            tracked.keys[layer][:first], tracked.values[layer][:first] = keys[:first], values[:first]
             tracked.stored[layer] = first
         return None
 
@@ -475,15 +475,14 @@ class WorkerRuntime:
                 return None
             writes = any(not g.hooks.reads_only(s, layer, 0) for g in groups for s in g.states)
         top = row.end - rows
-        q = query[top:row.end].view(rows, self.num_heads, self.head_dim).transpose(0, 1)[None]
+        q = query[top:row.end].view(1, rows, self.num_heads, self.head_dim).transpose(1, 2)
         keep = None
         if ctx.step == 0:  # causal over the keys kept: the forward's rows are the last of them
-            keep = keep_mask(None, plan.rows, q0 - offset, row.end - row.query_start, keys.shape[1], query.device)
-        v = values[None] if writes else None
-        new = edited_attention(groups, q, keys[None], v, keep, self.scaling, layer, ctx.step, q0)
+            keep = keep_mask(None, plan.rows, q0 - offset, row.end - row.query_start, keys.shape[2], query.device)
+        new = edited_attention(groups, q, keys, values if writes else None, keep, self.scaling, layer, ctx.step, q0)
         if new is None or not writes:
             return None
-        return top, new[0].reshape(rows, -1)  # (one request: its rows start at q0)
+        return top, new.reshape(rows, -1)  # (one request: its rows start at q0)
 
     def on_attention(self, layer: int, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         """Attention forward hook: the edited rows :meth:`before_attention` computed, written over the output (a
@@ -493,7 +492,7 @@ class WorkerRuntime:
             return None
         edited = output if skipped else output.clone()
         for top, new in writes:
-            edited[top:top + new.shape[0]] = new.to(output.dtype)
+            edited[top:top + new.shape[0]] = new if new.dtype == output.dtype else new.to(output.dtype)
         return edited
 
     def attend(self, layer: int, forward: Any, *args: Any, **kwargs: Any) -> Any:
@@ -507,25 +506,25 @@ class WorkerRuntime:
     def _keep(
         self, tracked: Tracked, layer: int, key: torch.Tensor, value: torch.Tensor, first: int
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Append this forward's keys/values ``[t, H_kv * d]`` to the request's copy; all of them ``[H_kv, T, d]``
-        (None, and the request failed, if the copy has a gap)."""
+        """Append this forward's keys/values ``[t, H_kv * d]`` to the request's copy (rows as they come); all of
+        them as ``[1, H_kv, T, d]`` views (None, and the request failed, if the copy has a gap)."""
         t = key.shape[0]
-        key = key.reshape(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        value = value.reshape(t, self.num_kv_heads, self.head_dim).transpose(0, 1)
         stored = tracked.stored.get(layer, 0)
         if stored != first:
             tracked.error = f"kept {stored} positions of layer {layer}, the forward starts at {first}"
             return None
         buf_k, buf_v = tracked.keys.get(layer), tracked.values.get(layer)
-        if buf_k is None or buf_k.shape[1] < first + t:
+        if buf_k is None or buf_k.shape[0] < first + t:
             capacity = first + t + 256
-            grown_k, grown_v = key.new_empty(self.num_kv_heads, capacity, self.head_dim), value.new_empty(self.num_kv_heads, capacity, self.head_dim)
+            grown_k, grown_v = key.new_empty(capacity, key.shape[1]), value.new_empty(capacity, value.shape[1])
             if buf_k is not None:
-                grown_k[:, :first], grown_v[:, :first] = buf_k[:, :first], buf_v[:, :first]
+                grown_k[:first], grown_v[:first] = buf_k[:first], buf_v[:first]
             tracked.keys[layer], tracked.values[layer] = buf_k, buf_v = grown_k, grown_v
-        buf_k[:, first:first + t], buf_v[:, first:first + t] = key, value
-        tracked.stored[layer] = first + t
-        return buf_k[:, :first + t], buf_v[:, :first + t]
+        end = first + t
+        buf_k[first:end], buf_v[first:end] = key, value
+        tracked.stored[layer] = end
+        return (buf_k[:end].view(1, end, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                buf_v[:end].view(1, end, self.num_kv_heads, self.head_dim).transpose(1, 2))
 
     def on_heads(self, layer: int, module: torch.nn.Module, args: tuple) -> tuple | None:
         """``o_proj`` pre-hook: the heads' outputs ``[t, H * d]`` of each tracked request to HEADS hooks."""
