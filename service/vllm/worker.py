@@ -113,6 +113,7 @@ class Tracked:
     contrast: RowState | None = None  # the state whose method contrasts its logits with its branch's
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [capacity, H_kv * d]
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    by_head: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # views [1, H_kv, capacity, d]
     stored: dict[int, int] = field(default_factory=dict)  # layer -> positions kept
     streams: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> a split prompt's residual stream so far
     error: str | None = None
@@ -309,6 +310,7 @@ class WorkerRuntime:
             tracked.keys[layer] = keys.new_empty(first + 256, keys.shape[1])
             tracked.values[layer] = values.new_empty(first + 256, values.shape[1])
             tracked.keys[layer][:first], tracked.values[layer][:first] = keys[:first], values[:first]
+            tracked.by_head[layer] = self._by_head(tracked.keys[layer]), self._by_head(tracked.values[layer])
             tracked.stored[layer] = first
         return None
 
@@ -365,7 +367,7 @@ class WorkerRuntime:
             self.candidates[key] = replace(done, context=ForwardContext([[]]), streams={})
             while len(self.candidates) > MAX_KEPT_CANDIDATES:
                 self.candidates.popitem(last=False)
-        done.keys, done.values, done.streams = {}, {}, {}
+        done.keys, done.values, done.by_head, done.streams = {}, {}, {}, {}
         return done
 
     def collect(self, key: str) -> bytes | None:
@@ -448,7 +450,7 @@ class WorkerRuntime:
                 tracked.error = (f"layer {layer}'s hooks ask for attention probabilities at step {ctx.step}, where they "
                                  "asked for none when the request was tracked (the prefill's and a decode step's)")
             elif layer in tracked.stored:  # kept for the prefill only
-                del tracked.keys[layer], tracked.values[layer], tracked.stored[layer]
+                del tracked.keys[layer], tracked.values[layer], tracked.by_head[layer], tracked.stored[layer]
             return None
         kept = self._keep(tracked, layer, key[row.start:row.end], value[row.start:row.end], row.first_position)
         if kept is None:
@@ -520,11 +522,16 @@ class WorkerRuntime:
             if buf_k is not None:
                 grown_k[:first], grown_v[:first] = buf_k[:first], buf_v[:first]
             tracked.keys[layer], tracked.values[layer] = buf_k, buf_v = grown_k, grown_v
+            tracked.by_head[layer] = self._by_head(grown_k), self._by_head(grown_v)
         end = first + t
         buf_k[first:end], buf_v[first:end] = key, value
         tracked.stored[layer] = end
-        return (buf_k[:end].view(1, end, self.num_kv_heads, self.head_dim).transpose(1, 2),
-                buf_v[:end].view(1, end, self.num_kv_heads, self.head_dim).transpose(1, 2))
+        keys, values = tracked.by_head[layer]
+        return keys[:, :, :end], values[:, :, :end]
+
+    def _by_head(self, rows: torch.Tensor) -> torch.Tensor:
+        """A kept copy's rows ``[capacity, H_kv * d]`` seen as ``[1, H_kv, capacity, d]`` (a view)."""
+        return rows.view(1, rows.shape[0], self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def on_heads(self, layer: int, module: torch.nn.Module, args: tuple) -> tuple | None:
         """``o_proj`` pre-hook: the heads' outputs ``[t, H * d]`` of each tracked request to HEADS hooks."""
