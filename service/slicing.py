@@ -291,17 +291,17 @@ class SliceClock:
     def reached(self, key: str, alone: bool = False, size: int | None = None) -> bool:
         """At checkpoint ``key`` (which module of a block, with ``size`` the number of elements of its input where
         known): whether to pause here, the slice being spent, or about to be by the segment that starts here (as
-        :func:`predicted_cost`); with ``alone``, also if anything ran in this slice."""
+        :func:`_predicted`); with ``alone``, also if anything ran in this slice."""
         segment = self.ended()
         self.at, self.size = key, size
         self.segments += 1
         s = self.slice
-        coming = predicted_cost(self.costs.get(key), size, segment)
+        coming = _predicted(self.costs.get(key), size, segment)
         spent = (s.segments is not None and self.segments >= s.segments) or (self.last - self.began) + coming > s.seconds
         return spent or (alone and self.segments > 1)
 
 
-def predicted_cost(last: tuple[float, int | None] | None, size: int | None, fallback: float) -> float:
+def _predicted(last: tuple[float, int | None] | None, size: int | None, fallback: float) -> float:
     """The predicted cost of a segment: its last cost at the same checkpoint, scaled by the input's size when both
     are known; ``fallback`` (the segment just run) for a checkpoint not met before."""
     if last is None:

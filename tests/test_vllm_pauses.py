@@ -199,43 +199,6 @@ def test_an_admissions_prompts_are_encoded_while_the_engine_is_held(loop):
     assert all(any(a <= start and end <= b for a, b in held) for start, end in encoded[1:]), "encoded beside a step"
 
 
-def test_an_admission_whose_work_fits_the_budgets_floor_runs_beside_the_steps(loop):
-    """Each hold waits for a step boundary and admissions hold in turn: four requests of a method with no passes (an
-    encoding of a few ms each) reached vLLM 0.1-0.3 s apart. An admission whose work so far and whose next stage's
-    cost, as an earlier admission measured it, stay within the budget's floor never holds the engine; a stage whose
-    cost is not known yet, or that outgrew the floor, is held."""
-    from seeright.service.vllm.passes import VllmPasses
-
-    class Prompt:
-        pass
-
-    adapter, engine, progress = tower(), EngineCore(loop), Progress()
-    pauses = EnginePauses(engine, loop, StepBudget(segments=100, floor_s=0.05), adapter, progress)
-    took = [0.001]
-
-    def encode(turns, images) -> Prompt:
-        time.sleep(took[0])
-        return Prompt()
-
-    passes = VllmPasses(encode, str, None, [], None, loop, let_go=pauses.let_go, reached=progress.reached)
-
-    def admit() -> int:
-        before = pauses.pauses
-        with pauses.sliced():
-            passes.encode(["a prompt"], [])
-        return pauses.pauses - before
-
-    try:
-        assert admit() == 1  # the encoding's cost is not known yet: held
-        assert admit() == 0  # known, within the floor: beside the steps
-        took[0] = 0.08
-        assert admit() == 0  # (predicted from the last one: it runs beside, and is measured)
-        assert admit() == 1  # it outgrew the floor: held again
-    finally:
-        engine.stop()
-        pauses.close()
-
-
 def test_passes_remember_every_prompt_that_admissions_encode_at_once(loop):
     """Admissions encode in threads of their own: every prompt's chat and images are remembered, whoever encodes
     beside it (an update lost to a concurrent pruning fails a method's pass)."""

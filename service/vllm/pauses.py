@@ -4,10 +4,8 @@ The engine client runs some of a request's admission on its own copy of the visi
 methods' tower passes (PAINT's [CLS] attention, VE masking's attack) and the image embeddings of a masked tower.
 Run beside the engine core's steps, that work takes their cores (a CPU) or their device, and a running stream
 freezes for as long as it lasts. With :class:`EnginePauses`, an admission thread instead holds the engine core
-between two of its steps while it computes: at its first checkpoint in the tower or its admission's stages
-(:class:`~seeright.service.slicing.Checkpoints`, the transformers engine's) whose work does not fit beside the steps
-(an admission whose work so far and coming, as predicted, stays within the budget's floor never holds:
-:class:`_PausedCall`), it calls the workers' ``seeright_pause``
+between two of its steps while it computes: at its first checkpoint in the tower
+(:class:`~seeright.service.slicing.Checkpoints`, the transformers engine's), it calls the workers' ``seeright_pause``
 through ``collective_rpc``, which vLLM's engine core runs between two steps; the first worker connects back to the
 client's socket with the decode forward's time (:meth:`~seeright.service.vllm.worker.WorkerRuntime.pause`) and waits
 until the client closes the connection. The admission runs one budget (:meth:`StepBudget.slice` of that time, the
@@ -37,7 +35,7 @@ from typing import Any
 
 from seeright.interventions.adapters import ModelAdapter
 from seeright.interventions.runtime import Runtime
-from seeright.service.slicing import UNBOUNDED, Checkpoints, SliceClock, StepBudget, predicted_cost
+from seeright.service.slicing import Checkpoints, SliceClock, StepBudget
 from seeright.service.vllm.transport import EngineFailure
 from seeright.service.vllm.worker import PAUSE_MESSAGE
 
@@ -79,7 +77,7 @@ class EnginePauses:
             yield
         finally:
             self._checkpoints.bind(None)
-            call.end()
+            call.let_go()
 
     def let_go(self) -> None:
         """Let the engine go where the current thread holds it (before the thread waits on vLLM)."""
@@ -158,43 +156,20 @@ class Pause:
 
 
 class _PausedCall:
-    """One admission thread's turns with the engine (``checkpoint`` as :class:`~seeright.service.slicing.SlicedCall`'s).
-
-    Until it first holds the engine, the call runs beside the engine's steps while the predicted costs of the
-    segments it ran so far and of the next (each known from an earlier call: an unknown one holds) stay within the
-    budget's floor (``StepBudget.floor_s``): a small admission (a method with no passes: its prompt's encoding, a few
-    ms) then never waits for a step boundary, where each hold costs up to a step and admissions hold in turn (four
-    such requests arriving together reached vLLM 0.1-0.3 s apart). (Predicted, not timed: admissions that run
-    together take longer in wall time than their work.)"""
+    """One admission thread's turns with the engine (``checkpoint`` as :class:`~seeright.service.slicing.SlicedCall`'s)."""
 
     def __init__(self, pauses: EnginePauses) -> None:
         self._pauses = pauses
         self._clock = SliceClock(pauses.costs)
         self._held: Pause | None = None
-        self._beside: SliceClock | None = SliceClock(pauses.costs)  # the segments run before the first hold
-        self._beside.start(UNBOUNDED)
-        self._beside_s = 0.0  # their predicted costs
 
     def checkpoint(self, key: str, alone: bool = False, size: int | None = None) -> None:
         if self._held is not None:
             if not self._clock.reached(key, alone, size):
                 return
             self.let_go()
-        elif self._beside is not None:
-            self._beside.reached(key, alone, size)  # (keeps the cost of the segment that ended here)
-            if (cost := self._pauses.costs.get(key)) is not None:
-                self._beside_s += predicted_cost(cost, size, 0.0)
-                if self._beside_s <= self._pauses.budget.floor_s:
-                    return
-            self._beside = None
         self._held = self._pauses.hold()
         self._clock.start(self._pauses.budget.slice(self._held.decode_s))
-        self._clock.at, self._clock.size = key, size  # (the segment that runs now is the one from ``key``: its cost)
-
-    def end(self) -> None:
-        """The call's work is over: its last segment's cost is kept, and the engine let go."""
-        (self._clock if self._beside is None else self._beside).ended()
-        self.let_go()
 
     def let_go(self) -> None:
         if self._held is not None:
