@@ -120,8 +120,9 @@ class ForwardContext:
                 hooks, rows, row_states = members.setdefault(id(state.hooks), (state.hooks, [], []))
                 rows.append(b)
                 row_states.append(state)
-        # hooks act in their declared order in every layer, not in the order the batch's rows bring them
-        self._members = dict(sorted(members.items(), key=lambda item: item[1][0].order))
+        # hooks act in their declared order in every layer, ties by name (the registry's order: PAINT inherits PAI's),
+        # never in the order the batch's rows bring them
+        self._members = dict(sorted(members.items(), key=lambda item: (item[1][0].order, getattr(item[1][0], "name", ""))))
 
     @property
     def idle(self) -> bool:

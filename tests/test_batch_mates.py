@@ -148,6 +148,11 @@ ATTACK_MATES = ("tiny-random/llava", [
      "max_new_tokens": 2},
 ])
 
+# A fourth, drawn on 2026-12-07: PAINT inherits PAI's order (5), the batch sorted its hooks by order alone, and the tie
+# went to the order in which its rows brought them: a PAI + PAINT row was edited PAINT-first beside a PAINT row and
+# PAI-first alone (the registry's order and name), two non-linear score edits composed the other way.
+SCORE_MATES = ("tiny-random/llava", [_row({"paint": {}, "agser": {}}, image=1), _row({"pai": {"alpha": 2.0}, "paint": {}})])
+
 
 SETTINGS = dict(
     deadline=None, derandomize=os.environ.get("SEERIGHT_BATCH_MATE_RANDOM") != "1",
@@ -158,6 +163,7 @@ SETTINGS = dict(
 @example(GIFT_MATES)
 @example(ORDER_MATES)
 @example(ATTACK_MATES)
+@example(SCORE_MATES)
 @settings(max_examples=EXAMPLES, **SETTINGS)
 @given(batches())
 def test_every_row_equals_the_row_alone(batch: tuple[str, list[dict]]) -> None:
