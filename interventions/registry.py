@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from seeright.interventions import methods as methods_package
-from seeright.interventions.methods.base import Method
+from seeright.interventions.methods.base import Method, acting_order
 
 ENTRY_POINT_GROUP = "seeright.methods"
 
@@ -43,7 +43,7 @@ class MethodRegistry(Mapping[str, Method]):
     """Methods by name, iterated in their declared ``order`` (the order they act in one request)."""
 
     def __init__(self, methods: Iterable[Method]) -> None:
-        ordered = sorted(methods, key=lambda m: (m.order, m.name))
+        ordered = sorted(methods, key=acting_order)
         names = [m.name for m in ordered]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:

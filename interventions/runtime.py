@@ -51,7 +51,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from seeright.interventions.adapters.base import StopForward
 from seeright.interventions.lora import Lora, LoraStacks, lora_hooks, row_modules
-from seeright.interventions.methods.base import Hooks
+from seeright.interventions.methods.base import Hooks, acting_order
 from seeright.interventions.thread_hooks import this_thread_only
 
 if TYPE_CHECKING:
@@ -120,9 +120,8 @@ class ForwardContext:
                 hooks, rows, row_states = members.setdefault(id(state.hooks), (state.hooks, [], []))
                 rows.append(b)
                 row_states.append(state)
-        # hooks act in their declared order in every layer, ties by name (the registry's order: PAINT inherits PAI's),
-        # never in the order the batch's rows bring them
-        self._members = dict(sorted(members.items(), key=lambda item: (item[1][0].order, getattr(item[1][0], "name", ""))))
+        # hooks act in the registry's order in every layer, never in the order the batch's rows bring them
+        self._members = dict(sorted(members.items(), key=lambda item: acting_order(item[1][0])))
 
     @property
     def idle(self) -> bool:

@@ -140,11 +140,18 @@ class Passes(Protocol):
         ...
 
 
+def acting_order(hooks: Hooks) -> tuple[int, str]:
+    """Where ``hooks`` act among others on one row: their ``order``, ties by name (PAINT inherits PAI's order); the
+    registry lists methods so and a batch runs its hooks so."""
+    return hooks.order, getattr(hooks, "name", "")
+
+
 class Hooks:
     """Batched hook callbacks; the defaults do nothing. Subclasses override what they need.
 
-    Where several hooks objects edit the same layer, they act in ``order`` (lower first), whatever the
-    rows of the batch: a row's result never depends on which methods its batch-mates use."""
+    Where several hooks objects edit the same layer, they act in ``order`` (lower first, ties by name:
+    :func:`acting_order`), whatever the rows of the batch: a row's result never depends on which methods its
+    batch-mates use."""
 
     order: ClassVar[int] = 100
 
