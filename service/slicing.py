@@ -61,9 +61,8 @@ class StepBudget:
     own time (a moving average), at least ``floor_s``; or, where ``segments`` is set, that many segments between
     checkpoints (machine-independent: the tests draw it). A running row's longest gap between tokens is then
     about ``1 + ratio`` decode steps, and a newcomer's admission while rows decode takes about ``1 + 1 / ratio``
-    times its time alone. The default, 1, is the budget of ``seeright bench --serving --step-budget 0 1 2``'s records
-    in docs/engines.md whose longest gaps stay near 3x the median gap (2's reach 3-5.5x), with a median time to
-    first token at 0.5 arrivals/s within 1.25x of whole admissions'."""
+    times its time alone. The default, 1: smaller budgets did not shorten the longest gaps and cost the newcomers
+    their time (``seeright bench --serving --step-budget 0 0.5 0.75 1``, rendered in docs/engines.md)."""
 
     ratio: float = 1.0
     floor_s: float = 0.005
